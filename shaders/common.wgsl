@@ -1,0 +1,224 @@
+// Shared by every kernel: the per-dispatch parameters, the logit transform, the target
+// coefficients and the gradient scale. The bindings and element accessors (load_logit,
+// store_grad, ...) are generated in Rust (src/shader.rs) ahead of this file, together with the
+// constants WG_SIZE and CACHE_N.
+//
+// Mirrors: src/cpu.rs (transform, coefficients, row_loss, the gradient formula).
+
+// Must match `Params` in src/shader.rs field for field.
+struct Params {
+    classes: u32,
+    spatial: u32,
+    row_count: u32,      // rows in this window
+    row_begin: u32,      // global index of the window's first row
+    logits_base: u32,    // element offset of the window's first logit in `logits`
+    targets_base: u32,   // word offset of the window's first target in `targets`
+    upstream_base: u32,  // word offset of the window's first upstream value (per-row mode)
+    loss_base: u32,      // word offset of the window's first row in `row_loss`
+    lse_base: u32,       // word offset of the window's first row in `lse`
+    grad_base: u32,      // element offset of the window's first gradient value in `grad`
+    weights_base: u32,   // word offset of class 0 in `weights`
+    chunk_base: u32,     // first partial-sum slot of this window
+    chunk_count: u32,    // partial-sum slots of all windows together
+    excluded: u32,       // the class that receives no smoothing mass, or NONE_U32
+    ignore_index: i32,
+    has_ignore: u32,
+    reduction: u32,      // REDUCTION_*
+    upstream_mode: u32,  // UPSTREAM_*
+    total_rows: u32,     // rows of all windows together
+    on: f32,             // target value at the label
+    off: f32,            // target value at every other receiving class
+    off_mass: f32,       // off * (receiving classes), the off-mass of an unweighted row
+    logit_scale: f32,
+    softcap: f32,        // 0 when soft-capping is off
+    z_loss: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+override HAS_WEIGHTS: bool = false;
+override SOFT_TARGETS: bool = false;
+override HAS_SOFTCAP: bool = false;
+override WRITE_GRAD: bool = true;
+override ACCURACY: bool = false;
+
+const NONE_U32: u32 = 0xffffffffu;
+// The most negative finite f32. Online statistics start here rather than at -inf so that
+// exp(-inf - m) is 0, not exp(NaN), for rows that begin with masked (-inf) logits.
+const NEG_BIG: f32 = -3.40282346638528859812e38;
+const REDUCTION_NONE: u32 = 0u;
+const REDUCTION_SUM: u32 = 1u;
+const REDUCTION_MEAN: u32 = 2u;
+const UPSTREAM_ONE: u32 = 0u;
+const UPSTREAM_SCALAR: u32 = 1u;
+const UPSTREAM_PER_ROW: u32 = 2u;
+
+// Layout of the `control` scratch words. Words 0..8 are the `Summary` copied to the caller.
+const CTRL_LOSS: u32 = 0u;
+const CTRL_Z_LOSS: u32 = 1u;
+const CTRL_DENOMINATOR: u32 = 2u;
+const CTRL_CORRECT: u32 = 3u;
+const CTRL_BAD_ROW: u32 = 4u;
+const CTRL_BAD_LABEL: u32 = 5u;
+const CTRL_COUNTED_ROWS: u32 = 6u;
+const CTRL_OFF_MASS: u32 = 8u;
+const CTRL_PARTIALS: u32 = 16u;
+const PARTIAL_WORDS: u32 = 4u;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+// By bits, so that no finite-math assumption of a shader compiler can fold it away.
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// tanh that saturates cleanly: some backends lower tanh(u) to (e^2u - 1)/(e^2u + 1), which is
+// NaN once e^2u overflows.
+fn stable_tanh(u: f32) -> f32 {
+    let t = 1.0 - 2.0 / (exp(2.0 * abs(u)) + 1.0);
+    return select(-t, t, u >= 0.0);
+}
+
+// z = softcap(scale * x). A -inf logit (a masked entry) stays -inf. Mirror: cpu::transform.
+fn transform_logit(x: f32) -> f32 {
+    let u = x * P.logit_scale;
+    if (HAS_SOFTCAP) {
+        return select(P.softcap * stable_tanh(u / P.softcap), u, x == neg_inf());
+    }
+    return u;
+}
+
+// dz/dx, expressed through z so that the cached path needs no second tanh.
+fn transform_slope(z: f32) -> f32 {
+    if (HAS_SOFTCAP) {
+        let t = z / P.softcap;
+        return select(P.logit_scale * (1.0 - t * t), 0.0, z == neg_inf());
+    }
+    return P.logit_scale;
+}
+
+fn weight(c: u32) -> f32 {
+    if (HAS_WEIGHTS) {
+        return weights[P.weights_base + c];
+    }
+    return 1.0;
+}
+
+// off_c: the off-value, 0 for the excluded class.
+fn off_value(c: u32) -> f32 {
+    return select(P.off, 0.0, c == P.excluded);
+}
+
+// a_c of a class-label row: w_c off_c + [c == y] w_y (on - off_y). `label_extra` is
+// w_y (on - off_y), computed once per row.
+fn class_coef(c: u32, label: u32, label_extra: f32) -> f32 {
+    return weight(c) * off_value(c) + select(0.0, label_extra, c == label);
+}
+
+// a_c of a probability row: w_c (off_c + (on - off_c) t_c).
+fn soft_coef(c: u32, t: f32) -> f32 {
+    let off = off_value(c);
+    return weight(c) * (off + (P.on - off) * t);
+}
+
+// The label's own extra coefficient w_y (on - off_y).
+fn label_extra(label: u32) -> f32 {
+    return weight(label) * (P.on - off_value(label));
+}
+
+// The off-mass sum_c w_c off_c of a class-label row: a constant of the spec, computed on the
+// host without weights and by shaders/setup.wgsl with them.
+fn off_mass() -> f32 {
+    if (HAS_WEIGHTS) {
+        return bitcast<f32>(atomicLoad(&control[CTRL_OFF_MASS]));
+    }
+    return P.off_mass;
+}
+
+// The row loss A lse - B + z lse^2. Mirror: cpu::row_loss.
+fn row_loss_value(lse_v: f32, mass: f32, dot: f32) -> f32 {
+    return mass * lse_v - dot + P.z_loss * lse_v * lse_v;
+}
+
+// The factor that multiplies (softmax * coef - a) for row r of the window: the upstream
+// gradient, divided by the denominator for the mean (NaN when every row is ignored or weighs 0).
+fn row_scale(r: u32) -> f32 {
+    var g = 1.0;
+    if (P.upstream_mode == UPSTREAM_SCALAR) {
+        g = upstream[P.upstream_base];
+    } else if (P.upstream_mode == UPSTREAM_PER_ROW) {
+        g = upstream[P.upstream_base + r];
+    }
+    if (P.reduction == REDUCTION_MEAN) {
+        let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
+        return select(g / d, nan(), d == 0.0);
+    }
+    return g;
+}
+
+// Row r's label, or 0 for probability targets.
+fn row_label(r: u32) -> i32 {
+    if (SOFT_TARGETS) {
+        return 0;
+    }
+    return bitcast<i32>(targets[P.targets_base + r]);
+}
+
+const ROW_VALID: u32 = 0u;
+const ROW_IGNORED: u32 = 1u;
+const ROW_BAD_LABEL: u32 = 2u;
+
+fn classify_label(label: i32) -> u32 {
+    if (SOFT_TARGETS) {
+        return ROW_VALID;
+    }
+    if (P.has_ignore != 0u && label == P.ignore_index) {
+        return ROW_IGNORED;
+    }
+    if (label < 0 || u32(label) >= P.classes) {
+        return ROW_BAD_LABEL;
+    }
+    return ROW_VALID;
+}
+
+// The probability target of element e of the window.
+fn prob(e: u32) -> f32 {
+    return bitcast<f32>(targets[P.targets_base + e]);
+}
+
+// Writes the per-row outputs of row r of the window.
+fn store_row(r: u32, loss_v: f32, lse_v: f32) {
+    row_loss[P.loss_base + r] = loss_v;
+    lse[P.lse_base + r] = lse_v;
+}
+
+// Online softmax statistics: `m` a running max, `v.x` the sum of exp(z - m), v.yzw plain sums
+// that travel with it (the target dot product, the target mass).
+struct OnlineStats {
+    m: f32,
+    v: vec4<f32>,
+}
+
+fn merge_stats(a: OnlineStats, b: OnlineStats) -> OnlineStats {
+    let m = max(a.m, b.m);
+    return OnlineStats(m, vec4<f32>(a.v.x * exp(a.m - m) + b.v.x * exp(b.m - m), a.v.yzw + b.v.yzw));
+}
+
+// One logit into a running (max, sum-exp) with a single exp: whichever of the old max and the
+// new value is smaller gets scaled by exp(-|z - m|). NaN propagates through the sum.
+// Returns true when z became the new max (for the argmax).
+fn online_push(m: ptr<function, f32>, s: ptr<function, f32>, z: f32) -> bool {
+    let d = z - *m;
+    let e = exp(-abs(d));
+    let up = d > 0.0;
+    *s = select(*s + e, *s * e + 1.0, up);
+    *m = select(*m, z, up);
+    return up;
+}

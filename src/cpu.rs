@@ -1,0 +1,263 @@
+//! The CPU reference: the same loss, accumulated in `f64`, for validating any backend.
+//!
+//! Each function here mirrors one piece of the WGSL kernels so that a test can hold the GPU
+//! against it term by term:
+//!
+//! | here | shader |
+//! |---|---|
+//! | [`transform`] | `transform_logit` in `shaders/common.wgsl` |
+//! | [`row_statistics`] | the online max / sum-exp / argmax sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
+//! | [`row_loss`] | `row_loss` in `shaders/common.wgsl` |
+//! | [`compute`] (gradient) | the gradient sweep of the row kernels |
+//! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
+//!
+//! The formulas, for a row with transformed logits `z`, target coefficients `a_c` and
+//! `A = sum_c a_c`:
+//!
+//! ```text
+//! lse      = log sum_c exp(z_c)
+//! loss_row = A * lse - sum_c a_c z_c + z_loss * lse^2
+//! grad_c   = (softmax(z)_c * (A + 2 z_loss lse) - a_c) * scale_row * dz_c/dx_c
+//! ```
+//!
+//! with `a_c = w_c * (off_c + (on - off_c) * t_c)`, where `t` is the one-hot label or the
+//! probability target, `off_c` the off-value (0 for the excluded class) and `w` the class weights
+//! (1 without). `scale_row` is the upstream gradient, divided by the denominator for the mean.
+//!
+//! ```
+//! use lsce::{cpu, Batch, LossSpec, Shape};
+//! let logits = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+//! let out = cpu::compute(&LossSpec::default(), &Batch::classes(Shape::matrix(2, 3).unwrap(), &logits, &[2, 0]), true).unwrap();
+//! // mean of -log softmax: (0.4076 + 2.4076) / 2
+//! assert!((out.loss[0] - 1.40760596).abs() < 1e-6);
+//! ```
+
+use crate::error::Result;
+use crate::output::LossOutput;
+use crate::spec::{Batch, LossSpec, Reduction, TargetValues, Targets, UpstreamGrad};
+
+/// Applies the logit scale and soft-cap to one logit; returns `(z, dz/dx)`.
+///
+/// `z = cap * tanh(scale * x / cap)` with a cap, `scale * x` without; `-inf` stays `-inf` (a
+/// masked vocabulary entry must keep zero probability) with derivative 0.
+pub fn transform(x: f64, spec: &LossSpec) -> (f64, f64) {
+    let scale = f64::from(spec.logit_scale);
+    match spec.softcap {
+        None => (scale * x, scale),
+        Some(_) if x == f64::NEG_INFINITY => (f64::NEG_INFINITY, 0.0),
+        Some(cap) => {
+            let cap = f64::from(cap);
+            let t = (scale * x / cap).tanh();
+            (cap * t, scale * (1.0 - t * t))
+        }
+    }
+}
+
+/// Max, sum of `exp(z - max)`, log-sum-exp and first argmax of one row of transformed logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowStatistics {
+    /// `max_c z_c`.
+    pub max: f64,
+    /// `sum_c exp(z_c - max)`.
+    pub sum_exp: f64,
+    /// `max + ln(sum_exp)`.
+    pub lse: f64,
+    /// The first index of the maximum.
+    pub argmax: u32,
+}
+
+/// The statistics sweep over one row, as the kernels do it (in one pass, online).
+pub fn row_statistics(z: &[f64]) -> RowStatistics {
+    // Online: (m, s) with s = sum exp(z - m); starting from the most negative finite value
+    // keeps exp(-inf - m) = 0 instead of NaN for rows that begin with -inf.
+    let (mut m, mut s, mut argmax) = (f64::MIN, 0.0f64, 0u32);
+    for (c, &v) in z.iter().enumerate() {
+        if v > m {
+            s = s * (m - v).exp() + 1.0;
+            m = v;
+            argmax = c as u32;
+        } else {
+            s += (v - m).exp();
+        }
+    }
+    RowStatistics {
+        max: m,
+        sum_exp: s,
+        lse: m + s.ln(),
+        argmax,
+    }
+}
+
+/// `A * lse - B + z_loss * lse^2`: the loss of a row with target mass `A = sum a_c` and
+/// `B = sum a_c z_c`.
+pub fn row_loss(lse: f64, mass: f64, dot: f64, z_loss: f64) -> f64 {
+    mass * lse - dot + z_loss * lse * lse
+}
+
+/// The row's target coefficients `a_c`.
+fn coefficients(
+    spec: &LossSpec,
+    values: TargetValues,
+    weights: Option<&[f32]>,
+    target: RowTarget<'_>,
+    a: &mut [f64],
+) {
+    let k = a.len();
+    for (c, ac) in a.iter_mut().enumerate() {
+        let w = weights.map_or(1.0, |w| f64::from(w[c]));
+        let off = if spec.excluded_class == Some(c as u32) {
+            0.0
+        } else {
+            values.off
+        };
+        let t = match target {
+            RowTarget::Class(y) => f64::from(u8::from(y as usize == c)),
+            RowTarget::Probabilities(t) => t[c],
+        };
+        *ac = w * (off + (values.on - off) * t);
+    }
+    debug_assert_eq!(k, a.len());
+}
+
+#[derive(Clone, Copy)]
+enum RowTarget<'a> {
+    Class(i32),
+    Probabilities(&'a [f64]),
+}
+
+/// Computes the loss (and the gradient when `with_grad`) of a batch on the CPU in `f64`.
+///
+/// Validates the batch exactly as the GPU path does, so a bad input gives the same `Err`.
+pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<LossOutput<f64>> {
+    let values = batch.validate(spec)?;
+    let shape = batch.shape;
+    let (rows, k) = (shape.rows() as usize, shape.classes() as usize);
+    let z_coef = f64::from(spec.z_loss);
+    let gather = |src: &[f32], row: usize, out: &mut [f64]| {
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = f64::from(src[shape.index(row as u32, c as u32) as usize]);
+        }
+    };
+
+    // Denominator of the mean, as shaders/setup.wgsl computes it before the row kernel.
+    let denominator = match batch.targets {
+        Targets::Classes(labels) => labels
+            .iter()
+            .filter(|&&y| Some(y) != spec.ignore_index)
+            .map(|&y| batch.weights.map_or(1.0, |w| f64::from(w[y as usize])))
+            .sum(),
+        Targets::Probabilities(_) => rows as f64,
+    };
+    let reduced_scale = match batch.upstream {
+        UpstreamGrad::Scalar(g) => f64::from(g),
+        _ => 1.0,
+    };
+
+    let mut row_losses = vec![0.0; rows];
+    let mut row_z = vec![0.0; rows];
+    let mut lse = vec![0.0; rows];
+    let mut grad = with_grad.then(|| vec![0.0; shape.elements() as usize]);
+    let mut correct = matches!(batch.targets, Targets::Classes(_)).then_some(0u64);
+    let (mut x, mut z, mut dz, mut a, mut t) = (
+        vec![0.0; k],
+        vec![0.0; k],
+        vec![0.0; k],
+        vec![0.0; k],
+        vec![0.0; k],
+    );
+
+    for row in 0..rows {
+        let target = match batch.targets {
+            Targets::Classes(labels) => {
+                if Some(labels[row]) == spec.ignore_index {
+                    continue;
+                }
+                RowTarget::Class(labels[row])
+            }
+            Targets::Probabilities(p) => {
+                gather(p, row, &mut t);
+                RowTarget::Probabilities(&t)
+            }
+        };
+        gather(batch.logits, row, &mut x);
+        for c in 0..k {
+            (z[c], dz[c]) = transform(x[c], spec);
+        }
+        let stats = row_statistics(&z);
+        coefficients(spec, values, batch.weights, target, &mut a);
+        let mass: f64 = a.iter().sum();
+        let dot = dot_product(spec, values, batch, target, &a, &z);
+        lse[row] = stats.lse;
+        row_z[row] = z_coef * stats.lse * stats.lse;
+        row_losses[row] = row_loss(stats.lse, mass, dot, z_coef);
+        if let (Some(n), RowTarget::Class(y)) = (correct.as_mut(), target) {
+            *n += u64::from(!stats.lse.is_nan() && stats.argmax == y as u32);
+        }
+        if let Some(grad) = grad.as_mut() {
+            let scale = match (spec.reduction, batch.upstream) {
+                (Reduction::None, UpstreamGrad::PerRow(g)) => f64::from(g[row]),
+                (Reduction::Mean, _) if denominator == 0.0 => f64::NAN,
+                (Reduction::Mean, _) => reduced_scale / denominator,
+                _ => reduced_scale,
+            };
+            let p_coef = mass + 2.0 * z_coef * stats.lse;
+            for c in 0..k {
+                let p = (z[c] - stats.lse).exp();
+                grad[shape.index(row as u32, c as u32) as usize] =
+                    (p * p_coef - a[c]) * scale * dz[c];
+            }
+        }
+    }
+
+    let reduce = |v: Vec<f64>| match spec.reduction {
+        Reduction::None => v,
+        Reduction::Sum => vec![v.iter().sum()],
+        Reduction::Mean => vec![v.iter().sum::<f64>() / denominator],
+    };
+    Ok(LossOutput {
+        loss: reduce(row_losses),
+        z_loss: reduce(row_z),
+        lse,
+        grad,
+        denominator,
+        correct,
+    })
+}
+
+/// `B = sum_c a_c z_c`, summed the way the kernels sum it.
+///
+/// Class labels: the off-value part `off * sum_{c != excluded} w_c z_c` is skipped when the
+/// off-value is 0, so that plain cross-entropy stays finite when a non-target logit is `-inf`
+/// (PyTorch computes no smoothing term at `eps = 0`); then the label's own term is added.
+/// Probability targets: the plain sum, so `0 * -inf` gives NaN as in PyTorch.
+fn dot_product(
+    spec: &LossSpec,
+    values: TargetValues,
+    batch: &Batch<'_>,
+    target: RowTarget<'_>,
+    a: &[f64],
+    z: &[f64],
+) -> f64 {
+    match target {
+        RowTarget::Probabilities(_) => a.iter().zip(z).map(|(a, z)| a * z).sum(),
+        RowTarget::Class(y) => {
+            let y = y as usize;
+            let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
+            let off_sum = if values.off == 0.0 {
+                0.0
+            } else {
+                values.off
+                    * (0..z.len())
+                        .filter(|&c| spec.excluded_class != Some(c as u32))
+                        .map(|c| w(c) * z[c])
+                        .sum::<f64>()
+            };
+            let off_y = if spec.excluded_class == Some(y as u32) {
+                0.0
+            } else {
+                values.off
+            };
+            off_sum + w(y) * (values.on - off_y) * z[y]
+        }
+    }
+}

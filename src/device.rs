@@ -1,0 +1,87 @@
+//! A device helper for users without an engine: pick an adapter, request its full limits and
+//! the optional features the kernels can use.
+
+use crate::error::{LsceError, Result};
+
+/// Optional features the kernels use when the adapter has them.
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SUBGROUP
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+
+/// How [`request_device`] picks an adapter.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Backends to consider. Default: `WGPU_BACKEND` from the environment, else all.
+    pub backends: wgpu::Backends,
+    /// A case-insensitive substring of the adapter's name. Default: `WGPU_ADAPTER_NAME`.
+    pub adapter_name: Option<String>,
+    /// Preference between integrated and discrete GPUs.
+    pub power_preference: wgpu::PowerPreference,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self {
+            backends: wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok(),
+            power_preference: wgpu::PowerPreference::HighPerformance,
+        }
+    }
+}
+
+/// Every adapter of the given backends, in wgpu's order.
+pub fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    pollster::block_on(instance.enumerate_adapters(backends))
+}
+
+/// Picks an adapter and creates a device with its limits and the [`OPTIONAL_FEATURES`] it has.
+///
+/// ```
+/// let (device, _queue) = lsce::request_device(&lsce::DeviceOptions::default()).unwrap();
+/// println!("{}", device.adapter_info().name);
+/// ```
+pub fn request_device(options: &DeviceOptions) -> Result<(wgpu::Device, wgpu::Queue)> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: options.backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapter = match &options.adapter_name {
+        Some(name) => {
+            let name = name.to_lowercase();
+            pollster::block_on(instance.enumerate_adapters(options.backends))
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&name))
+                .ok_or_else(|| LsceError::NoAdapter(format!("no adapter name contains {name:?}")))?
+        }
+        None => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: options.power_preference,
+            ..Default::default()
+        }))
+        .map_err(|e| {
+            LsceError::NoAdapter(format!(
+                "{e} (backends {:?}); on a machine without a GPU install a software driver, \
+                 e.g. `apt-get install mesa-vulkan-drivers`",
+                options.backends
+            ))
+        })?,
+    };
+    device_for_adapter(&adapter)
+}
+
+/// Creates a device on `adapter` with the adapter's own limits (a default descriptor would get
+/// WebGPU's lower defaults) and the [`OPTIONAL_FEATURES`] it has.
+pub fn device_for_adapter(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu::Queue)> {
+    pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("lsce"),
+        required_features: adapter.features() & OPTIONAL_FEATURES,
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .map_err(|e| LsceError::RequestDevice(e.to_string()))
+}

@@ -1,0 +1,284 @@
+//! The kernel object: the device's capabilities, its bind group layouts and a cache of
+//! compiled pipelines, shared by every plan made from it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{LsceError, Result};
+use crate::shader::{self, Family, ModuleKey, Params, BINDINGS};
+
+/// Which switches a pipeline is specialised for (WGSL `override` constants).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Switches {
+    pub weights: bool,
+    pub soft_targets: bool,
+    pub softcap: bool,
+    pub write_grad: bool,
+    pub accuracy: bool,
+}
+
+impl Switches {
+    fn constants(&self) -> [(&'static str, f64); 5] {
+        let b = |v: bool| f64::from(u8::from(v));
+        [
+            ("HAS_WEIGHTS", b(self.weights)),
+            ("SOFT_TARGETS", b(self.soft_targets)),
+            ("HAS_SOFTCAP", b(self.softcap)),
+            ("WRITE_GRAD", b(self.write_grad)),
+            ("ACCURACY", b(self.accuracy)),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PipelineKey {
+    pub module: ModuleKey,
+    pub entry: &'static str,
+    pub switches: Switches,
+}
+
+/// How the row kernel is shaped. The defaults come from the adapter; the benchmark sweeps them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelConfig {
+    /// Invocations per workgroup of the row kernel (a power of two, at most the device limit).
+    pub row_workgroup: u32,
+    /// Logits each invocation keeps in registers: rows of up to `row_workgroup * row_cache`
+    /// classes are read once, longer rows twice.
+    pub row_cache: u32,
+    /// Use subgroup reductions when the device has `Features::SUBGROUP`.
+    pub use_subgroups: bool,
+}
+
+impl KernelConfig {
+    /// The defaults for a device.
+    pub fn for_device(device: &wgpu::Device) -> Self {
+        let limits = device.limits();
+        Self {
+            row_workgroup: 256.min(limits.max_compute_invocations_per_workgroup),
+            row_cache: 32,
+            use_subgroups: true,
+        }
+    }
+}
+
+/// Compiled pipelines and layouts for one `wgpu::Device`, built once and shared.
+///
+/// Pipelines are compiled on first use of a combination (class labels or probabilities,
+/// weights, soft-cap, gradient, accuracy) and cached; planning and encoding never compile twice.
+/// `LossKernel` is `Send + Sync` and cheap to clone (an `Arc`).
+///
+/// ```
+/// # let (device, _queue) = lsce::request_device(&lsce::DeviceOptions::default()).unwrap();
+/// let kernel = lsce::LossKernel::new(&device).unwrap();
+/// assert!(kernel.config().row_workgroup.is_power_of_two());
+/// ```
+#[derive(Clone)]
+pub struct LossKernel {
+    pub(crate) inner: Arc<KernelInner>,
+}
+
+pub(crate) struct KernelInner {
+    pub device: wgpu::Device,
+    pub config: KernelConfig,
+    pub subgroup_min: Option<u32>,
+    pub limits: wgpu::Limits,
+    layouts: [wgpu::BindGroupLayout; 2],
+    pipeline_layouts: [wgpu::PipelineLayout; 2],
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Bound in place of absent optional inputs (never read: the switches turn them off).
+    pub dummy_read: wgpu::Buffer,
+    /// Bound in place of absent optional outputs (never written).
+    pub dummy_write: wgpu::Buffer,
+}
+
+impl std::fmt::Debug for LossKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossKernel")
+            .field("config", &self.inner.config)
+            .field("subgroup_min", &self.inner.subgroup_min)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LossKernel {
+    /// Builds the kernel for `device` with the adapter's default [`KernelConfig`].
+    pub fn new(device: &wgpu::Device) -> Result<Self> {
+        Self::with_config(device, KernelConfig::for_device(device))
+    }
+
+    /// Builds the kernel with an explicit configuration.
+    pub fn with_config(device: &wgpu::Device, config: KernelConfig) -> Result<Self> {
+        let limits = device.limits();
+        if !config.row_workgroup.is_power_of_two()
+            || config.row_workgroup < 32
+            || config.row_workgroup > limits.max_compute_invocations_per_workgroup
+            || config.row_workgroup > limits.max_compute_workgroup_size_x
+        {
+            return Err(LsceError::InvalidParameter {
+                name: "row_workgroup",
+                value: config.row_workgroup as f32,
+                expected: "a power of two in [32, the device's workgroup limit]",
+            });
+        }
+        if config.row_cache == 0 || config.row_cache > 256 {
+            return Err(LsceError::InvalidParameter {
+                name: "row_cache",
+                value: config.row_cache as f32,
+                expected: "in [1, 256]",
+            });
+        }
+        if limits.max_storage_buffers_per_shader_stage < BINDINGS.len() as u32 {
+            return Err(LsceError::ExceedsDeviceLimit {
+                limit: "max_storage_buffers_per_shader_stage",
+                needed: BINDINGS.len() as u64,
+                available: u64::from(limits.max_storage_buffers_per_shader_stage),
+            });
+        }
+        let subgroup_min = (config.use_subgroups
+            && device.features().contains(wgpu::Features::SUBGROUP))
+        .then(|| device.adapter_info().subgroup_min_size.max(1));
+        let layouts = [false, true].map(|in_place| bind_group_layout(device, in_place));
+        let pipeline_layouts = [0, 1].map(|i| {
+            device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("lsce"),
+                bind_group_layouts: &[Some(&layouts[i])],
+                immediate_size: 0,
+            })
+        });
+        let dummy = |usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("lsce dummy"),
+                size: 256,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(Self {
+            inner: Arc::new(KernelInner {
+                device: device.clone(),
+                config,
+                subgroup_min,
+                limits,
+                layouts,
+                pipeline_layouts,
+                modules: Mutex::default(),
+                pipelines: Mutex::default(),
+                dummy_read: dummy(wgpu::BufferUsages::STORAGE),
+                dummy_write: dummy(wgpu::BufferUsages::STORAGE),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> KernelConfig {
+        self.inner.config
+    }
+
+    /// Whether the reductions use subgroup operations on this device.
+    pub fn uses_subgroups(&self) -> bool {
+        self.inner.subgroup_min.is_some()
+    }
+
+    /// The device the kernel was built for.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+}
+
+impl KernelInner {
+    pub fn layout(&self, in_place: bool) -> &wgpu::BindGroupLayout {
+        &self.layouts[usize::from(in_place)]
+    }
+
+    pub fn module_key(&self, family: Family, in_place: bool) -> ModuleKey {
+        let (wg_size, cache_n) = match family {
+            Family::Rows => (self.config.row_workgroup, self.config.row_cache),
+            Family::Setup | Family::Reduce => (shader::AUX_WG_SIZE, 1),
+        };
+        ModuleKey {
+            family,
+            wg_size,
+            cache_n,
+            subgroups: self.subgroup_min,
+            in_place,
+        }
+    }
+
+    /// The pipeline for `key`, compiled on first use. Compilation errors (which would be bugs)
+    /// come back as `Err` rather than through the device's uncaptured-error handler.
+    pub fn pipeline(&self, key: PipelineKey) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(&key) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = {
+            let mut modules = self.modules.lock().expect("module cache");
+            modules
+                .entry(key.module)
+                .or_insert_with(|| {
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some("lsce"),
+                            source: wgpu::ShaderSource::Wgsl(shader::compose(&key.module).into()),
+                        })
+                })
+                .clone()
+        };
+        let constants = key.switches.constants();
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: Some(&self.pipeline_layouts[usize::from(key.module.in_place)]),
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            self.modules
+                .lock()
+                .expect("module cache")
+                .remove(&key.module);
+            return Err(LsceError::Device(format!("compiling {}: {err}", key.entry)));
+        }
+        self.pipelines
+            .lock()
+            .expect("pipeline cache")
+            .insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}
+
+fn bind_group_layout(device: &wgpu::Device, in_place: bool) -> wgpu::BindGroupLayout {
+    let mut entries = vec![wgpu::BindGroupLayoutEntry {
+        binding: 0,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: true,
+            min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+        },
+        count: None,
+    }];
+    entries.extend((0..BINDINGS.len()).map(|i| wgpu::BindGroupLayoutEntry {
+        binding: i as u32 + 1,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage {
+                read_only: !shader::binding_writable(i, in_place),
+            },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }));
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(if in_place { "lsce in-place" } else { "lsce" }),
+        entries: &entries,
+    })
+}

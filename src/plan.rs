@@ -1,0 +1,838 @@
+//! Plans and the encode API: record the loss into the caller's `CommandEncoder`, reading and
+//! writing the caller's buffers, with no submission, readback or wait.
+
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+use crate::error::{LsceError, Result};
+use crate::kernel::{LossKernel, PipelineKey, Switches};
+use crate::shader::{self, Family, Params, CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS};
+use crate::spec::{LossSpec, Reduction, Shape, TargetValues};
+
+/// What kind of targets a plan reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TargetKind {
+    /// `rows` i32 class labels.
+    #[default]
+    Classes,
+    /// `rows * classes` f32 probabilities, laid out like the logits.
+    Probabilities,
+}
+
+/// Whether and where the gradient `dL/dlogits` is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Gradient {
+    /// Forward only: loss and lse, no gradient (evaluation).
+    None,
+    /// Into a separate buffer laid out like the logits.
+    #[default]
+    Separate,
+    /// Over the logits buffer, which is consumed: no second `rows * classes` buffer is needed.
+    InPlace,
+}
+
+/// Everything a plan is specialised for: the loss, the shape and which inputs and outputs exist.
+///
+/// ```
+/// use lsce::{Gradient, LossSpec, Problem, Shape};
+/// let problem = Problem::new(LossSpec::pytorch(0.1), Shape::matrix(8, 1000).unwrap())
+///     .with_gradient(Gradient::InPlace)
+///     .with_accuracy(true);
+/// assert_eq!(problem.gradient, Gradient::InPlace);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Problem {
+    /// The loss.
+    pub spec: LossSpec,
+    /// The logits' shape.
+    pub shape: Shape,
+    /// Class labels or probabilities.
+    pub targets: TargetKind,
+    /// Whether a class-weight buffer is bound.
+    pub weighted: bool,
+    /// Whether an upstream-gradient buffer is bound (one value for `Sum`/`Mean`, one per row for
+    /// `None`); without it the upstream gradient is 1.
+    pub upstream: bool,
+    /// Whether and where the gradient is written.
+    pub gradient: Gradient,
+    /// Whether to count the rows whose argmax is the label (class labels only).
+    pub accuracy: bool,
+    /// Caps the bytes of any one storage binding below the device's
+    /// `max_storage_buffer_binding_size`; larger inputs are processed in row windows.
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl Problem {
+    /// Class labels, no weights, upstream gradient 1, gradient into a separate buffer.
+    pub fn new(spec: LossSpec, shape: Shape) -> Self {
+        Self {
+            spec,
+            shape,
+            targets: TargetKind::Classes,
+            weighted: false,
+            upstream: false,
+            gradient: Gradient::Separate,
+            accuracy: false,
+            max_binding_bytes: None,
+        }
+    }
+
+    /// Sets [`Problem::targets`].
+    pub fn with_targets(mut self, targets: TargetKind) -> Self {
+        self.targets = targets;
+        self
+    }
+
+    /// Sets [`Problem::weighted`].
+    pub fn with_weights(mut self, weighted: bool) -> Self {
+        self.weighted = weighted;
+        self
+    }
+
+    /// Sets [`Problem::upstream`].
+    pub fn with_upstream(mut self, upstream: bool) -> Self {
+        self.upstream = upstream;
+        self
+    }
+
+    /// Sets [`Problem::gradient`].
+    pub fn with_gradient(mut self, gradient: Gradient) -> Self {
+        self.gradient = gradient;
+        self
+    }
+
+    /// Sets [`Problem::accuracy`].
+    pub fn with_accuracy(mut self, accuracy: bool) -> Self {
+        self.accuracy = accuracy;
+        self
+    }
+
+    /// Sets [`Problem::max_binding_bytes`].
+    pub fn with_max_binding_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.max_binding_bytes = bytes;
+        self
+    }
+}
+
+/// The 32-byte summary every encode writes to [`LossBuffers::summary`].
+///
+/// Valid once the command buffer has executed. Check it with [`Summary::check`]: a label
+/// outside `[0, classes)` that is not the ignore index is reported here (its row's loss and
+/// gradient are NaN), never clamped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct Summary {
+    /// The reduced loss (`Sum`/`Mean`), z-loss included; 0 for `Reduction::None`.
+    pub loss: f32,
+    /// The z-loss part of `loss`; 0 for `Reduction::None`.
+    pub z_loss: f32,
+    /// The mean's denominator (see [`LossOutput::denominator`](crate::LossOutput)).
+    pub denominator: f32,
+    /// Non-ignored rows whose argmax is the label, when accuracy was asked for.
+    pub correct: u32,
+    /// The first row with an invalid label, or `u32::MAX`.
+    pub first_bad_row: u32,
+    /// That row's label.
+    pub bad_label: i32,
+    /// Rows that were not ignored (all rows for probability targets).
+    pub counted_rows: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+}
+
+impl Summary {
+    /// Size in bytes.
+    pub const SIZE: u64 = 32;
+
+    /// `Err(LabelOutOfRange)` if the kernel found an invalid label.
+    pub fn check(&self, classes: u32) -> Result<()> {
+        if self.first_bad_row != u32::MAX {
+            return Err(LsceError::LabelOutOfRange {
+                row: u64::from(self.first_bad_row),
+                label: self.bad_label,
+                classes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The caller's buffers for one [`LossPlan::encode`]. Each is a `buffer.slice(offset..)`
+/// whose offset is a multiple of 4 and whose size covers what the shape needs.
+///
+/// | field | holds | usage |
+/// |---|---|---|
+/// | `logits` | `rows * classes` f32 | `STORAGE` |
+/// | `targets` | `rows` i32 labels, or `rows * classes` f32 probabilities | `STORAGE` |
+/// | `weights` | `classes` f32, iff the problem is weighted | `STORAGE` |
+/// | `upstream` | 1 f32 (`Sum`/`Mean`) or `rows` f32 (`None`), iff the problem has one | `STORAGE` |
+/// | `loss` | `rows` f32 for `None` (required); 1 f32 for `Sum`/`Mean` (optional copy) | `STORAGE` / `COPY_DST` |
+/// | `lse` | `rows` f32, optional | `STORAGE` |
+/// | `grad` | `rows * classes` f32, iff `Gradient::Separate` | `STORAGE` |
+/// | `summary` | a [`Summary`] (32 bytes) | `COPY_DST` |
+#[derive(Clone, Copy, Debug)]
+pub struct LossBuffers<'a> {
+    /// Logits.
+    pub logits: wgpu::BufferSlice<'a>,
+    /// Class labels or probabilities.
+    pub targets: wgpu::BufferSlice<'a>,
+    /// Class weights.
+    pub weights: Option<wgpu::BufferSlice<'a>>,
+    /// Upstream gradient.
+    pub upstream: Option<wgpu::BufferSlice<'a>>,
+    /// Per-row loss (`None`) or a copy of the reduced loss.
+    pub loss: Option<wgpu::BufferSlice<'a>>,
+    /// Per-row log-sum-exp.
+    pub lse: Option<wgpu::BufferSlice<'a>>,
+    /// Gradient.
+    pub grad: Option<wgpu::BufferSlice<'a>>,
+    /// The summary.
+    pub summary: wgpu::BufferSlice<'a>,
+}
+
+/// A contiguous range of batch items processed by one set of dispatches, small enough that
+/// every binding fits `max_storage_buffer_binding_size`.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    first_item: u64,
+    items: u64,
+    first_row: u64,
+    rows: u32,
+    chunk_base: u32,
+}
+
+/// A validated, reusable recording of the loss for one [`Problem`] on one device.
+///
+/// It owns the O(rows) scratch (partial sums, per-row losses for the reductions) and the
+/// compiled pipelines. [`LossPlan::encode`] may be called any number of times, from any thread;
+/// commands recorded from one plan execute in submission order, so the scratch is never shared
+/// by two executions at once.
+#[derive(Debug)]
+pub struct LossPlan {
+    kernel: LossKernel,
+    problem: Problem,
+    values: TargetValues,
+    windows: Vec<Window>,
+    chunks: u32,
+    control: wgpu::Buffer,
+    row_loss_scratch: Option<wgpu::Buffer>,
+    lse_scratch: wgpu::Buffer,
+    pipelines: Pipelines,
+    param_stride: u64,
+}
+
+#[derive(Debug)]
+struct Pipelines {
+    setup_partials: Option<wgpu::ComputePipeline>,
+    setup_final: wgpu::ComputePipeline,
+    rows: wgpu::ComputePipeline,
+    finalize: Option<(wgpu::ComputePipeline, wgpu::ComputePipeline)>,
+}
+
+const WORD: u64 = 4;
+
+impl LossKernel {
+    /// Validates `problem` against the spec and the device limits, compiles (or reuses) its
+    /// pipelines and allocates its O(rows) scratch.
+    pub fn plan(&self, problem: &Problem) -> Result<LossPlan> {
+        LossPlan::new(self, problem)
+    }
+}
+
+impl LossPlan {
+    fn new(kernel: &LossKernel, problem: &Problem) -> Result<Self> {
+        let inner = &kernel.inner;
+        let spec = &problem.spec;
+        let shape = problem.shape;
+        let values = spec.resolve(shape.classes())?;
+        let soft = problem.targets == TargetKind::Probabilities;
+        if soft && problem.accuracy {
+            return Err(LsceError::Unsupported("accuracy needs class-label targets"));
+        }
+        if shape.spatial() != 1 {
+            return Err(LsceError::Unsupported(
+                "logits with extra dimensions ([N, C, d1..dk])",
+            ));
+        }
+        let limits = &inner.limits;
+        let max_binding = problem
+            .max_binding_bytes
+            .map_or(limits.max_storage_buffer_binding_size, |b| {
+                b.min(limits.max_storage_buffer_binding_size)
+            });
+        let align = u64::from(limits.min_storage_buffer_offset_alignment);
+        let elements_bytes = shape.elements() * WORD;
+        if elements_bytes > limits.max_buffer_size {
+            return Err(LsceError::ExceedsDeviceLimit {
+                limit: "max_buffer_size",
+                needed: elements_bytes,
+                available: limits.max_buffer_size,
+            });
+        }
+        // One batch item (classes * spatial logits) must fit one binding, with room for the
+        // alignment slack of an arbitrary offset.
+        let item_bytes = u64::from(shape.classes()) * u64::from(shape.spatial()) * WORD;
+        let usable = max_binding.saturating_sub(align);
+        if item_bytes > usable {
+            return Err(LsceError::ExceedsDeviceLimit {
+                limit: "max_storage_buffer_binding_size",
+                needed: item_bytes + align,
+                available: max_binding,
+            });
+        }
+        let items_per_window = usable / item_bytes;
+        let mut windows = Vec::new();
+        let mut chunks = 0u32;
+        let mut first_item = 0u64;
+        let batch = u64::from(shape.batch());
+        while first_item < batch {
+            let items = items_per_window.min(batch - first_item);
+            let rows = (items * u64::from(shape.spatial())) as u32;
+            windows.push(Window {
+                first_item,
+                items,
+                first_row: first_item * u64::from(shape.spatial()),
+                rows,
+                chunk_base: chunks,
+            });
+            chunks += rows.div_ceil(CHUNK_ROWS);
+            first_item += items;
+        }
+
+        let device = &inner.device;
+        let control_bytes = (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(chunks)) * WORD;
+        let rows_bytes = u64::from(shape.rows()) * WORD;
+        for bytes in [control_bytes, rows_bytes] {
+            if bytes > limits.max_buffer_size {
+                return Err(LsceError::ExceedsDeviceLimit {
+                    limit: "max_buffer_size",
+                    needed: bytes,
+                    available: limits.max_buffer_size,
+                });
+            }
+        }
+        let scratch = |label, size| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let control = scratch("lsce control", control_bytes);
+        let row_loss_scratch =
+            (spec.reduction != Reduction::None).then(|| scratch("lsce row losses", rows_bytes));
+        let lse_scratch = scratch("lsce lse", rows_bytes);
+
+        let in_place = problem.gradient == Gradient::InPlace;
+        let switches = Switches {
+            weights: problem.weighted,
+            soft_targets: soft,
+            softcap: spec.softcap.is_some(),
+            write_grad: problem.gradient != Gradient::None,
+            accuracy: problem.accuracy,
+        };
+        let pipeline = |family, entry| {
+            inner.pipeline(PipelineKey {
+                module: inner.module_key(family, in_place),
+                entry,
+                switches,
+            })
+        };
+        let pipelines = Pipelines {
+            setup_partials: if soft {
+                None
+            } else {
+                Some(pipeline(Family::Setup, "setup_partials")?)
+            },
+            setup_final: pipeline(Family::Setup, "setup_final")?,
+            rows: pipeline(Family::Rows, "rows_main")?,
+            finalize: match spec.reduction {
+                Reduction::None => None,
+                _ => Some((
+                    pipeline(Family::Reduce, "finalize_partials")?,
+                    pipeline(Family::Reduce, "finalize_final")?,
+                )),
+            },
+        };
+        let param_stride = (std::mem::size_of::<Params>() as u64)
+            .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment));
+        Ok(Self {
+            kernel: kernel.clone(),
+            problem: *problem,
+            values,
+            windows,
+            chunks,
+            control,
+            row_loss_scratch,
+            lse_scratch,
+            pipelines,
+            param_stride,
+        })
+    }
+
+    /// The problem this plan was made for.
+    pub fn problem(&self) -> &Problem {
+        &self.problem
+    }
+
+    /// The number of row windows (1 unless a binding would exceed the device limit).
+    pub fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Bytes of scratch this plan allocated (all O(rows)).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.control.size()
+            + self.lse_scratch.size()
+            + self.row_loss_scratch.as_ref().map_or(0, wgpu::Buffer::size)
+    }
+
+    /// Records the loss into `encoder`. Nothing is submitted, read back or waited for.
+    ///
+    /// With [`Gradient::InPlace`] the logits are overwritten by the gradient. Results are valid
+    /// once the command buffer has executed; check [`Summary`] for invalid labels.
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: &LossBuffers<'_>,
+    ) -> Result<()> {
+        self.encode_with_timestamps(encoder, buffers, None)
+    }
+
+    /// [`LossPlan::encode`] with timestamp writes around its compute pass (for profiling).
+    pub fn encode_with_timestamps(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: &LossBuffers<'_>,
+        timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        let regions = self.validate(buffers)?;
+        let inner = &self.kernel.inner;
+        let device = &inner.device;
+        let in_place = self.problem.gradient == Gradient::InPlace;
+
+        let mut params = vec![0u8; (self.param_stride * self.windows.len() as u64) as usize];
+        let mut bind_groups = Vec::with_capacity(self.windows.len());
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bound: Vec<_> = self
+            .windows
+            .iter()
+            .map(|w| regions.bind(w, &self.problem.shape, &inner.limits))
+            .collect();
+        for (i, (w, b)) in self.windows.iter().zip(&bound).enumerate() {
+            let p = self.params(w, b);
+            let at = i * self.param_stride as usize;
+            params[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
+        }
+        let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("lsce params"),
+            contents: &params,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        for b in &bound {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &params,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                }),
+            }];
+            entries.extend(
+                b.ranges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: r.buffer,
+                            offset: r.offset,
+                            size: wgpu::BufferSize::new(r.size),
+                        }),
+                    }),
+            );
+            bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("lsce"),
+                layout: inner.layout(in_place),
+                entries: &entries,
+            }));
+        }
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(LsceError::Device(err.to_string()));
+        }
+
+        let offset = |i: usize| (i as u64 * self.param_stride) as u32;
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("lsce"),
+                timestamp_writes,
+            });
+            if let Some(setup) = &self.pipelines.setup_partials {
+                pass.set_pipeline(setup);
+                for (i, w) in self.windows.iter().enumerate() {
+                    pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
+                    dispatch(&mut pass, w.rows.div_ceil(CHUNK_ROWS));
+                }
+            }
+            pass.set_pipeline(&self.pipelines.setup_final);
+            pass.set_bind_group(0, &bind_groups[0], &[offset(0)]);
+            pass.dispatch_workgroups(1, 1, 1);
+            pass.set_pipeline(&self.pipelines.rows);
+            for (i, w) in self.windows.iter().enumerate() {
+                pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
+                dispatch(&mut pass, w.rows);
+            }
+            if let Some((partials, last)) = &self.pipelines.finalize {
+                pass.set_pipeline(partials);
+                for (i, w) in self.windows.iter().enumerate() {
+                    pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
+                    dispatch(&mut pass, w.rows.div_ceil(CHUNK_ROWS));
+                }
+                pass.set_pipeline(last);
+                pass.set_bind_group(0, &bind_groups[0], &[offset(0)]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+        }
+        encoder.copy_buffer_to_buffer(
+            &self.control,
+            0,
+            buffers.summary.buffer(),
+            buffers.summary.offset(),
+            Summary::SIZE,
+        );
+        if let (Some(loss), Reduction::Sum | Reduction::Mean) =
+            (buffers.loss, self.problem.spec.reduction)
+        {
+            encoder.copy_buffer_to_buffer(&self.control, 0, loss.buffer(), loss.offset(), WORD);
+        }
+        Ok(())
+    }
+
+    fn params(&self, w: &Window, b: &BoundWindow<'_>) -> Params {
+        let spec = &self.problem.spec;
+        let shape = self.problem.shape;
+        let receiving = shape.classes() - u32::from(spec.excluded_class.is_some());
+        Params {
+            classes: shape.classes(),
+            spatial: shape.spatial(),
+            row_count: w.rows,
+            row_begin: w.first_row as u32,
+            logits_base: b.ranges[0].base,
+            targets_base: b.ranges[1].base,
+            upstream_base: b.ranges[3].base,
+            loss_base: b.ranges[4].base,
+            lse_base: b.ranges[5].base,
+            grad_base: b.ranges[6].base,
+            weights_base: b.ranges[2].base,
+            chunk_base: w.chunk_base,
+            chunk_count: self.chunks,
+            excluded: spec.excluded_class.unwrap_or(u32::MAX),
+            ignore_index: spec.ignore_index.unwrap_or(0),
+            has_ignore: u32::from(spec.ignore_index.is_some()),
+            reduction: match spec.reduction {
+                Reduction::None => 0,
+                Reduction::Sum => 1,
+                Reduction::Mean => 2,
+            },
+            upstream_mode: match (self.problem.upstream, spec.reduction) {
+                (false, _) => 0,
+                (true, Reduction::None) => 2,
+                (true, _) => 1,
+            },
+            total_rows: shape.rows(),
+            on: self.values.on as f32,
+            off: self.values.off as f32,
+            off_mass: (self.values.off * f64::from(receiving)) as f32,
+            logit_scale: spec.logit_scale,
+            softcap: spec.softcap.unwrap_or(0.0),
+            z_loss: spec.z_loss,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Checks the caller's buffers against the plan: presence, usages, offsets, sizes, aliasing.
+    fn validate<'a>(&'a self, b: &LossBuffers<'a>) -> Result<Regions<'a>> {
+        let p = &self.problem;
+        let shape = p.shape;
+        let rows = u64::from(shape.rows());
+        let elements = shape.elements();
+        let reduced = p.spec.reduction != Reduction::None;
+        let storage = wgpu::BufferUsages::STORAGE;
+        let copy_dst = wgpu::BufferUsages::COPY_DST;
+        let required =
+            |what, slice: Option<wgpu::BufferSlice<'a>>, wanted: bool| {
+                match (slice, wanted) {
+            (Some(s), true) => Ok(Some(s)),
+            (None, false) => Ok(None),
+            (None, true) => Err(LsceError::Unsupported(match what {
+                "weights" => "the problem is weighted but no weights buffer was given",
+                "upstream" => "the problem has an upstream gradient but no buffer was given",
+                "grad" => "Gradient::Separate needs a grad buffer",
+                _ => "Reduction::None needs a loss buffer for the per-row losses",
+            })),
+            (Some(_), false) => Err(LsceError::Unsupported(match what {
+                "weights" => "a weights buffer was given but the problem is not weighted",
+                "upstream" => "an upstream buffer was given but the problem has none",
+                _ => "a grad buffer was given but the problem's gradient is not Gradient::Separate",
+            })),
+        }
+            };
+        let weights = required("weights", b.weights, p.weighted)?;
+        let upstream = required("upstream", b.upstream, p.upstream)?;
+        let grad = required("grad", b.grad, p.gradient == Gradient::Separate)?;
+        let loss = if reduced {
+            b.loss
+        } else {
+            required("loss", b.loss, true)?
+        };
+        let target_words = match p.targets {
+            TargetKind::Classes => rows,
+            TargetKind::Probabilities => elements,
+        };
+        let check = |what: &'static str,
+                     s: wgpu::BufferSlice<'a>,
+                     words: u64,
+                     usage: wgpu::BufferUsages,
+                     usage_name| {
+            if !s.buffer().usage().contains(usage) {
+                return Err(LsceError::MissingUsage {
+                    what,
+                    usage: usage_name,
+                });
+            }
+            if s.offset() % WORD != 0 {
+                return Err(LsceError::MisalignedOffset {
+                    what,
+                    offset: s.offset(),
+                    alignment: WORD,
+                });
+            }
+            if s.size() < words * WORD {
+                return Err(LsceError::BufferTooSmall {
+                    what,
+                    needed: words * WORD,
+                    available: s.size(),
+                });
+            }
+            Ok(Region {
+                buffer: s.buffer(),
+                offset: s.offset(),
+                words,
+            })
+        };
+        let logits = check("logits", b.logits, elements, storage, "STORAGE")?;
+        let targets = check("targets", b.targets, target_words, storage, "STORAGE")?;
+        let weights = weights
+            .map(|s| check("weights", s, u64::from(shape.classes()), storage, "STORAGE"))
+            .transpose()?;
+        let upstream = upstream
+            .map(|s| {
+                check(
+                    "upstream",
+                    s,
+                    if reduced { 1 } else { rows },
+                    storage,
+                    "STORAGE",
+                )
+            })
+            .transpose()?;
+        let loss = match loss {
+            Some(s) if reduced => {
+                check("loss", s, 1, copy_dst, "COPY_DST")?;
+                None
+            }
+            Some(s) => Some(check("loss", s, rows, storage, "STORAGE")?),
+            None => None,
+        };
+        let lse = b
+            .lse
+            .map(|s| check("lse", s, rows, storage, "STORAGE"))
+            .transpose()?;
+        let grad = grad
+            .map(|s| check("grad", s, elements, storage, "STORAGE"))
+            .transpose()?;
+        check(
+            "summary",
+            b.summary,
+            Summary::SIZE / WORD,
+            copy_dst,
+            "COPY_DST",
+        )?;
+
+        let inner = &self.kernel.inner;
+        let row_loss = loss.unwrap_or_else(|| Region {
+            buffer: self
+                .row_loss_scratch
+                .as_ref()
+                .expect("reduced plans own row scratch"),
+            offset: 0,
+            words: rows,
+        });
+        let lse = lse.unwrap_or(Region {
+            buffer: &self.lse_scratch,
+            offset: 0,
+            words: rows,
+        });
+        let regions = Regions {
+            bound: [
+                Some(logits),
+                Some(targets),
+                weights,
+                upstream,
+                Some(row_loss),
+                Some(lse),
+                grad,
+                Some(Region {
+                    buffer: &self.control,
+                    offset: 0,
+                    words: self.control.size() / WORD,
+                }),
+            ],
+            dummy_read: &inner.dummy_read,
+            dummy_write: &inner.dummy_write,
+        };
+        regions.check_aliasing(p.gradient == Gradient::InPlace)?;
+        Ok(regions)
+    }
+}
+
+/// Dispatches `n` workgroups as a 2D grid so that no dimension exceeds 65535.
+fn dispatch(pass: &mut wgpu::ComputePass<'_>, n: u32) {
+    const MAX: u32 = 65535;
+    if n == 0 {
+        return;
+    }
+    let x = n.min(MAX);
+    pass.dispatch_workgroups(x, n.div_ceil(x), 1);
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Region<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    words: u64,
+}
+
+/// The caller's regions in binding order (see `shader::BINDINGS`), `None` where absent.
+struct Regions<'a> {
+    bound: [Option<Region<'a>>; 8],
+    dummy_read: &'a wgpu::Buffer,
+    dummy_write: &'a wgpu::Buffer,
+}
+
+/// A bound sub-range of a buffer and the word offset (`*_base`) of the window's data in it.
+struct BoundRange<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    base: u32,
+}
+
+struct BoundWindow<'a> {
+    ranges: Vec<BoundRange<'a>>,
+}
+
+/// How a binding is indexed: by logit element, by row, or not at all (bound whole).
+#[derive(Clone, Copy)]
+enum Indexing {
+    Elements,
+    Rows,
+    Whole,
+}
+
+const INDEXING: [Indexing; 8] = [
+    Indexing::Elements, // logits
+    Indexing::Rows,     // targets (labels); probabilities use Elements
+    Indexing::Whole,    // weights
+    Indexing::Rows,     // upstream (per row); a scalar is bound whole
+    Indexing::Rows,     // row_loss
+    Indexing::Rows,     // lse
+    Indexing::Elements, // grad
+    Indexing::Whole,    // control
+];
+
+const NAMES: [&str; 8] = [
+    "logits", "targets", "weights", "upstream", "loss", "lse", "grad", "control",
+];
+
+impl<'a> Regions<'a> {
+    fn check_aliasing(&self, in_place: bool) -> Result<()> {
+        for i in 0..self.bound.len() {
+            for j in i + 1..self.bound.len() {
+                let (Some(a), Some(b)) = (self.bound[i], self.bound[j]) else {
+                    continue;
+                };
+                if a.buffer != b.buffer {
+                    continue;
+                }
+                let (wa, wb) = (
+                    shader::binding_writable(i, in_place),
+                    shader::binding_writable(j, in_place),
+                );
+                let overlap =
+                    a.offset < b.offset + b.words * WORD && b.offset < a.offset + a.words * WORD;
+                // wgpu forbids a buffer bound both read-only and writable in one dispatch; two
+                // writable views of one buffer are fine as long as they do not overlap.
+                if wa != wb || (wa && overlap) {
+                    return Err(LsceError::AliasedBuffers {
+                        first: NAMES[i],
+                        second: NAMES[j],
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn bind(&self, w: &Window, shape: &Shape, limits: &wgpu::Limits) -> BoundWindow<'a> {
+        let align = u64::from(limits.min_storage_buffer_offset_alignment);
+        let k = u64::from(shape.classes());
+        let per_item_rows = u64::from(shape.spatial());
+        let ranges = self
+            .bound
+            .iter()
+            .enumerate()
+            .map(|(i, region)| {
+                let Some(r) = region else {
+                    let buffer = if shader::BINDINGS[i].writable {
+                        self.dummy_write
+                    } else {
+                        self.dummy_read
+                    };
+                    return BoundRange {
+                        buffer,
+                        offset: 0,
+                        size: buffer.size(),
+                        base: 0,
+                    };
+                };
+                let (first, count) = match INDEXING[i] {
+                    _ if r.words == 1 => (0, 1),
+                    Indexing::Elements => (
+                        w.first_item * per_item_rows * k,
+                        w.items * per_item_rows * k,
+                    ),
+                    Indexing::Rows if r.words == u64::from(shape.rows()) => {
+                        (w.first_row, u64::from(w.rows))
+                    }
+                    // Probability targets: indexed like the logits.
+                    Indexing::Rows => (
+                        w.first_item * per_item_rows * k,
+                        w.items * per_item_rows * k,
+                    ),
+                    Indexing::Whole => (0, r.words),
+                };
+                let start = r.offset + first * WORD;
+                let offset = start / align * align;
+                BoundRange {
+                    buffer: r.buffer,
+                    offset,
+                    size: start + count * WORD - offset,
+                    base: ((start - offset) / WORD) as u32,
+                }
+            })
+            .collect();
+        BoundWindow { ranges }
+    }
+}

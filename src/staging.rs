@@ -1,0 +1,239 @@
+//! The staging API: host slices in, `Vec`s out. It creates the buffers, records one plan,
+//! submits, and reads the results back (map_async, poll, a futures-intrusive channel).
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{LsceError, Result};
+use crate::kernel::LossKernel;
+use crate::output::LossOutput;
+use crate::plan::{Gradient, LossBuffers, Problem, Summary, TargetKind};
+use crate::spec::{Batch, LossSpec, Reduction, Targets, UpstreamGrad};
+
+/// What a staging call computes besides the loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingOptions {
+    /// `Gradient::None` for evaluation; `InPlace` writes the gradient over the uploaded logits
+    /// (and is read back from there).
+    pub gradient: Gradient,
+    /// Count the rows whose argmax is the label.
+    pub accuracy: bool,
+    /// See [`Problem::max_binding_bytes`].
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl Default for StagingOptions {
+    fn default() -> Self {
+        Self {
+            gradient: Gradient::Separate,
+            accuracy: false,
+            max_binding_bytes: None,
+        }
+    }
+}
+
+impl LossKernel {
+    /// Computes the loss (and gradient) of a host batch on the GPU and reads it back.
+    ///
+    /// Blocks until the results are read. Invalid labels are found by the kernel and returned
+    /// as [`LsceError::LabelOutOfRange`]; device errors (out of memory, device lost) as `Err`.
+    ///
+    /// ```
+    /// use lsce::{Batch, LossKernel, LossSpec, Shape, StagingOptions};
+    /// # let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default()).unwrap();
+    /// let kernel = LossKernel::new(&device).unwrap();
+    /// let logits = [1.0, 2.0, 3.0, 1.0, 0.0, -1.0];
+    /// let batch = Batch::classes(Shape::matrix(2, 3).unwrap(), &logits, &[2, 0]);
+    /// let out = kernel.compute(&queue, &LossSpec::pytorch(0.1), &batch, &StagingOptions::default()).unwrap();
+    /// assert_eq!((out.loss.len(), out.grad.unwrap().len()), (1, 6));
+    /// ```
+    pub fn compute(
+        &self,
+        queue: &wgpu::Queue,
+        spec: &LossSpec,
+        batch: &Batch<'_>,
+        options: &StagingOptions,
+    ) -> Result<LossOutput<f32>> {
+        batch.validate_layout(spec)?;
+        let device = &self.inner.device;
+        let shape = batch.shape;
+        let problem = Problem {
+            spec: *spec,
+            shape,
+            targets: match batch.targets {
+                Targets::Classes(_) => TargetKind::Classes,
+                Targets::Probabilities(_) => TargetKind::Probabilities,
+            },
+            weighted: batch.weights.is_some(),
+            upstream: !matches!(batch.upstream, UpstreamGrad::One),
+            gradient: options.gradient,
+            accuracy: options.accuracy,
+            max_binding_bytes: options.max_binding_bytes,
+        };
+        let plan = self.plan(&problem)?;
+        let max_buffer = self.inner.limits.max_buffer_size;
+        for bytes in [shape.elements() * 4] {
+            if bytes > max_buffer {
+                return Err(LsceError::ExceedsDeviceLimit {
+                    limit: "max_buffer_size",
+                    needed: bytes,
+                    available: max_buffer,
+                });
+            }
+        }
+
+        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let storage = wgpu::BufferUsages::STORAGE;
+        let copy_src = wgpu::BufferUsages::COPY_SRC;
+        let upload = |label, contents: &[u8], usage| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage,
+            })
+        };
+        let output = |label, bytes: u64, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.max(4),
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let logits = upload(
+            "lsce logits",
+            bytemuck::cast_slice(batch.logits),
+            storage | copy_src,
+        );
+        let targets = match batch.targets {
+            Targets::Classes(labels) => {
+                upload("lsce targets", bytemuck::cast_slice(labels), storage)
+            }
+            Targets::Probabilities(p) => upload("lsce targets", bytemuck::cast_slice(p), storage),
+        };
+        let weights = batch
+            .weights
+            .map(|w| upload("lsce weights", bytemuck::cast_slice(w), storage));
+        let upstream = match batch.upstream {
+            UpstreamGrad::One => None,
+            UpstreamGrad::Scalar(g) => {
+                Some(upload("lsce upstream", bytemuck::bytes_of(&g), storage))
+            }
+            UpstreamGrad::PerRow(g) => {
+                Some(upload("lsce upstream", bytemuck::cast_slice(g), storage))
+            }
+        };
+        let rows_bytes = u64::from(shape.rows()) * 4;
+        let per_row_loss = spec.reduction == Reduction::None;
+        let loss = per_row_loss.then(|| output("lsce loss", rows_bytes, storage | copy_src));
+        let lse = output("lsce lse", rows_bytes, storage | copy_src);
+        let grad = (options.gradient == Gradient::Separate)
+            .then(|| output("lsce grad", shape.elements() * 4, storage | copy_src));
+        let summary = output(
+            "lsce summary",
+            Summary::SIZE,
+            wgpu::BufferUsages::COPY_DST | copy_src,
+        );
+
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("lsce staging"),
+        });
+        plan.encode(
+            &mut encoder,
+            &LossBuffers {
+                logits: logits.slice(..),
+                targets: targets.slice(..),
+                weights: weights.as_ref().map(|b| b.slice(..)),
+                upstream: upstream.as_ref().map(|b| b.slice(..)),
+                loss: loss.as_ref().map(|b| b.slice(..)),
+                lse: Some(lse.slice(..)),
+                grad: grad.as_ref().map(|b| b.slice(..)),
+                summary: summary.slice(..),
+            },
+        )?;
+
+        // Everything read back goes through one mappable buffer.
+        let grad_source = match options.gradient {
+            Gradient::None => None,
+            Gradient::Separate => grad.as_ref(),
+            Gradient::InPlace => Some(&logits),
+        };
+        let mut sections: Vec<(&wgpu::Buffer, u64, u64)> = Vec::new();
+        let mut total = 0u64;
+        let mut section = |buffer, bytes: u64| {
+            let at = total;
+            sections.push((buffer, at, bytes));
+            total += bytes.next_multiple_of(wgpu::MAP_ALIGNMENT);
+            at
+        };
+        let at_summary = section(&summary, Summary::SIZE);
+        let at_lse = section(&lse, rows_bytes);
+        let at_loss = loss.as_ref().map(|b| section(b, rows_bytes));
+        let at_grad = grad_source.map(|b| section(b, shape.elements() * 4));
+        let readback = output(
+            "lsce readback",
+            total,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        for &(buffer, at, bytes) in &sections {
+            encoder.copy_buffer_to_buffer(buffer, 0, &readback, at, bytes);
+        }
+        let index = queue.submit([encoder.finish()]);
+        let slice = readback.slice(..);
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            // The receiver lives until the poll below returns; a failed send only means the
+            // caller already gave up.
+            let _ = sender.send(r);
+        });
+        device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| LsceError::Readback(e.to_string()))?;
+        if let Some(err) = pollster::block_on(validation.pop()) {
+            return Err(LsceError::Device(err.to_string()));
+        }
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(LsceError::Device(err.to_string()));
+        }
+        match pollster::block_on(receiver.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(LsceError::Readback(e.to_string())),
+            None => return Err(LsceError::Readback("the map callback was dropped".into())),
+        }
+
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| LsceError::Readback(e.to_string()))?;
+        let floats = |at: u64, bytes: u64| -> Vec<f32> {
+            bytemuck::cast_slice(&view[at as usize..(at + bytes) as usize]).to_vec()
+        };
+        let summary: Summary = bytemuck::pod_read_unaligned(
+            &view[at_summary as usize..(at_summary + Summary::SIZE) as usize],
+        );
+        let out = LossOutput {
+            loss: match at_loss {
+                Some(at) => floats(at, rows_bytes),
+                None => vec![summary.loss],
+            },
+            z_loss: if per_row_loss {
+                floats(at_lse, rows_bytes)
+                    .into_iter()
+                    .map(|l| spec.z_loss * l * l)
+                    .collect()
+            } else {
+                vec![summary.z_loss]
+            },
+            lse: floats(at_lse, rows_bytes),
+            grad: at_grad.map(|at| floats(at, shape.elements() * 4)),
+            denominator: summary.denominator,
+            correct: options.accuracy.then_some(u64::from(summary.correct)),
+        };
+        drop(view);
+        readback.unmap();
+        summary.check(shape.classes())?;
+        Ok(out)
+    }
+}
