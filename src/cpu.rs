@@ -133,11 +133,7 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
     let shape = batch.shape;
     let (rows, k) = (shape.rows() as usize, shape.classes() as usize);
     let z_coef = f64::from(spec.z_loss);
-    let gather = |src: &[f32], row: usize, out: &mut [f64]| {
-        for (c, o) in out.iter_mut().enumerate() {
-            *o = f64::from(src[shape.index(row as u32, c as u32) as usize]);
-        }
-    };
+    let index = |row: usize, c: usize| shape.index(row as u32, c as u32) as usize;
 
     // Denominator of the mean, as shaders/setup.wgsl computes it before the row kernel.
     let denominator = match batch.targets {
@@ -175,11 +171,15 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
                 RowTarget::Class(labels[row])
             }
             Targets::Probabilities(p) => {
-                gather(p, row, &mut t);
+                for (c, tc) in t.iter_mut().enumerate() {
+                    *tc = f64::from(p[index(row, c)]);
+                }
                 RowTarget::Probabilities(&t)
             }
         };
-        gather(batch.logits, row, &mut x);
+        for (c, xc) in x.iter_mut().enumerate() {
+            *xc = batch.logits.get(index(row, c));
+        }
         for c in 0..k {
             (z[c], dz[c]) = transform(x[c], spec);
         }

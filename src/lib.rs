@@ -4,6 +4,7 @@
 pub mod cpu;
 mod device;
 mod error;
+pub mod half;
 mod kernel;
 mod output;
 mod plan;
@@ -16,5 +17,8 @@ pub use error::{LsceError, Result};
 pub use kernel::{KernelConfig, LossKernel};
 pub use output::LossOutput;
 pub use plan::{Gradient, LossBuffers, LossPlan, Problem, Summary, TargetKind};
-pub use spec::{Batch, LossSpec, Reduction, Shape, Smoothing, TargetValues, Targets, UpstreamGrad};
+pub use spec::{
+    Batch, Dtype, Logits, LossSpec, Reduction, Shape, Smoothing, TargetValues, Targets,
+    UpstreamGrad,
+};
 pub use staging::StagingOptions;

@@ -7,7 +7,7 @@ use wgpu::util::DeviceExt;
 use crate::error::{LsceError, Result};
 use crate::kernel::{LossKernel, PipelineKey, Switches};
 use crate::shader::{self, Family, Params, CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS};
-use crate::spec::{LossSpec, Reduction, Shape, TargetValues};
+use crate::spec::{Dtype, LossSpec, Reduction, Shape, TargetValues};
 
 /// What kind of targets a plan reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -57,6 +57,11 @@ pub struct Problem {
     pub gradient: Gradient,
     /// Whether to count the rows whose argmax is the label (class labels only).
     pub accuracy: bool,
+    /// Element type of the logits.
+    pub dtype: Dtype,
+    /// Element type of the gradient: the logits' by default ([`Problem::with_dtype`]), or
+    /// `F32` for full precision. An in-place gradient has the logits' type.
+    pub grad_dtype: Dtype,
     /// Caps the bytes of any one storage binding below the device's
     /// `max_storage_buffer_binding_size`; larger inputs are processed in row windows.
     pub max_binding_bytes: Option<u64>,
@@ -73,8 +78,23 @@ impl Problem {
             upstream: false,
             gradient: Gradient::Separate,
             accuracy: false,
+            dtype: Dtype::F32,
+            grad_dtype: Dtype::F32,
             max_binding_bytes: None,
         }
+    }
+
+    /// Sets the logits' element type, and the gradient's to the same.
+    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
+        self.dtype = dtype;
+        self.grad_dtype = dtype;
+        self
+    }
+
+    /// Sets [`Problem::grad_dtype`].
+    pub fn with_grad_dtype(mut self, dtype: Dtype) -> Self {
+        self.grad_dtype = dtype;
+        self
     }
 
     /// Sets [`Problem::targets`].
@@ -248,6 +268,9 @@ impl LossPlan {
         let soft = problem.targets == TargetKind::Probabilities;
         if soft && problem.accuracy {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
+        }
+        if problem.dtype != Dtype::F32 || problem.grad_dtype != Dtype::F32 {
+            return Err(LsceError::Unsupported("half-precision logits"));
         }
         if shape.spatial() != 1 {
             return Err(LsceError::Unsupported(

@@ -351,6 +351,98 @@ impl LossSpec {
     }
 }
 
+/// Element type of logits and gradients in GPU buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// `f32`.
+    #[default]
+    F32,
+    /// IEEE binary16; needs `Features::SHADER_F16`.
+    F16,
+    /// bfloat16, two per `u32` (element `2i` in the low half); works on every adapter.
+    Bf16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Logits on the host. Half-precision values are raw bits (see [`crate::half`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Logits<'a> {
+    /// `f32` values.
+    F32(&'a [f32]),
+    /// IEEE binary16 bits.
+    F16(&'a [u16]),
+    /// bfloat16 bits.
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Logits<'a> {
+    /// Number of logits.
+    pub fn len(&self) -> usize {
+        match self {
+            Logits::F32(v) => v.len(),
+            Logits::F16(v) | Logits::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Logits::F32(_) => Dtype::F32,
+            Logits::F16(_) => Dtype::F16,
+            Logits::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    /// Logit `i`, exactly, as `f64`.
+    pub fn get(&self, i: usize) -> f64 {
+        f64::from(match self {
+            Logits::F32(v) => v[i],
+            Logits::F16(v) => crate::half::f16_to_f32(v[i]),
+            Logits::Bf16(v) => crate::half::bf16_to_f32(v[i]),
+        })
+    }
+
+    /// The raw bytes, as uploaded.
+    pub fn bytes(&self) -> &'a [u8] {
+        match *self {
+            Logits::F32(v) => bytemuck::cast_slice(v),
+            Logits::F16(v) | Logits::Bf16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for Logits<'a> {
+    fn from(v: &'a [f32]) -> Self {
+        Logits::F32(v)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Logits<'a> {
+    fn from(v: &'a Vec<f32>) -> Self {
+        Logits::F32(v)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [f32; N]> for Logits<'a> {
+    fn from(v: &'a [f32; N]) -> Self {
+        Logits::F32(v)
+    }
+}
+
 /// Targets of a batch, on the host.
 #[derive(Clone, Copy, Debug)]
 pub enum Targets<'a> {
@@ -379,7 +471,7 @@ pub struct Batch<'a> {
     /// The logits' shape.
     pub shape: Shape,
     /// `shape.elements()` logits.
-    pub logits: &'a [f32],
+    pub logits: Logits<'a>,
     /// The targets.
     pub targets: Targets<'a>,
     /// Optional per-class weights (`classes` values, finite, `>= 0`), PyTorch's `weight=`.
@@ -390,10 +482,10 @@ pub struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     /// A batch of class-label targets with no weights and upstream gradient 1.
-    pub fn classes(shape: Shape, logits: &'a [f32], labels: &'a [i32]) -> Self {
+    pub fn classes(shape: Shape, logits: impl Into<Logits<'a>>, labels: &'a [i32]) -> Self {
         Self {
             shape,
-            logits,
+            logits: logits.into(),
             targets: Targets::Classes(labels),
             weights: None,
             upstream: UpstreamGrad::One,
@@ -401,10 +493,10 @@ impl<'a> Batch<'a> {
     }
 
     /// A batch of probability targets with no weights and upstream gradient 1.
-    pub fn probabilities(shape: Shape, logits: &'a [f32], targets: &'a [f32]) -> Self {
+    pub fn probabilities(shape: Shape, logits: impl Into<Logits<'a>>, targets: &'a [f32]) -> Self {
         Self {
             shape,
-            logits,
+            logits: logits.into(),
             targets: Targets::Probabilities(targets),
             weights: None,
             upstream: UpstreamGrad::One,

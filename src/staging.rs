@@ -7,7 +7,7 @@ use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::output::LossOutput;
 use crate::plan::{Gradient, LossBuffers, Problem, Summary, TargetKind};
-use crate::spec::{Batch, LossSpec, Reduction, Targets, UpstreamGrad};
+use crate::spec::{Batch, Dtype, LossSpec, Reduction, Targets, UpstreamGrad};
 
 /// What a staging call computes besides the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub struct StagingOptions {
     pub gradient: Gradient,
     /// Count the rows whose argmax is the label.
     pub accuracy: bool,
+    /// The gradient's element type; `None` means the logits' (see [`Problem::grad_dtype`]).
+    /// The returned gradient is always decoded to `f32`.
+    pub grad_dtype: Option<Dtype>,
     /// See [`Problem::max_binding_bytes`].
     pub max_binding_bytes: Option<u64>,
 }
@@ -26,6 +29,7 @@ impl Default for StagingOptions {
         Self {
             gradient: Gradient::Separate,
             accuracy: false,
+            grad_dtype: None,
             max_binding_bytes: None,
         }
     }
@@ -67,11 +71,19 @@ impl LossKernel {
             upstream: !matches!(batch.upstream, UpstreamGrad::One),
             gradient: options.gradient,
             accuracy: options.accuracy,
+            dtype: batch.logits.dtype(),
+            grad_dtype: if options.gradient == Gradient::InPlace {
+                batch.logits.dtype()
+            } else {
+                options.grad_dtype.unwrap_or(batch.logits.dtype())
+            },
             max_binding_bytes: options.max_binding_bytes,
         };
         let plan = self.plan(&problem)?;
         let max_buffer = self.inner.limits.max_buffer_size;
-        for bytes in [shape.elements() * 4] {
+        let grad_dtype = problem.grad_dtype;
+        let grad_bytes = (shape.elements() * grad_dtype.bytes()).next_multiple_of(4);
+        for bytes in [shape.elements() * problem.dtype.bytes(), grad_bytes] {
             if bytes > max_buffer {
                 return Err(LsceError::ExceedsDeviceLimit {
                     limit: "max_buffer_size",
@@ -100,11 +112,7 @@ impl LossKernel {
                 mapped_at_creation: false,
             })
         };
-        let logits = upload(
-            "lsce logits",
-            bytemuck::cast_slice(batch.logits),
-            storage | copy_src,
-        );
+        let logits = upload("lsce logits", batch.logits.bytes(), storage | copy_src);
         let targets = match batch.targets {
             Targets::Classes(labels) => {
                 upload("lsce targets", bytemuck::cast_slice(labels), storage)
@@ -128,7 +136,7 @@ impl LossKernel {
         let loss = per_row_loss.then(|| output("lsce loss", rows_bytes, storage | copy_src));
         let lse = output("lsce lse", rows_bytes, storage | copy_src);
         let grad = (options.gradient == Gradient::Separate)
-            .then(|| output("lsce grad", shape.elements() * 4, storage | copy_src));
+            .then(|| output("lsce grad", grad_bytes, storage | copy_src));
         let summary = output(
             "lsce summary",
             Summary::SIZE,
@@ -169,7 +177,7 @@ impl LossKernel {
         let at_summary = section(&summary, Summary::SIZE);
         let at_lse = section(&lse, rows_bytes);
         let at_loss = loss.as_ref().map(|b| section(b, rows_bytes));
-        let at_grad = grad_source.map(|b| section(b, shape.elements() * 4));
+        let at_grad = grad_source.map(|b| section(b, grad_bytes));
         let readback = output(
             "lsce readback",
             total,
@@ -227,7 +235,21 @@ impl LossKernel {
                 vec![summary.z_loss]
             },
             lse: floats(at_lse, rows_bytes),
-            grad: at_grad.map(|at| floats(at, shape.elements() * 4)),
+            grad: at_grad.map(|at| {
+                let n = shape.elements() as usize;
+                let bytes = &view[at as usize..(at + grad_bytes) as usize];
+                match grad_dtype {
+                    Dtype::F32 => bytemuck::cast_slice::<u8, f32>(bytes)[..n].to_vec(),
+                    Dtype::F16 => bytemuck::cast_slice::<u8, u16>(bytes)[..n]
+                        .iter()
+                        .map(|&b| crate::half::f16_to_f32(b))
+                        .collect(),
+                    Dtype::Bf16 => bytemuck::cast_slice::<u8, u16>(bytes)[..n]
+                        .iter()
+                        .map(|&b| crate::half::bf16_to_f32(b))
+                        .collect(),
+                }
+            }),
             denominator: summary.denominator,
             correct: options.accuracy.then_some(u64::from(summary.correct)),
         };
