@@ -193,6 +193,40 @@ fn prob(e: u32) -> f32 {
     return bitcast<f32>(targets[P.targets_base + e]);
 }
 
+// Adds the logit z of class c (element e of the window) to a row's target sums: `.y` the dot
+// product sum a_c z_c, `.z` the mass sum a_c. Class labels sum only w_c z_c over receiving
+// classes, and only when the off-value is nonzero: skipping it keeps plain cross-entropy
+// finite when a non-target logit is -inf. row_totals() completes both.
+fn add_target(sums: ptr<function, vec4<f32>>, c: u32, e: u32, z: f32) {
+    if (SOFT_TARGETS) {
+        let a = soft_coef(c, prob(e));
+        (*sums).y += a * z;
+        (*sums).z += a;
+    } else if (P.off != 0.0 && c != P.excluded) {
+        (*sums).y += weight(c) * z;
+    }
+}
+
+// (dot, mass) of a row from its swept sums; for class labels the label's own term uses the
+// transformed label logit z_label and its extra coefficient w_y (on - off_y).
+fn row_totals(sums: vec4<f32>, extra: f32, z_label: f32) -> vec2<f32> {
+    if (SOFT_TARGETS) {
+        return sums.yz;
+    }
+    return vec2<f32>(select(0.0, P.off * sums.y, P.off != 0.0) + extra * z_label, off_mass() + extra);
+}
+
+// The gradient of class c (element e): (p * p_coef - a_c) * scale * dz/dx.
+fn grad_value(c: u32, e: u32, p: f32, z: f32, label: u32, extra: f32, p_coef: f32, scale: f32) -> f32 {
+    var a: f32;
+    if (SOFT_TARGETS) {
+        a = soft_coef(c, prob(e));
+    } else {
+        a = class_coef(c, label, extra);
+    }
+    return (p * p_coef - a) * scale * transform_slope(z);
+}
+
 // Writes the per-row outputs of row r of the window.
 fn store_row(r: u32, loss_v: f32, lse_v: f32) {
     row_loss[P.loss_base + r] = loss_v;

@@ -1,25 +1,30 @@
 // The fused row kernel for [rows, classes] logits (spatial == 1): one workgroup per row.
 //
-// Per row of K classes it computes max and log-sum-exp, the target dot product and mass, the
-// loss, and the gradient (softmax * mass - a) * scale * dz/dx, in one dispatch:
-//   K <= WG_SIZE * CACHE_N ("cached"): the row is read once into registers; max first, then one
-//     exp per element whose result the gradient reuses. Traffic: 4K bytes read, 4K written.
-//   larger K ("streaming"): an online max/sum-exp sweep, then a gradient sweep that reads the row
-//     again and recomputes exp. Traffic: 8K bytes read (the second read mostly from cache), 4K
-//     written, two exp per element.
-// Probability targets add 4K bytes read per sweep; weights are K floats shared by all rows.
-// Each row also writes its loss and lse (8 bytes). Ignored rows write only zeros.
+// A row is walked in units of UNIT consecutive logits (1 for f32; 2 for 16-bit logits, one
+// u32 word, so that no two invocations write halves of the same word). Per row of K classes
+// it computes max and log-sum-exp, the target dot product and mass, the loss, and the gradient
+// (softmax * mass - a) * scale * dz/dx, in one dispatch:
+//   K <= WG_SIZE * CACHE_N * UNIT ("cached"): the row is read once into registers; max first,
+//     then one exp per element whose result the gradient reuses.
+//     Traffic: K logits read once, K gradient values written.
+//   larger K ("streaming"): an online max/sum-exp sweep, then a gradient sweep that reads the
+//     row again (mostly from cache) and recomputes exp.
+//     Traffic: K logits read twice, K gradient values written, two exp per element.
+// Probability targets add 4K bytes read per sweep; class weights are K floats shared by all
+// rows (cache-resident). Each row also writes its loss and lse (8 bytes). An ignored row reads
+// nothing and writes zeros; a row with an invalid label writes NaN (setup reports it).
 //
-// Mirror: cpu::compute.
+// Mirror: cpu::compute (row_statistics, row_loss, the gradient).
 
 var<workgroup> wg_label: i32;
 
-// The row's gradient when its label is ignored (zeros) or invalid (NaN, reported by setup).
-fn fill_row(r: u32, e0: u32, value: f32) {
+// Writes `value` as the gradient of units [u0, u0 + units) restricted to elements [g0, g0 + K).
+fn fill_row(r: u32, g0: u32, u0: u32, units: u32, value: f32) {
     let lid = team_lid();
     if (WRITE_GRAD) {
-        for (var c = lid; c < P.classes; c += WG_SIZE) {
-            store_grad(e0 + c, value);
+        for (var u = lid; u < units; u += WG_SIZE) {
+            let g = (u0 + u) * UNIT;
+            store_unit(u0 + u, vec2<f32>(value), g >= g0, g + 1u < g0 + P.classes);
         }
     }
     if (lid == 0u) {
@@ -36,18 +41,21 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     }
     let lid = team_lid();
     let k = P.classes;
-    let e0 = r * k;
+    let e0 = r * k;                // the row's first element, relative to the window
+    let g0 = P.logits_base + e0;   // the same, as an index into `logits`
+    let u0 = g0 / UNIT;            // the row's first unit (may start before g0)
+    let units = (g0 + k + UNIT - 1u) / UNIT - u0;
     if (lid == 0u) {
         wg_label = row_label(r);
     }
     let label_i = workgroupUniformLoad(&wg_label);
     let kind = classify_label(label_i);
     if (kind == ROW_IGNORED) {
-        fill_row(r, e0, 0.0);
+        fill_row(r, g0, u0, units, 0.0);
         return;
     }
     if (kind == ROW_BAD_LABEL) {
-        fill_row(r, e0, nan());
+        fill_row(r, g0, u0, units, nan());
         return;
     }
     let label = u32(label_i);
@@ -55,67 +63,67 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     // Loaded before any barrier: with an in-place gradient the row is overwritten afterwards.
     var z_label = 0.0;
     if (!SOFT_TARGETS) {
-        z_label = transform_logit(load_logit(e0 + label));
+        z_label = transform_logit(load_elem(g0 + label));
     }
-    // Class labels: sum_{c != excluded} w_c z_c is only needed when the off-value is nonzero
-    // (skipping it keeps plain cross-entropy finite when a non-target logit is -inf).
-    let need_off_sum = !SOFT_TARGETS && P.off != 0.0;
 
     var m = NEG_BIG;
-    var sums = vec4<f32>(0.0);   // x: sum exp(z - m), y: dot sum a_c z_c, z: mass sum a_c
+    var sums = vec4<f32>(0.0);  // x: sum exp(z - m), y: dot, z: mass (see add_target)
     var arg = NONE_U32;
-    let cached = k <= WG_SIZE * CACHE_N;
-    var cache: array<f32, CACHE_N>;
+    let cached = units <= WG_SIZE * CACHE_N;
+    var cache: array<f32, CACHE_N * UNIT>;
     var lse_v: f32;
 
     if (cached) {
         // Read once; max without exp.
         for (var j = 0u; j < CACHE_N; j++) {
-            let c = lid + j * WG_SIZE;
-            var z = neg_inf();
-            if (c < k) {
-                z = transform_logit(load_logit(e0 + c));
-                if (SOFT_TARGETS) {
-                    let a = soft_coef(c, prob(e0 + c));
-                    sums.y += a * z;
-                    sums.z += a;
-                } else if (need_off_sum && c != P.excluded) {
-                    sums.y += weight(c) * z;
-                }
-                if (z > m) {
-                    m = z;
-                    arg = c;
-                }
+            let u = lid + j * WG_SIZE;
+            var x = vec2<f32>(0.0);
+            if (u < units) {
+                x = load_unit(u0 + u);
             }
-            cache[j] = z;
+            for (var i = 0u; i < UNIT; i++) {
+                let g = (u0 + u) * UNIT + i;
+                var z = neg_inf();
+                if (u < units && g >= g0 && g - g0 < k) {
+                    let c = g - g0;
+                    z = transform_logit(x[i]);
+                    add_target(&sums, c, e0 + c, z);
+                    if (z > m) {
+                        m = z;
+                        arg = c;
+                    }
+                }
+                cache[j * UNIT + i] = z;
+            }
         }
         let row_max = team_max(m);
         if (ACCURACY) {
             arg = team_min_u32(select(NONE_U32, arg, m == row_max));
         }
         m = row_max;
-        for (var j = 0u; j < CACHE_N; j++) {
+        for (var j = 0u; j < CACHE_N * UNIT; j++) {
             let e = exp(cache[j] - m);
             sums.x += e;
             if (!HAS_SOFTCAP) {
-                cache[j] = e;  // the gradient needs only exp(z - max); the slope is constant
+                cache[j] = e;  // the gradient needs only exp(z - max): the slope is constant
             }
         }
         sums = team_sum4(sums);
         lse_v = m + log(sums.x);
     } else {
         var sum_exp = 0.0;
-        for (var c = lid; c < k; c += WG_SIZE) {
-            let z = transform_logit(load_logit(e0 + c));
-            if (SOFT_TARGETS) {
-                let a = soft_coef(c, prob(e0 + c));
-                sums.y += a * z;
-                sums.z += a;
-            } else if (need_off_sum && c != P.excluded) {
-                sums.y += weight(c) * z;
-            }
-            if (online_push(&m, &sum_exp, z)) {
-                arg = c;
+        for (var u = lid; u < units; u += WG_SIZE) {
+            let x = load_unit(u0 + u);
+            for (var i = 0u; i < UNIT; i++) {
+                let g = (u0 + u) * UNIT + i;
+                if (g >= g0 && g - g0 < k) {
+                    let c = g - g0;
+                    let z = transform_logit(x[i]);
+                    add_target(&sums, c, e0 + c, z);
+                    if (online_push(&m, &sum_exp, z)) {
+                        arg = c;
+                    }
+                }
             }
         }
         sums.x = sum_exp;
@@ -128,16 +136,9 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         lse_v = m + log(sums.x);
     }
 
-    // Row totals: for class labels the dot is off * sum + the label's own term, the mass the
-    // spec's off-mass plus the label's extra.
-    var dot = sums.y;
-    var mass = sums.z;
-    if (!SOFT_TARGETS) {
-        dot = select(0.0, P.off * sums.y, need_off_sum) + extra * z_label;
-        mass = off_mass() + extra;
-    }
+    let totals = row_totals(sums, extra, z_label);  // (dot, mass)
     if (lid == 0u) {
-        store_row(r, row_loss_value(lse_v, mass, dot), lse_v);
+        store_row(r, row_loss_value(lse_v, totals.y, totals.x), lse_v);
         if (ACCURACY && !SOFT_TARGETS && arg == label && !is_nan(lse_v)) {
             atomicAdd(&control[CTRL_CORRECT], 1u);
         }
@@ -147,40 +148,45 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         return;
     }
     let scale = row_scale(r);
-    let p_coef = mass + 2.0 * P.z_loss * lse_v;
+    let p_coef = totals.y + 2.0 * P.z_loss * lse_v;
     if (cached) {
         let inv_sum = 1.0 / sums.x;
         for (var j = 0u; j < CACHE_N; j++) {
-            let c = lid + j * WG_SIZE;
-            if (c < k) {
-                var p: f32;
-                var slope = P.logit_scale;
-                if (HAS_SOFTCAP) {
-                    p = exp(cache[j] - lse_v);
-                    slope = transform_slope(cache[j]);
-                } else {
-                    p = cache[j] * inv_sum;
+            let u = lid + j * WG_SIZE;
+            if (u < units) {
+                var z = vec2<f32>(0.0);
+                var p = vec2<f32>(0.0);
+                for (var i = 0u; i < UNIT; i++) {
+                    if (HAS_SOFTCAP) {
+                        z[i] = cache[j * UNIT + i];
+                        p[i] = exp(z[i] - lse_v);
+                    } else {
+                        // Without soft-cap the slope is the constant scale and z is unused.
+                        p[i] = cache[j * UNIT + i] * inv_sum;
+                    }
                 }
-                var a: f32;
-                if (SOFT_TARGETS) {
-                    a = soft_coef(c, prob(e0 + c));
-                } else {
-                    a = class_coef(c, label, extra);
-                }
-                store_grad(e0 + c, (p * p_coef - a) * scale * slope);
+                write_grad_unit(u0 + u, g0, e0, p, z, label, extra, p_coef, scale);
             }
         }
     } else {
-        for (var c = lid; c < k; c += WG_SIZE) {
-            let z = transform_logit(load_logit(e0 + c));
-            let p = exp(z - lse_v);
-            var a: f32;
-            if (SOFT_TARGETS) {
-                a = soft_coef(c, prob(e0 + c));
-            } else {
-                a = class_coef(c, label, extra);
-            }
-            store_grad(e0 + c, (p * p_coef - a) * scale * transform_slope(z));
+        for (var u = lid; u < units; u += WG_SIZE) {
+            let x = load_unit(u0 + u);
+            let z = vec2<f32>(transform_logit(x.x), transform_logit(x.y));
+            write_grad_unit(u0 + u, g0, e0, exp(z - lse_v), z, label, extra, p_coef, scale);
         }
     }
+}
+
+// The gradient of the logits of unit u that belong to the row [g0, g0 + K), from their
+// probabilities p and transformed logits z.
+fn write_grad_unit(u: u32, g0: u32, e0: u32, p: vec2<f32>, z: vec2<f32>, label: u32, extra: f32, p_coef: f32, scale: f32) {
+    var v = vec2<f32>(0.0);
+    for (var i = 0u; i < UNIT; i++) {
+        let g = u * UNIT + i;
+        if (g >= g0 && g - g0 < P.classes) {
+            let c = g - g0;
+            v[i] = grad_value(c, e0 + c, p[i], z[i], label, extra, p_coef, scale);
+        }
+    }
+    store_unit(u, v, u * UNIT >= g0, u * UNIT + 1u < g0 + P.classes);
 }

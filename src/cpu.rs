@@ -212,6 +212,8 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
     let reduce = |v: Vec<f64>| match spec.reduction {
         Reduction::None => v,
         Reduction::Sum => vec![v.iter().sum()],
+        // PyTorch divides by the weight sum even when it is 0: NaN (its nll part is 0/0).
+        Reduction::Mean if denominator == 0.0 => vec![f64::NAN],
         Reduction::Mean => vec![v.iter().sum::<f64>() / denominator],
     };
     Ok(LossOutput {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{LsceError, Result};
 use crate::shader::{self, Family, ModuleKey, Params, BINDINGS};
+use crate::spec::Dtype;
 
 /// Which switches a pipeline is specialised for (WGSL `override` constants).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -191,10 +192,16 @@ impl KernelInner {
         &self.layouts[usize::from(in_place)]
     }
 
-    pub fn module_key(&self, family: Family, in_place: bool) -> ModuleKey {
+    pub fn module_key(
+        &self,
+        family: Family,
+        in_place: bool,
+        dtype: Dtype,
+        grad_dtype: Dtype,
+    ) -> ModuleKey {
         let (wg_size, cache_n) = match family {
             Family::Rows => (self.config.row_workgroup, self.config.row_cache),
-            Family::Setup | Family::Reduce => (shader::AUX_WG_SIZE, 1),
+            Family::Strided | Family::Setup | Family::Reduce => (shader::AUX_WG_SIZE, 1),
         };
         ModuleKey {
             family,
@@ -202,6 +209,8 @@ impl KernelInner {
             cache_n,
             subgroups: self.subgroup_min,
             in_place,
+            dtype,
+            grad_dtype,
         }
     }
 

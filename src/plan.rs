@@ -239,6 +239,8 @@ pub struct LossPlan {
     lse_scratch: wgpu::Buffer,
     pipelines: Pipelines,
     param_stride: u64,
+    /// Rows handled by one workgroup of the row kernel: 1, or the strided kernel's workgroup.
+    rows_per_workgroup: u32,
 }
 
 #[derive(Debug)]
@@ -269,12 +271,14 @@ impl LossPlan {
         if soft && problem.accuracy {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
         }
-        if problem.dtype != Dtype::F32 || problem.grad_dtype != Dtype::F32 {
-            return Err(LsceError::Unsupported("half-precision logits"));
-        }
-        if shape.spatial() != 1 {
+        if problem.grad_dtype != problem.dtype && problem.grad_dtype != Dtype::F32 {
             return Err(LsceError::Unsupported(
-                "logits with extra dimensions ([N, C, d1..dk])",
+                "the gradient's dtype must be the logits' or F32",
+            ));
+        }
+        if problem.gradient == Gradient::InPlace && problem.grad_dtype != problem.dtype {
+            return Err(LsceError::Unsupported(
+                "an in-place gradient has the logits' dtype",
             ));
         }
         let limits = &inner.limits;
@@ -284,7 +288,17 @@ impl LossPlan {
                 b.min(limits.max_storage_buffer_binding_size)
             });
         let align = u64::from(limits.min_storage_buffer_offset_alignment);
-        let elements_bytes = shape.elements() * WORD;
+        // The widest element-indexed binding decides how many batch items a window holds.
+        let widest = [
+            Some(problem.dtype.bytes()),
+            (problem.gradient == Gradient::Separate).then(|| problem.grad_dtype.bytes()),
+            soft.then_some(WORD),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(WORD);
+        let elements_bytes = shape.elements() * widest;
         if elements_bytes > limits.max_buffer_size {
             return Err(LsceError::ExceedsDeviceLimit {
                 limit: "max_buffer_size",
@@ -294,7 +308,7 @@ impl LossPlan {
         }
         // One batch item (classes * spatial logits) must fit one binding, with room for the
         // alignment slack of an arbitrary offset.
-        let item_bytes = u64::from(shape.classes()) * u64::from(shape.spatial()) * WORD;
+        let item_bytes = u64::from(shape.classes()) * u64::from(shape.spatial()) * widest;
         let usable = max_binding.saturating_sub(align);
         if item_bytes > usable {
             return Err(LsceError::ExceedsDeviceLimit {
@@ -357,11 +371,12 @@ impl LossPlan {
         };
         let pipeline = |family, entry| {
             inner.pipeline(PipelineKey {
-                module: inner.module_key(family, in_place),
+                module: inner.module_key(family, in_place, problem.dtype, problem.grad_dtype),
                 entry,
                 switches,
             })
         };
+        let strided = shape.spatial() > 1;
         let pipelines = Pipelines {
             setup_partials: if soft {
                 None
@@ -369,7 +384,11 @@ impl LossPlan {
                 Some(pipeline(Family::Setup, "setup_partials")?)
             },
             setup_final: pipeline(Family::Setup, "setup_final")?,
-            rows: pipeline(Family::Rows, "rows_main")?,
+            rows: if strided {
+                pipeline(Family::Strided, "strided_main")?
+            } else {
+                pipeline(Family::Rows, "rows_main")?
+            },
             finalize: match spec.reduction {
                 Reduction::None => None,
                 _ => Some((
@@ -391,6 +410,7 @@ impl LossPlan {
             lse_scratch,
             pipelines,
             param_stride,
+            rows_per_workgroup: if strided { shader::AUX_WG_SIZE } else { 1 },
         })
     }
 
@@ -504,7 +524,7 @@ impl LossPlan {
             pass.set_pipeline(&self.pipelines.rows);
             for (i, w) in self.windows.iter().enumerate() {
                 pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
-                dispatch(&mut pass, w.rows);
+                dispatch(&mut pass, w.rows.div_ceil(self.rows_per_workgroup));
             }
             if let Some((partials, last)) = &self.pipelines.finalize {
                 pass.set_pipeline(partials);
@@ -609,13 +629,14 @@ impl LossPlan {
         } else {
             required("loss", b.loss, true)?
         };
-        let target_words = match p.targets {
+        let target_elems = match p.targets {
             TargetKind::Classes => rows,
             TargetKind::Probabilities => elements,
         };
         let check = |what: &'static str,
                      s: wgpu::BufferSlice<'a>,
-                     words: u64,
+                     elems: u64,
+                     elem_bytes: u64,
                      usage: wgpu::BufferUsages,
                      usage_name| {
             if !s.buffer().usage().contains(usage) {
@@ -631,27 +652,38 @@ impl LossPlan {
                     alignment: WORD,
                 });
             }
-            if s.size() < words * WORD {
+            let region = Region {
+                buffer: s.buffer(),
+                offset: s.offset(),
+                elems,
+                elem_bytes,
+            };
+            if s.size() < region.bytes() {
                 return Err(LsceError::BufferTooSmall {
                     what,
-                    needed: words * WORD,
+                    needed: region.bytes(),
                     available: s.size(),
                 });
             }
-            Ok(Region {
-                buffer: s.buffer(),
-                offset: s.offset(),
-                words,
-            })
+            Ok(region)
         };
-        let logits = check("logits", b.logits, elements, storage, "STORAGE")?;
-        let targets = check("targets", b.targets, target_words, storage, "STORAGE")?;
+        let f32_region =
+            |what, s, elems, usage, usage_name| check(what, s, elems, WORD, usage, usage_name);
+        let logits = check(
+            "logits",
+            b.logits,
+            elements,
+            p.dtype.bytes(),
+            storage,
+            "STORAGE",
+        )?;
+        let targets = f32_region("targets", b.targets, target_elems, storage, "STORAGE")?;
         let weights = weights
-            .map(|s| check("weights", s, u64::from(shape.classes()), storage, "STORAGE"))
+            .map(|s| f32_region("weights", s, u64::from(shape.classes()), storage, "STORAGE"))
             .transpose()?;
         let upstream = upstream
             .map(|s| {
-                check(
+                f32_region(
                     "upstream",
                     s,
                     if reduced { 1 } else { rows },
@@ -662,20 +694,29 @@ impl LossPlan {
             .transpose()?;
         let loss = match loss {
             Some(s) if reduced => {
-                check("loss", s, 1, copy_dst, "COPY_DST")?;
+                f32_region("loss", s, 1, copy_dst, "COPY_DST")?;
                 None
             }
-            Some(s) => Some(check("loss", s, rows, storage, "STORAGE")?),
+            Some(s) => Some(f32_region("loss", s, rows, storage, "STORAGE")?),
             None => None,
         };
         let lse = b
             .lse
-            .map(|s| check("lse", s, rows, storage, "STORAGE"))
+            .map(|s| f32_region("lse", s, rows, storage, "STORAGE"))
             .transpose()?;
         let grad = grad
-            .map(|s| check("grad", s, elements, storage, "STORAGE"))
+            .map(|s| {
+                check(
+                    "grad",
+                    s,
+                    elements,
+                    p.grad_dtype.bytes(),
+                    storage,
+                    "STORAGE",
+                )
+            })
             .transpose()?;
-        check(
+        f32_region(
             "summary",
             b.summary,
             Summary::SIZE / WORD,
@@ -684,19 +725,20 @@ impl LossPlan {
         )?;
 
         let inner = &self.kernel.inner;
-        let row_loss = loss.unwrap_or_else(|| Region {
-            buffer: self
-                .row_loss_scratch
-                .as_ref()
-                .expect("reduced plans own row scratch"),
+        let scratch = |buffer| Region {
+            buffer,
             offset: 0,
-            words: rows,
+            elems: rows,
+            elem_bytes: WORD,
+        };
+        let row_loss = loss.unwrap_or_else(|| {
+            scratch(
+                self.row_loss_scratch
+                    .as_ref()
+                    .expect("reduced plans own row scratch"),
+            )
         });
-        let lse = lse.unwrap_or(Region {
-            buffer: &self.lse_scratch,
-            offset: 0,
-            words: rows,
-        });
+        let lse = lse.unwrap_or_else(|| scratch(&self.lse_scratch));
         let regions = Regions {
             bound: [
                 Some(logits),
@@ -709,7 +751,8 @@ impl LossPlan {
                 Some(Region {
                     buffer: &self.control,
                     offset: 0,
-                    words: self.control.size() / WORD,
+                    elems: self.control.size() / WORD,
+                    elem_bytes: WORD,
                 }),
             ],
             dummy_read: &inner.dummy_read,
@@ -730,11 +773,20 @@ fn dispatch(pass: &mut wgpu::ComputePass<'_>, n: u32) {
     pass.dispatch_workgroups(x, n.div_ceil(x), 1);
 }
 
+/// A caller (or scratch) buffer region: `elems` elements of `elem_bytes` from `offset`.
 #[derive(Clone, Copy, Debug)]
 struct Region<'a> {
     buffer: &'a wgpu::Buffer,
     offset: u64,
-    words: u64,
+    elems: u64,
+    elem_bytes: u64,
+}
+
+impl Region<'_> {
+    /// Bytes the region spans, padded to whole 4-byte words (16-bit data is bound as words).
+    fn bytes(&self) -> u64 {
+        (self.elems * self.elem_bytes).next_multiple_of(WORD)
+    }
 }
 
 /// The caller's regions in binding order (see `shader::BINDINGS`), `None` where absent.
@@ -775,17 +827,15 @@ const INDEXING: [Indexing; 8] = [
     Indexing::Whole,    // control
 ];
 
-const NAMES: [&str; 8] = [
-    "logits", "targets", "weights", "upstream", "loss", "lse", "grad", "control",
-];
-
 impl<'a> Regions<'a> {
     fn check_aliasing(&self, in_place: bool) -> Result<()> {
-        for i in 0..self.bound.len() {
-            for j in i + 1..self.bound.len() {
-                let (Some(a), Some(b)) = (self.bound[i], self.bound[j]) else {
-                    continue;
-                };
+        let bound = self.bound.iter().enumerate();
+        for (i, a) in bound.clone().filter_map(|(i, r)| Some((i, (*r)?))) {
+            for (j, b) in bound
+                .clone()
+                .skip(i + 1)
+                .filter_map(|(j, r)| Some((j, (*r)?)))
+            {
                 if a.buffer != b.buffer {
                     continue;
                 }
@@ -793,14 +843,13 @@ impl<'a> Regions<'a> {
                     shader::binding_writable(i, in_place),
                     shader::binding_writable(j, in_place),
                 );
-                let overlap =
-                    a.offset < b.offset + b.words * WORD && b.offset < a.offset + a.words * WORD;
+                let overlap = a.offset < b.offset + b.bytes() && b.offset < a.offset + a.bytes();
                 // wgpu forbids a buffer bound both read-only and writable in one dispatch; two
                 // writable views of one buffer are fine as long as they do not overlap.
                 if wa != wb || (wa && overlap) {
                     return Err(LsceError::AliasedBuffers {
-                        first: NAMES[i],
-                        second: NAMES[j],
+                        first: shader::BINDINGS[i].name,
+                        second: shader::BINDINGS[j].name,
                     });
                 }
             }
@@ -831,12 +880,12 @@ impl<'a> Regions<'a> {
                     };
                 };
                 let (first, count) = match INDEXING[i] {
-                    _ if r.words == 1 => (0, 1),
+                    _ if r.elems == 1 => (0, 1),
                     Indexing::Elements => (
                         w.first_item * per_item_rows * k,
                         w.items * per_item_rows * k,
                     ),
-                    Indexing::Rows if r.words == u64::from(shape.rows()) => {
+                    Indexing::Rows if r.elems == u64::from(shape.rows()) => {
                         (w.first_row, u64::from(w.rows))
                     }
                     // Probability targets: indexed like the logits.
@@ -844,15 +893,16 @@ impl<'a> Regions<'a> {
                         w.first_item * per_item_rows * k,
                         w.items * per_item_rows * k,
                     ),
-                    Indexing::Whole => (0, r.words),
+                    Indexing::Whole => (0, r.elems),
                 };
-                let start = r.offset + first * WORD;
+                let start = r.offset + first * r.elem_bytes;
                 let offset = start / align * align;
+                let end = (start + count * r.elem_bytes).next_multiple_of(WORD);
                 BoundRange {
                     buffer: r.buffer,
                     offset,
-                    size: start + count * WORD - offset,
-                    base: ((start - offset) / WORD) as u32,
+                    size: end - offset,
+                    base: ((start - offset) / r.elem_bytes) as u32,
                 }
             })
             .collect();

@@ -8,10 +8,13 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::spec::Dtype;
+
 const COMMON: &str = include_str!("../shaders/common.wgsl");
 const TEAM_SUBGROUP: &str = include_str!("../shaders/team_subgroup.wgsl");
 const TEAM_WORKGROUP: &str = include_str!("../shaders/team_workgroup.wgsl");
 const ROWS: &str = include_str!("../shaders/rows.wgsl");
+const STRIDED: &str = include_str!("../shaders/strided.wgsl");
 const SETUP: &str = include_str!("../shaders/setup.wgsl");
 const REDUCE: &str = include_str!("../shaders/reduce.wgsl");
 
@@ -108,6 +111,21 @@ pub(crate) const BINDINGS: [Binding; 8] = [
 
 /// Index in [`BINDINGS`] of the logits, the only binding whose access depends on the plan.
 pub(crate) const LOGITS: usize = 0;
+/// Index in [`BINDINGS`] of the gradient.
+pub(crate) const GRAD: usize = 6;
+
+/// The WGSL type of binding `i`. 16-bit data is bound as u32 words holding two elements;
+/// where words are written by more than one invocation (the gradient, and the logits when the
+/// gradient overwrites them) they are atomic so that each can update its own half.
+fn binding_type(i: usize, key: &ModuleKey) -> &'static str {
+    let sixteen = |d: Dtype| d != Dtype::F32;
+    match i {
+        LOGITS if sixteen(key.dtype) && key.in_place => "array<atomic<u32>>",
+        LOGITS if sixteen(key.dtype) => "array<u32>",
+        GRAD if sixteen(key.grad_dtype) && !key.in_place => "array<atomic<u32>>",
+        _ => BINDINGS[i].ty,
+    }
+}
 
 /// Whether binding `i` is writable; the logits are when the gradient overwrites them.
 pub(crate) fn binding_writable(i: usize, in_place: bool) -> bool {
@@ -118,6 +136,7 @@ pub(crate) fn binding_writable(i: usize, in_place: bool) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Family {
     Rows,
+    Strided,
     Setup,
     Reduce,
 }
@@ -130,6 +149,8 @@ pub(crate) struct ModuleKey {
     pub cache_n: u32,
     pub subgroups: Option<u32>,
     pub in_place: bool,
+    pub dtype: Dtype,
+    pub grad_dtype: Dtype,
 }
 
 /// Assembles the WGSL source of a module.
@@ -157,15 +178,10 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
             "@group(0) @binding({}) var<storage, {access}> {}: {};\n",
             i + 1,
             b.name,
-            b.ty
+            binding_type(i, key)
         ));
     }
-    src.push_str("fn load_logit(e: u32) -> f32 { return logits[P.logits_base + e]; }\n");
-    if key.in_place {
-        src.push_str("fn store_grad(e: u32, v: f32) { logits[P.logits_base + e] = v; }\n");
-    } else {
-        src.push_str("fn store_grad(e: u32, v: f32) { grad[P.grad_base + e] = v; }\n");
-    }
+    src.push_str(&accessors(key));
     src.push_str(COMMON);
     src.push_str(if key.subgroups.is_some() {
         TEAM_SUBGROUP
@@ -174,8 +190,101 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
     });
     src.push_str(match key.family {
         Family::Rows => ROWS,
+        Family::Strided => STRIDED,
         Family::Setup => SETUP,
         Family::Reduce => REDUCE,
     });
+    src
+}
+
+/// The element accessors the kernels use, for the logits' and gradient's dtypes:
+/// `UNIT` (logits per unit), `load_unit(u) -> vec2<f32>` (unit u's logits, `.y` unused for
+/// f32), `load_elem(g) -> f32`, `store_unit(u, v, lo, hi)` (the gradient of unit u's first
+/// and/or second logit) and `store_elem(g, v)`. `u` and `g` index the logits binding; the
+/// gradient binding is addressed through `P.grad_base - P.logits_base`, which the host keeps
+/// congruent modulo UNIT (all offsets are multiples of 4 bytes).
+fn accessors(key: &ModuleKey) -> String {
+    let mut src = String::new();
+    let word = if key.in_place {
+        "atomicLoad(&logits[w])"
+    } else {
+        "logits[w]"
+    };
+    match key.dtype {
+        Dtype::F32 => src.push_str(
+            "const UNIT: u32 = 1u;\n\
+             fn load_elem(g: u32) -> f32 { return logits[g]; }\n\
+             fn load_unit(u: u32) -> vec2<f32> { return vec2<f32>(logits[u], 0.0); }\n",
+        ),
+        Dtype::F16 | Dtype::Bf16 => {
+            let decode = if key.dtype == Dtype::F16 {
+                "unpack2x16float(x)"
+            } else {
+                "vec2<f32>(bitcast<f32>(x << 16u), bitcast<f32>(x & 0xffff0000u))"
+            };
+            src.push_str(&format!(
+                "const UNIT: u32 = 2u;\n\
+                 fn load_unit(w: u32) -> vec2<f32> {{ let x = {word}; return {decode}; }}\n\
+                 fn load_elem(g: u32) -> f32 {{ return load_unit(g >> 1u)[g & 1u]; }}\n"
+            ));
+        }
+    }
+    let grad_dtype = if key.in_place {
+        key.dtype
+    } else {
+        key.grad_dtype
+    };
+    let target = if key.in_place { "logits" } else { "grad" };
+    let index = if key.in_place {
+        "i"
+    } else {
+        "i + P.grad_base - P.logits_base"
+    };
+    match grad_dtype {
+        Dtype::F32 => src.push_str(&format!(
+            "fn store_elem(i: u32, v: f32) {{ {target}[{index}] = v; }}\n\
+             fn store_unit(u: u32, v: vec2<f32>, lo: bool, hi: bool) {{\n\
+                 if (lo) {{ store_elem(u * UNIT, v.x); }}\n\
+                 if (UNIT == 2u && hi) {{ store_elem(u * UNIT + 1u, v.y); }}\n\
+             }}\n"
+        )),
+        Dtype::F16 | Dtype::Bf16 => {
+            let encode = if grad_dtype == Dtype::F16 {
+                "pack2x16float(v)"
+            } else {
+                "bf16_bits(v.x) | (bf16_bits(v.y) << 16u)"
+            };
+            // Element index i is in logits units; for 16-bit both bases count 2-byte
+            // elements, so word indices shift by the same base difference halved.
+            let word_index = if key.in_place {
+                "i"
+            } else {
+                "i + P.grad_base / 2u - P.logits_base / 2u"
+            };
+            src.push_str(&format!(
+                "fn bf16_bits(x: f32) -> u32 {{\n\
+                     let b = bitcast<u32>(x);\n\
+                     if (is_nan(x)) {{ return (b >> 16u) | 0x40u; }}\n\
+                     return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n\
+                 }}\n\
+                 // A whole word is stored; a word shared with a neighbouring row (odd K) is\n\
+                 // updated half by half, atomically, so the neighbour's half survives.\n\
+                 fn store_unit(i: u32, v: vec2<f32>, lo: bool, hi: bool) {{\n\
+                     let w = {word_index};\n\
+                     let bits = {encode};\n\
+                     if (lo && hi) {{\n\
+                         atomicStore(&{target}[w], bits);\n\
+                     }} else if (lo) {{\n\
+                         atomicAnd(&{target}[w], 0xffff0000u);\n\
+                         atomicOr(&{target}[w], bits & 0xffffu);\n\
+                     }} else if (hi) {{\n\
+                         atomicAnd(&{target}[w], 0xffffu);\n\
+                         atomicOr(&{target}[w], bits & 0xffff0000u);\n\
+                     }}\n\
+                 }}\n\
+                 fn store_elem(g: u32, v: f32) {{ store_unit(g >> 1u, vec2<f32>(v), (g & 1u) == 0u, (g & 1u) == 1u); }}\n"
+            ));
+        }
+    }
     src
 }

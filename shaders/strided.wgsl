@@ -1,0 +1,69 @@
+// The fused kernel for PyTorch's [N, C, d1..dk] logits (class dimension 1, spatial S > 1):
+// one invocation per row, i.e. per (n, s) position, walking the classes with stride S. No
+// transposed copy: neighbouring invocations read neighbouring positions, so every load of the
+// workgroup is coalesced, and no workgroup reduction is needed.
+//
+// Traffic per row of K classes: K logits read twice (statistics sweep, gradient sweep; two exp
+// per element), K gradient values written, 8 bytes of loss and lse; probability targets add K
+// floats per sweep. An ignored row reads nothing and writes zeros; an invalid label writes NaN.
+//
+// Mirror: cpu::compute, whose Shape::index walks the same layout.
+
+@compute @workgroup_size(WG_SIZE)
+fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = (wid.y * nwg.x + wid.x) * WG_SIZE + lid;
+    if (r >= P.row_count) {
+        return;
+    }
+    let k = P.classes;
+    let stride = P.spatial;
+    let e0 = (r / stride) * k * stride + r % stride;  // class 0 of the row, relative to the window
+    let g0 = P.logits_base + e0;
+    let label_i = row_label(r);
+    let kind = classify_label(label_i);
+    if (kind != ROW_VALID) {
+        let value = select(nan(), 0.0, kind == ROW_IGNORED);
+        if (WRITE_GRAD) {
+            for (var c = 0u; c < k; c++) {
+                store_elem(g0 + c * stride, value);
+            }
+        }
+        store_row(r, value, value);
+        return;
+    }
+    let label = u32(label_i);
+    let extra = label_extra(label);
+    var z_label = 0.0;
+    if (!SOFT_TARGETS) {
+        z_label = transform_logit(load_elem(g0 + label * stride));
+    }
+
+    var m = NEG_BIG;
+    var sum_exp = 0.0;
+    var sums = vec4<f32>(0.0);
+    var arg = NONE_U32;
+    for (var c = 0u; c < k; c++) {
+        let z = transform_logit(load_elem(g0 + c * stride));
+        add_target(&sums, c, e0 + c * stride, z);
+        if (online_push(&m, &sum_exp, z)) {
+            arg = c;
+        }
+    }
+    let lse_v = m + log(sum_exp);
+    let totals = row_totals(sums, extra, z_label);
+    store_row(r, row_loss_value(lse_v, totals.y, totals.x), lse_v);
+    if (ACCURACY && !SOFT_TARGETS && arg == label && !is_nan(lse_v)) {
+        atomicAdd(&control[CTRL_CORRECT], 1u);
+    }
+
+    if (!WRITE_GRAD) {
+        return;
+    }
+    let scale = row_scale(r);
+    let p_coef = totals.y + 2.0 * P.z_loss * lse_v;
+    for (var c = 0u; c < k; c++) {
+        let g = g0 + c * stride;
+        let z = transform_logit(load_elem(g));
+        store_elem(g, grad_value(c, e0 + c * stride, exp(z - lse_v), z, label, extra, p_coef, scale));
+    }
+}

@@ -1,0 +1,661 @@
+//! PyTorch parity beyond the core: class weights, probability targets, [N, C, d..] layouts,
+//! half precision, z-loss, soft-cap, logit scale, in-place gradient, label checks, accuracy,
+//! and their combinations. Every case runs on the GPU and is held against `lsce::cpu`.
+
+use std::sync::OnceLock;
+
+use lsce::half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use lsce::{
+    cpu, Batch, Dtype, Gradient, Logits, LossKernel, LossOutput, LossSpec, LsceError, Reduction,
+    Shape, Smoothing, StagingOptions, UpstreamGrad,
+};
+
+struct Gpu {
+    queue: wgpu::Queue,
+    kernel: LossKernel,
+}
+
+fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())
+            .expect("no wgpu adapter: install mesa-vulkan-drivers (lavapipe) or run on a GPU");
+        let kernel = LossKernel::new(&device).expect("kernel");
+        Gpu { queue, kernel }
+    })
+}
+
+/// Deterministic data: a 64-bit LCG.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
+    }
+    fn normal(&mut self, scale: f32) -> f32 {
+        (self.next() + self.next() + self.next() - 1.5) * 2.0 * scale
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        ((self.next() * n as f32) as u32).min(n - 1)
+    }
+}
+
+fn logits(n: u64, scale: f32, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    (0..n).map(|_| rng.normal(scale)).collect()
+}
+
+fn labels(rows: u32, classes: u32, ignore_every: u32, seed: u64) -> Vec<i32> {
+    let mut rng = Rng(seed);
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == ignore_every - 1 {
+                -100
+            } else {
+                rng.below(classes) as i32
+            }
+        })
+        .collect()
+}
+
+/// f32 has a unit roundoff of 6e-8. The kernels sum at most a few hundred terms per invocation
+/// and then combine in a tree, so a sum of terms t_i carries an error well below
+/// 1e-5 * sum |t_i|; losses are compared against that scale per row (`loss_scale`), the lse
+/// against |lse| + 1, and each gradient element against the largest |gradient| of its row
+/// (every element is p * mass - a, formed from values of that size).
+const RTOL: f64 = 1e-5;
+
+/// An upper bound of |scale| * (A + max a_c) for each row: every gradient element is
+/// (p_c A - a_c) * scale with p_c <= 1, so its rounding error is relative to this, not to the
+/// (possibly cancelled) result.
+fn grad_term_bounds(spec: &LossSpec, batch: &Batch<'_>, want: &LossOutput<f64>) -> Vec<f64> {
+    let shape = batch.shape;
+    let k = shape.classes() as usize;
+    let values = spec.resolve(shape.classes()).unwrap();
+    let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
+    let w_sum: f64 = (0..k).map(w).sum();
+    let w_max = (0..k).map(w).fold(0.0, f64::max);
+    (0..shape.rows())
+        .map(|row| {
+            let target_mass = match batch.targets {
+                lsce::Targets::Classes(_) => 1.0,
+                lsce::Targets::Probabilities(t) => (0..k as u32)
+                    .map(|c| f64::from(t[shape.index(row, c) as usize]))
+                    .sum(),
+            };
+            let mass = values.off * w_sum
+                + values.on * w_max * target_mass
+                + 2.0 * f64::from(spec.z_loss) * want.lse[row as usize].abs();
+            let scale = match (spec.reduction, batch.upstream) {
+                (_, UpstreamGrad::PerRow(g)) => f64::from(g[row as usize]),
+                (Reduction::Mean, UpstreamGrad::Scalar(g)) => f64::from(g) / want.denominator,
+                (Reduction::Mean, _) => 1.0 / want.denominator,
+                (_, UpstreamGrad::Scalar(g)) => f64::from(g),
+                _ => 1.0,
+            };
+            2.0 * mass * scale.abs() * f64::from(spec.logit_scale)
+        })
+        .collect()
+}
+
+fn compare(
+    what: &str,
+    got: &LossOutput<f32>,
+    want: &LossOutput<f64>,
+    shape: Shape,
+    grad_rtol: f64,
+    bounds: &[f64],
+) {
+    assert_eq!(got.loss.len(), want.loss.len(), "{what}: loss length");
+    for (i, (&g, &w)) in got.loss.iter().zip(&want.loss).enumerate() {
+        close(what, "loss", i, f64::from(g), w, RTOL * (w.abs() + 1.0));
+    }
+    for (i, (&g, &w)) in got.z_loss.iter().zip(&want.z_loss).enumerate() {
+        close(what, "z_loss", i, f64::from(g), w, RTOL * (w.abs() + 1e-6));
+    }
+    for (i, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
+        close(what, "lse", i, f64::from(g), w, RTOL * (w.abs() + 1.0));
+    }
+    close(
+        what,
+        "denominator",
+        0,
+        f64::from(got.denominator),
+        want.denominator,
+        RTOL * want.denominator.abs(),
+    );
+    if got.correct.is_some() {
+        assert_eq!(got.correct, want.correct, "{what}: correct");
+    }
+    if let (Some(g), Some(w)) = (&got.grad, &want.grad) {
+        let k = shape.classes();
+        for row in 0..shape.rows() {
+            let idx = |c: u32| shape.index(row, c) as usize;
+            let row_max = (0..k)
+                .map(|c| w[idx(c)].abs())
+                .filter(|v| v.is_finite())
+                .fold(0.0, f64::max);
+            let tol = grad_rtol * row_max + RTOL * bounds[row as usize] + 1e-30;
+            for c in 0..k {
+                let i = idx(c);
+                close(what, "grad", i, f64::from(g[i]), w[i], tol);
+            }
+        }
+    } else {
+        assert_eq!(
+            got.grad.is_some(),
+            want.grad.is_some(),
+            "{what}: grad presence"
+        );
+    }
+}
+
+fn close(what: &str, field: &str, i: usize, got: f64, want: f64, tol: f64) {
+    if want.is_nan() || got.is_nan() {
+        assert!(
+            want.is_nan() && got.is_nan(),
+            "{what}: {field}[{i}] gpu {got} cpu {want}"
+        );
+    } else if want.is_infinite() || got.is_infinite() {
+        assert_eq!(got, want, "{what}: {field}[{i}]");
+    } else {
+        assert!(
+            (got - want).abs() <= tol,
+            "{what}: {field}[{i}] gpu {got} cpu {want} |diff| {} > {tol}",
+            (got - want).abs()
+        );
+    }
+}
+
+fn check(
+    what: &str,
+    spec: &LossSpec,
+    batch: &Batch<'_>,
+    options: StagingOptions,
+) -> LossOutput<f32> {
+    let g = gpu();
+    let got = g
+        .kernel
+        .compute(&g.queue, spec, batch, &options)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = cpu::compute(spec, batch, options.gradient != Gradient::None).unwrap();
+    let grad_rtol = match options.grad_dtype.unwrap_or(batch.logits.dtype()) {
+        Dtype::F32 => 0.0,
+        // The gradient is rounded once to the output type: half an ulp relative to each value,
+        // at most half an ulp of the row's largest value: 2^-11 (f16), 2^-8 (bf16).
+        Dtype::F16 => 2f64.powi(-11),
+        Dtype::Bf16 => 2f64.powi(-8),
+    };
+    compare(
+        what,
+        &got,
+        &want,
+        batch.shape,
+        grad_rtol,
+        &grad_term_bounds(spec, batch, &want),
+    );
+    got
+}
+
+#[test]
+fn class_weights_with_smoothing_and_ignore() {
+    let shape = Shape::matrix(37, 301).unwrap();
+    let x = logits(shape.elements(), 3.0, 1);
+    let y = labels(37, 301, 5, 2);
+    let mut rng = Rng(3);
+    let w: Vec<f32> = (0..301)
+        .map(|c| if c % 7 == 0 { 0.0 } else { rng.next() * 2.0 })
+        .collect();
+    for smoothing in [
+        Smoothing::Uniform(0.0),
+        Smoothing::Uniform(0.1),
+        Smoothing::OffTarget(0.2),
+        Smoothing::Explicit { on: 0.8, off: 0.01 },
+    ] {
+        for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+            let spec = LossSpec::default()
+                .with_smoothing(smoothing)
+                .with_reduction(reduction);
+            let batch = Batch::classes(shape, &x, &y).with_weights(&w);
+            check(
+                &format!("weights {smoothing:?} {reduction:?}"),
+                &spec,
+                &batch,
+                StagingOptions::default(),
+            );
+        }
+    }
+}
+
+#[test]
+fn all_target_weights_zero_gives_nan_mean() {
+    let shape = Shape::matrix(4, 5).unwrap();
+    let x = logits(20, 1.0, 4);
+    let y = [0, 0, 0, 0];
+    let w = [0.0, 1.0, 1.0, 1.0, 1.0];
+    let out = check(
+        "zero weights",
+        &LossSpec::pytorch(0.1),
+        &Batch::classes(shape, &x, &y).with_weights(&w),
+        StagingOptions::default(),
+    );
+    assert!(out.loss[0].is_nan());
+    assert!(out.grad.unwrap().iter().all(|g| g.is_nan()));
+}
+
+#[test]
+fn probability_targets() {
+    let shape = Shape::matrix(19, 257).unwrap();
+    let x = logits(shape.elements(), 2.0, 5);
+    let mut rng = Rng(6);
+    // Unnormalised rows, as PyTorch accepts them.
+    let t: Vec<f32> = (0..shape.elements()).map(|_| rng.next()).collect();
+    let w: Vec<f32> = (0..257).map(|_| rng.next() + 0.5).collect();
+    for eps in [0.0, 0.1, 1.0] {
+        for reduction in [Reduction::None, Reduction::Mean] {
+            let spec = LossSpec::pytorch(eps).with_reduction(reduction);
+            check(
+                &format!("soft eps {eps} {reduction:?}"),
+                &spec,
+                &Batch::probabilities(shape, &x, &t),
+                StagingOptions::default(),
+            );
+            check(
+                &format!("soft weighted eps {eps} {reduction:?}"),
+                &spec,
+                &Batch::probabilities(shape, &x, &t).with_weights(&w),
+                StagingOptions::default(),
+            );
+        }
+    }
+}
+
+#[test]
+fn seed002_smoothed_labels_as_probabilities() {
+    // Seed 002: F.cross_entropy(logits, labels_smoothed) with the smoothed one-hot targets
+    // [0.02 .. 0.92 ..] equals label_smoothing=0.1 on the class labels: 2.1038.
+    let x = [
+        1.2215, -0.9342, -0.1349, -0.5035, 0.4492, -0.1989, 0.2589, 2.1556, -0.5734, 0.8668,
+        0.1215, 0.5060, 0.5376, -1.7609, -0.6566,
+    ];
+    let labels = [2usize, 3, 2];
+    let mut t = vec![0.02f32; 15];
+    for (r, &y) in labels.iter().enumerate() {
+        t[r * 5 + y] = 0.92;
+    }
+    let shape = Shape::matrix(3, 5).unwrap();
+    let out = check(
+        "seed002 soft",
+        &LossSpec::default(),
+        &Batch::probabilities(shape, &x, &t),
+        StagingOptions::default(),
+    );
+    approx::assert_abs_diff_eq!(out.loss[0], 2.1038, epsilon = 1e-4);
+}
+
+#[test]
+fn class_dim1_layouts() {
+    // Segmentation-like [N, C, H, W] and a sequence [N, C, L], with ignored positions and
+    // weights, every reduction, and probability targets.
+    for dims in [vec![2usize, 21, 5, 7], vec![3, 4, 130], vec![1, 300, 3]] {
+        let shape = Shape::class_dim1(&dims).unwrap();
+        let x = logits(shape.elements(), 4.0, 7);
+        let y = labels(shape.rows(), shape.classes(), 6, 8);
+        let mut rng = Rng(9);
+        let w: Vec<f32> = (0..shape.classes()).map(|_| rng.next() + 0.1).collect();
+        for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+            let spec = LossSpec::pytorch(0.1).with_reduction(reduction);
+            check(
+                &format!("{dims:?} {reduction:?}"),
+                &spec,
+                &Batch::classes(shape, &x, &y),
+                StagingOptions::default(),
+            );
+            check(
+                &format!("{dims:?} weighted {reduction:?}"),
+                &spec,
+                &Batch::classes(shape, &x, &y).with_weights(&w),
+                StagingOptions {
+                    accuracy: true,
+                    ..Default::default()
+                },
+            );
+        }
+        let t: Vec<f32> = (0..shape.elements()).map(|_| rng.next()).collect();
+        check(
+            &format!("{dims:?} soft"),
+            &LossSpec::pytorch(0.2),
+            &Batch::probabilities(shape, &x, &t),
+            StagingOptions::default(),
+        );
+    }
+}
+
+#[test]
+fn class_dim1_windows() {
+    // Windows over whole batch items: 7 items of 5 x 33 positions, 3 items per window.
+    let shape = Shape::class_dim1(&[7, 5, 33]).unwrap();
+    let x = logits(shape.elements(), 2.0, 10);
+    let y = labels(shape.rows(), 5, 4, 11);
+    let item = 5 * 33 * 4;
+    let options = StagingOptions {
+        max_binding_bytes: Some(3 * item + 256),
+        ..Default::default()
+    };
+    check(
+        "strided windows",
+        &LossSpec::pytorch(0.1),
+        &Batch::classes(shape, &x, &y),
+        options,
+    );
+}
+
+fn encode(dtype: Dtype, x: &[f32]) -> Vec<u16> {
+    x.iter()
+        .map(|&v| {
+            if dtype == Dtype::F16 {
+                f32_to_f16(v)
+            } else {
+                f32_to_bf16(v)
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn half_precision_logits() {
+    // Odd class counts put row boundaries inside 32-bit words; the kernel must not clobber the
+    // neighbouring row's half. The reference decodes the same rounded inputs.
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        for (rows, classes) in [(5u32, 7u32), (9, 1000), (3, 32001), (2, 50257)] {
+            let shape = Shape::matrix(rows, classes).unwrap();
+            let bits = encode(dtype, &logits(shape.elements(), 3.0, 12));
+            let logits = if dtype == Dtype::F16 {
+                Logits::F16(&bits)
+            } else {
+                Logits::Bf16(&bits)
+            };
+            let y = labels(rows, classes, 4, 13);
+            let batch = Batch::classes(shape, logits, &y);
+            let spec = LossSpec::pytorch(0.1);
+            for options in [
+                StagingOptions::default(),
+                StagingOptions {
+                    grad_dtype: Some(Dtype::F32),
+                    ..Default::default()
+                },
+                StagingOptions {
+                    gradient: Gradient::InPlace,
+                    ..Default::default()
+                },
+            ] {
+                check(
+                    &format!("{dtype:?} {rows}x{classes} {options:?}"),
+                    &spec,
+                    &batch,
+                    options,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_class_dim1() {
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let shape = Shape::class_dim1(&[3, 11, 9]).unwrap();
+        let bits = encode(dtype, &logits(shape.elements(), 3.0, 14));
+        let logits = if dtype == Dtype::F16 {
+            Logits::F16(&bits)
+        } else {
+            Logits::Bf16(&bits)
+        };
+        let y = labels(shape.rows(), 11, 5, 15);
+        for gradient in [Gradient::Separate, Gradient::InPlace] {
+            check(
+                &format!("{dtype:?} strided {gradient:?}"),
+                &LossSpec::pytorch(0.1),
+                &Batch::classes(shape, logits, &y),
+                StagingOptions {
+                    gradient,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_at_32000_classes_stays_finite() {
+    // PyTorch's own float16 computation overflows to inf here; lsce accumulates in f32.
+    let shape = Shape::matrix(4, 32000).unwrap();
+    let bits = encode(Dtype::F16, &logits(shape.elements(), 8.0, 16));
+    let y = labels(4, 32000, 0, 17);
+    let out = check(
+        "f16 32000",
+        &LossSpec::pytorch(0.1),
+        &Batch::classes(shape, Logits::F16(&bits), &y),
+        StagingOptions::default(),
+    );
+    assert!(out.loss[0].is_finite());
+    let decoded: Vec<f32> = bits.iter().map(|&b| f16_to_f32(b)).collect();
+    let reference = cpu::compute(
+        &LossSpec::pytorch(0.1),
+        &Batch::classes(shape, &decoded, &y),
+        false,
+    )
+    .unwrap();
+    approx::assert_relative_eq!(
+        f64::from(out.loss[0]),
+        reference.loss[0],
+        max_relative = 1e-5
+    );
+    assert_eq!(bf16_to_f32(f32_to_bf16(1.0)), 1.0);
+}
+
+#[test]
+fn z_loss_softcap_and_scale() {
+    let shape = Shape::matrix(23, 515).unwrap();
+    let mut x = logits(shape.elements(), 20.0, 18);
+    // Masked vocabulary entries: -inf must keep zero probability under the soft-cap.
+    for i in (0..x.len()).step_by(13) {
+        x[i] = f32::NEG_INFINITY;
+    }
+    let y = labels(23, 515, 7, 19);
+    let y: Vec<i32> = y
+        .iter()
+        .zip(0..)
+        .map(|(&l, r)| {
+            if l >= 0 && x[r * 515 + l as usize] == f32::NEG_INFINITY {
+                (l + 1) % 515
+            } else {
+                l
+            }
+        })
+        .collect();
+    for (z, cap, scale) in [
+        (1e-4, None, 1.0),
+        (0.0, Some(30.0), 1.0),
+        (1e-3, Some(15.0), 0.5),
+        (0.0, None, 2.5),
+    ] {
+        for eps in [0.0, 0.1] {
+            for reduction in [Reduction::None, Reduction::Mean] {
+                let spec = LossSpec::pytorch(eps)
+                    .with_z_loss(z)
+                    .with_softcap(cap)
+                    .with_logit_scale(scale)
+                    .with_reduction(reduction);
+                check(
+                    &format!("z {z} cap {cap:?} scale {scale} eps {eps} {reduction:?}"),
+                    &spec,
+                    &Batch::classes(shape, &x, &y),
+                    StagingOptions::default(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn z_loss_and_softcap_streaming_rows() {
+    // Rows longer than the register cache take the two-sweep path.
+    let shape = Shape::matrix(3, 40000).unwrap();
+    let x = logits(shape.elements(), 10.0, 20);
+    let y = labels(3, 40000, 0, 21);
+    let spec = LossSpec::pytorch(0.1)
+        .with_z_loss(1e-4)
+        .with_softcap(Some(30.0))
+        .with_logit_scale(0.8);
+    check(
+        "streaming z/cap",
+        &spec,
+        &Batch::classes(shape, &x, &y),
+        StagingOptions {
+            accuracy: true,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn in_place_gradient_matches_separate() {
+    let shape = Shape::matrix(11, 2000).unwrap();
+    let x = logits(shape.elements(), 3.0, 22);
+    let y = labels(11, 2000, 3, 23);
+    let g: Vec<f32> = (0..11).map(|r| r as f32 * 0.5 - 2.0).collect();
+    let spec = LossSpec::pytorch(0.1).with_reduction(Reduction::None);
+    let batch = Batch::classes(shape, &x, &y).with_upstream(UpstreamGrad::PerRow(&g));
+    let separate = check("separate", &spec, &batch, StagingOptions::default());
+    let in_place = check(
+        "in place",
+        &spec,
+        &batch,
+        StagingOptions {
+            gradient: Gradient::InPlace,
+            ..Default::default()
+        },
+    );
+    assert_eq!(separate.grad, in_place.grad);
+}
+
+#[test]
+fn accuracy_counts_argmax_hits() {
+    let shape = Shape::matrix(50, 40).unwrap();
+    let x = logits(shape.elements(), 1.0, 24);
+    // Half the labels are the argmax, some rows ignored.
+    let y: Vec<i32> = (0..50)
+        .map(|r| {
+            let row = &x[r * 40..(r + 1) * 40];
+            let arg = (0..40).fold(0, |b, c| if row[c] > row[b] { c } else { b });
+            if r % 10 == 9 {
+                -100
+            } else if r % 2 == 0 {
+                arg as i32
+            } else {
+                ((arg + 1) % 40) as i32
+            }
+        })
+        .collect();
+    let out = check(
+        "accuracy",
+        &LossSpec::default(),
+        &Batch::classes(shape, &x, &y),
+        StagingOptions {
+            accuracy: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(out.correct, Some(25));
+}
+
+#[test]
+fn gpu_reports_the_first_bad_label() {
+    let shape = Shape::matrix(3000, 10).unwrap();
+    let x = logits(shape.elements(), 1.0, 25);
+    let mut y = labels(3000, 10, 0, 26);
+    y[1500] = 10;
+    y[2900] = -7;
+    y[2000] = 12;
+    let g = gpu();
+    let err = g
+        .kernel
+        .compute(
+            &g.queue,
+            &LossSpec::default(),
+            &Batch::classes(shape, &x, &y),
+            &StagingOptions::default(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        LsceError::LabelOutOfRange {
+            row: 1500,
+            label: 10,
+            classes: 10
+        }
+    );
+    // Found in a later window too.
+    let err = g
+        .kernel
+        .compute(
+            &g.queue,
+            &LossSpec::default(),
+            &Batch::classes(shape, &x, &y[..]),
+            &StagingOptions {
+                max_binding_bytes: Some(40 * 600),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        LsceError::LabelOutOfRange {
+            row: 1500,
+            label: 10,
+            classes: 10
+        }
+    );
+}
+
+#[test]
+fn everything_together() {
+    let shape = Shape::class_dim1(&[4, 33, 6]).unwrap();
+    let x = logits(shape.elements(), 6.0, 27);
+    let y = labels(shape.rows(), 33, 5, 28);
+    let mut rng = Rng(29);
+    let w: Vec<f32> = (0..33).map(|_| rng.next() + 0.2).collect();
+    let spec = LossSpec::default()
+        .with_smoothing(Smoothing::OffTarget(0.15))
+        .with_excluded_class(Some(0))
+        .with_ignore_index(Some(-100))
+        .with_z_loss(1e-3)
+        .with_softcap(Some(10.0))
+        .with_logit_scale(1.3);
+    for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+        let spec = spec.with_reduction(reduction);
+        let upstream = [0.7f32];
+        let per_row: Vec<f32> = (0..shape.rows()).map(|r| 1.0 + r as f32 * 0.01).collect();
+        let g = if reduction == Reduction::None {
+            UpstreamGrad::PerRow(&per_row)
+        } else {
+            UpstreamGrad::Scalar(upstream[0])
+        };
+        let batch = Batch::classes(shape, &x, &y)
+            .with_weights(&w)
+            .with_upstream(g);
+        check(
+            &format!("together {reduction:?}"),
+            &spec,
+            &batch,
+            StagingOptions {
+                accuracy: true,
+                ..Default::default()
+            },
+        );
+    }
+}
