@@ -1,7 +1,7 @@
 // The fused row kernel for [rows, classes] logits (spatial == 1): one workgroup per row.
 //
-// A row is walked in units of UNIT consecutive logits (1 for f32; 2 for 16-bit logits, one
-// u32 word, so that no two invocations write halves of the same word). Per row of K classes
+// A row is walked in units of UNIT consecutive logits (at most 4; 2 for 16-bit logits, one u32
+// word, so that no two invocations write halves of the same word), held in a vec4. Per row of K classes
 // it computes max and log-sum-exp, the target dot product and mass, the loss, and the gradient
 // (softmax * mass - a) * scale * dz/dx, in one dispatch:
 //   K <= WG_SIZE * CACHE_N * UNIT ("cached"): the row is read once into registers; max first,
@@ -23,8 +23,7 @@ fn fill_row(r: u32, g0: u32, u0: u32, units: u32, value: f32) {
     let lid = team_lid();
     if (WRITE_GRAD) {
         for (var u = lid; u < units; u += WG_SIZE) {
-            let g = (u0 + u) * UNIT;
-            store_unit(u0 + u, vec2<f32>(value), g >= g0, g + 1u < g0 + P.classes);
+            store_unit(u0 + u, vec4<f32>(value), g0, g0 + P.classes);
         }
     }
     if (lid == 0u) {
@@ -77,7 +76,7 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         // Read once; max without exp.
         for (var j = 0u; j < CACHE_N; j++) {
             let u = lid + j * WG_SIZE;
-            var x = vec2<f32>(0.0);
+            var x = vec4<f32>(0.0);
             if (u < units) {
                 x = load_unit(u0 + u);
             }
@@ -154,8 +153,8 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         for (var j = 0u; j < CACHE_N; j++) {
             let u = lid + j * WG_SIZE;
             if (u < units) {
-                var z = vec2<f32>(0.0);
-                var p = vec2<f32>(0.0);
+                var z = vec4<f32>(0.0);
+                var p = vec4<f32>(0.0);
                 for (var i = 0u; i < UNIT; i++) {
                     if (HAS_SOFTCAP) {
                         z[i] = cache[j * UNIT + i];
@@ -171,7 +170,7 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     } else {
         for (var u = lid; u < units; u += WG_SIZE) {
             let x = load_unit(u0 + u);
-            let z = vec2<f32>(transform_logit(x.x), transform_logit(x.y));
+            let z = vec4<f32>(transform_logit(x.x), transform_logit(x.y), transform_logit(x.z), transform_logit(x.w));
             write_grad_unit(u0 + u, g0, e0, exp(z - lse_v), z, label, extra, p_coef, scale);
         }
     }
@@ -179,8 +178,8 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
 
 // The gradient of the logits of unit u that belong to the row [g0, g0 + K), from their
 // probabilities p and transformed logits z.
-fn write_grad_unit(u: u32, g0: u32, e0: u32, p: vec2<f32>, z: vec2<f32>, label: u32, extra: f32, p_coef: f32, scale: f32) {
-    var v = vec2<f32>(0.0);
+fn write_grad_unit(u: u32, g0: u32, e0: u32, p: vec4<f32>, z: vec4<f32>, label: u32, extra: f32, p_coef: f32, scale: f32) {
+    var v = vec4<f32>(0.0);
     for (var i = 0u; i < UNIT; i++) {
         let g = u * UNIT + i;
         if (g >= g0 && g - g0 < P.classes) {
@@ -188,5 +187,5 @@ fn write_grad_unit(u: u32, g0: u32, e0: u32, p: vec2<f32>, z: vec2<f32>, label: 
             v[i] = grad_value(c, e0 + c, p[i], z[i], label, extra, p_coef, scale);
         }
     }
-    store_unit(u, v, u * UNIT >= g0, u * UNIT + 1u < g0 + P.classes);
+    store_unit(u, v, g0, g0 + P.classes);
 }

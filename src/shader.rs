@@ -198,9 +198,9 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
 }
 
 /// The element accessors the kernels use, for the logits' and gradient's dtypes:
-/// `UNIT` (logits per unit), `load_unit(u) -> vec2<f32>` (unit u's logits, `.y` unused for
-/// f32), `load_elem(g) -> f32`, `store_unit(u, v, lo, hi)` (the gradient of unit u's first
-/// and/or second logit) and `store_elem(g, v)`. `u` and `g` index the logits binding; the
+/// `UNIT` (logits per unit, at most 4), `load_unit(u) -> vec4<f32>` (unit u's logits, unused
+/// lanes 0), `load_elem(g) -> f32`, `store_unit(u, v, g_begin, g_end)` (the gradient of unit
+/// u's logits that lie in `[g_begin, g_end)`) and `store_elem(g, v)`. `u` and `g` index the logits binding; the
 /// gradient binding is addressed through `P.grad_base - P.logits_base`, which the host keeps
 /// congruent modulo UNIT (all offsets are multiples of 4 bytes).
 fn accessors(key: &ModuleKey) -> String {
@@ -214,7 +214,7 @@ fn accessors(key: &ModuleKey) -> String {
         Dtype::F32 => src.push_str(
             "const UNIT: u32 = 1u;\n\
              fn load_elem(g: u32) -> f32 { return logits[g]; }\n\
-             fn load_unit(u: u32) -> vec2<f32> { return vec2<f32>(logits[u], 0.0); }\n",
+             fn load_unit(u: u32) -> vec4<f32> { return vec4<f32>(logits[u], 0.0, 0.0, 0.0); }\n",
         ),
         Dtype::F16 | Dtype::Bf16 => {
             let decode = if key.dtype == Dtype::F16 {
@@ -224,7 +224,7 @@ fn accessors(key: &ModuleKey) -> String {
             };
             src.push_str(&format!(
                 "const UNIT: u32 = 2u;\n\
-                 fn load_unit(w: u32) -> vec2<f32> {{ let x = {word}; return {decode}; }}\n\
+                 fn load_unit(w: u32) -> vec4<f32> {{ let x = {word}; return vec4<f32>({decode}, 0.0, 0.0); }}\n\
                  fn load_elem(g: u32) -> f32 {{ return load_unit(g >> 1u)[g & 1u]; }}\n"
             ));
         }
@@ -243,9 +243,11 @@ fn accessors(key: &ModuleKey) -> String {
     match grad_dtype {
         Dtype::F32 => src.push_str(&format!(
             "fn store_elem(i: u32, v: f32) {{ {target}[{index}] = v; }}\n\
-             fn store_unit(u: u32, v: vec2<f32>, lo: bool, hi: bool) {{\n\
-                 if (lo) {{ store_elem(u * UNIT, v.x); }}\n\
-                 if (UNIT == 2u && hi) {{ store_elem(u * UNIT + 1u, v.y); }}\n\
+             fn store_unit(u: u32, v: vec4<f32>, g_begin: u32, g_end: u32) {{\n\
+                 for (var i = 0u; i < UNIT; i++) {{\n\
+                     let g = u * UNIT + i;\n\
+                     if (g >= g_begin && g < g_end) {{ store_elem(g, v[i]); }}\n\
+                 }}\n\
              }}\n"
         )),
         Dtype::F16 | Dtype::Bf16 => {
@@ -269,9 +271,12 @@ fn accessors(key: &ModuleKey) -> String {
                  }}\n\
                  // A whole word is stored; a word shared with a neighbouring row (odd K) is\n\
                  // updated half by half, atomically, so the neighbour's half survives.\n\
-                 fn store_unit(i: u32, v: vec2<f32>, lo: bool, hi: bool) {{\n\
+                 fn store_unit(i: u32, v4: vec4<f32>, g_begin: u32, g_end: u32) {{\n\
                      let w = {word_index};\n\
+                     let v = v4.xy;\n\
                      let bits = {encode};\n\
+                     let lo = 2u * i >= g_begin;\n\
+                     let hi = 2u * i + 1u < g_end;\n\
                      if (lo && hi) {{\n\
                          atomicStore(&{target}[w], bits);\n\
                      }} else if (lo) {{\n\
@@ -282,7 +287,7 @@ fn accessors(key: &ModuleKey) -> String {
                          atomicOr(&{target}[w], bits & 0xffff0000u);\n\
                      }}\n\
                  }}\n\
-                 fn store_elem(g: u32, v: f32) {{ store_unit(g >> 1u, vec2<f32>(v), (g & 1u) == 0u, (g & 1u) == 1u); }}\n"
+                 fn store_elem(g: u32, v: f32) {{ store_unit(g >> 1u, vec4<f32>(v), g, g + 1u); }}\n"
             ));
         }
     }

@@ -72,9 +72,9 @@ impl Smoothing {
     /// ```
     /// use lsce::Smoothing;
     /// let q = Smoothing::Uniform(0.1).target_values(5);
-    /// assert!((q.on - 0.92).abs() < 1e-12 && (q.off - 0.02).abs() < 1e-12);
+    /// assert!((q.on - 0.92).abs() < 1e-7 && (q.off - 0.02).abs() < 1e-7); // eps is an f32
     /// let q = Smoothing::OffTarget(0.3).target_values(6);
-    /// assert!((q.on - 0.7).abs() < 1e-12 && (q.off - 0.06).abs() < 1e-12);
+    /// assert!((q.on - 0.7).abs() < 1e-7 && (q.off - 0.06).abs() < 1e-7);
     /// ```
     pub fn target_values(&self, receiving: u32) -> TargetValues {
         let m = f64::from(receiving.max(1));
