@@ -2,7 +2,6 @@
 //! writing the caller's buffers, with no submission, readback or wait.
 
 use bytemuck::{Pod, Zeroable};
-use wgpu::util::DeviceExt;
 
 use crate::error::{LsceError, Result};
 use crate::kernel::{LossKernel, PipelineKey, Switches};
@@ -468,11 +467,7 @@ impl LossPlan {
             let at = i * self.param_stride as usize;
             params[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
         }
-        let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("lsce params"),
-            contents: &params,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let params = upload(device, "lsce params", &params, wgpu::BufferUsages::UNIFORM)?;
         for b in &bound {
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
@@ -761,6 +756,32 @@ impl LossPlan {
         regions.check_aliasing(p.gradient == Gradient::InPlace)?;
         Ok(regions)
     }
+}
+
+/// A buffer initialised with `contents` (padded to 4 bytes). Unlike wgpu's
+/// `create_buffer_init`, a lost device gives an `Err` instead of a panic.
+pub(crate) fn upload(
+    device: &wgpu::Device,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
+    let size = (contents.len() as u64)
+        .next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT)
+        .max(WORD);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage,
+        mapped_at_creation: true,
+    });
+    buffer
+        .get_mapped_range_mut(..)
+        .map_err(|e| LsceError::Device(format!("{label}: {e}")))?
+        .slice(..contents.len())
+        .copy_from_slice(contents);
+    buffer.unmap();
+    Ok(buffer)
 }
 
 /// Dispatches `n` workgroups as a 2D grid so that no dimension exceeds 65535.

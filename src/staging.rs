@@ -1,12 +1,10 @@
 //! The staging API: host slices in, `Vec`s out. It creates the buffers, records one plan,
 //! submits, and reads the results back (map_async, poll, a futures-intrusive channel).
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::output::LossOutput;
-use crate::plan::{Gradient, LossBuffers, Problem, Summary, TargetKind};
+use crate::plan::{upload, Gradient, LossBuffers, Problem, Summary, TargetKind};
 use crate::spec::{Batch, Dtype, LossSpec, Reduction, Targets, UpstreamGrad};
 
 /// What a staging call computes besides the loss.
@@ -97,13 +95,7 @@ impl LossKernel {
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let storage = wgpu::BufferUsages::STORAGE;
         let copy_src = wgpu::BufferUsages::COPY_SRC;
-        let upload = |label, contents: &[u8], usage| {
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage,
-            })
-        };
+        let upload = |label, contents: &[u8], usage| upload(device, label, contents, usage);
         let output = |label, bytes: u64, usage| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -112,23 +104,24 @@ impl LossKernel {
                 mapped_at_creation: false,
             })
         };
-        let logits = upload("lsce logits", batch.logits.bytes(), storage | copy_src);
+        let logits = upload("lsce logits", batch.logits.bytes(), storage | copy_src)?;
         let targets = match batch.targets {
             Targets::Classes(labels) => {
                 upload("lsce targets", bytemuck::cast_slice(labels), storage)
             }
             Targets::Probabilities(p) => upload("lsce targets", bytemuck::cast_slice(p), storage),
-        };
+        }?;
         let weights = batch
             .weights
-            .map(|w| upload("lsce weights", bytemuck::cast_slice(w), storage));
+            .map(|w| upload("lsce weights", bytemuck::cast_slice(w), storage))
+            .transpose()?;
         let upstream = match batch.upstream {
             UpstreamGrad::One => None,
             UpstreamGrad::Scalar(g) => {
-                Some(upload("lsce upstream", bytemuck::bytes_of(&g), storage))
+                Some(upload("lsce upstream", bytemuck::bytes_of(&g), storage)?)
             }
             UpstreamGrad::PerRow(g) => {
-                Some(upload("lsce upstream", bytemuck::cast_slice(g), storage))
+                Some(upload("lsce upstream", bytemuck::cast_slice(g), storage)?)
             }
         };
         let rows_bytes = u64::from(shape.rows()) * 4;

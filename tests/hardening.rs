@@ -1,0 +1,260 @@
+//! Determinism, threads, and device failures.
+
+mod support;
+
+use std::sync::Arc;
+
+use lsce::{
+    cpu, Batch, Gradient, LossBuffers, LossKernel, LossSpec, LsceError, Problem, Reduction, Shape,
+    Smoothing, StagingOptions, Summary,
+};
+use support::*;
+use wgpu::util::DeviceExt;
+
+fn assert_send_sync<T: Send + Sync>() {}
+
+#[test]
+fn kernel_and_plan_are_send_and_sync() {
+    assert_send_sync::<LossKernel>();
+    assert_send_sync::<lsce::LossPlan>();
+}
+
+#[test]
+fn twenty_runs_are_bitwise_identical() {
+    // Both row paths (registers and streaming), the mean's tree and the weighted denominator.
+    for (rows, classes) in [(300u32, 1000u32), (6, 40000)] {
+        let shape = Shape::matrix(rows, classes).unwrap();
+        let x = logits(shape.elements(), 4.0, 40);
+        let y = labels(rows, classes, 7, 41);
+        let mut rng = Rng(42);
+        let w: Vec<f32> = (0..classes).map(|_| rng.next() + 0.5).collect();
+        let spec = LossSpec::pytorch(0.1).with_z_loss(1e-4);
+        let batch = Batch::classes(shape, &x, &y).with_weights(&w);
+        let g = gpu();
+        let first = g
+            .kernel
+            .compute(&g.queue, &spec, &batch, &StagingOptions::default())
+            .unwrap();
+        for run in 1..20 {
+            let again = g
+                .kernel
+                .compute(&g.queue, &spec, &batch, &StagingOptions::default())
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&again.loss), bits(&first.loss), "run {run}: loss");
+            assert_eq!(bits(&again.lse), bits(&first.lse), "run {run}: lse");
+            assert_eq!(
+                bits(again.grad.as_ref().unwrap()),
+                bits(first.grad.as_ref().unwrap()),
+                "run {run}: grad"
+            );
+        }
+    }
+}
+
+#[test]
+fn four_threads_share_one_kernel() {
+    let g = gpu();
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            scope.spawn(move || {
+                let shape = Shape::matrix(64 + t as u32, 500 + 100 * t as u32).unwrap();
+                let x = logits(shape.elements(), 3.0, 50 + t);
+                let y = labels(shape.rows(), shape.classes(), 5, 60 + t);
+                let spec = LossSpec::default().with_smoothing(Smoothing::OffTarget(0.1 * t as f32));
+                for _ in 0..5 {
+                    check(
+                        &format!("thread {t}"),
+                        &spec,
+                        &Batch::classes(shape, &x, &y),
+                        StagingOptions::default(),
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn four_threads_encode_one_plan() {
+    // One plan, encoded and submitted from four threads at once into their own buffers: the
+    // plan's scratch is shared, and command buffers execute in submission order.
+    let g = gpu();
+    let shape = Shape::matrix(40, 300).unwrap();
+    let spec = LossSpec::pytorch(0.1).with_reduction(Reduction::Sum);
+    let plan = Arc::new(g.kernel.plan(&Problem::new(spec, shape)).unwrap());
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let plan = Arc::clone(&plan);
+            scope.spawn(move || {
+                let x = logits(shape.elements(), 2.0, 70 + t);
+                let y = labels(shape.rows(), shape.classes(), 0, 80 + t);
+                let want = cpu::compute(&spec, &Batch::classes(shape, &x, &y), true).unwrap();
+                for _ in 0..5 {
+                    let got = run_plan(&plan, shape, &x, &y);
+                    close(
+                        "threaded plan",
+                        "loss",
+                        0,
+                        f64::from(got.loss),
+                        want.loss[0],
+                        RTOL * want.loss[0].abs(),
+                    );
+                }
+            });
+        }
+    });
+}
+
+fn run_plan(plan: &lsce::LossPlan, shape: Shape, x: &[f32], y: &[i32]) -> Summary {
+    let g = gpu();
+    let d = &g.device;
+    let storage = wgpu::BufferUsages::STORAGE;
+    let init = |contents: &[u8], usage| {
+        d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents,
+            usage,
+        })
+    };
+    let logits = init(bytemuck::cast_slice(x), storage);
+    let targets = init(bytemuck::cast_slice(y), storage);
+    let grad = d.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: shape.elements() * 4,
+        usage: storage,
+        mapped_at_creation: false,
+    });
+    let summary = d.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: Summary::SIZE,
+        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let readback = d.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: Summary::SIZE,
+        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        mapped_at_creation: false,
+    });
+    let mut encoder = d.create_command_encoder(&Default::default());
+    plan.encode(
+        &mut encoder,
+        &LossBuffers {
+            logits: logits.slice(..),
+            targets: targets.slice(..),
+            weights: None,
+            upstream: None,
+            loss: None,
+            lse: None,
+            grad: Some(grad.slice(..)),
+            summary: summary.slice(..),
+        },
+    )
+    .unwrap();
+    encoder.copy_buffer_to_buffer(&summary, 0, &readback, 0, Summary::SIZE);
+    let index = g.queue.submit([encoder.finish()]);
+    readback
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    d.poll(wgpu::PollType::Wait {
+        submission_index: Some(index),
+        timeout: None,
+    })
+    .unwrap();
+    let s = bytemuck::pod_read_unaligned(&readback.slice(..).get_mapped_range().unwrap());
+    readback.unmap();
+    s
+}
+
+#[test]
+fn a_lost_device_gives_err_not_panic() {
+    let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())
+        .expect("no wgpu adapter: install mesa-vulkan-drivers");
+    let kernel = LossKernel::new(&device).unwrap();
+    let shape = Shape::matrix(8, 100).unwrap();
+    let x = logits(shape.elements(), 1.0, 90);
+    let y = labels(8, 100, 0, 91);
+    let batch = Batch::classes(shape, &x, &y);
+    // Warm the pipeline cache, then lose the device.
+    kernel
+        .compute(
+            &queue,
+            &LossSpec::default(),
+            &batch,
+            &StagingOptions::default(),
+        )
+        .unwrap();
+    device.destroy();
+    let err = kernel
+        .compute(
+            &queue,
+            &LossSpec::default(),
+            &batch,
+            &StagingOptions::default(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, LsceError::Device(_) | LsceError::Readback(_)),
+        "{err:?}"
+    );
+    // Planning with pipelines not compiled yet does not panic either. WebGPU reports nothing for
+    // objects made on a lost device (they are silently invalid); what matters is that the
+    // staging call on top of it fails cleanly.
+    let _ = kernel.plan(&Problem::new(LossSpec::default(), shape).with_gradient(Gradient::InPlace));
+    let options = StagingOptions {
+        gradient: Gradient::InPlace,
+        ..Default::default()
+    };
+    let err = kernel
+        .compute(&queue, &LossSpec::default(), &batch, &options)
+        .unwrap_err();
+    assert!(
+        matches!(err, LsceError::Device(_) | LsceError::Readback(_)),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_shape_over_the_device_limits_is_an_err() {
+    let g = gpu();
+    let max = g.device.limits().max_buffer_size;
+    let rows = u32::try_from(max / 4 / 1000 + 1).unwrap();
+    let err = g
+        .kernel
+        .plan(&Problem::new(
+            LossSpec::default(),
+            Shape::matrix(rows, 1000).unwrap(),
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LsceError::ExceedsDeviceLimit {
+                limit: "max_buffer_size",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // One row bigger than a storage binding.
+    let binding = g.device.limits().max_storage_buffer_binding_size;
+    let classes = u32::try_from(binding / 4 + 1).unwrap_or(u32::MAX);
+    let err = g
+        .kernel
+        .plan(&Problem::new(
+            LossSpec::default(),
+            Shape::matrix(1, classes).unwrap(),
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LsceError::ExceedsDeviceLimit {
+                limit: "max_storage_buffer_binding_size",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

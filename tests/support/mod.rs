@@ -1,0 +1,206 @@
+//! Shared by the GPU test binaries: one device per binary, deterministic data, and the
+//! GPU-against-CPU comparison with its justified tolerances.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::sync::OnceLock;
+
+use lsce::{
+    cpu, Batch, Dtype, Gradient, LossKernel, LossOutput, LossSpec, Reduction, Shape,
+    StagingOptions, UpstreamGrad,
+};
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub kernel: LossKernel,
+}
+
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())
+            .expect("no wgpu adapter: install mesa-vulkan-drivers (lavapipe) or run on a GPU");
+        let kernel = LossKernel::new(&device).expect("kernel");
+        Gpu {
+            device,
+            queue,
+            kernel,
+        }
+    })
+}
+
+/// Deterministic data: a 64-bit LCG.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
+    }
+    pub fn normal(&mut self, scale: f32) -> f32 {
+        (self.next() + self.next() + self.next() - 1.5) * 2.0 * scale
+    }
+    pub fn below(&mut self, n: u32) -> u32 {
+        ((self.next() * n as f32) as u32).min(n - 1)
+    }
+}
+
+pub fn logits(n: u64, scale: f32, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    (0..n).map(|_| rng.normal(scale)).collect()
+}
+
+pub fn labels(rows: u32, classes: u32, ignore_every: u32, seed: u64) -> Vec<i32> {
+    let mut rng = Rng(seed);
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == ignore_every - 1 {
+                -100
+            } else {
+                rng.below(classes) as i32
+            }
+        })
+        .collect()
+}
+
+/// f32 has a unit roundoff of 6e-8. The kernels sum at most a few hundred terms per invocation
+/// and then combine in a tree, so a sum of terms t_i carries an error well below
+/// 1e-5 * sum |t_i|; losses are compared against that scale per row (`loss_scale`), the lse
+/// against |lse| + 1, and each gradient element against the largest |gradient| of its row
+/// (every element is p * mass - a, formed from values of that size).
+pub const RTOL: f64 = 1e-5;
+
+/// An upper bound of |scale| * (A + max a_c) for each row: every gradient element is
+/// (p_c A - a_c) * scale with p_c <= 1, so its rounding error is relative to this, not to the
+/// (possibly cancelled) result.
+pub fn grad_term_bounds(spec: &LossSpec, batch: &Batch<'_>, want: &LossOutput<f64>) -> Vec<f64> {
+    let shape = batch.shape;
+    let k = shape.classes() as usize;
+    let values = spec.resolve(shape.classes()).unwrap();
+    let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
+    let w_sum: f64 = (0..k).map(w).sum();
+    let w_max = (0..k).map(w).fold(0.0, f64::max);
+    (0..shape.rows())
+        .map(|row| {
+            let target_mass = match batch.targets {
+                lsce::Targets::Classes(_) => 1.0,
+                lsce::Targets::Probabilities(t) => (0..k as u32)
+                    .map(|c| f64::from(t[shape.index(row, c) as usize]))
+                    .sum(),
+            };
+            let mass = values.off * w_sum
+                + values.on * w_max * target_mass
+                + 2.0 * f64::from(spec.z_loss) * want.lse[row as usize].abs();
+            let scale = match (spec.reduction, batch.upstream) {
+                (_, UpstreamGrad::PerRow(g)) => f64::from(g[row as usize]),
+                (Reduction::Mean, UpstreamGrad::Scalar(g)) => f64::from(g) / want.denominator,
+                (Reduction::Mean, _) => 1.0 / want.denominator,
+                (_, UpstreamGrad::Scalar(g)) => f64::from(g),
+                _ => 1.0,
+            };
+            2.0 * mass * scale.abs() * f64::from(spec.logit_scale)
+        })
+        .collect()
+}
+
+pub fn compare(
+    what: &str,
+    got: &LossOutput<f32>,
+    want: &LossOutput<f64>,
+    shape: Shape,
+    grad_rtol: f64,
+    bounds: &[f64],
+) {
+    assert_eq!(got.loss.len(), want.loss.len(), "{what}: loss length");
+    for (i, (&g, &w)) in got.loss.iter().zip(&want.loss).enumerate() {
+        close(what, "loss", i, f64::from(g), w, RTOL * (w.abs() + 1.0));
+    }
+    for (i, (&g, &w)) in got.z_loss.iter().zip(&want.z_loss).enumerate() {
+        close(what, "z_loss", i, f64::from(g), w, RTOL * (w.abs() + 1e-6));
+    }
+    for (i, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
+        close(what, "lse", i, f64::from(g), w, RTOL * (w.abs() + 1.0));
+    }
+    close(
+        what,
+        "denominator",
+        0,
+        f64::from(got.denominator),
+        want.denominator,
+        RTOL * want.denominator.abs(),
+    );
+    if got.correct.is_some() {
+        assert_eq!(got.correct, want.correct, "{what}: correct");
+    }
+    if let (Some(g), Some(w)) = (&got.grad, &want.grad) {
+        let k = shape.classes();
+        for row in 0..shape.rows() {
+            let idx = |c: u32| shape.index(row, c) as usize;
+            let row_max = (0..k)
+                .map(|c| w[idx(c)].abs())
+                .filter(|v| v.is_finite())
+                .fold(0.0, f64::max);
+            let tol = grad_rtol * row_max + RTOL * bounds[row as usize] + 1e-30;
+            for c in 0..k {
+                let i = idx(c);
+                close(what, "grad", i, f64::from(g[i]), w[i], tol);
+            }
+        }
+    } else {
+        assert_eq!(
+            got.grad.is_some(),
+            want.grad.is_some(),
+            "{what}: grad presence"
+        );
+    }
+}
+
+pub fn close(what: &str, field: &str, i: usize, got: f64, want: f64, tol: f64) {
+    if want.is_nan() || got.is_nan() {
+        assert!(
+            want.is_nan() && got.is_nan(),
+            "{what}: {field}[{i}] gpu {got} cpu {want}"
+        );
+    } else if want.is_infinite() || got.is_infinite() {
+        assert_eq!(got, want, "{what}: {field}[{i}]");
+    } else {
+        assert!(
+            (got - want).abs() <= tol,
+            "{what}: {field}[{i}] gpu {got} cpu {want} |diff| {} > {tol}",
+            (got - want).abs()
+        );
+    }
+}
+
+pub fn check(
+    what: &str,
+    spec: &LossSpec,
+    batch: &Batch<'_>,
+    options: StagingOptions,
+) -> LossOutput<f32> {
+    let g = gpu();
+    let got = g
+        .kernel
+        .compute(&g.queue, spec, batch, &options)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = cpu::compute(spec, batch, options.gradient != Gradient::None).unwrap();
+    let grad_rtol = match options.grad_dtype.unwrap_or(batch.logits.dtype()) {
+        Dtype::F32 => 0.0,
+        // The gradient is rounded once to the output type: half an ulp relative to each value,
+        // at most half an ulp of the row's largest value: 2^-11 (f16), 2^-8 (bf16).
+        Dtype::F16 => 2f64.powi(-11),
+        Dtype::Bf16 => 2f64.powi(-8),
+    };
+    compare(
+        what,
+        &got,
+        &want,
+        batch.shape,
+        grad_rtol,
+        &grad_term_bounds(spec, batch, &want),
+    );
+    got
+}
