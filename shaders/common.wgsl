@@ -79,10 +79,17 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// tanh that saturates cleanly: some backends lower tanh(u) to (e^2u - 1)/(e^2u + 1), which is
-// NaN once e^2u overflows.
+// tanh, accurate to a few ulp everywhere and saturating cleanly. Some backends lower tanh(u) to
+// (e^2u - 1)/(e^2u + 1), which is NaN once e^2u overflows; 1 - 2/(e^2|u| + 1) saturates but
+// cancels for small |u|, where the Taylor series (next term 1382/155925 u^11 < 2e-9 |u| at
+// |u| < 0.25) takes over.
 fn stable_tanh(u: f32) -> f32 {
-    let t = 1.0 - 2.0 / (exp(2.0 * abs(u)) + 1.0);
+    let a = abs(u);
+    if (a < 0.25) {
+        let u2 = u * u;
+        return u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))));
+    }
+    let t = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
     return select(-t, t, u >= 0.0);
 }
 
@@ -247,12 +254,29 @@ fn merge_stats(a: OnlineStats, b: OnlineStats) -> OnlineStats {
 
 // One logit into a running (max, sum-exp) with a single exp: whichever of the old max and the
 // new value is smaller gets scaled by exp(-|z - m|). NaN propagates through the sum.
-// Returns true when z became the new max (for the argmax).
-fn online_push(m: ptr<function, f32>, s: ptr<function, f32>, z: f32) -> bool {
+fn online_push(m: ptr<function, f32>, s: ptr<function, f32>, z: f32) {
     let d = z - *m;
     let e = exp(-abs(d));
     let up = d > 0.0;
     *s = select(*s + e, *s * e + 1.0, up);
     *m = select(*m, z, up);
-    return up;
+}
+
+// Token accuracy compares the label with the first argmax of the raw logits, as
+// `logits.argmax(-1) == labels` does: before the scale and soft-cap, which preserve the order
+// but can turn neighbours into ties by saturating in f32. The first class seen stands in until a
+// larger one comes, so a row of -inf has argmax 0, like torch.argmax.
+struct Argmax {
+    x: f32,
+    c: u32,
+}
+
+fn argmax_none() -> Argmax {
+    return Argmax(neg_inf(), NONE_U32);
+}
+
+fn argmax_push(a: ptr<function, Argmax>, x: f32, c: u32) {
+    if (ACCURACY && (x > (*a).x || (*a).c == NONE_U32)) {
+        *a = Argmax(x, c);
+    }
 }

@@ -67,7 +67,7 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
 
     var m = NEG_BIG;
     var sums = vec4<f32>(0.0);  // x: sum exp(z - m), y: dot, z: mass (see add_target)
-    var arg = NONE_U32;
+    var best = argmax_none();
     let cached = units <= WG_SIZE * CACHE_N;
     var cache: array<f32, CACHE_N * UNIT>;
     var lse_v: f32;
@@ -87,19 +87,13 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
                     let c = g - g0;
                     z = transform_logit(x[i]);
                     add_target(&sums, c, e0 + c, z);
-                    if (z > m) {
-                        m = z;
-                        arg = c;
-                    }
+                    argmax_push(&best, x[i], c);
+                    m = max(m, z);
                 }
                 cache[j * UNIT + i] = z;
             }
         }
-        let row_max = team_max(m);
-        if (ACCURACY) {
-            arg = team_min_u32(select(NONE_U32, arg, m == row_max));
-        }
-        m = row_max;
+        m = team_max(m);
         for (var j = 0u; j < CACHE_N * UNIT; j++) {
             let e = exp(cache[j] - m);
             sums.x += e;
@@ -119,23 +113,23 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
                     let c = g - g0;
                     let z = transform_logit(x[i]);
                     add_target(&sums, c, e0 + c, z);
-                    if (online_push(&m, &sum_exp, z)) {
-                        arg = c;
-                    }
+                    online_push(&m, &sum_exp, z);
+                    argmax_push(&best, x[i], c);
                 }
             }
         }
         sums.x = sum_exp;
         let st = team_merge(m, sums);
-        if (ACCURACY) {
-            arg = team_min_u32(select(NONE_U32, arg, m == st.m));
-        }
         m = st.m;
         sums = st.v;
         lse_v = m + log(sums.x);
     }
 
     let totals = row_totals(sums, extra, z_label);  // (dot, mass)
+    var arg = NONE_U32;
+    if (ACCURACY) {
+        arg = team_min_u32(select(NONE_U32, best.c, best.x == team_max(best.x)));
+    }
     if (lid == 0u) {
         store_row(r, row_loss_value(lse_v, totals.y, totals.x), lse_v);
         if (ACCURACY && !SOFT_TARGETS && arg == label && !is_nan(lse_v)) {

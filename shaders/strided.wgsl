@@ -41,18 +41,18 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     var m = NEG_BIG;
     var sum_exp = 0.0;
     var sums = vec4<f32>(0.0);
-    var arg = NONE_U32;
+    var best = argmax_none();
     for (var c = 0u; c < k; c++) {
-        let z = transform_logit(load_elem(g0 + c * stride));
+        let x = load_elem(g0 + c * stride);
+        let z = transform_logit(x);
         add_target(&sums, c, e0 + c * stride, z);
-        if (online_push(&m, &sum_exp, z)) {
-            arg = c;
-        }
+        online_push(&m, &sum_exp, z);
+        argmax_push(&best, x, c);
     }
     let lse_v = m + log(sum_exp);
     let totals = row_totals(sums, extra, z_label);
     store_row(r, row_loss_value(lse_v, totals.y, totals.x), lse_v);
-    if (ACCURACY && !SOFT_TARGETS && arg == label && !is_nan(lse_v)) {
+    if (ACCURACY && !SOFT_TARGETS && best.c == label && !is_nan(lse_v)) {
         atomicAdd(&control[CTRL_CORRECT], 1u);
     }
 

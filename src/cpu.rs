@@ -6,7 +6,8 @@
 //! | here | shader |
 //! |---|---|
 //! | [`transform`] | `transform_logit` in `shaders/common.wgsl` |
-//! | [`row_statistics`] | the online max / sum-exp / argmax sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
+//! | [`row_statistics`] | the online max / sum-exp sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
+//! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
 //! | [`row_loss`] | `row_loss` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
 //! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
@@ -53,7 +54,7 @@ pub fn transform(x: f64, spec: &LossSpec) -> (f64, f64) {
     }
 }
 
-/// Max, sum of `exp(z - max)`, log-sum-exp and first argmax of one row of transformed logits.
+/// Max, sum of `exp(z - max)` and log-sum-exp of one row of transformed logits.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowStatistics {
     /// `max_c z_c`.
@@ -62,20 +63,17 @@ pub struct RowStatistics {
     pub sum_exp: f64,
     /// `max + ln(sum_exp)`.
     pub lse: f64,
-    /// The first index of the maximum.
-    pub argmax: u32,
 }
 
 /// The statistics sweep over one row, as the kernels do it (in one pass, online).
 pub fn row_statistics(z: &[f64]) -> RowStatistics {
     // Online: (m, s) with s = sum exp(z - m); starting from the most negative finite value
     // keeps exp(-inf - m) = 0 instead of NaN for rows that begin with -inf.
-    let (mut m, mut s, mut argmax) = (f64::MIN, 0.0f64, 0u32);
-    for (c, &v) in z.iter().enumerate() {
+    let (mut m, mut s) = (f64::MIN, 0.0f64);
+    for &v in z {
         if v > m {
             s = s * (m - v).exp() + 1.0;
             m = v;
-            argmax = c as u32;
         } else {
             s += (v - m).exp();
         }
@@ -84,8 +82,20 @@ pub fn row_statistics(z: &[f64]) -> RowStatistics {
         max: m,
         sum_exp: s,
         lse: m + s.ln(),
-        argmax,
     }
+}
+
+/// The first index of the largest raw logit, as `logits.argmax(-1)`: token accuracy compares it
+/// with the label (`argmax_push` in `shaders/common.wgsl`). NaN entries are skipped; a row of
+/// `-inf` gives 0.
+pub fn argmax(x: &[f64]) -> u32 {
+    let mut best = 0;
+    for (c, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = c;
+        }
+    }
+    best as u32
 }
 
 /// `A * lse - B + z_loss * lse^2`: the loss of a row with target mass `A = sum a_c` and
@@ -191,7 +201,7 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
         row_z[row] = z_coef * stats.lse * stats.lse;
         row_losses[row] = row_loss(stats.lse, mass, dot, z_coef);
         if let (Some(n), RowTarget::Class(y)) = (correct.as_mut(), target) {
-            *n += u64::from(!stats.lse.is_nan() && stats.argmax == y as u32);
+            *n += u64::from(!stats.lse.is_nan() && argmax(&x) == y as u32);
         }
         if let Some(grad) = grad.as_mut() {
             let scale = match (spec.reduction, batch.upstream) {

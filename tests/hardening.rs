@@ -54,7 +54,7 @@ fn twenty_runs_are_bitwise_identical() {
 
 #[test]
 fn four_threads_share_one_kernel() {
-    let g = gpu();
+    // `check` runs the staging API on the binary's one shared kernel.
     std::thread::scope(|scope| {
         for t in 0..4u64 {
             scope.spawn(move || {

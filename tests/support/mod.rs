@@ -66,17 +66,31 @@ pub fn labels(rows: u32, classes: u32, ignore_every: u32, seed: u64) -> Vec<i32>
         .collect()
 }
 
-/// f32 has a unit roundoff of 6e-8. The kernels sum at most a few hundred terms per invocation
-/// and then combine in a tree, so a sum of terms t_i carries an error well below
-/// 1e-5 * sum |t_i|; losses are compared against that scale per row (`loss_scale`), the lse
-/// against |lse| + 1, and each gradient element against the largest |gradient| of its row
-/// (every element is p * mass - a, formed from values of that size).
+/// The tolerance model. f32 has a unit roundoff u = 2^-24 = 6e-8.
+///
+/// - A sum of n terms t_i accumulated in f32 errs by at most ~n u sum |t_i|; the kernels add at
+///   most a few hundred terms per invocation and then combine in a tree, so `RTOL` = 1e-5 (~170 u)
+///   of the sum of magnitudes bounds every sum they form.
+/// - A row loss A lse - sum a_c z_c is such a sum, of magnitude at most
+///   A (|lse| + max |z|): the loss is compared against RTOL times that, not against the (possibly
+///   cancelled) result. Reduced losses add the rows' bounds (divided by D for the mean).
+/// - A gradient element (p A - a) * scale: p = exp(z - lse) inherits the absolute rounding of
+///   z - lse, u (|z| + |lse|), as a relative error, so the element errs by at most
+///   |scale| A (4 u (|z| + |lse|) + RTOL).
+/// - The lse = m + log(s) errs by u |m| plus the sum's error: RTOL (|lse| + 1); the z-loss
+///   term z lse^2 inherits it as z (2 |lse| e + e^2).
 pub const RTOL: f64 = 1e-5;
+const U: f64 = 1.0 / 16_777_216.0;
 
-/// An upper bound of |scale| * (A + max a_c) for each row: every gradient element is
-/// (p_c A - a_c) * scale with p_c <= 1, so its rounding error is relative to this, not to the
-/// (possibly cancelled) result.
-pub fn grad_term_bounds(spec: &LossSpec, batch: &Batch<'_>, want: &LossOutput<f64>) -> Vec<f64> {
+/// Per-row magnitudes behind the tolerances: an upper bound of the target mass A (with the
+/// z-loss term), the largest finite |z|, and |scale| (upstream / D) times the logit scale.
+pub struct RowBounds {
+    pub mass: f64,
+    pub z_max: f64,
+    pub scale: f64,
+}
+
+pub fn row_bounds(spec: &LossSpec, batch: &Batch<'_>, want: &LossOutput<f64>) -> Vec<RowBounds> {
     let shape = batch.shape;
     let k = shape.classes() as usize;
     let values = spec.resolve(shape.classes()).unwrap();
@@ -88,12 +102,21 @@ pub fn grad_term_bounds(spec: &LossSpec, batch: &Batch<'_>, want: &LossOutput<f6
             let target_mass = match batch.targets {
                 lsce::Targets::Classes(_) => 1.0,
                 lsce::Targets::Probabilities(t) => (0..k as u32)
-                    .map(|c| f64::from(t[shape.index(row, c) as usize]))
+                    .map(|c| f64::from(t[shape.index(row, c) as usize]).abs())
                     .sum(),
             };
+            let lse = want.lse[row as usize].abs();
             let mass = values.off * w_sum
                 + values.on * w_max * target_mass
-                + 2.0 * f64::from(spec.z_loss) * want.lse[row as usize].abs();
+                + 2.0 * f64::from(spec.z_loss) * if lse.is_finite() { lse } else { 0.0 };
+            let z_max = (0..k as u32)
+                .map(|c| {
+                    cpu::transform(batch.logits.get(shape.index(row, c) as usize), spec)
+                        .0
+                        .abs()
+                })
+                .filter(|z| z.is_finite())
+                .fold(0.0, f64::max);
             let scale = match (spec.reduction, batch.upstream) {
                 (_, UpstreamGrad::PerRow(g)) => f64::from(g[row as usize]),
                 (Reduction::Mean, UpstreamGrad::Scalar(g)) => f64::from(g) / want.denominator,
@@ -101,25 +124,75 @@ pub fn grad_term_bounds(spec: &LossSpec, batch: &Batch<'_>, want: &LossOutput<f6
                 (_, UpstreamGrad::Scalar(g)) => f64::from(g),
                 _ => 1.0,
             };
-            2.0 * mass * scale.abs() * f64::from(spec.logit_scale)
+            // D = 0 (every row ignored or weightless): gradients are exactly 0 or NaN.
+            let scale = if scale.is_finite() { scale.abs() } else { 0.0 };
+            RowBounds {
+                mass,
+                z_max,
+                scale: scale * f64::from(spec.logit_scale),
+            }
         })
         .collect()
 }
 
 pub fn compare(
     what: &str,
+    spec: &LossSpec,
     got: &LossOutput<f32>,
     want: &LossOutput<f64>,
     shape: Shape,
     grad_rtol: f64,
-    bounds: &[f64],
+    bounds: &[RowBounds],
 ) {
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let row_loss_tol: Vec<f64> = bounds
+        .iter()
+        .zip(&want.lse)
+        .map(|(b, &lse)| {
+            let lse = finite(lse.abs());
+            RTOL * (b.mass * (lse + b.z_max) + f64::from(spec.z_loss) * lse * lse + 1e-6)
+        })
+        .collect();
     assert_eq!(got.loss.len(), want.loss.len(), "{what}: loss length");
+    let reduced_tol = match spec.reduction {
+        Reduction::None => None,
+        Reduction::Sum => Some(row_loss_tol.iter().sum::<f64>()),
+        Reduction::Mean => Some(row_loss_tol.iter().sum::<f64>() / want.denominator.abs()),
+    };
     for (i, (&g, &w)) in got.loss.iter().zip(&want.loss).enumerate() {
-        close(what, "loss", i, f64::from(g), w, RTOL * (w.abs() + 1.0));
+        close(
+            what,
+            "loss",
+            i,
+            f64::from(g),
+            w,
+            reduced_tol.unwrap_or_else(|| row_loss_tol[i]),
+        );
     }
+    // z lse^2 inherits the lse's absolute error e: z (2 |lse| e + e^2).
+    let z_coef = f64::from(spec.z_loss);
+    let row_z_tol: Vec<f64> = want
+        .lse
+        .iter()
+        .map(|&lse| {
+            let (lse, e) = (finite(lse.abs()), RTOL * (finite(lse.abs()) + 1.0));
+            z_coef * (2.0 * lse * e + e * e) + RTOL * z_coef * lse * lse
+        })
+        .collect();
+    let reduced_z_tol = match spec.reduction {
+        Reduction::None => None,
+        Reduction::Sum => Some(row_z_tol.iter().sum::<f64>()),
+        Reduction::Mean => Some(row_z_tol.iter().sum::<f64>() / want.denominator.abs()),
+    };
     for (i, (&g, &w)) in got.z_loss.iter().zip(&want.z_loss).enumerate() {
-        close(what, "z_loss", i, f64::from(g), w, RTOL * (w.abs() + 1e-6));
+        close(
+            what,
+            "z_loss",
+            i,
+            f64::from(g),
+            w,
+            reduced_z_tol.unwrap_or_else(|| row_z_tol[i]),
+        );
     }
     for (i, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
         close(what, "lse", i, f64::from(g), w, RTOL * (w.abs() + 1.0));
@@ -139,11 +212,11 @@ pub fn compare(
         let k = shape.classes();
         for row in 0..shape.rows() {
             let idx = |c: u32| shape.index(row, c) as usize;
-            let row_max = (0..k)
-                .map(|c| w[idx(c)].abs())
-                .filter(|v| v.is_finite())
-                .fold(0.0, f64::max);
-            let tol = grad_rtol * row_max + RTOL * bounds[row as usize] + 1e-30;
+            let row_max = (0..k).map(|c| finite(w[idx(c)].abs())).fold(0.0, f64::max);
+            let b = &bounds[row as usize];
+            let lse = finite(want.lse[row as usize].abs());
+            let tol =
+                grad_rtol * row_max + b.scale * b.mass * (4.0 * U * (b.z_max + lse) + RTOL) + 1e-30;
             for c in 0..k {
                 let i = idx(c);
                 close(what, "grad", i, f64::from(g[i]), w[i], tol);
@@ -196,11 +269,12 @@ pub fn check(
     };
     compare(
         what,
+        spec,
         &got,
         &want,
         batch.shape,
         grad_rtol,
-        &grad_term_bounds(spec, batch, &want),
+        &row_bounds(spec, batch, &want),
     );
     got
 }
