@@ -163,6 +163,17 @@ impl Summary {
     /// Size in bytes.
     pub const SIZE: u64 = 32;
 
+    /// Reads a summary from the bytes of a mapped buffer (at least [`Summary::SIZE`] bytes, any
+    /// alignment).
+    ///
+    /// ```
+    /// let bytes = [0u8; 32];
+    /// assert_eq!(lsce::Summary::from_bytes(&bytes).loss, 0.0);
+    /// ```
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        bytemuck::pod_read_unaligned(&bytes[..Self::SIZE as usize])
+    }
+
     /// `Err(LabelOutOfRange)` if the kernel found an invalid label.
     pub fn check(&self, classes: u32) -> Result<()> {
         if self.first_bad_row != u32::MAX {

@@ -211,9 +211,7 @@ impl LossKernel {
         let floats = |at: u64, bytes: u64| -> Vec<f32> {
             bytemuck::cast_slice(&view[at as usize..(at + bytes) as usize]).to_vec()
         };
-        let summary: Summary = bytemuck::pod_read_unaligned(
-            &view[at_summary as usize..(at_summary + Summary::SIZE) as usize],
-        );
+        let summary = Summary::from_bytes(&view[at_summary as usize..]);
         let out = LossOutput {
             loss: match at_loss {
                 Some(at) => floats(at, rows_bytes),

@@ -162,7 +162,7 @@ fn run_plan(plan: &lsce::LossPlan, shape: Shape, x: &[f32], y: &[i32]) -> Summar
         timeout: None,
     })
     .unwrap();
-    let s = bytemuck::pod_read_unaligned(&readback.slice(..).get_mapped_range().unwrap());
+    let s = Summary::from_bytes(&readback.slice(..).get_mapped_range().unwrap());
     readback.unmap();
     s
 }

@@ -12,7 +12,10 @@ use lsce::{
 pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
+    /// The default kernel: subgroup reductions where the device has them.
     pub kernel: LossKernel,
+    /// The workgroup-memory fallback on the same device, when `kernel` uses subgroups.
+    pub fallback: Option<LossKernel>,
 }
 
 pub fn gpu() -> &'static Gpu {
@@ -21,10 +24,18 @@ pub fn gpu() -> &'static Gpu {
         let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())
             .expect("no wgpu adapter: install mesa-vulkan-drivers (lavapipe) or run on a GPU");
         let kernel = LossKernel::new(&device).expect("kernel");
+        let fallback = kernel.uses_subgroups().then(|| {
+            let config = lsce::KernelConfig {
+                use_subgroups: false,
+                ..kernel.config()
+            };
+            LossKernel::with_config(&device, config).expect("fallback kernel")
+        });
         Gpu {
             device,
             queue,
             kernel,
+            fallback,
         }
     })
 }
@@ -255,11 +266,8 @@ pub fn check(
     options: StagingOptions,
 ) -> LossOutput<f32> {
     let g = gpu();
-    let got = g
-        .kernel
-        .compute(&g.queue, spec, batch, &options)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
     let want = cpu::compute(spec, batch, options.gradient != Gradient::None).unwrap();
+    let bounds = row_bounds(spec, batch, &want);
     let grad_rtol = match options.grad_dtype.unwrap_or(batch.logits.dtype()) {
         Dtype::F32 => 0.0,
         // The gradient is rounded once to the output type: half an ulp relative to each value,
@@ -267,14 +275,30 @@ pub fn check(
         Dtype::F16 => 2f64.powi(-11),
         Dtype::Bf16 => 2f64.powi(-8),
     };
-    compare(
-        what,
-        spec,
-        &got,
-        &want,
-        batch.shape,
-        grad_rtol,
-        &row_bounds(spec, batch, &want),
-    );
-    got
+    // Both reduction paths: subgroup operations and the workgroup-memory tree.
+    let mut outputs = [Some(&g.kernel), g.fallback.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|kernel| {
+            let got = kernel
+                .compute(&g.queue, spec, batch, &options)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let path = if kernel.uses_subgroups() {
+                "subgroups"
+            } else {
+                "workgroup memory"
+            };
+            compare(
+                &format!("{what} [{path}]"),
+                spec,
+                &got,
+                &want,
+                batch.shape,
+                grad_rtol,
+                &bounds,
+            );
+            got
+        })
+        .collect::<Vec<_>>();
+    outputs.swap_remove(0)
 }
