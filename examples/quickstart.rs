@@ -12,13 +12,7 @@ fn main() -> Result<(), lsce::LsceError> {
         .map(|i| ((i * 7919 % 1000) as f32 / 100.0).sin() * 4.0)
         .collect();
     let labels: Vec<i32> = (0..64)
-        .map(|r| {
-            if r % 9 == 8 {
-                -100
-            } else {
-                (r * 37 % 1000) as i32
-            }
-        })
+        .map(|r| if r % 9 == 8 { -100 } else { r * 37 % 1000 })
         .collect();
     let batch = Batch::classes(shape, &logits, &labels);
     let spec = LossSpec::pytorch(0.1);
