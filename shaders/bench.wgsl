@@ -1,0 +1,212 @@
+// Kernels of the benchmark (benches/lsce.rs), not of the library.
+//
+// * fill_main, copy_main, read_main: streaming kernels over a flat buffer seen as vec4s, with a
+//   grid-stride loop so that a capped number of workgroups covers any size. copy_main is the
+//   practical bandwidth limit the fused loss is compared with (every byte read once, written
+//   once); read_main is the limit for the forward pass, which only reads.
+// * lse_main .. grad_main: label-smoothed cross-entropy computed the way composite frameworks
+//   run it (PyTorch eager: log_softmax, the smoothed nll, the mean, then the backward from the
+//   saved log_softmax), one kernel per step, each a full sweep over memory. This is the unfused
+//   baseline; it is deliberately plain (one workgroup per row, a workgroup-memory tree
+//   reduction) rather than tuned.
+//
+// Rows are processed in windows (`P`, one per window) so that no binding exceeds the device's
+// max_storage_buffer_binding_size; the host binds each window at an aligned byte offset and
+// `P.base` is the element offset of the window's first row within the binding.
+
+struct Params {
+    rows: u32,         // rows in this window
+    classes: u32,
+    row_begin: u32,    // first row of the window (indexes labels, lse, row_loss)
+    base: u32,         // element offset of the window's first row in `logits` / `logsm`
+    vec4s: u32,        // vec4s the streaming kernels cover in this window
+    vec4_begin: u32,   // index in the whole buffer of the first of them (seeds the fill)
+    total_rows: u32,
+    ignore_index: i32,
+    on: f32,           // target probability of the label
+    off: f32,          // target probability of every other class
+    mass: f32,         // sum of the target probabilities of a row
+    sink: f32,         // a value read_main's sum never equals in practice (see there)
+}
+
+const WG: u32 = 256u;
+// The most negative finite f32: a row starting with -inf then gives exp(-inf - m) = 0, not NaN.
+const NEG_BIG: f32 = -3.4028235e38;
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> logsm: array<f32>;   // log_softmax, then gradient
+@group(0) @binding(3) var<storage, read> labels: array<i32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;     // [mean loss, counted rows]
+@group(0) @binding(7) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dst: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> fill: array<vec4<f32>>;
+
+var<workgroup> red: array<f32, WG>;
+
+// ---- streaming kernels ----
+
+// lowbias32 (Chris Wellons): a cheap integer hash with good avalanche, for reproducible logits.
+fn hash(x: u32) -> u32 {
+    var h = x;
+    h ^= h >> 16u;
+    h *= 0x7feb352du;
+    h ^= h >> 15u;
+    h *= 0x846ca68bu;
+    h ^= h >> 16u;
+    return h;
+}
+
+// Logit number `i` of the buffer: uniform in [-8, 8).
+fn logit_at(i: u32) -> f32 {
+    return f32(hash(i) >> 8u) * (16.0 / 16777216.0) - 8.0;
+}
+
+@compute @workgroup_size(WG)
+fn fill_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    for (var i = gid.x; i < P.vec4s; i += nwg.x * WG) {
+        let e = (P.vec4_begin + i) * 4u;
+        fill[i] = vec4<f32>(logit_at(e), logit_at(e + 1u), logit_at(e + 2u), logit_at(e + 3u));
+    }
+}
+
+@compute @workgroup_size(WG)
+fn copy_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    for (var i = gid.x; i < P.vec4s; i += nwg.x * WG) {
+        dst[i] = src[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn read_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    var acc = vec4<f32>(0.0);
+    for (var i = gid.x; i < P.vec4s; i += nwg.x * WG) {
+        acc += src[i];
+    }
+    // A store that depends on the sum keeps the compiler from dropping the loads; it (almost)
+    // never happens, and when it does it only scribbles on the copy's destination.
+    if (acc.x == P.sink) {
+        dst[gid.x % max(P.vec4s, 1u)] = acc;
+    }
+}
+
+// ---- the unfused loss ----
+
+// Workgroup reduction of one value per invocation (max, or sum). Every invocation gets the result.
+fn reduce(lid: u32, value: f32, take_max: bool) -> f32 {
+    red[lid] = value;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            let other = red[lid + s];
+            red[lid] = select(red[lid] + other, max(red[lid], other), take_max);
+        }
+        workgroupBarrier();
+    }
+    let result = red[0];
+    workgroupBarrier();
+    return result;
+}
+
+fn row_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+fn ignored(label: i32) -> bool {
+    return label == P.ignore_index;
+}
+
+// Step 1: per-row max, then log-sum-exp (two sweeps over the row, as a max-then-sum kernel does).
+@compute @workgroup_size(WG)
+fn lse_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row_of(wid, nwg);
+    if (r >= P.rows) {
+        return;
+    }
+    let e0 = P.base + r * P.classes;
+    var m = NEG_BIG;
+    for (var c = lid; c < P.classes; c += WG) {
+        m = max(m, logits[e0 + c]);
+    }
+    m = reduce(lid, m, true);
+    var s = 0.0;
+    for (var c = lid; c < P.classes; c += WG) {
+        s += exp(logits[e0 + c] - m);
+    }
+    s = reduce(lid, s, false);
+    if (lid == 0u) {
+        lse[P.row_begin + r] = m + log(s);
+    }
+}
+
+// Step 2: materialise log_softmax = x - lse.
+@compute @workgroup_size(WG)
+fn logsm_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row_of(wid, nwg);
+    if (r >= P.rows) {
+        return;
+    }
+    let e0 = P.base + r * P.classes;
+    let l = lse[P.row_begin + r];
+    for (var c = lid; c < P.classes; c += WG) {
+        logsm[e0 + c] = logits[e0 + c] - l;
+    }
+}
+
+// Step 3: the smoothed loss of each row, -sum_c q_c log_softmax_c (0 for ignored rows).
+@compute @workgroup_size(WG)
+fn loss_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row_of(wid, nwg);
+    if (r >= P.rows) {
+        return;
+    }
+    let e0 = P.base + r * P.classes;
+    var s = 0.0;
+    for (var c = lid; c < P.classes; c += WG) {
+        s += logsm[e0 + c];
+    }
+    s = reduce(lid, s, false);
+    if (lid == 0u) {
+        let y = labels[P.row_begin + r];
+        var loss = 0.0;
+        if (!ignored(y)) {
+            loss = -(P.off * s + (P.on - P.off) * logsm[e0 + u32(y)]);
+        }
+        row_loss[P.row_begin + r] = loss;
+    }
+}
+
+// Step 4 (one workgroup, all rows): the mean over non-ignored rows, and their count.
+@compute @workgroup_size(WG)
+fn mean_main(@builtin(local_invocation_index) lid: u32) {
+    var s = 0.0;
+    var n = 0.0;
+    for (var r = lid; r < P.total_rows; r += WG) {
+        s += row_loss[r];
+        n += select(1.0, 0.0, ignored(labels[r]));
+    }
+    s = reduce(lid, s, false);
+    n = reduce(lid, n, false);
+    if (lid == 0u) {
+        out[0] = s / n;
+        out[1] = n;
+    }
+}
+
+// Step 5: the backward from the saved log_softmax, (softmax * mass - q) / count, written over it.
+@compute @workgroup_size(WG)
+fn grad_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row_of(wid, nwg);
+    if (r >= P.rows) {
+        return;
+    }
+    let e0 = P.base + r * P.classes;
+    let y = labels[P.row_begin + r];
+    let scale = select(1.0 / out[1], 0.0, ignored(y));
+    for (var c = lid; c < P.classes; c += WG) {
+        let q = select(P.off, P.on, i32(c) == y);
+        logsm[e0 + c] = (exp(logsm[e0 + c]) * P.mass - q) * scale;
+    }
+}
