@@ -23,7 +23,9 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
-use lsce::{Gradient, LossBuffers, LossKernel, LossPlan, LossSpec, Problem, Shape, Summary};
+use lsce::{
+    Gradient, LossBinding, LossBuffers, LossKernel, LossPlan, LossSpec, Problem, Shape, Summary,
+};
 use wgpu::util::DeviceExt;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -653,16 +655,12 @@ impl Evaluation {
         record(&mut encoder, "eval forward", &self.forward.dispatches);
         self.plan.encode(
             &mut encoder,
-            &LossBuffers {
-                logits: self.forward.logits.slice(..),
-                targets: self.labels.slice(..),
-                weights: None,
-                upstream: None,
-                loss: None,
-                lse: Some(self.lse.slice(..)),
-                grad: None,
-                summary: self.summary.slice(..),
-            },
+            &LossBuffers::new(
+                self.forward.logits.slice(..),
+                self.labels.slice(..),
+                self.summary.slice(..),
+            )
+            .with_lse(self.lse.slice(..)),
         )?;
         let bytes = submit_and_read(
             device,
@@ -670,8 +668,8 @@ impl Evaluation {
             encoder,
             &[&self.forward.logits, &self.lse, &self.summary],
         )?;
-        let summary: Summary = bytemuck::pod_read_unaligned(&bytes[2]);
-        summary.check(CLASSES)?;
+        let summary = Summary::from_bytes(&bytes[2]);
+        self.plan.check(&summary)?;
         Ok(Evaluated {
             logits: bytemuck::pod_collect_to_vec(&bytes[0]),
             lse: bytemuck::pod_collect_to_vec(&bytes[1]),
@@ -778,6 +776,11 @@ impl Model {
                 .with_gradient(Gradient::InPlace)
                 .with_accuracy(true),
         )?;
+        // One binding per minibatch, made once: the buffers never change, so a step's encode
+        // allocates nothing.
+        let bindings = (0..BATCHES_PER_EPOCH)
+            .map(|batch| self.bind_loss(&plan, u64::from(batch * BATCH)))
+            .collect::<Result<Vec<_>>>()?;
         let start = Instant::now();
         let steps = epochs * BATCHES_PER_EPOCH;
         for step in 0..steps {
@@ -792,12 +795,12 @@ impl Model {
                 self.batch_x.size(),
             );
             record(&mut encoder, "forward", &self.forward.dispatches);
-            self.encode_loss(&plan, &mut encoder, first)?;
+            bindings[(step % BATCHES_PER_EPOCH) as usize].encode(&mut encoder);
             record(&mut encoder, "backward", &self.backward);
             if (step + 1) % (REPORT_EVERY * BATCHES_PER_EPOCH) == 0 || step + 1 == steps {
                 let bytes = submit_and_read(&self.device, queue, encoder, &[&self.summary])?;
-                let summary: Summary = bytemuck::pod_read_unaligned(&bytes[0]);
-                summary.check(CLASSES)?;
+                let summary = Summary::from_bytes(&bytes[0]);
+                plan.check(&summary)?;
                 println!(
                     "  step {:>5}/{steps}  epoch {:>3}  batch loss {:.4}  \
                      batch accuracy {:.2} (against its noisy labels)",
@@ -814,30 +817,16 @@ impl Model {
         Ok(start.elapsed())
     }
 
-    /// lsce's part of a step: the loss of the minibatch starting at point `first` and its
-    /// gradient over the logits. The labels are a slice of the whole training set's buffer: lsce
-    /// takes any 4-byte-aligned offset.
-    fn encode_loss(
-        &self,
-        plan: &LossPlan,
-        encoder: &mut wgpu::CommandEncoder,
-        first: u64,
-    ) -> Result<()> {
+    /// lsce's part of a step, bound once: the loss of the minibatch starting at point `first`
+    /// and its gradient over the logits. The labels are a slice of the whole training set's
+    /// buffer: lsce takes any 4-byte-aligned offset.
+    fn bind_loss(&self, plan: &LossPlan, first: u64) -> Result<LossBinding> {
         let labels = first * F32..(first + u64::from(BATCH)) * F32;
-        plan.encode(
-            encoder,
-            &LossBuffers {
-                logits: self.forward.logits.slice(..),
-                targets: self.train_labels.slice(labels),
-                weights: None,
-                upstream: None,
-                loss: None,
-                lse: None,
-                grad: None,
-                summary: self.summary.slice(..),
-            },
-        )?;
-        Ok(())
+        Ok(plan.bind(&LossBuffers::new(
+            self.forward.logits.slice(..),
+            self.train_labels.slice(labels),
+            self.summary.slice(..),
+        ))?)
     }
 }
 

@@ -95,10 +95,11 @@
 //!
 //! let mut encoder = device.create_command_encoder(&Default::default());
 //! // ... the engine's forward pass writes `logits` here ...
-//! plan.encode(&mut encoder, &LossBuffers {
-//!     logits: logits.slice(..), targets: labels.slice(..), weights: None, upstream: None,
-//!     loss: None, lse: None, grad: Some(grad.slice(..)), summary: summary.slice(..),
-//! })?;
+//! let buffers = LossBuffers::new(logits.slice(..), labels.slice(..), summary.slice(..))
+//!     .with_grad(grad.slice(..));
+//! // Bind once while the buffers stay the same; encoding a binding allocates nothing.
+//! let binding = plan.bind(&buffers)?;
+//! binding.encode(&mut encoder);
 //! // ... the engine's backward pass reads `grad`, its optimiser runs, and so on ...
 //! queue.submit([encoder.finish()]);
 //! # Ok::<(), lsce::LsceError>(())
@@ -108,9 +109,11 @@
 //! - Every buffer is a `buffer.slice(offset..)` with `offset % 4 == 0`; sizes and usages are in
 //!   the table on [`LossBuffers`]. Bad usages, sizes, offsets, a missing or extra buffer, or a
 //!   buffer bound both read-only and writable give an `Err` before anything is recorded.
-//! - Encoding records one compute pass (a few dispatches per row window) and copies of the
-//!   32-byte [`Summary`] (and the reduced loss, if `loss` is given for `Sum`/`Mean`). It
-//!   creates a small uniform buffer and bind groups; it never submits, maps or polls.
+//! - [`LossPlan::bind`] validates the buffers, uploads the per-window parameters and creates the
+//!   bind groups; [`LossBinding::encode`] then records one compute pass (a few dispatches per
+//!   row window) and a copy of the 32-byte [`Summary`] (and of the reduced loss, if `loss` is
+//!   given for `Sum`/`Mean`), allocating nothing. [`LossPlan::encode`] does both in one call.
+//!   Nothing ever submits, maps or polls.
 //! - Results, the gradient and the summary are valid when the command buffer has executed.
 //!   Check [`Summary::check`]: a label outside `[0, classes)` that is not the ignore index is
 //!   reported there (first row and value), and its row's loss and gradient are NaN.
@@ -160,7 +163,7 @@ pub use device::{adapters, device_for_adapter, request_device, DeviceOptions, OP
 pub use error::{LsceError, Result};
 pub use kernel::{KernelConfig, LossKernel};
 pub use output::LossOutput;
-pub use plan::{Gradient, LossBuffers, LossPlan, Problem, Summary, TargetKind};
+pub use plan::{Gradient, LossBinding, LossBuffers, LossPlan, Problem, Summary, TargetKind};
 pub use spec::{
     Batch, Dtype, Logits, LossSpec, Reduction, Shape, Smoothing, TargetValues, Targets,
     UpstreamGrad,

@@ -1,6 +1,8 @@
 //! Plans and the encode API: record the loss into the caller's `CommandEncoder`, reading and
 //! writing the caller's buffers, with no submission, readback or wait.
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{LsceError, Result};
@@ -220,6 +222,56 @@ pub struct LossBuffers<'a> {
     pub summary: wgpu::BufferSlice<'a>,
 }
 
+impl<'a> LossBuffers<'a> {
+    /// The required buffers; the optional ones are added with the `with_*` methods.
+    pub fn new(
+        logits: wgpu::BufferSlice<'a>,
+        targets: wgpu::BufferSlice<'a>,
+        summary: wgpu::BufferSlice<'a>,
+    ) -> Self {
+        Self {
+            logits,
+            targets,
+            weights: None,
+            upstream: None,
+            loss: None,
+            lse: None,
+            grad: None,
+            summary,
+        }
+    }
+
+    /// Sets [`LossBuffers::weights`].
+    pub fn with_weights(mut self, weights: wgpu::BufferSlice<'a>) -> Self {
+        self.weights = Some(weights);
+        self
+    }
+
+    /// Sets [`LossBuffers::upstream`].
+    pub fn with_upstream(mut self, upstream: wgpu::BufferSlice<'a>) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// Sets [`LossBuffers::loss`].
+    pub fn with_loss(mut self, loss: wgpu::BufferSlice<'a>) -> Self {
+        self.loss = Some(loss);
+        self
+    }
+
+    /// Sets [`LossBuffers::lse`].
+    pub fn with_lse(mut self, lse: wgpu::BufferSlice<'a>) -> Self {
+        self.lse = Some(lse);
+        self
+    }
+
+    /// Sets [`LossBuffers::grad`].
+    pub fn with_grad(mut self, grad: wgpu::BufferSlice<'a>) -> Self {
+        self.grad = Some(grad);
+        self
+    }
+}
+
 /// A contiguous range of batch items processed by one set of dispatches, small enough that
 /// every binding fits `max_storage_buffer_binding_size`.
 #[derive(Clone, Copy, Debug)]
@@ -236,9 +288,14 @@ struct Window {
 /// It owns the O(rows) scratch (partial sums, per-row losses for the reductions) and the
 /// compiled pipelines. [`LossPlan::encode`] may be called any number of times, from any thread;
 /// commands recorded from one plan execute in submission order, so the scratch is never shared
-/// by two executions at once.
-#[derive(Debug)]
+/// by two executions at once. Cloning is cheap (an `Arc`).
+#[derive(Clone, Debug)]
 pub struct LossPlan {
+    inner: Arc<PlanInner>,
+}
+
+#[derive(Debug)]
+struct PlanInner {
     kernel: LossKernel,
     problem: Problem,
     values: TargetValues,
@@ -409,7 +466,7 @@ impl LossPlan {
         };
         let param_stride = (std::mem::size_of::<Params>() as u64)
             .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment));
-        Ok(Self {
+        let inner = PlanInner {
             kernel: kernel.clone(),
             problem: *problem,
             values,
@@ -421,24 +478,40 @@ impl LossPlan {
             pipelines,
             param_stride,
             rows_per_workgroup: if strided { shader::AUX_WG_SIZE } else { 1 },
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
         })
     }
 
     /// The problem this plan was made for.
     pub fn problem(&self) -> &Problem {
-        &self.problem
+        &self.inner.problem
     }
 
     /// The number of row windows (1 unless a binding would exceed the device limit).
     pub fn windows(&self) -> usize {
-        self.windows.len()
+        self.inner.windows.len()
     }
 
     /// Bytes of scratch this plan allocated (all O(rows)).
     pub fn scratch_bytes(&self) -> u64 {
-        self.control.size()
-            + self.lse_scratch.size()
-            + self.row_loss_scratch.as_ref().map_or(0, wgpu::Buffer::size)
+        let p = &self.inner;
+        p.control.size()
+            + p.lse_scratch.size()
+            + p.row_loss_scratch.as_ref().map_or(0, wgpu::Buffer::size)
+    }
+
+    /// `Err(LabelOutOfRange)` if a summary written by this plan reports an invalid label.
+    pub fn check(&self, summary: &Summary) -> Result<()> {
+        summary.check(self.inner.problem.shape.classes())
+    }
+
+    /// Validates `buffers` against the plan and binds them: the window parameters are uploaded
+    /// and the bind groups created once, so that [`LossBinding::encode`] allocates nothing.
+    /// Keep the binding while the buffers stay the same (an engine's usual case).
+    pub fn bind(&self, buffers: &LossBuffers<'_>) -> Result<LossBinding> {
+        self.inner.bind(&self.inner, buffers)
     }
 
     /// Records the loss into `encoder`. Nothing is submitted, read back or waited for.
@@ -460,102 +533,158 @@ impl LossPlan {
         buffers: &LossBuffers<'_>,
         timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
-        let regions = self.validate(buffers)?;
-        let inner = &self.kernel.inner;
-        let device = &inner.device;
-        let in_place = self.problem.gradient == Gradient::InPlace;
+        self.bind(buffers)?
+            .encode_with_timestamps(encoder, timestamp_writes);
+        Ok(())
+    }
+}
 
-        let mut params = vec![0u8; (self.param_stride * self.windows.len() as u64) as usize];
-        let mut bind_groups = Vec::with_capacity(self.windows.len());
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let bound: Vec<_> = self
-            .windows
-            .iter()
-            .map(|w| regions.bind(w, &self.problem.shape, &inner.limits))
-            .collect();
-        for (i, (w, b)) in self.windows.iter().zip(&bound).enumerate() {
-            let p = self.params(w, b);
-            let at = i * self.param_stride as usize;
-            params[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
-        }
-        let params = upload(device, "lsce params", &params, wgpu::BufferUsages::UNIFORM)?;
-        for b in &bound {
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &params,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
-                }),
-            }];
-            entries.extend(
-                b.ranges
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| wgpu::BindGroupEntry {
-                        binding: i as u32 + 1,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: r.buffer,
-                            offset: r.offset,
-                            size: wgpu::BufferSize::new(r.size),
-                        }),
-                    }),
-            );
-            bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("lsce"),
-                layout: inner.layout(in_place),
-                entries: &entries,
-            }));
-        }
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(LsceError::Device(err.to_string()));
-        }
+/// A plan bound to the caller's buffers (see [`LossPlan::bind`]). Encoding it records the
+/// loss's compute pass and the summary copy, and allocates nothing.
+#[derive(Clone, Debug)]
+pub struct LossBinding {
+    plan: Arc<PlanInner>,
+    bind_groups: Vec<wgpu::BindGroup>,
+    summary: (wgpu::Buffer, u64),
+    loss_copy: Option<(wgpu::Buffer, u64)>,
+}
 
-        let offset = |i: usize| (i as u64 * self.param_stride) as u32;
+impl LossBinding {
+    /// Records the loss into `encoder`. Nothing is submitted, read back or waited for.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.encode_with_timestamps(encoder, None);
+    }
+
+    /// [`LossBinding::encode`] with timestamp writes around its compute pass (for profiling).
+    pub fn encode_with_timestamps(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) {
+        let plan = &self.plan;
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("lsce"),
                 timestamp_writes,
             });
-            if let Some(setup) = &self.pipelines.setup_partials {
-                pass.set_pipeline(setup);
-                for (i, w) in self.windows.iter().enumerate() {
-                    pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
-                    dispatch(&mut pass, w.rows.div_ceil(CHUNK_ROWS));
-                }
+            // Row passes run once per window, combines once; wgpu orders the dispatches of a
+            // pass by their storage hazards.
+            let chunks = |w: &Window| w.rows.div_ceil(CHUNK_ROWS);
+            let rows = |w: &Window| w.rows.div_ceil(plan.rows_per_workgroup);
+            let pipelines = &plan.pipelines;
+            if let Some(setup) = &pipelines.setup_partials {
+                self.per_window(&mut pass, setup, chunks);
             }
-            pass.set_pipeline(&self.pipelines.setup_final);
-            pass.set_bind_group(0, &bind_groups[0], &[offset(0)]);
-            pass.dispatch_workgroups(1, 1, 1);
-            pass.set_pipeline(&self.pipelines.rows);
-            for (i, w) in self.windows.iter().enumerate() {
-                pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
-                dispatch(&mut pass, w.rows.div_ceil(self.rows_per_workgroup));
-            }
-            if let Some((partials, last)) = &self.pipelines.finalize {
-                pass.set_pipeline(partials);
-                for (i, w) in self.windows.iter().enumerate() {
-                    pass.set_bind_group(0, &bind_groups[i], &[offset(i)]);
-                    dispatch(&mut pass, w.rows.div_ceil(CHUNK_ROWS));
-                }
-                pass.set_pipeline(last);
-                pass.set_bind_group(0, &bind_groups[0], &[offset(0)]);
-                pass.dispatch_workgroups(1, 1, 1);
+            self.once(&mut pass, &pipelines.setup_final);
+            self.per_window(&mut pass, &pipelines.rows, rows);
+            if let Some((partials, last)) = &pipelines.finalize {
+                self.per_window(&mut pass, partials, chunks);
+                self.once(&mut pass, last);
             }
         }
         encoder.copy_buffer_to_buffer(
-            &self.control,
+            &plan.control,
             0,
-            buffers.summary.buffer(),
-            buffers.summary.offset(),
+            &self.summary.0,
+            self.summary.1,
             Summary::SIZE,
         );
-        if let (Some(loss), Reduction::Sum | Reduction::Mean) =
-            (buffers.loss, self.problem.spec.reduction)
-        {
-            encoder.copy_buffer_to_buffer(&self.control, 0, loss.buffer(), loss.offset(), WORD);
+        if let Some((buffer, at)) = &self.loss_copy {
+            encoder.copy_buffer_to_buffer(&plan.control, 0, buffer, *at, WORD);
         }
-        Ok(())
+    }
+}
+
+impl LossBinding {
+    fn per_window(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        pipeline: &wgpu::ComputePipeline,
+        workgroups: impl Fn(&Window) -> u32,
+    ) {
+        pass.set_pipeline(pipeline);
+        for (i, w) in self.plan.windows.iter().enumerate() {
+            pass.set_bind_group(
+                0,
+                &self.bind_groups[i],
+                &[(i as u64 * self.plan.param_stride) as u32],
+            );
+            dispatch(pass, workgroups(w));
+        }
+    }
+
+    fn once(&self, pass: &mut wgpu::ComputePass<'_>, pipeline: &wgpu::ComputePipeline) {
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &self.bind_groups[0], &[0]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+}
+
+impl PlanInner {
+    fn bind(&self, this: &Arc<PlanInner>, buffers: &LossBuffers<'_>) -> Result<LossBinding> {
+        let regions = self.validate(buffers)?;
+        let inner = &self.kernel.inner;
+        let device = &inner.device;
+        let in_place = self.problem.gradient == Gradient::InPlace;
+        let bound: Vec<_> = self
+            .windows
+            .iter()
+            .map(|w| regions.bind(w, &self.problem.shape, &inner.limits))
+            .collect();
+        let mut params = vec![0u8; (self.param_stride * self.windows.len() as u64) as usize];
+        for (i, (w, b)) in self.windows.iter().zip(&bound).enumerate() {
+            let at = i * self.param_stride as usize;
+            params[at..at + std::mem::size_of::<Params>()]
+                .copy_from_slice(bytemuck::bytes_of(&self.params(w, b)));
+        }
+        // A buffer of another device is only caught by wgpu's validation: scope it into an Err
+        // (the scope resolves immediately on native backends).
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let params = upload(device, "lsce params", &params, wgpu::BufferUsages::UNIFORM)?;
+        let bind_groups =
+            bound
+                .iter()
+                .map(|b| {
+                    let mut entries = vec![wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &params,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                        }),
+                    }];
+                    entries.extend(b.ranges.iter().enumerate().map(|(i, r)| {
+                        wgpu::BindGroupEntry {
+                            binding: i as u32 + 1,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: r.buffer,
+                                offset: r.offset,
+                                size: wgpu::BufferSize::new(r.size),
+                            }),
+                        }
+                    }));
+                    device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("lsce"),
+                        layout: inner.layout(in_place),
+                        entries: &entries,
+                    })
+                })
+                .collect();
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(LsceError::Device(err.to_string()));
+        }
+        let loss_copy = match (buffers.loss, self.problem.spec.reduction) {
+            (Some(loss), Reduction::Sum | Reduction::Mean) => {
+                Some((loss.buffer().clone(), loss.offset()))
+            }
+            _ => None,
+        };
+        Ok(LossBinding {
+            plan: Arc::clone(this),
+            bind_groups,
+            summary: (buffers.summary.buffer().clone(), buffers.summary.offset()),
+            loss_copy,
+        })
     }
 
     fn params(&self, w: &Window, b: &BoundWindow<'_>) -> Params {

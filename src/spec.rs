@@ -363,6 +363,35 @@ pub enum Dtype {
     Bf16,
 }
 
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = LsceError;
+
+    /// `f32`, `f16` or `bf16`.
+    ///
+    /// ```
+    /// assert_eq!("bf16".parse::<lsce::Dtype>().unwrap(), lsce::Dtype::Bf16);
+    /// assert!("f64".parse::<lsce::Dtype>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Dtype::F32),
+            "f16" => Ok(Dtype::F16),
+            "bf16" => Ok(Dtype::Bf16),
+            _ => Err(LsceError::Unsupported("dtypes are f32, f16 and bf16")),
+        }
+    }
+}
+
 impl Dtype {
     /// Bytes per element.
     pub fn bytes(self) -> u64 {

@@ -140,16 +140,8 @@ fn run_plan(plan: &lsce::LossPlan, shape: Shape, x: &[f32], y: &[i32]) -> Summar
     let mut encoder = d.create_command_encoder(&Default::default());
     plan.encode(
         &mut encoder,
-        &LossBuffers {
-            logits: logits.slice(..),
-            targets: targets.slice(..),
-            weights: None,
-            upstream: None,
-            loss: None,
-            lse: None,
-            grad: Some(grad.slice(..)),
-            summary: summary.slice(..),
-        },
+        &LossBuffers::new(logits.slice(..), targets.slice(..), summary.slice(..))
+            .with_grad(grad.slice(..)),
     )
     .unwrap();
     encoder.copy_buffer_to_buffer(&summary, 0, &readback, 0, Summary::SIZE);
