@@ -79,7 +79,7 @@ usage: cargo bench --bench lsce -- [options]
   --repeats N       timed runs per measurement, median reported (default 7; --quick 3)
   --warmup N        untimed runs first (default 2; --quick 1)
   --max-memory GIB  skip shapes whose two rows x classes buffers exceed GIB
-  --row-workgroup N, --row-cache N, --no-subgroups
+  --row-workgroup N, --row-cache N, --row-groups N|all, --no-subgroups
                     override the adapter's default lsce::KernelConfig
   --quick           a small set of shapes and fewer repeats
   --json FILE       write the results as a JSON array of records
@@ -148,6 +148,8 @@ struct Options {
     /// Overrides of the adapter's default `KernelConfig`.
     row_workgroup: Option<u32>,
     row_cache: Option<u32>,
+    /// `Some(None)`: one row-kernel workgroup per row (`--row-groups all`).
+    row_groups: Option<Option<u32>>,
     subgroups: bool,
     json: Option<String>,
     plot: Option<String>,
@@ -167,6 +169,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         max_memory: None,
         row_workgroup: None,
         row_cache: None,
+        row_groups: None,
         subgroups: true,
         json: None,
         plot: None,
@@ -224,6 +227,14 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 o.row_workgroup = Some(parse_count(flag, &value()?, 1, 1 << 16)? as u32)
             }
             "--row-cache" => o.row_cache = Some(parse_count(flag, &value()?, 1, 1 << 16)? as u32),
+            "--row-groups" => {
+                let v = value()?;
+                o.row_groups = Some(if v == "all" {
+                    None
+                } else {
+                    Some(parse_count(flag, &v, 1, 1 << 30)? as u32)
+                });
+            }
             "--no-subgroups" => o.subgroups = false,
             "--json" => o.json = Some(value()?),
             "--plot" => o.plot = Some(value()?),
@@ -544,10 +555,13 @@ fn print_table(gpu: &Gpu, options: &Options, records: &[Record]) {
     let limits = gpu.device.limits();
     let config = gpu.kernel.config();
     println!(
-        "kernel: row_workgroup {}, row_cache {}, subgroups {} | max_buffer_size {}, \
-         max_storage_buffer_binding_size {}",
+        "kernel: row_workgroup {}, row_cache {}, row_groups {}, subgroups {} | \
+         max_buffer_size {}, max_storage_buffer_binding_size {}",
         config.row_workgroup,
         config.row_cache,
+        config
+            .max_row_workgroups
+            .map_or("one per row".to_string(), |n| n.to_string()),
         if gpu.kernel.uses_subgroups() {
             "yes"
         } else {
@@ -764,6 +778,8 @@ impl Gpu {
             row_workgroup: options.row_workgroup.unwrap_or(defaults.row_workgroup),
             row_cache: options.row_cache.unwrap_or(defaults.row_cache),
             use_subgroups: options.subgroups,
+            max_row_workgroups: options.row_groups.unwrap_or(defaults.max_row_workgroups),
+            ..defaults
         };
         let kernel = LossKernel::with_config(&device, config)
             .map_err(|e| format!("kernel configuration {config:?}: {e}"))?;
@@ -1466,6 +1482,12 @@ fn to_json(records: &[Record]) -> String {
                 ("repeats", r.repeats.to_string()),
                 ("row_workgroup", r.config.row_workgroup.to_string()),
                 ("row_cache", r.config.row_cache.to_string()),
+                (
+                    "row_groups",
+                    r.config
+                        .max_row_workgroups
+                        .map_or("null".to_string(), |n| n.to_string()),
+                ),
                 ("subgroups", r.subgroups.to_string()),
                 (
                     "skipped",

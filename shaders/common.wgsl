@@ -1,4 +1,5 @@
-// Shared by every kernel: the per-dispatch parameters, the logit transform, the target
+// Shared by every kernel: the per-dispatch parameters (read through the private copy Q of the
+// uniform P, which each entry point makes first with load_params), the logit transform, the target
 // coefficients and the gradient scale. The bindings and element accessors (load_logit,
 // store_grad, ...) are generated in Rust (src/shader.rs) ahead of this file, together with the
 // constants WG_SIZE and CACHE_N.
@@ -95,9 +96,9 @@ fn stable_tanh(u: f32) -> f32 {
 
 // z = softcap(scale * x). A -inf logit (a masked entry) stays -inf. Mirror: cpu::transform.
 fn transform_logit(x: f32) -> f32 {
-    let u = x * P.logit_scale;
+    let u = x * Q.logit_scale;
     if (HAS_SOFTCAP) {
-        return select(P.softcap * stable_tanh(u / P.softcap), u, x == neg_inf());
+        return select(Q.softcap * stable_tanh(u / Q.softcap), u, x == neg_inf());
     }
     return u;
 }
@@ -105,22 +106,22 @@ fn transform_logit(x: f32) -> f32 {
 // dz/dx, expressed through z so that the cached path needs no second tanh.
 fn transform_slope(z: f32) -> f32 {
     if (HAS_SOFTCAP) {
-        let t = z / P.softcap;
-        return select(P.logit_scale * (1.0 - t * t), 0.0, z == neg_inf());
+        let t = z / Q.softcap;
+        return select(Q.logit_scale * (1.0 - t * t), 0.0, z == neg_inf());
     }
-    return P.logit_scale;
+    return Q.logit_scale;
 }
 
 fn weight(c: u32) -> f32 {
     if (HAS_WEIGHTS) {
-        return weights[P.weights_base + c];
+        return weights[Q.weights_base + c];
     }
     return 1.0;
 }
 
 // off_c: the off-value, 0 for the excluded class.
 fn off_value(c: u32) -> f32 {
-    return select(P.off, 0.0, c == P.excluded);
+    return select(Q.off, 0.0, c == Q.excluded);
 }
 
 // a_c of a class-label row: w_c off_c + [c == y] w_y (on - off_y). `label_extra` is
@@ -132,12 +133,12 @@ fn class_coef(c: u32, label: u32, label_extra: f32) -> f32 {
 // a_c of a probability row: w_c (off_c + (on - off_c) t_c).
 fn soft_coef(c: u32, t: f32) -> f32 {
     let off = off_value(c);
-    return weight(c) * (off + (P.on - off) * t);
+    return weight(c) * (off + (Q.on - off) * t);
 }
 
 // The label's own extra coefficient w_y (on - off_y).
 fn label_extra(label: u32) -> f32 {
-    return weight(label) * (P.on - off_value(label));
+    return weight(label) * (Q.on - off_value(label));
 }
 
 // The off-mass sum_c w_c off_c of a class-label row: a constant of the spec, computed on the
@@ -146,24 +147,24 @@ fn off_mass() -> f32 {
     if (HAS_WEIGHTS) {
         return bitcast<f32>(atomicLoad(&control[CTRL_OFF_MASS]));
     }
-    return P.off_mass;
+    return Q.off_mass;
 }
 
 // The row loss A lse - B + z lse^2. Mirror: cpu::row_loss.
 fn row_loss_value(lse_v: f32, mass: f32, dot: f32) -> f32 {
-    return mass * lse_v - dot + P.z_loss * lse_v * lse_v;
+    return mass * lse_v - dot + Q.z_loss * lse_v * lse_v;
 }
 
 // The factor that multiplies (softmax * coef - a) for row r of the window: the upstream
 // gradient, divided by the denominator for the mean (NaN when every row is ignored or weighs 0).
 fn row_scale(r: u32) -> f32 {
     var g = 1.0;
-    if (P.upstream_mode == UPSTREAM_SCALAR) {
-        g = upstream[P.upstream_base];
-    } else if (P.upstream_mode == UPSTREAM_PER_ROW) {
-        g = upstream[P.upstream_base + r];
+    if (Q.upstream_mode == UPSTREAM_SCALAR) {
+        g = upstream[Q.upstream_base];
+    } else if (Q.upstream_mode == UPSTREAM_PER_ROW) {
+        g = upstream[Q.upstream_base + r];
     }
-    if (P.reduction == REDUCTION_MEAN) {
+    if (Q.reduction == REDUCTION_MEAN) {
         let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
         return select(g / d, nan(), d == 0.0);
     }
@@ -175,7 +176,7 @@ fn row_label(r: u32) -> i32 {
     if (SOFT_TARGETS) {
         return 0;
     }
-    return bitcast<i32>(targets[P.targets_base + r]);
+    return bitcast<i32>(targets[Q.targets_base + r]);
 }
 
 const ROW_VALID: u32 = 0u;
@@ -186,10 +187,10 @@ fn classify_label(label: i32) -> u32 {
     if (SOFT_TARGETS) {
         return ROW_VALID;
     }
-    if (P.has_ignore != 0u && label == P.ignore_index) {
+    if (Q.has_ignore != 0u && label == Q.ignore_index) {
         return ROW_IGNORED;
     }
-    if (label < 0 || u32(label) >= P.classes) {
+    if (label < 0 || u32(label) >= Q.classes) {
         return ROW_BAD_LABEL;
     }
     return ROW_VALID;
@@ -197,7 +198,7 @@ fn classify_label(label: i32) -> u32 {
 
 // The probability target of element e of the window.
 fn prob(e: u32) -> f32 {
-    return bitcast<f32>(targets[P.targets_base + e]);
+    return bitcast<f32>(targets[Q.targets_base + e]);
 }
 
 // Adds the logit z of class c (element e of the window) to a row's target sums: `.y` the dot
@@ -209,7 +210,7 @@ fn add_target(sums: ptr<function, vec4<f32>>, c: u32, e: u32, z: f32) {
         let a = soft_coef(c, prob(e));
         (*sums).y += a * z;
         (*sums).z += a;
-    } else if (P.off != 0.0 && c != P.excluded) {
+    } else if (Q.off != 0.0 && c != Q.excluded) {
         (*sums).y += weight(c) * z;
     }
 }
@@ -220,7 +221,7 @@ fn row_totals(sums: vec4<f32>, extra: f32, z_label: f32) -> vec2<f32> {
     if (SOFT_TARGETS) {
         return sums.yz;
     }
-    return vec2<f32>(select(0.0, P.off * sums.y, P.off != 0.0) + extra * z_label, off_mass() + extra);
+    return vec2<f32>(select(0.0, Q.off * sums.y, Q.off != 0.0) + extra * z_label, off_mass() + extra);
 }
 
 // The gradient of class c (element e): (p * p_coef - a_c) * scale * dz/dx.
@@ -236,8 +237,8 @@ fn grad_value(c: u32, e: u32, p: f32, z: f32, label: u32, extra: f32, p_coef: f3
 
 // Writes the per-row outputs of row r of the window.
 fn store_row(r: u32, loss_v: f32, lse_v: f32) {
-    row_loss[P.loss_base + r] = loss_v;
-    lse[P.lse_base + r] = lse_v;
+    row_loss[Q.loss_base + r] = loss_v;
+    lse[Q.lse_base + r] = lse_v;
 }
 
 // Online softmax statistics: `m` a running max, `v.x` the sum of exp(z - m), v.yzw plain sums

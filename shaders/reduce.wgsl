@@ -8,36 +8,38 @@
 
 @compute @workgroup_size(WG_SIZE)
 fn finalize_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    team_begin(ids);
+    load_params();
+    team_begin(ids, wid, nwg);
     let chunk = wid.y * nwg.x + wid.x;
     let first = chunk * CHUNK_ROWS;
-    if (first >= P.row_count) {
+    if (first >= Q.row_count) {
         return;
     }
     let lid = team_lid();
     var sums = vec4<f32>(0.0);  // x: loss, y: z-loss part
     for (var i = 0u; i < CHUNK_ROWS / WG_SIZE; i++) {
         let r = first + i * WG_SIZE + lid;
-        if (r < P.row_count) {
-            let l = lse[P.lse_base + r];
-            sums.x += row_loss[P.loss_base + r];
-            sums.y += P.z_loss * l * l;
+        if (r < Q.row_count) {
+            let l = lse[Q.lse_base + r];
+            sums.x += row_loss[Q.loss_base + r];
+            sums.y += Q.z_loss * l * l;
         }
     }
     sums = team_sum4(sums);
     if (lid == 0u) {
-        let slot = CTRL_PARTIALS + (P.chunk_base + chunk) * PARTIAL_WORDS;
+        let slot = CTRL_PARTIALS + (Q.chunk_base + chunk) * PARTIAL_WORDS;
         atomicStore(&control[slot], bitcast<u32>(sums.x));
         atomicStore(&control[slot + 1u], bitcast<u32>(sums.y));
     }
 }
 
 @compute @workgroup_size(WG_SIZE)
-fn finalize_final(ids: TeamIds) {
-    team_begin(ids);
+fn finalize_final(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
     let lid = team_lid();
     var sums = vec4<f32>(0.0);
-    for (var i = lid; i < P.chunk_count; i += WG_SIZE) {
+    for (var i = lid; i < Q.chunk_count; i += WG_SIZE) {
         let slot = CTRL_PARTIALS + i * PARTIAL_WORDS;
         sums.x += bitcast<f32>(atomicLoad(&control[slot]));
         sums.y += bitcast<f32>(atomicLoad(&control[slot + 1u]));
@@ -46,7 +48,7 @@ fn finalize_final(ids: TeamIds) {
     if (lid == 0u) {
         var loss_v = sums.x;
         var z_v = sums.y;
-        if (P.reduction == REDUCTION_MEAN) {
+        if (Q.reduction == REDUCTION_MEAN) {
             let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
             loss_v = select(loss_v / d, nan(), d == 0.0);
             z_v = select(z_v / d, nan(), d == 0.0);

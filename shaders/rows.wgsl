@@ -1,10 +1,11 @@
-// The fused row kernel for [rows, classes] logits (spatial == 1): one workgroup per row.
+// The fused row kernel for [rows, classes] logits (spatial == 1): one team per row, where a
+// team is a workgroup or a single subgroup (the composed team file decides).
 //
 // A row is walked in units of UNIT consecutive logits (at most 4; 2 for 16-bit logits, one u32
 // word, so that no two invocations write halves of the same word), held in a vec4. Per row of K classes
 // it computes max and log-sum-exp, the target dot product and mass, the loss, and the gradient
 // (softmax * mass - a) * scale * dz/dx, in one dispatch:
-//   K <= WG_SIZE * CACHE_N * UNIT ("cached"): the row is read once into registers; max first,
+//   K <= team size * CACHE_N * UNIT ("cached"): the row is read once into registers; max first,
 //     then one exp per element whose result the gradient reuses.
 //     Traffic: K logits read once, K gradient values written.
 //   larger K ("streaming"): an online max/sum-exp sweep, then a gradient sweep that reads the
@@ -16,14 +17,12 @@
 //
 // Mirror: cpu::compute (row_statistics, row_loss, the gradient).
 
-var<workgroup> wg_label: i32;
-
 // Writes `value` as the gradient of units [u0, u0 + units) restricted to elements [g0, g0 + K).
 fn fill_row(r: u32, g0: u32, u0: u32, units: u32, value: f32) {
     let lid = team_lid();
     if (WRITE_GRAD) {
-        for (var u = lid; u < units; u += WG_SIZE) {
-            store_unit(u0 + u, vec4<f32>(value), g0, g0 + P.classes);
+        for (var u = lid; u < units; u += team_size()) {
+            store_unit(u0 + u, vec4<f32>(value), g0, g0 + Q.classes);
         }
     }
     if (lid == 0u) {
@@ -33,21 +32,25 @@ fn fill_row(r: u32, g0: u32, u0: u32, units: u32, value: f32) {
 
 @compute @workgroup_size(WG_SIZE)
 fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    team_begin(ids);
-    let r = wid.y * nwg.x + wid.x;
-    if (r >= P.row_count) {
-        return;
+    load_params();
+    team_begin(ids, wid, nwg);
+    // Each team (a workgroup or a subgroup, per the composed team file) strides over the
+    // window's rows: the host may launch fewer teams than rows where starting a workgroup is
+    // expensive (CPU adapters).
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        process_row(r);
     }
+}
+
+// Everything about row r of the window, computed by one team.
+fn process_row(r: u32) {
     let lid = team_lid();
-    let k = P.classes;
+    let k = Q.classes;
     let e0 = r * k;                // the row's first element, relative to the window
-    let g0 = P.logits_base + e0;   // the same, as an index into `logits`
+    let g0 = Q.logits_base + e0;   // the same, as an index into `logits`
     let u0 = g0 / UNIT;            // the row's first unit (may start before g0)
     let units = (g0 + k + UNIT - 1u) / UNIT - u0;
-    if (lid == 0u) {
-        wg_label = row_label(r);
-    }
-    let label_i = workgroupUniformLoad(&wg_label);
+    let label_i = team_row_label(r);
     let kind = classify_label(label_i);
     if (kind == ROW_IGNORED) {
         fill_row(r, g0, u0, units, 0.0);
@@ -68,14 +71,20 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     var m = NEG_BIG;
     var sums = vec4<f32>(0.0);  // x: sum exp(z - m), y: dot, z: mass (see add_target)
     var best = argmax_none();
-    let cached = units <= WG_SIZE * CACHE_N;
+    let cached = units <= team_size() * CACHE_N;
+    // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
+    // live in registers) but skip the slots past the row, uniformly across the workgroup.
+    let slots = (units + team_size() - 1u) / team_size();
     var cache: array<f32, CACHE_N * UNIT>;
     var lse_v: f32;
 
     if (cached) {
         // Read once; max without exp.
         for (var j = 0u; j < CACHE_N; j++) {
-            let u = lid + j * WG_SIZE;
+            if (j >= slots) {
+                break;
+            }
+            let u = lid + j * team_size();
             var x = vec4<f32>(0.0);
             if (u < units) {
                 x = load_unit(u0 + u);
@@ -95,6 +104,9 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         }
         m = team_max(m);
         for (var j = 0u; j < CACHE_N * UNIT; j++) {
+            if (j >= slots * UNIT) {
+                break;
+            }
             let e = exp(cache[j] - m);
             sums.x += e;
             if (!HAS_SOFTCAP) {
@@ -105,7 +117,7 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         lse_v = m + log(sums.x);
     } else {
         var sum_exp = 0.0;
-        for (var u = lid; u < units; u += WG_SIZE) {
+        for (var u = lid; u < units; u += team_size()) {
             let x = load_unit(u0 + u);
             for (var i = 0u; i < UNIT; i++) {
                 let g = (u0 + u) * UNIT + i;
@@ -141,11 +153,14 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         return;
     }
     let scale = row_scale(r);
-    let p_coef = totals.y + 2.0 * P.z_loss * lse_v;
+    let p_coef = totals.y + 2.0 * Q.z_loss * lse_v;
     if (cached) {
         let inv_sum = 1.0 / sums.x;
         for (var j = 0u; j < CACHE_N; j++) {
-            let u = lid + j * WG_SIZE;
+            if (j >= slots) {
+                break;
+            }
+            let u = lid + j * team_size();
             if (u < units) {
                 var z = vec4<f32>(0.0);
                 var p = vec4<f32>(0.0);
@@ -162,7 +177,7 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
             }
         }
     } else {
-        for (var u = lid; u < units; u += WG_SIZE) {
+        for (var u = lid; u < units; u += team_size()) {
             let x = load_unit(u0 + u);
             let z = vec4<f32>(transform_logit(x.x), transform_logit(x.y), transform_logit(x.z), transform_logit(x.w));
             write_grad_unit(u0 + u, g0, e0, exp(z - lse_v), z, label, extra, p_coef, scale);
@@ -176,10 +191,10 @@ fn write_grad_unit(u: u32, g0: u32, e0: u32, p: vec4<f32>, z: vec4<f32>, label: 
     var v = vec4<f32>(0.0);
     for (var i = 0u; i < UNIT; i++) {
         let g = u * UNIT + i;
-        if (g >= g0 && g - g0 < P.classes) {
+        if (g >= g0 && g - g0 < Q.classes) {
             let c = g - g0;
             v[i] = grad_value(c, e0 + c, p[i], z[i], label, extra, p_coef, scale);
         }
     }
-    store_unit(u, v, g0, g0 + P.classes);
+    store_unit(u, v, g0, g0 + Q.classes);
 }

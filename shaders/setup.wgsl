@@ -9,10 +9,11 @@
 
 @compute @workgroup_size(WG_SIZE)
 fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    team_begin(ids);
+    load_params();
+    team_begin(ids, wid, nwg);
     let chunk = wid.y * nwg.x + wid.x;
     let first = chunk * CHUNK_ROWS;
-    if (first >= P.row_count) {
+    if (first >= Q.row_count) {
         return;
     }
     let lid = team_lid();
@@ -20,7 +21,7 @@ fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
     var bad = NONE_U32;
     for (var i = 0u; i < CHUNK_ROWS / WG_SIZE; i++) {
         let r = first + i * WG_SIZE + lid;
-        if (r < P.row_count) {
+        if (r < Q.row_count) {
             let label = row_label(r);
             let kind = classify_label(label);
             if (kind == ROW_VALID) {
@@ -34,28 +35,29 @@ fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
     sums = team_sum4(sums);
     let first_bad = team_min_u32(bad);
     if (lid == 0u) {
-        let slot = CTRL_PARTIALS + (P.chunk_base + chunk) * PARTIAL_WORDS;
+        let slot = CTRL_PARTIALS + (Q.chunk_base + chunk) * PARTIAL_WORDS;
         atomicStore(&control[slot], bitcast<u32>(sums.x));
         atomicStore(&control[slot + 1u], u32(sums.y));
         if (first_bad == NONE_U32) {
             atomicStore(&control[slot + 2u], NONE_U32);
             atomicStore(&control[slot + 3u], 0u);
         } else {
-            atomicStore(&control[slot + 2u], P.row_begin + first_bad);
+            atomicStore(&control[slot + 2u], Q.row_begin + first_bad);
             atomicStore(&control[slot + 3u], bitcast<u32>(row_label(first_bad)));
         }
     }
 }
 
 @compute @workgroup_size(WG_SIZE)
-fn setup_final(ids: TeamIds) {
-    team_begin(ids);
+fn setup_final(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
     let lid = team_lid();
     var sums = vec4<f32>(0.0);  // x: denominator, y: counted rows (exact below 2^24 per invocation)
     var bad = NONE_U32;
     var bad_label = 0u;
     // Probability targets have no labels: setup_partials did not run.
-    let chunks = select(P.chunk_count, 0u, SOFT_TARGETS);
+    let chunks = select(Q.chunk_count, 0u, SOFT_TARGETS);
     for (var i = lid; i < chunks; i += WG_SIZE) {
         let slot = CTRL_PARTIALS + i * PARTIAL_WORDS;
         sums.x += bitcast<f32>(atomicLoad(&control[slot]));
@@ -68,9 +70,9 @@ fn setup_final(ids: TeamIds) {
     }
     var weight_sum = 0.0;
     if (HAS_WEIGHTS) {
-        for (var c = lid; c < P.classes; c += WG_SIZE) {
-            if (c != P.excluded) {
-                weight_sum += weights[P.weights_base + c];
+        for (var c = lid; c < Q.classes; c += WG_SIZE) {
+            if (c != Q.excluded) {
+                weight_sum += weights[Q.weights_base + c];
             }
         }
     }
@@ -84,8 +86,8 @@ fn setup_final(ids: TeamIds) {
         var denominator = sums.x;
         var counted = u32(sums.y);
         if (SOFT_TARGETS) {
-            denominator = f32(P.total_rows);
-            counted = P.total_rows;
+            denominator = f32(Q.total_rows);
+            counted = Q.total_rows;
         }
         atomicStore(&control[CTRL_LOSS], 0u);
         atomicStore(&control[CTRL_Z_LOSS], 0u);
@@ -97,6 +99,6 @@ fn setup_final(ids: TeamIds) {
         }
         atomicStore(&control[CTRL_COUNTED_ROWS], counted);
         atomicStore(&control[7u], 0u);
-        atomicStore(&control[CTRL_OFF_MASS], bitcast<u32>(P.off * sums.z));
+        atomicStore(&control[CTRL_OFF_MASS], bitcast<u32>(Q.off * sums.z));
     }
 }

@@ -11,14 +11,15 @@
 
 @compute @workgroup_size(WG_SIZE)
 fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
     let r = (wid.y * nwg.x + wid.x) * WG_SIZE + lid;
-    if (r >= P.row_count) {
+    if (r >= Q.row_count) {
         return;
     }
-    let k = P.classes;
-    let stride = P.spatial;
+    let k = Q.classes;
+    let stride = Q.spatial;
     let e0 = (r / stride) * k * stride + r % stride;  // class 0 of the row, relative to the window
-    let g0 = P.logits_base + e0;
+    let g0 = Q.logits_base + e0;
     let label_i = row_label(r);
     let kind = classify_label(label_i);
     if (kind != ROW_VALID) {
@@ -60,7 +61,7 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         return;
     }
     let scale = row_scale(r);
-    let p_coef = totals.y + 2.0 * P.z_loss * lse_v;
+    let p_coef = totals.y + 2.0 * Q.z_loss * lse_v;
     for (var c = 0u; c < k; c++) {
         let g = g0 + c * stride;
         let z = transform_logit(load_elem(g));

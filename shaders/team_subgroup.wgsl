@@ -1,92 +1,66 @@
-// Workgroup-wide ("team") reductions built on subgroup operations: one subgroup reduction, one
-// exchange through workgroup memory, one sequential combine of the per-subgroup results (in a
-// fixed order, so the result is bitwise reproducible). Two barriers per reduction.
+// A team is one subgroup: each subgroup of the workgroup handles its own rows, and every
+// reduction is a single subgroup operation. No barriers, no workgroup memory: the fastest shape
+// where rows are short (many rows per workgroup) and where barriers are expensive (CPU
+// adapters, which run a workgroup's subgroups as coroutines). Reduction order is the
+// subgroup operation's, fixed for a given device and pipeline.
 //
-// Same interface as team_workgroup.wgsl, which the Rust composer picks when the device lacks
-// Features::SUBGROUP. MAX_SUBGROUPS (WG_SIZE / the adapter's smallest subgroup) is generated.
+// One of three interchangeable team files (see team_workgroup.wgsl for the interface).
+// Needs Features::SUBGROUP.
 
 struct TeamIds {
-    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_size) size: u32,
     @builtin(subgroup_id) sg_id: u32,
     @builtin(num_subgroups) sg_count: u32,
-    @builtin(subgroup_invocation_id) sg_lane: u32,
 }
 
-var<private> team_lid_: u32;
-var<private> team_sg_id: u32;
-var<private> team_sg_count: u32;
-var<private> team_sg_lane: u32;
-var<workgroup> team_v: array<vec4<f32>, MAX_SUBGROUPS>;
-var<workgroup> team_m: array<f32, MAX_SUBGROUPS>;
-var<workgroup> team_u: array<u32, MAX_SUBGROUPS>;
+var<private> team_lane: u32;
+var<private> team_size_: u32;
+var<private> team_first: u32;
+var<private> team_stride: u32;
 
-fn team_begin(ids: TeamIds) {
-    team_lid_ = ids.lid;
-    team_sg_id = ids.sg_id;
-    team_sg_count = ids.sg_count;
-    team_sg_lane = ids.sg_lane;
+fn team_begin(ids: TeamIds, wid: vec3<u32>, nwg: vec3<u32>) {
+    team_lane = ids.lane;
+    team_size_ = ids.size;
+    team_first = (wid.y * nwg.x + wid.x) * ids.sg_count + ids.sg_id;
+    team_stride = nwg.x * nwg.y * ids.sg_count;
 }
 
 fn team_lid() -> u32 {
-    return team_lid_;
+    return team_lane;
+}
+
+fn team_size() -> u32 {
+    return team_size_;
+}
+
+fn team_first_row() -> u32 {
+    return team_first;
+}
+
+fn team_row_stride() -> u32 {
+    return team_stride;
+}
+
+// Every lane reads the same label: uniform across the subgroup without an exchange.
+fn team_row_label(r: u32) -> i32 {
+    return row_label(r);
 }
 
 fn team_sum4(v: vec4<f32>) -> vec4<f32> {
-    let s = subgroupAdd(v);
-    if (team_sg_lane == 0u) {
-        team_v[team_sg_id] = s;
-    }
-    workgroupBarrier();
-    var acc = team_v[0];
-    for (var i = 1u; i < team_sg_count; i++) {
-        acc += team_v[i];
-    }
-    workgroupBarrier();
-    return acc;
+    return subgroupAdd(v);
 }
 
 fn team_max(v: f32) -> f32 {
-    let s = subgroupMax(v);
-    if (team_sg_lane == 0u) {
-        team_m[team_sg_id] = s;
-    }
-    workgroupBarrier();
-    var acc = team_m[0];
-    for (var i = 1u; i < team_sg_count; i++) {
-        acc = max(acc, team_m[i]);
-    }
-    workgroupBarrier();
-    return acc;
+    return subgroupMax(v);
 }
 
 fn team_min_u32(v: u32) -> u32 {
-    let s = subgroupMin(v);
-    if (team_sg_lane == 0u) {
-        team_u[team_sg_id] = s;
-    }
-    workgroupBarrier();
-    var acc = team_u[0];
-    for (var i = 1u; i < team_sg_count; i++) {
-        acc = min(acc, team_u[i]);
-    }
-    workgroupBarrier();
-    return acc;
+    return subgroupMin(v);
 }
 
-// Merges online softmax statistics: `m` is this invocation's running max, `v.x` its sum of
-// exp(z - m); v.yzw are plain sums. Returns the workgroup's (max, sums) with v.x relative to it.
+// Merges online softmax statistics; see team_workgroup.wgsl.
 fn team_merge(m: f32, v: vec4<f32>) -> OnlineStats {
     let sm = subgroupMax(m);
-    let sv = subgroupAdd(vec4<f32>(v.x * exp(m - sm), v.yzw));
-    if (team_sg_lane == 0u) {
-        team_m[team_sg_id] = sm;
-        team_v[team_sg_id] = sv;
-    }
-    workgroupBarrier();
-    var acc = OnlineStats(team_m[0], team_v[0]);
-    for (var i = 1u; i < team_sg_count; i++) {
-        acc = merge_stats(acc, OnlineStats(team_m[i], team_v[i]));
-    }
-    workgroupBarrier();
-    return acc;
+    return OnlineStats(sm, subgroupAdd(vec4<f32>(v.x * exp(m - sm), v.yzw)));
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{LsceError, Result};
-use crate::shader::{self, Family, ModuleKey, Params, BINDINGS};
+use crate::shader::{self, Family, ModuleKey, Params, Team, BINDINGS};
 use crate::spec::Dtype;
 
 /// Which switches a pipeline is specialised for (WGSL `override` constants).
@@ -31,6 +31,14 @@ impl Switches {
     }
 }
 
+/// The row kernel's shape for one plan (see `KernelInner::row_shape`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RowShape {
+    pub team: Team,
+    pub workgroup: u32,
+    pub rows_per_workgroup: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PipelineKey {
     pub module: ModuleKey,
@@ -41,23 +49,35 @@ pub(crate) struct PipelineKey {
 /// How the row kernel is shaped. The defaults come from the adapter; the benchmark sweeps them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelConfig {
-    /// Invocations per workgroup of the row kernel (a power of two, at most the device limit).
+    /// The most invocations per workgroup of the row kernel (a power of two, at most the device
+    /// limit); shorter rows get smaller workgroups, about 16 logits per invocation.
     pub row_workgroup: u32,
-    /// Logits each invocation keeps in registers: rows of up to `row_workgroup * row_cache`
-    /// classes are read once, longer rows twice.
+    /// Logit units (1 f32 or 2 16-bit logits) each invocation keeps in registers: rows of up
+    /// to `workgroup * row_cache` units are read once, longer rows twice.
     pub row_cache: u32,
     /// Use subgroup reductions when the device has `Features::SUBGROUP`.
     pub use_subgroups: bool,
+    /// Rows of at most this many classes get one subgroup each instead of a workgroup, when the
+    /// device has subgroups: no barriers, many rows per workgroup. CPU adapters, where a
+    /// barrier switches coroutines, want this for every row length.
+    pub subgroup_rows_max_classes: u32,
+    /// At most this many workgroups of the row kernel per dispatch, each looping over rows;
+    /// `None` launches one per row. Starting a workgroup is cheap on a GPU but costs
+    /// microseconds on a CPU adapter, where a few dozen long-lived workgroups are faster.
+    pub max_row_workgroups: Option<u32>,
 }
 
 impl KernelConfig {
     /// The defaults for a device.
     pub fn for_device(device: &wgpu::Device) -> Self {
         let limits = device.limits();
+        let cpu = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         Self {
             row_workgroup: 256.min(limits.max_compute_invocations_per_workgroup),
             row_cache: 32,
             use_subgroups: true,
+            subgroup_rows_max_classes: if cpu { u32::MAX } else { 2048 },
+            max_row_workgroups: cpu.then_some(64),
         }
     }
 }
@@ -192,22 +212,65 @@ impl KernelInner {
         &self.layouts[usize::from(in_place)]
     }
 
+    /// How the row kernel is shaped for rows of `classes` logits of `dtype`: its team and
+    /// workgroup size, and how many rows one workgroup takes at a time.
+    ///
+    /// A subgroup per row where the device has subgroups and rows are short (see
+    /// [`KernelConfig::subgroup_rows_max_classes`]); otherwise a workgroup per row with enough
+    /// invocations that each handles about `UNITS_PER_INVOCATION` units, a power of two between
+    /// 32 and the configured maximum, so that short rows leave no invocation idle.
+    pub fn row_shape(&self, classes: u32, dtype: Dtype) -> RowShape {
+        const UNITS_PER_INVOCATION: u32 = 16;
+        const SUBGROUP_TEAMS_WORKGROUP: u32 = 64;
+        let max = self.config.row_workgroup;
+        match self.subgroup_min {
+            Some(subgroup) if classes <= self.config.subgroup_rows_max_classes => {
+                let workgroup = SUBGROUP_TEAMS_WORKGROUP.clamp(subgroup, max.max(subgroup));
+                RowShape {
+                    team: Team::Subgroup,
+                    workgroup,
+                    rows_per_workgroup: (workgroup / subgroup).max(1),
+                }
+            }
+            subgroups => {
+                let units = classes.div_ceil(if dtype == Dtype::F32 { 1 } else { 2 }) + 1;
+                RowShape {
+                    team: subgroups.map_or(Team::Workgroup, Team::WorkgroupSubgroups),
+                    workgroup: units
+                        .div_ceil(UNITS_PER_INVOCATION)
+                        .next_power_of_two()
+                        .clamp(32.min(max), max),
+                    rows_per_workgroup: 1,
+                }
+            }
+        }
+    }
+
+    /// The team of the setup and reduction passes: the whole workgroup.
+    pub fn workgroup_team(&self) -> Team {
+        self.subgroup_min
+            .map_or(Team::Workgroup, Team::WorkgroupSubgroups)
+    }
+
     pub fn module_key(
         &self,
         family: Family,
+        rows: RowShape,
         in_place: bool,
         dtype: Dtype,
         grad_dtype: Dtype,
     ) -> ModuleKey {
-        let (wg_size, cache_n) = match family {
-            Family::Rows => (self.config.row_workgroup, self.config.row_cache),
-            Family::Strided | Family::Setup | Family::Reduce => (shader::AUX_WG_SIZE, 1),
+        let (wg_size, cache_n, team) = match family {
+            Family::Rows => (rows.workgroup, self.config.row_cache, rows.team),
+            Family::Strided | Family::Setup | Family::Reduce => {
+                (shader::AUX_WG_SIZE, 1, self.workgroup_team())
+            }
         };
         ModuleKey {
             family,
             wg_size,
             cache_n,
-            subgroups: self.subgroup_min,
+            team,
             in_place,
             dtype,
             grad_dtype,

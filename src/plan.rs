@@ -308,6 +308,8 @@ struct PlanInner {
     param_stride: u64,
     /// Rows handled by one workgroup of the row kernel: 1, or the strided kernel's workgroup.
     rows_per_workgroup: u32,
+    /// The most row-kernel workgroups per dispatch (they loop over the window's rows).
+    max_row_workgroups: u32,
 }
 
 #[derive(Debug)]
@@ -436,9 +438,16 @@ impl LossPlan {
             write_grad: problem.gradient != Gradient::None,
             accuracy: problem.accuracy,
         };
+        let row_shape = inner.row_shape(shape.classes(), problem.dtype);
         let pipeline = |family, entry| {
             inner.pipeline(PipelineKey {
-                module: inner.module_key(family, in_place, problem.dtype, problem.grad_dtype),
+                module: inner.module_key(
+                    family,
+                    row_shape,
+                    in_place,
+                    problem.dtype,
+                    problem.grad_dtype,
+                ),
                 entry,
                 switches,
             })
@@ -477,7 +486,16 @@ impl LossPlan {
             lse_scratch,
             pipelines,
             param_stride,
-            rows_per_workgroup: if strided { shader::AUX_WG_SIZE } else { 1 },
+            rows_per_workgroup: if strided {
+                shader::AUX_WG_SIZE
+            } else {
+                row_shape.rows_per_workgroup
+            },
+            max_row_workgroups: if strided {
+                u32::MAX
+            } else {
+                inner.config.max_row_workgroups.unwrap_or(u32::MAX).max(1)
+            },
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -570,7 +588,11 @@ impl LossBinding {
             // Row passes run once per window, combines once; wgpu orders the dispatches of a
             // pass by their storage hazards.
             let chunks = |w: &Window| w.rows.div_ceil(CHUNK_ROWS);
-            let rows = |w: &Window| w.rows.div_ceil(plan.rows_per_workgroup);
+            let rows = |w: &Window| {
+                w.rows
+                    .div_ceil(plan.rows_per_workgroup)
+                    .min(plan.max_row_workgroups)
+            };
             let pipelines = &plan.pipelines;
             if let Some(setup) = &pipelines.setup_partials {
                 self.per_window(&mut pass, setup, chunks);

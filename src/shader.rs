@@ -11,8 +11,9 @@ use bytemuck::{Pod, Zeroable};
 use crate::spec::Dtype;
 
 const COMMON: &str = include_str!("../shaders/common.wgsl");
-const TEAM_SUBGROUP: &str = include_str!("../shaders/team_subgroup.wgsl");
 const TEAM_WORKGROUP: &str = include_str!("../shaders/team_workgroup.wgsl");
+const TEAM_WORKGROUP_SG: &str = include_str!("../shaders/team_workgroup_sg.wgsl");
+const TEAM_SUBGROUP: &str = include_str!("../shaders/team_subgroup.wgsl");
 const ROWS: &str = include_str!("../shaders/rows.wgsl");
 const STRIDED: &str = include_str!("../shaders/strided.wgsl");
 const SETUP: &str = include_str!("../shaders/setup.wgsl");
@@ -141,13 +142,25 @@ pub(crate) enum Family {
     Reduce,
 }
 
+/// What a "team" (the invocations that reduce one row together) is, and how it reduces; one
+/// WGSL file each, with the same interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Team {
+    /// The workgroup, through workgroup memory (no subgroup operations needed).
+    Workgroup,
+    /// The workgroup, through subgroup operations; the adapter's smallest subgroup size.
+    WorkgroupSubgroups(u32),
+    /// One subgroup: no barriers.
+    Subgroup,
+}
+
 /// Everything that changes a module's source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ModuleKey {
     pub family: Family,
     pub wg_size: u32,
     pub cache_n: u32,
-    pub subgroups: Option<u32>,
+    pub team: Team,
     pub in_place: bool,
     pub dtype: Dtype,
     pub grad_dtype: Dtype,
@@ -161,13 +174,16 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
         "const WG_SIZE: u32 = {}u;\nconst CACHE_N: u32 = {}u;\nconst CHUNK_ROWS: u32 = {}u;\n",
         key.wg_size, key.cache_n, CHUNK_ROWS
     ));
-    if let Some(min_subgroup) = key.subgroups {
+    if let Team::WorkgroupSubgroups(min_subgroup) = key.team {
         src.push_str(&format!(
             "const MAX_SUBGROUPS: u32 = {}u;\n",
             (key.wg_size / min_subgroup).max(1)
         ));
     }
-    src.push_str("@group(0) @binding(0) var<uniform> P: Params;\n");
+    // `P` is copied into the private `Q` once per invocation (`load_params`): a uniform read
+    // after a storage write may not be hoisted out of a loop by a compiler that cannot prove
+    // the two do not alias, a private copy always can.
+    src.push_str("@group(0) @binding(0) var<uniform> P: Params;\nvar<private> Q: Params;\nfn load_params() { Q = P; }\n");
     for (i, b) in BINDINGS.iter().enumerate() {
         let access = if binding_writable(i, key.in_place) {
             "read_write"
@@ -183,10 +199,10 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
     }
     src.push_str(&accessors(key));
     src.push_str(COMMON);
-    src.push_str(if key.subgroups.is_some() {
-        TEAM_SUBGROUP
-    } else {
-        TEAM_WORKGROUP
+    src.push_str(match key.team {
+        Team::Workgroup => TEAM_WORKGROUP,
+        Team::WorkgroupSubgroups(_) => TEAM_WORKGROUP_SG,
+        Team::Subgroup => TEAM_SUBGROUP,
     });
     src.push_str(match key.family {
         Family::Rows => ROWS,
@@ -201,7 +217,7 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
 /// `UNIT` (logits per unit, at most 4), `load_unit(u) -> vec4<f32>` (unit u's logits, unused
 /// lanes 0), `load_elem(g) -> f32`, `store_unit(u, v, g_begin, g_end)` (the gradient of unit
 /// u's logits that lie in `[g_begin, g_end)`) and `store_elem(g, v)`. `u` and `g` index the logits binding; the
-/// gradient binding is addressed through `P.grad_base - P.logits_base`, which the host keeps
+/// gradient binding is addressed through `Q.grad_base - Q.logits_base`, which the host keeps
 /// congruent modulo UNIT (all offsets are multiples of 4 bytes).
 fn accessors(key: &ModuleKey) -> String {
     let mut src = String::new();
@@ -238,7 +254,7 @@ fn accessors(key: &ModuleKey) -> String {
     let index = if key.in_place {
         "i"
     } else {
-        "i + P.grad_base - P.logits_base"
+        "i + Q.grad_base - Q.logits_base"
     };
     match grad_dtype {
         Dtype::F32 => src.push_str(&format!(
@@ -261,7 +277,7 @@ fn accessors(key: &ModuleKey) -> String {
             let word_index = if key.in_place {
                 "i"
             } else {
-                "i + P.grad_base / 2u - P.logits_base / 2u"
+                "i + Q.grad_base / 2u - Q.logits_base / 2u"
             };
             src.push_str(&format!(
                 "fn bf16_bits(x: f32) -> u32 {{\n\

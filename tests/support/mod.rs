@@ -14,8 +14,10 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     /// The default kernel: subgroup reductions where the device has them.
     pub kernel: LossKernel,
-    /// The workgroup-memory fallback on the same device, when `kernel` uses subgroups.
-    pub fallback: Option<LossKernel>,
+    /// Every row-kernel team on this device, for the tests that cover them all: a subgroup per
+    /// row, a workgroup reducing with subgroup operations, and a workgroup reducing through
+    /// workgroup memory (the fallback for devices without subgroups).
+    pub teams: Vec<(&'static str, LossKernel)>,
 }
 
 pub fn gpu() -> &'static Gpu {
@@ -24,18 +26,36 @@ pub fn gpu() -> &'static Gpu {
         let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())
             .expect("no wgpu adapter: install mesa-vulkan-drivers (lavapipe) or run on a GPU");
         let kernel = LossKernel::new(&device).expect("kernel");
-        let fallback = kernel.uses_subgroups().then(|| {
-            let config = lsce::KernelConfig {
+        let config = kernel.config();
+        let with = |config| LossKernel::with_config(&device, config).expect("kernel");
+        let mut teams = vec![(
+            "workgroup memory",
+            with(lsce::KernelConfig {
                 use_subgroups: false,
-                ..kernel.config()
-            };
-            LossKernel::with_config(&device, config).expect("fallback kernel")
-        });
+                ..config
+            }),
+        )];
+        if kernel.uses_subgroups() {
+            teams.push((
+                "subgroup per row",
+                with(lsce::KernelConfig {
+                    subgroup_rows_max_classes: u32::MAX,
+                    ..config
+                }),
+            ));
+            teams.push((
+                "workgroup with subgroup operations",
+                with(lsce::KernelConfig {
+                    subgroup_rows_max_classes: 0,
+                    ..config
+                }),
+            ));
+        }
         Gpu {
             device,
             queue,
             kernel,
-            fallback,
+            teams,
         }
     })
 }
@@ -275,21 +295,16 @@ pub fn check(
         Dtype::F16 => 2f64.powi(-11),
         Dtype::Bf16 => 2f64.powi(-8),
     };
-    // Both reduction paths: subgroup operations and the workgroup-memory tree.
-    let mut outputs = [Some(&g.kernel), g.fallback.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|kernel| {
+    // Every reduction path the device offers.
+    let mut outputs = g
+        .teams
+        .iter()
+        .map(|(team, kernel)| {
             let got = kernel
                 .compute(&g.queue, spec, batch, &options)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let path = if kernel.uses_subgroups() {
-                "subgroups"
-            } else {
-                "workgroup memory"
-            };
+                .unwrap_or_else(|e| panic!("{what} [{team}]: {e}"));
             compare(
-                &format!("{what} [{path}]"),
+                &format!("{what} [{team}]"),
                 spec,
                 &got,
                 &want,
