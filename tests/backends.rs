@@ -189,8 +189,8 @@ fn gl_ignored_rows_extremes_windows_probabilities() {
     // Extreme logits, per row.
     let mut logits = rng.logits(6 * k as usize, 2.0);
     let ku = k as usize;
-    for c in 0..ku {
-        logits[c] = if c % 2 == 0 { 1e4 } else { -1e4 };
+    for (c, x) in logits[..ku].iter_mut().enumerate() {
+        *x = if c % 2 == 0 { 1e4 } else { -1e4 };
     }
     logits[ku + 5] = f32::NEG_INFINITY;
     logits[2 * ku + 7] = f32::NAN;
