@@ -374,7 +374,7 @@ fn invalid_plans_and_configs() {
             KernelConfig {
                 row_workgroup: wg,
                 row_cache: cache,
-                use_subgroups: true,
+                ..KernelConfig::for_device(&g.device)
             },
         )
         .unwrap_err();

@@ -212,6 +212,10 @@ fn rows_70000() {
                 row_workgroup: 32,
                 row_cache: 4,
                 use_subgroups,
+                // A workgroup per row, one launched per row: 70000 of them, past the 65535
+                // of one dispatch dimension.
+                subgroup_rows_max_classes: 0,
+                max_row_workgroups: None,
             },
         )
         .unwrap()

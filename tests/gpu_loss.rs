@@ -45,7 +45,7 @@ fn conventions(eps: f32, k: u32) -> Vec<(&'static str, LossSpec)> {
     ]
 }
 
-/// A kernel whose rows of more than 256 classes take the streaming (two-sweep) path.
+/// A kernel whose rows of more than one logit per invocation take the streaming (two-sweep) path.
 fn streaming_kernel(g: &Gpu) -> LossKernel {
     LossKernel::with_config(
         &g.device,
@@ -579,22 +579,33 @@ fn kernel_configurations() {
     let g = gpu();
     let mut rng = Rng::new(10);
     let mut errors = Errors::default();
+    // (workgroup, cache, subgroups, a subgroup per row, workgroups per dispatch)
     let configs = [
-        (32, 1, true),
-        (32, 1, false),
-        (64, 4, true),
-        (128, 2, false),
-        (1024, 1, true),
-        (256, 32, false),
+        (32, 1, true, false, None),
+        (32, 1, false, false, Some(3)),
+        (64, 4, true, false, Some(1)),
+        (128, 2, false, false, None),
+        (1024, 1, true, false, None),
+        (256, 32, false, false, Some(2)),
+        (64, 3, true, true, None),
+        (32, 1, true, true, Some(1)),
     ];
-    for (wg, cache, sg) in configs {
+    for (wg, cache, sg, sg_rows, groups) in configs {
         let config = KernelConfig {
             row_workgroup: wg,
             row_cache: cache,
             use_subgroups: sg,
+            subgroup_rows_max_classes: if sg_rows { u32::MAX } else { 0 },
+            max_row_workgroups: groups,
         };
         let kernel = LossKernel::with_config(&g.device, config).unwrap();
-        let edge = wg * cache;
+        // The team is the workgroup, or one subgroup (of the adapter's smallest size).
+        let team = if sg_rows && kernel.uses_subgroups() {
+            g.device.adapter_info().subgroup_min_size
+        } else {
+            wg
+        };
+        let edge = team * cache;
         for k in [1, 2, 31, 33, edge - 1, edge, edge + 1, 3 * edge + 7] {
             let rows = 9u32;
             let shape = Shape::matrix(rows, k).unwrap();
@@ -605,7 +616,7 @@ fn kernel_configurations() {
                 .with_softcap(Some(15.0))
                 .with_z_loss(1e-3);
             let batch = Batch::classes(shape, &logits, &labels).with_weights(&weights);
-            let what = format!("config {wg}x{cache} subgroups={sg} K={k}");
+            let what = format!("config {wg}x{cache} subgroups={sg} per-row={sg_rows} groups={groups:?} K={k}");
             errors.merge(check(&what, g, &kernel, &spec, &batch, &opts()));
         }
     }

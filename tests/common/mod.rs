@@ -74,6 +74,9 @@ pub struct Gpu {
     pub kernel: LossKernel,
     /// The same device with `use_subgroups: false`: the workgroup-memory fallback.
     pub fallback: LossKernel,
+    /// With subgroups: a subgroup per row for every row length, and a workgroup reducing with
+    /// subgroup operations for every row length (the default picks by row length and adapter).
+    pub subgroup_teams: Option<(LossKernel, LossKernel)>,
     pub name: String,
 }
 
@@ -89,6 +92,19 @@ impl Gpu {
         )
         .expect("LossKernel::with_config(use_subgroups: false)");
         assert!(!fallback.uses_subgroups());
+        let with_rows_max = |classes| {
+            LossKernel::with_config(
+                &device,
+                KernelConfig {
+                    subgroup_rows_max_classes: classes,
+                    ..KernelConfig::for_device(&device)
+                },
+            )
+            .expect("LossKernel::with_config")
+        };
+        let subgroup_teams = kernel
+            .uses_subgroups()
+            .then(|| (with_rows_max(u32::MAX), with_rows_max(0)));
         let info = device.adapter_info();
         let name = format!("{} ({:?})", info.name, info.backend);
         Self {
@@ -96,15 +112,18 @@ impl Gpu {
             queue,
             kernel,
             fallback,
+            subgroup_teams,
             name,
         }
     }
 
-    /// Both reduction paths of this device, named.
+    /// Every reduction path of this device, named: a subgroup per row, a workgroup with
+    /// subgroup operations, a workgroup through workgroup memory.
     pub fn kernels(&self) -> Vec<(&'static str, &LossKernel)> {
         let mut v = Vec::new();
-        if self.kernel.uses_subgroups() {
-            v.push(("subgroup", &self.kernel));
+        if let Some((per_row, workgroup)) = &self.subgroup_teams {
+            v.push(("subgroup per row", per_row));
+            v.push(("workgroup + subgroup ops", workgroup));
         }
         v.push(("workgroup", &self.fallback));
         v
