@@ -150,10 +150,6 @@ fn off_mass() -> f32 {
     return Q.off_mass;
 }
 
-// The row loss A lse - B + z lse^2. Mirror: cpu::row_loss.
-fn row_loss_value(lse_v: f32, mass: f32, dot: f32) -> f32 {
-    return mass * lse_v - dot + Q.z_loss * lse_v * lse_v;
-}
 
 // The factor that multiplies (softmax * coef - a) for row r of the window: the upstream
 // gradient, divided by the denominator for the mean (NaN when every row is ignored or weighs 0).
@@ -204,7 +200,7 @@ fn prob(e: u32) -> f32 {
 // Adds the logit z of class c (element e of the window) to a row's target sums: `.y` the dot
 // product sum a_c z_c, `.z` the mass sum a_c. Class labels sum only w_c z_c over receiving
 // classes, and only when the off-value is nonzero: skipping it keeps plain cross-entropy
-// finite when a non-target logit is -inf. row_totals() completes both.
+// finite when a non-target logit is -inf. finish_row() completes both.
 fn add_target(sums: ptr<function, vec4<f32>>, c: u32, e: u32, z: f32) {
     if (SOFT_TARGETS) {
         let a = soft_coef(c, prob(e));
@@ -215,13 +211,32 @@ fn add_target(sums: ptr<function, vec4<f32>>, c: u32, e: u32, z: f32) {
     }
 }
 
-// (dot, mass) of a row from its swept sums; for class labels the label's own term uses the
-// transformed label logit z_label and its extra coefficient w_y (on - off_y).
-fn row_totals(sums: vec4<f32>, extra: f32, z_label: f32) -> vec2<f32> {
+// A row's results from its statistics: lse, loss, the target mass A, and 1/s.
+struct RowResult {
+    lse: f32,
+    loss: f32,
+    mass: f32,
+    inv_sum: f32,
+}
+
+// Finishes a row from its max m, swept sums (x: s = sum exp(z - m), y: dot, z: mass; see
+// add_target), the label's extra coefficient and transformed logit. The loss
+// A lse - sum a_c z_c + z lse^2 is formed as A log s + sum a_c (m - z_c) + z lse^2: A lse and
+// sum a_c z_c are both of the size of the logits and cancel when the row is confident, while
+// log s and m - z_y are small and exact. Mirror: cpu::row_loss.
+fn finish_row(m: f32, sums: vec4<f32>, extra: f32, z_label: f32) -> RowResult {
+    let log_s = log(sums.x);
+    let lse_v = m + log_s;
+    var mass: f32;
+    var shifted: f32;  // sum_c a_c (m - z_c)
     if (SOFT_TARGETS) {
-        return sums.yz;
+        mass = sums.z;
+        shifted = mass * m - sums.y;
+    } else {
+        mass = off_mass() + extra;
+        shifted = select(0.0, off_mass() * m - Q.off * sums.y, Q.off != 0.0) + extra * (m - z_label);
     }
-    return vec2<f32>(select(0.0, Q.off * sums.y, Q.off != 0.0) + extra * z_label, off_mass() + extra);
+    return RowResult(lse_v, mass * log_s + shifted + Q.z_loss * lse_v * lse_v, mass, 1.0 / sums.x);
 }
 
 // The gradient of class c (element e): (p * p_coef - a_c) * scale * dz/dx.
@@ -250,7 +265,13 @@ struct OnlineStats {
 
 fn merge_stats(a: OnlineStats, b: OnlineStats) -> OnlineStats {
     let m = max(a.m, b.m);
-    return OnlineStats(m, vec4<f32>(a.v.x * exp(a.m - m) + b.v.x * exp(b.m - m), a.v.yzw + b.v.yzw));
+    return OnlineStats(m, vec4<f32>(a.v.x * rescale(a.m, m) + b.v.x * rescale(b.m, m), a.v.yzw + b.v.yzw));
+}
+
+// exp(m_part - m) for merging a part's sum into the whole's, 1 when the maxima are equal, so
+// that a row whose max is +inf keeps lse = +inf (exp(inf - inf) would be NaN).
+fn rescale(m_part: f32, m: f32) -> f32 {
+    return select(exp(m_part - m), 1.0, m_part == m);
 }
 
 // One logit into a running (max, sum-exp) with a single exp: whichever of the old max and the

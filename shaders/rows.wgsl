@@ -76,7 +76,6 @@ fn process_row(r: u32) {
     // live in registers) but skip the slots past the row, uniformly across the workgroup.
     let slots = (units + team_size() - 1u) / team_size();
     var cache: array<f32, CACHE_N * UNIT>;
-    var lse_v: f32;
 
     if (cached) {
         // Read once; max without exp.
@@ -114,7 +113,6 @@ fn process_row(r: u32) {
             }
         }
         sums = team_sum4(sums);
-        lse_v = m + log(sums.x);
     } else {
         var sum_exp = 0.0;
         for (var u = lid; u < units; u += team_size()) {
@@ -134,17 +132,16 @@ fn process_row(r: u32) {
         let st = team_merge(m, sums);
         m = st.m;
         sums = st.v;
-        lse_v = m + log(sums.x);
     }
 
-    let totals = row_totals(sums, extra, z_label);  // (dot, mass)
+    let row = finish_row(m, sums, extra, z_label);
     var arg = NONE_U32;
     if (ACCURACY) {
         arg = team_min_u32(select(NONE_U32, best.c, best.x == team_max(best.x)));
     }
     if (lid == 0u) {
-        store_row(r, row_loss_value(lse_v, totals.y, totals.x), lse_v);
-        if (ACCURACY && !SOFT_TARGETS && arg == label && !is_nan(lse_v)) {
+        store_row(r, row.loss, row.lse);
+        if (ACCURACY && !SOFT_TARGETS && arg == label && !is_nan(row.lse)) {
             atomicAdd(&control[CTRL_CORRECT], 1u);
         }
     }
@@ -153,9 +150,11 @@ fn process_row(r: u32) {
         return;
     }
     let scale = row_scale(r);
-    let p_coef = totals.y + 2.0 * Q.z_loss * lse_v;
+    // softmax = exp(z - m) / s: from the exact max, not from the rounded lse, so that rows of
+    // huge logits keep an exact gradient.
+    let p_coef = row.mass + 2.0 * Q.z_loss * row.lse;
+    let inv_sum = row.inv_sum;
     if (cached) {
-        let inv_sum = 1.0 / sums.x;
         for (var j = 0u; j < CACHE_N; j++) {
             if (j >= slots) {
                 break;
@@ -167,7 +166,7 @@ fn process_row(r: u32) {
                 for (var i = 0u; i < UNIT; i++) {
                     if (HAS_SOFTCAP) {
                         z[i] = cache[j * UNIT + i];
-                        p[i] = exp(z[i] - lse_v);
+                        p[i] = exp(z[i] - m) * inv_sum;
                     } else {
                         // Without soft-cap the slope is the constant scale and z is unused.
                         p[i] = cache[j * UNIT + i] * inv_sum;
@@ -180,7 +179,7 @@ fn process_row(r: u32) {
         for (var u = lid; u < units; u += team_size()) {
             let x = load_unit(u0 + u);
             let z = vec4<f32>(transform_logit(x.x), transform_logit(x.y), transform_logit(x.z), transform_logit(x.w));
-            write_grad_unit(u0 + u, g0, e0, exp(z - lse_v), z, label, extra, p_coef, scale);
+            write_grad_unit(u0 + u, g0, e0, exp(z - m) * inv_sum, z, label, extra, p_coef, scale);
         }
     }
 }

@@ -50,10 +50,10 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         online_push(&m, &sum_exp, z);
         argmax_push(&best, x, c);
     }
-    let lse_v = m + log(sum_exp);
-    let totals = row_totals(sums, extra, z_label);
-    store_row(r, row_loss_value(lse_v, totals.y, totals.x), lse_v);
-    if (ACCURACY && !SOFT_TARGETS && best.c == label && !is_nan(lse_v)) {
+    sums.x = sum_exp;
+    let row = finish_row(m, sums, extra, z_label);
+    store_row(r, row.loss, row.lse);
+    if (ACCURACY && !SOFT_TARGETS && best.c == label && !is_nan(row.lse)) {
         atomicAdd(&control[CTRL_CORRECT], 1u);
     }
 
@@ -61,10 +61,10 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         return;
     }
     let scale = row_scale(r);
-    let p_coef = totals.y + 2.0 * Q.z_loss * lse_v;
+    let p_coef = row.mass + 2.0 * Q.z_loss * row.lse;
     for (var c = 0u; c < k; c++) {
         let g = g0 + c * stride;
         let z = transform_logit(load_elem(g));
-        store_elem(g, grad_value(c, e0 + c * stride, exp(z - lse_v), z, label, extra, p_coef, scale));
+        store_elem(g, grad_value(c, e0 + c * stride, exp(z - m) * row.inv_sum, z, label, extra, p_coef, scale));
     }
 }

@@ -62,5 +62,5 @@ fn team_min_u32(v: u32) -> u32 {
 // Merges online softmax statistics; see team_workgroup.wgsl.
 fn team_merge(m: f32, v: vec4<f32>) -> OnlineStats {
     let sm = subgroupMax(m);
-    return OnlineStats(sm, subgroupAdd(vec4<f32>(v.x * exp(m - sm), v.yzw)));
+    return OnlineStats(sm, subgroupAdd(vec4<f32>(v.x * rescale(m, sm), v.yzw)));
 }

@@ -103,7 +103,7 @@ fn team_min_u32(v: u32) -> u32 {
 // exp(z - m); v.yzw are plain sums. Returns the workgroup's (max, sums) with v.x relative to it.
 fn team_merge(m: f32, v: vec4<f32>) -> OnlineStats {
     let sm = subgroupMax(m);
-    let sv = subgroupAdd(vec4<f32>(v.x * exp(m - sm), v.yzw));
+    let sv = subgroupAdd(vec4<f32>(v.x * rescale(m, sm), v.yzw));
     if (team_sg_lane == 0u) {
         team_m[team_sg_id] = sm;
         team_v[team_sg_id] = sv;

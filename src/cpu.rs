@@ -8,7 +8,7 @@
 //! | [`transform`] | `transform_logit` in `shaders/common.wgsl` |
 //! | [`row_statistics`] | the online max / sum-exp sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
 //! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
-//! | [`row_loss`] | `row_loss` in `shaders/common.wgsl` |
+//! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
 //! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
@@ -98,10 +98,11 @@ pub fn argmax(x: &[f64]) -> u32 {
     best as u32
 }
 
-/// `A * lse - B + z_loss * lse^2`: the loss of a row with target mass `A = sum a_c` and
-/// `B = sum a_c z_c`.
-pub fn row_loss(lse: f64, mass: f64, dot: f64, z_loss: f64) -> f64 {
-    mass * lse - dot + z_loss * lse * lse
+/// The loss `A lse - sum_c a_c z_c + z_loss lse^2` of a row with statistics `stats`, target
+/// mass `A = sum a_c` and `shifted = sum_c a_c (max - z_c)`, grouped as
+/// `A ln(sum_exp) + shifted + z_loss lse^2` so that large logits do not cancel.
+pub fn row_loss(stats: &RowStatistics, mass: f64, shifted: f64, z_loss: f64) -> f64 {
+    mass * stats.sum_exp.ln() + shifted + z_loss * stats.lse * stats.lse
 }
 
 /// The row's target coefficients `a_c`.
@@ -196,10 +197,10 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
         let stats = row_statistics(&z);
         coefficients(spec, values, batch.weights, target, &mut a);
         let mass: f64 = a.iter().sum();
-        let dot = dot_product(spec, values, batch, target, &a, &z);
+        let shifted = shifted_dot(spec, values, batch, target, &a, &z, stats.max);
         lse[row] = stats.lse;
         row_z[row] = z_coef * stats.lse * stats.lse;
-        row_losses[row] = row_loss(stats.lse, mass, dot, z_coef);
+        row_losses[row] = row_loss(&stats, mass, shifted, z_coef);
         if let (Some(n), RowTarget::Class(y)) = (correct.as_mut(), target) {
             *n += u64::from(!stats.lse.is_nan() && argmax(&x) == y as u32);
         }
@@ -212,7 +213,8 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
             };
             let p_coef = mass + 2.0 * z_coef * stats.lse;
             for c in 0..k {
-                let p = (z[c] - stats.lse).exp();
+                // From the max, not the rounded lse: exact for huge logits too.
+                let p = (z[c] - stats.max).exp() / stats.sum_exp;
                 grad[shape.index(row as u32, c as u32) as usize] =
                     (p * p_coef - a[c]) * scale * dz[c];
             }
@@ -236,22 +238,23 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
     })
 }
 
-/// `B = sum_c a_c z_c`, summed the way the kernels sum it.
+/// `sum_c a_c (max - z_c)`, with the terms the kernels include.
 ///
-/// Class labels: the off-value part `off * sum_{c != excluded} w_c z_c` is skipped when the
-/// off-value is 0, so that plain cross-entropy stays finite when a non-target logit is `-inf`
-/// (PyTorch computes no smoothing term at `eps = 0`); then the label's own term is added.
+/// Class labels: the off-value part `off * sum_{c != excluded} w_c (max - z_c)` is skipped
+/// when the off-value is 0, so that plain cross-entropy stays finite when a non-target logit is
+/// `-inf` (PyTorch computes no smoothing term at `eps = 0`); then the label's own term is added.
 /// Probability targets: the plain sum, so `0 * -inf` gives NaN as in PyTorch.
-fn dot_product(
+fn shifted_dot(
     spec: &LossSpec,
     values: TargetValues,
     batch: &Batch<'_>,
     target: RowTarget<'_>,
     a: &[f64],
     z: &[f64],
+    max: f64,
 ) -> f64 {
     match target {
-        RowTarget::Probabilities(_) => a.iter().zip(z).map(|(a, z)| a * z).sum(),
+        RowTarget::Probabilities(_) => a.iter().zip(z).map(|(a, z)| a * (max - z)).sum(),
         RowTarget::Class(y) => {
             let y = y as usize;
             let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
@@ -261,7 +264,7 @@ fn dot_product(
                 values.off
                     * (0..z.len())
                         .filter(|&c| spec.excluded_class != Some(c as u32))
-                        .map(|c| w(c) * z[c])
+                        .map(|c| w(c) * (max - z[c]))
                         .sum::<f64>()
             };
             let off_y = if spec.excluded_class == Some(y as u32) {
@@ -269,7 +272,7 @@ fn dot_product(
             } else {
                 values.off
             };
-            off_sum + w(y) * (values.on - off_y) * z[y]
+            off_sum + w(y) * (values.on - off_y) * (max - z[y])
         }
     }
 }

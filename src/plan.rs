@@ -1031,8 +1031,8 @@ impl<'a> Regions<'a> {
                 // writable views of one buffer are fine as long as they do not overlap.
                 if wa != wb || (wa && overlap) {
                     return Err(LsceError::AliasedBuffers {
-                        first: shader::BINDINGS[i].name,
-                        second: shader::BINDINGS[j].name,
+                        first: shader::BINDINGS[i].arg,
+                        second: shader::BINDINGS[j].arg,
                     });
                 }
             }

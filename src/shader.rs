@@ -62,7 +62,10 @@ pub(crate) const PARTIAL_WORDS: u64 = 4;
 
 /// The storage bindings of group 0, in binding order after the uniform `P` at binding 0.
 pub(crate) struct Binding {
+    /// The WGSL variable.
     pub name: &'static str,
+    /// The `LossBuffers` field (or plan scratch) bound there, as errors name it.
+    pub arg: &'static str,
     pub ty: &'static str,
     pub writable: bool,
 }
@@ -70,41 +73,49 @@ pub(crate) struct Binding {
 pub(crate) const BINDINGS: [Binding; 8] = [
     Binding {
         name: "logits",
+        arg: "logits",
         ty: "array<f32>",
         writable: false,
     },
     Binding {
         name: "targets",
+        arg: "targets",
         ty: "array<u32>",
         writable: false,
     },
     Binding {
         name: "weights",
+        arg: "weights",
         ty: "array<f32>",
         writable: false,
     },
     Binding {
         name: "upstream",
+        arg: "upstream",
         ty: "array<f32>",
         writable: false,
     },
     Binding {
         name: "row_loss",
+        arg: "loss",
         ty: "array<f32>",
         writable: true,
     },
     Binding {
         name: "lse",
+        arg: "lse",
         ty: "array<f32>",
         writable: true,
     },
     Binding {
         name: "grad",
+        arg: "grad",
         ty: "array<f32>",
         writable: true,
     },
     Binding {
         name: "control",
+        arg: "scratch",
         ty: "array<atomic<u32>>",
         writable: true,
     },

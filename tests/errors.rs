@@ -628,7 +628,6 @@ fn invalid_caller_buffers() {
 /// (`LossBuffers::loss` and `LossBuffers::grad`), as `AliasedBuffers` documents ("the first
 /// argument's name").
 #[test]
-#[ignore = "bug: AliasedBuffers names the shader binding \"row_loss\" instead of the argument \"loss\" (src/plan.rs check_aliasing uses shader::BINDINGS[i].name)"]
 fn overlapping_writable_buffers_name_the_arguments() {
     let g = gpu();
     let shape = Shape::matrix(4, 8).unwrap();

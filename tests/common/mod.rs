@@ -428,7 +428,7 @@ pub fn reference_for(
             + z_coef * (2.0 * lse.abs() * lse_err + 3.0 * E * lse * lse)
             + 3.0 * E * ((mass * lse).abs() + dot.abs() + z_coef * lse * lse);
         loss_tol[row] = SAFETY * loss_err;
-        row_loss_abs[row] = cpu::row_loss(lse, mass, dot, z_coef).abs();
+        row_loss_abs[row] = (mass * lse - dot + z_coef * lse * lse).abs();
         row_z_abs[row] = z_coef * lse * lse;
         z_tol[row] = SAFETY * z_coef * (2.0 * lse.abs() * lse_err + 3.0 * E * lse * lse);
         lse_tol[row] = SAFETY * lse_err;
