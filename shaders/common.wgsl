@@ -80,65 +80,76 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// The per-logit math works on units of up to four logits at once (a vec4 "lane" each): the row
+// kernels load a unit, and lanes outside the row (or past UNIT) are masked by `valid`. Lanes
+// are independent accumulators, combined at the end of a sweep in a fixed order.
+const LANES = vec4<u32>(0u, 1u, 2u, 3u);
+
 // tanh, accurate to a few ulp everywhere and saturating cleanly. Some backends lower tanh(u) to
 // (e^2u - 1)/(e^2u + 1), which is NaN once e^2u overflows; 1 - 2/(e^2|u| + 1) saturates but
 // cancels for small |u|, where the Taylor series (next term 1382/155925 u^11 < 2e-9 |u| at
 // |u| < 0.25) takes over.
-fn stable_tanh(u: f32) -> f32 {
+fn stable_tanh(u: vec4<f32>) -> vec4<f32> {
     let a = abs(u);
-    if (a < 0.25) {
-        let u2 = u * u;
-        return u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))));
-    }
+    let u2 = u * u;
+    let series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))));
     let t = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
-    return select(-t, t, u >= 0.0);
+    return select(select(-t, t, u >= vec4<f32>(0.0)), series, a < vec4<f32>(0.25));
 }
 
 // z = softcap(scale * x). A -inf logit (a masked entry) stays -inf. Mirror: cpu::transform.
-fn transform_logit(x: f32) -> f32 {
+fn transform_logit(x: vec4<f32>) -> vec4<f32> {
     let u = x * Q.logit_scale;
     if (HAS_SOFTCAP) {
-        return select(Q.softcap * stable_tanh(u / Q.softcap), u, x == neg_inf());
+        return select(Q.softcap * stable_tanh(u / Q.softcap), u, x == vec4<f32>(neg_inf()));
     }
     return u;
 }
 
-// dz/dx, expressed through z so that the cached path needs no second tanh.
-fn transform_slope(z: f32) -> f32 {
+// dz/dx divided by the logit scale: the soft-cap's 1 - (z/cap)^2 (0 at -inf), else 1.
+// Expressed through z so that the cached path needs no second tanh.
+fn softcap_slope(z: vec4<f32>) -> vec4<f32> {
     if (HAS_SOFTCAP) {
         let t = z / Q.softcap;
-        return select(Q.logit_scale * (1.0 - t * t), 0.0, z == neg_inf());
+        return select(1.0 - t * t, vec4<f32>(0.0), z == vec4<f32>(neg_inf()));
     }
-    return Q.logit_scale;
+    return vec4<f32>(1.0);
 }
 
-fn weight(c: u32) -> f32 {
+fn weight(c: vec4<u32>) -> vec4<f32> {
     if (HAS_WEIGHTS) {
-        return weights[Q.weights_base + c];
+        let b = Q.weights_base;
+        return vec4<f32>(weights[b + c.x], weights[b + c.y], weights[b + c.z], weights[b + c.w]);
     }
-    return 1.0;
+    return vec4<f32>(1.0);
 }
 
 // off_c: the off-value, 0 for the excluded class.
-fn off_value(c: u32) -> f32 {
-    return select(Q.off, 0.0, c == Q.excluded);
+fn off_value(c: vec4<u32>) -> vec4<f32> {
+    return select(vec4<f32>(Q.off), vec4<f32>(0.0), c == vec4<u32>(Q.excluded));
 }
 
-// a_c of a class-label row: w_c off_c + [c == y] w_y (on - off_y). `label_extra` is
-// w_y (on - off_y), computed once per row.
-fn class_coef(c: u32, label: u32, label_extra: f32) -> f32 {
-    return weight(c) * off_value(c) + select(0.0, label_extra, c == label);
+// The probability targets of four elements e (window-relative; laid out like the logits).
+fn prob(e: vec4<u32>) -> vec4<f32> {
+    let b = vec4<u32>(Q.targets_base) + e;
+    return bitcast<vec4<f32>>(vec4<u32>(targets[b.x], targets[b.y], targets[b.z], targets[b.w]));
 }
 
-// a_c of a probability row: w_c (off_c + (on - off_c) t_c).
-fn soft_coef(c: u32, t: f32) -> f32 {
+// a_c: for a class-label row w_c off_c + [c == y] w_y (on - off_y), with `label_extra` the
+// second term's coefficient; for a probability row (t at elements e)
+// w_c (off_c + (on - off_c) t_c).
+fn target_coef(c: vec4<u32>, e: vec4<u32>, label: u32, label_extra: f32) -> vec4<f32> {
     let off = off_value(c);
-    return weight(c) * (off + (Q.on - off) * t);
+    if (SOFT_TARGETS) {
+        return weight(c) * (off + (Q.on - off) * prob(e));
+    }
+    return weight(c) * off + select(vec4<f32>(0.0), vec4<f32>(label_extra), c == vec4<u32>(label));
 }
 
 // The label's own extra coefficient w_y (on - off_y).
 fn label_extra(label: u32) -> f32 {
-    return weight(label) * (Q.on - off_value(label));
+    let c = vec4<u32>(label);
+    return (weight(c) * (Q.on - off_value(c))).x;
 }
 
 // The off-mass sum_c w_c off_c of a class-label row: a constant of the spec, computed on the
@@ -192,22 +203,23 @@ fn classify_label(label: i32) -> u32 {
     return ROW_VALID;
 }
 
-// The probability target of element e of the window.
-fn prob(e: u32) -> f32 {
-    return bitcast<f32>(targets[Q.targets_base + e]);
+fn lane_sum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
 }
 
-// Adds the logit z of class c (element e of the window) to a row's target sums: `.y` the dot
-// product sum a_c z_c, `.z` the mass sum a_c. Class labels sum only w_c z_c over receiving
-// classes, and only when the off-value is nonzero: skipping it keeps plain cross-entropy
-// finite when a non-target logit is -inf. finish_row() completes both.
-fn add_target(sums: ptr<function, vec4<f32>>, c: u32, e: u32, z: f32) {
+// Adds a unit's transformed logits z (classes c, elements e, lanes `valid`) to a row's
+// target sums: `.y` the dot product sum a_c z_c, `.z` the mass sum a_c. Class labels sum only
+// w_c z_c over receiving classes, and only when the off-value is nonzero: skipping it keeps
+// plain cross-entropy finite when a non-target logit is -inf. finish_row() completes both.
+fn add_target(sums: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
+    let zero = vec4<f32>(0.0);
     if (SOFT_TARGETS) {
-        let a = soft_coef(c, prob(e));
-        (*sums).y += a * z;
-        (*sums).z += a;
-    } else if (Q.off != 0.0 && c != Q.excluded) {
-        (*sums).y += weight(c) * z;
+        let a = target_coef(c, e, 0u, 0.0);
+        (*sums).y += lane_sum(select(zero, a * z, valid));
+        (*sums).z += lane_sum(select(zero, a, valid));
+    } else if (Q.off != 0.0) {
+        let receiving = valid & (c != vec4<u32>(Q.excluded));
+        (*sums).y += lane_sum(select(zero, weight(c) * z, receiving));
     }
 }
 
@@ -239,15 +251,16 @@ fn finish_row(m: f32, sums: vec4<f32>, extra: f32, z_label: f32) -> RowResult {
     return RowResult(lse_v, mass * log_s + shifted + Q.z_loss * lse_v * lse_v, mass, 1.0 / sums.x);
 }
 
-// The gradient of class c (element e): (p * p_coef - a_c) * scale * dz/dx.
-fn grad_value(c: u32, e: u32, p: f32, z: f32, label: u32, extra: f32, p_coef: f32, scale: f32) -> f32 {
-    var a: f32;
-    if (SOFT_TARGETS) {
-        a = soft_coef(c, prob(e));
-    } else {
-        a = class_coef(c, label, extra);
-    }
-    return (p * p_coef - a) * scale * transform_slope(z);
+// The row's gradient constants (p_coef / s, scale * logit_scale), p_coef = A + 2 z_loss lse.
+fn grad_consts(result: RowResult, scale: f32) -> vec2<f32> {
+    return vec2<f32>((result.mass + 2.0 * Q.z_loss * result.lse) * result.inv_sum, scale * Q.logit_scale);
+}
+
+// The gradient of a unit's classes c (elements e): (softmax p_coef - a_c) * scale * dz/dx with
+// softmax = ez / s, ez = exp(z - max); computed as (ez k.x - a_c) * k.y * softcap_slope(z) with
+// k = grad_consts(..). The upstream scale comes last, so a row's gradient scales exactly with it.
+fn grad_value(c: vec4<u32>, e: vec4<u32>, ez: vec4<f32>, z: vec4<f32>, label: u32, extra: f32, k: vec2<f32>) -> vec4<f32> {
+    return (ez * k.x - target_coef(c, e, label, extra)) * (k.y * softcap_slope(z));
 }
 
 // Writes the per-row outputs of row r of the window.
@@ -274,31 +287,48 @@ fn rescale(m_part: f32, m: f32) -> f32 {
     return select(exp(m_part - m), 1.0, m_part == m);
 }
 
-// One logit into a running (max, sum-exp) with a single exp: whichever of the old max and the
-// new value is smaller gets scaled by exp(-|z - m|). NaN propagates through the sum.
-fn online_push(m: ptr<function, f32>, s: ptr<function, f32>, z: f32) {
+// A unit's logits into per-lane running (max, sum-exp), with a single exp each: whichever of
+// the old max and the new value is smaller gets scaled by exp(-|z - m|). Masked lanes carry
+// z = -inf, which changes nothing. NaN propagates through the sum.
+fn online_push(m: ptr<function, vec4<f32>>, s: ptr<function, vec4<f32>>, z: vec4<f32>) {
     let d = z - *m;
     let e = exp(-abs(d));
-    let up = d > 0.0;
+    let up = d > vec4<f32>(0.0);
     *s = select(*s + e, *s * e + 1.0, up);
     *m = select(*m, z, up);
 }
 
+// The four lanes' statistics as one, lane by lane in a fixed order; `sums` travel along.
+fn merge_lanes(m: vec4<f32>, s: vec4<f32>, sums: vec3<f32>) -> OnlineStats {
+    var acc = OnlineStats(m.x, vec4<f32>(s.x, sums));
+    acc = merge_stats(acc, OnlineStats(m.y, vec4<f32>(s.y, 0.0, 0.0, 0.0)));
+    acc = merge_stats(acc, OnlineStats(m.z, vec4<f32>(s.z, 0.0, 0.0, 0.0)));
+    return merge_stats(acc, OnlineStats(m.w, vec4<f32>(s.w, 0.0, 0.0, 0.0)));
+}
+
 // Token accuracy compares the label with the first argmax of the raw logits, as
 // `logits.argmax(-1) == labels` does: before the scale and soft-cap, which preserve the order
-// but can turn neighbours into ties by saturating in f32. The first class seen stands in until a
-// larger one comes, so a row of -inf has argmax 0, like torch.argmax.
+// but can turn neighbours into ties by saturating in f32. Per lane, the first class seen stands
+// in until a larger one comes, so a row of -inf has argmax 0, like torch.argmax.
 struct Argmax {
-    x: f32,
-    c: u32,
+    x: vec4<f32>,
+    c: vec4<u32>,
 }
 
 fn argmax_none() -> Argmax {
-    return Argmax(neg_inf(), NONE_U32);
+    return Argmax(vec4<f32>(neg_inf()), vec4<u32>(NONE_U32));
 }
 
-fn argmax_push(a: ptr<function, Argmax>, x: f32, c: u32) {
-    if (ACCURACY && (x > (*a).x || (*a).c == NONE_U32)) {
-        *a = Argmax(x, c);
+fn argmax_push(a: ptr<function, Argmax>, x: vec4<f32>, c: vec4<u32>, valid: vec4<bool>) {
+    if (ACCURACY) {
+        let take = valid & ((x > (*a).x) | ((*a).c == vec4<u32>(NONE_U32)));
+        *a = Argmax(select((*a).x, x, take), select((*a).c, c, take));
     }
+}
+
+// The lanes' best as one: the largest value, the smallest class among equals.
+fn argmax_lanes(a: Argmax) -> vec2<u32> {
+    let best = max(max(a.x.x, a.x.y), max(a.x.z, a.x.w));
+    let c = select(vec4<u32>(NONE_U32), a.c, a.x == vec4<f32>(best));
+    return vec2<u32>(bitcast<u32>(best), min(min(c.x, c.y), min(c.z, c.w)));
 }

@@ -25,7 +25,7 @@ fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
             let label = row_label(r);
             let kind = classify_label(label);
             if (kind == ROW_VALID) {
-                sums.x += weight(u32(label));
+                sums.x += weight(vec4<u32>(u32(label))).x;
                 sums.y += 1.0;
             } else if (kind == ROW_BAD_LABEL) {
                 bad = min(bad, r);

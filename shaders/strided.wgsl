@@ -1,13 +1,38 @@
 // The fused kernel for PyTorch's [N, C, d1..dk] logits (class dimension 1, spatial S > 1):
-// one invocation per row, i.e. per (n, s) position, walking the classes with stride S. No
-// transposed copy: neighbouring invocations read neighbouring positions, so every load of the
-// workgroup is coalesced, and no workgroup reduction is needed.
+// one invocation per row, i.e. per (n, s) position, walking the classes with stride S, four at
+// a time in the lanes of a vec4. No transposed copy: neighbouring invocations read neighbouring
+// positions, so every load of the workgroup is coalesced, and no workgroup reduction is needed.
 //
 // Traffic per row of K classes: K logits read twice (statistics sweep, gradient sweep; two exp
 // per element), K gradient values written, 8 bytes of loss and lse; probability targets add K
 // floats per sweep. An ignored row reads nothing and writes zeros; an invalid label writes NaN.
 //
 // Mirror: cpu::compute, whose Shape::index walks the same layout.
+
+// Classes c..c+3 of the row whose class 0 is element e0 (g0 in `logits`): elements, the
+// valid lanes, and the logits (0 where invalid).
+struct Quad {
+    c: vec4<u32>,
+    e: vec4<u32>,
+    g: vec4<u32>,
+    valid: vec4<bool>,
+}
+
+fn quad_of(c: u32, e0: u32, g0: u32) -> Quad {
+    let cs = vec4<u32>(c) + LANES;
+    let step = cs * Q.spatial;
+    return Quad(cs, vec4<u32>(e0) + step, vec4<u32>(g0) + step, cs < vec4<u32>(Q.classes));
+}
+
+fn load_quad(q: Quad) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (q.valid[i]) {
+            x[i] = load_elem(q.g[i]);
+        }
+    }
+    return x;
+}
 
 @compute @workgroup_size(WG_SIZE)
 fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -36,35 +61,42 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let extra = label_extra(label);
     var z_label = 0.0;
     if (!SOFT_TARGETS) {
-        z_label = transform_logit(load_elem(g0 + label * stride));
+        z_label = transform_logit(vec4<f32>(load_elem(g0 + label * stride))).x;
     }
 
-    var m = NEG_BIG;
-    var sum_exp = 0.0;
+    let neg = vec4<f32>(neg_inf());
+    var m4 = vec4<f32>(NEG_BIG);
+    var s4 = vec4<f32>(0.0);
     var sums = vec4<f32>(0.0);
     var best = argmax_none();
-    for (var c = 0u; c < k; c++) {
-        let x = load_elem(g0 + c * stride);
-        let z = transform_logit(x);
-        add_target(&sums, c, e0 + c * stride, z);
-        online_push(&m, &sum_exp, z);
-        argmax_push(&best, x, c);
+    for (var c = 0u; c < k; c += 4u) {
+        let q = quad_of(c, e0, g0);
+        let x = load_quad(q);
+        let z = select(neg, transform_logit(x), q.valid);
+        add_target(&sums, q.c, q.e, z, q.valid);
+        online_push(&m4, &s4, z);
+        argmax_push(&best, x, q.c, q.valid);
     }
-    sums.x = sum_exp;
-    let row = finish_row(m, sums, extra, z_label);
+    let st = merge_lanes(m4, s4, sums.yzw);
+    let m = st.m;
+    let row = finish_row(m, st.v, extra, z_label);
     store_row(r, row.loss, row.lse);
-    if (ACCURACY && !SOFT_TARGETS && best.c == label && !is_nan(row.lse)) {
+    if (ACCURACY && !SOFT_TARGETS && argmax_lanes(best).y == label && !is_nan(row.lse)) {
         atomicAdd(&control[CTRL_CORRECT], 1u);
     }
 
     if (!WRITE_GRAD) {
         return;
     }
-    let scale = row_scale(r);
-    let p_coef = row.mass + 2.0 * Q.z_loss * row.lse;
-    for (var c = 0u; c < k; c++) {
-        let g = g0 + c * stride;
-        let z = transform_logit(load_elem(g));
-        store_elem(g, grad_value(c, e0 + c * stride, exp(z - m) * row.inv_sum, z, label, extra, p_coef, scale));
+    let consts = grad_consts(row, row_scale(r));
+    for (var c = 0u; c < k; c += 4u) {
+        let q = quad_of(c, e0, g0);
+        let z = transform_logit(load_quad(q));
+        let v = grad_value(q.c, q.e, exp(z - m), z, label, extra, consts);
+        for (var i = 0u; i < 4u; i++) {
+            if (q.valid[i]) {
+                store_elem(q.g[i], v[i]);
+            }
+        }
     }
 }

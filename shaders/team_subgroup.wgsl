@@ -60,7 +60,7 @@ fn team_min_u32(v: u32) -> u32 {
 }
 
 // Merges online softmax statistics; see team_workgroup.wgsl.
-fn team_merge(m: f32, v: vec4<f32>) -> OnlineStats {
-    let sm = subgroupMax(m);
-    return OnlineStats(sm, subgroupAdd(vec4<f32>(v.x * rescale(m, sm), v.yzw)));
+fn team_merge(st: OnlineStats) -> OnlineStats {
+    let sm = subgroupMax(st.m);
+    return OnlineStats(sm, subgroupAdd(vec4<f32>(st.v.x * rescale(st.m, sm), st.v.yzw)));
 }

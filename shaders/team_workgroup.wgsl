@@ -101,10 +101,10 @@ fn team_min_u32(v: u32) -> u32 {
 }
 
 // Merges online softmax statistics; see team_subgroup.wgsl.
-fn team_merge(m: f32, v: vec4<f32>) -> OnlineStats {
+fn team_merge(st: OnlineStats) -> OnlineStats {
     let lid = team_lid_;
-    team_m[lid] = m;
-    team_v[lid] = v;
+    team_m[lid] = st.m;
+    team_v[lid] = st.v;
     workgroupBarrier();
     for (var stride = WG_SIZE / 2u; stride > 0u; stride >>= 1u) {
         if (lid < stride) {

@@ -219,7 +219,8 @@ impl KernelInner {
     /// [`KernelConfig::subgroup_rows_max_classes`]); otherwise a workgroup per row with enough
     /// invocations that each handles about `UNITS_PER_INVOCATION` units, a power of two between
     /// 32 and the configured maximum, so that short rows leave no invocation idle.
-    pub fn row_shape(&self, classes: u32, dtype: Dtype) -> RowShape {
+    /// `dtype` is the logits' type, `None` for f32 in `vec4` units.
+    pub fn row_shape(&self, classes: u32, dtype: Option<Dtype>) -> RowShape {
         const UNITS_PER_INVOCATION: u32 = 16;
         const SUBGROUP_TEAMS_WORKGROUP: u32 = 64;
         let max = self.config.row_workgroup;
@@ -233,7 +234,12 @@ impl KernelInner {
                 }
             }
             subgroups => {
-                let units = classes.div_ceil(if dtype == Dtype::F32 { 1 } else { 2 }) + 1;
+                let unit = match dtype {
+                    None => 4,
+                    Some(Dtype::F32) => 1,
+                    Some(Dtype::F16 | Dtype::Bf16) => 2,
+                };
+                let units = classes.div_ceil(unit) + 1;
                 RowShape {
                     team: subgroups.map_or(Team::Workgroup, Team::WorkgroupSubgroups),
                     workgroup: units
@@ -259,6 +265,7 @@ impl KernelInner {
         in_place: bool,
         dtype: Dtype,
         grad_dtype: Dtype,
+        wide: bool,
     ) -> ModuleKey {
         let (wg_size, cache_n, team) = match family {
             Family::Rows => (rows.workgroup, self.config.row_cache, rows.team),
@@ -274,6 +281,7 @@ impl KernelInner {
             in_place,
             dtype,
             grad_dtype,
+            wide: wide && family == Family::Rows && dtype == Dtype::F32,
         }
     }
 

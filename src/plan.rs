@@ -316,11 +316,16 @@ struct PlanInner {
 struct Pipelines {
     setup_partials: Option<wgpu::ComputePipeline>,
     setup_final: wgpu::ComputePipeline,
+    /// The row kernel: `vec4` units when `wide`.
     rows: wgpu::ComputePipeline,
+    wide: bool,
+    /// The scalar row kernel, for bindings whose buffers cannot be read as `vec4`.
+    narrow_rows: PipelineKey,
     finalize: Option<(wgpu::ComputePipeline, wgpu::ComputePipeline)>,
 }
 
 const WORD: u64 = 4;
+const VEC4: u64 = 16;
 
 impl LossKernel {
     /// Validates `problem` against the spec and the device limits, compiles (or reuses) its
@@ -438,21 +443,25 @@ impl LossPlan {
             write_grad: problem.gradient != Gradient::None,
             accuracy: problem.accuracy,
         };
-        let row_shape = inner.row_shape(shape.classes(), problem.dtype);
-        let pipeline = |family, entry| {
-            inner.pipeline(PipelineKey {
-                module: inner.module_key(
-                    family,
-                    row_shape,
-                    in_place,
-                    problem.dtype,
-                    problem.grad_dtype,
-                ),
-                entry,
-                switches,
-            })
-        };
         let strided = shape.spatial() > 1;
+        // f32 rows are read and written as vec4 units when the caller's buffers allow it (see
+        // `Regions::allow_wide`); the scalar pipeline is the fallback, compiled when needed.
+        let wide = !strided && problem.dtype == Dtype::F32;
+        let row_shape = inner.row_shape(shape.classes(), if wide { None } else { Some(problem.dtype) });
+        let key = |family, entry, wide| PipelineKey {
+            module: inner.module_key(
+                family,
+                row_shape,
+                in_place,
+                problem.dtype,
+                problem.grad_dtype,
+                wide,
+            ),
+            entry,
+            switches,
+        };
+        let pipeline = |family, entry| inner.pipeline(key(family, entry, false));
+        let narrow_rows = key(Family::Rows, "rows_main", false);
         let pipelines = Pipelines {
             setup_partials: if soft {
                 None
@@ -463,8 +472,10 @@ impl LossPlan {
             rows: if strided {
                 pipeline(Family::Strided, "strided_main")?
             } else {
-                pipeline(Family::Rows, "rows_main")?
+                inner.pipeline(key(Family::Rows, "rows_main", wide))?
             },
+            wide,
+            narrow_rows,
             finalize: match spec.reduction {
                 Reduction::None => None,
                 _ => Some((
@@ -562,6 +573,8 @@ impl LossPlan {
 #[derive(Clone, Debug)]
 pub struct LossBinding {
     plan: Arc<PlanInner>,
+    /// The row kernel for these buffers (`vec4` units where they allow it).
+    rows: wgpu::ComputePipeline,
     bind_groups: Vec<wgpu::BindGroup>,
     summary: (wgpu::Buffer, u64),
     loss_copy: Option<(wgpu::Buffer, u64)>,
@@ -598,7 +611,7 @@ impl LossBinding {
                 self.per_window(&mut pass, setup, chunks);
             }
             self.once(&mut pass, &pipelines.setup_final);
-            self.per_window(&mut pass, &pipelines.rows, rows);
+            self.per_window(&mut pass, &self.rows, rows);
             if let Some((partials, last)) = &pipelines.finalize {
                 self.per_window(&mut pass, partials, chunks);
                 self.once(&mut pass, last);
@@ -648,10 +661,16 @@ impl PlanInner {
         let inner = &self.kernel.inner;
         let device = &inner.device;
         let in_place = self.problem.gradient == Gradient::InPlace;
+        let wide = self.pipelines.wide && regions.allow_wide();
+        let rows = if wide || !self.pipelines.wide {
+            self.pipelines.rows.clone()
+        } else {
+            inner.pipeline(self.pipelines.narrow_rows)?
+        };
         let bound: Vec<_> = self
             .windows
             .iter()
-            .map(|w| regions.bind(w, &self.problem.shape, &inner.limits))
+            .map(|w| regions.bind(w, &self.problem.shape, &inner.limits, wide))
             .collect();
         let mut params = vec![0u8; (self.param_stride * self.windows.len() as u64) as usize];
         for (i, (w, b)) in self.windows.iter().zip(&bound).enumerate() {
@@ -703,6 +722,7 @@ impl PlanInner {
         };
         Ok(LossBinding {
             plan: Arc::clone(this),
+            rows,
             bind_groups,
             summary: (buffers.summary.buffer().clone(), buffers.summary.offset()),
             loss_copy,
@@ -1040,7 +1060,20 @@ impl<'a> Regions<'a> {
         Ok(())
     }
 
-    fn bind(&self, w: &Window, shape: &Shape, limits: &wgpu::Limits) -> BoundWindow<'a> {
+    /// Whether the logits (and a separate gradient) can be bound as `vec4` arrays: their
+    /// offsets agree modulo 16 bytes (so units line up) and each buffer extends to the next
+    /// 16-byte boundary after its region (so the last unit is addressable).
+    fn allow_wide(&self) -> bool {
+        let [logits, .., grad, _] = &self.bound;
+        let fits = |r: &Region<'_>| {
+            r.offset + (r.elems * r.elem_bytes).next_multiple_of(VEC4) <= r.buffer.size()
+        };
+        let logits = logits.expect("logits are always bound");
+        fits(&logits)
+            && grad.is_none_or(|g| fits(&g) && g.offset % VEC4 == logits.offset % VEC4)
+    }
+
+    fn bind(&self, w: &Window, shape: &Shape, limits: &wgpu::Limits, wide: bool) -> BoundWindow<'a> {
         let align = u64::from(limits.min_storage_buffer_offset_alignment);
         let k = u64::from(shape.classes());
         let per_item_rows = u64::from(shape.spatial());
@@ -1080,7 +1113,12 @@ impl<'a> Regions<'a> {
                 };
                 let start = r.offset + first * r.elem_bytes;
                 let offset = start / align * align;
-                let end = (start + count * r.elem_bytes).next_multiple_of(WORD);
+                let unit = if wide && matches!(INDEXING[i], Indexing::Elements) {
+                    VEC4
+                } else {
+                    WORD
+                };
+                let end = (start + count * r.elem_bytes).next_multiple_of(unit);
                 BoundRange {
                     buffer: r.buffer,
                     offset,

@@ -132,6 +132,7 @@ pub(crate) const GRAD: usize = 6;
 fn binding_type(i: usize, key: &ModuleKey) -> &'static str {
     let sixteen = |d: Dtype| d != Dtype::F32;
     match i {
+        LOGITS | GRAD if key.wide => "array<vec4<f32>>",
         LOGITS if sixteen(key.dtype) && key.in_place => "array<atomic<u32>>",
         LOGITS if sixteen(key.dtype) => "array<u32>",
         GRAD if sixteen(key.grad_dtype) && !key.in_place => "array<atomic<u32>>",
@@ -175,6 +176,8 @@ pub(crate) struct ModuleKey {
     pub in_place: bool,
     pub dtype: Dtype,
     pub grad_dtype: Dtype,
+    /// f32 logits and gradient read and written as `vec4` units (see `accessors`).
+    pub wide: bool,
 }
 
 /// Assembles the WGSL source of a module.
@@ -225,7 +228,7 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
 }
 
 /// The element accessors the kernels use, for the logits' and gradient's dtypes:
-/// `UNIT` (logits per unit, at most 4), `load_unit(u) -> vec4<f32>` (unit u's logits, unused
+/// `UNIT` (logits per unit: 1 or, `wide`, 4 f32; 2 16-bit), `load_unit(u) -> vec4<f32>` (unit u's logits, unused
 /// lanes 0), `load_elem(g) -> f32`, `store_unit(u, v, g_begin, g_end)` (the gradient of unit
 /// u's logits that lie in `[g_begin, g_end)`) and `store_elem(g, v)`. `u` and `g` index the logits binding; the
 /// gradient binding is addressed through `Q.grad_base - Q.logits_base`, which the host keeps
@@ -238,6 +241,11 @@ fn accessors(key: &ModuleKey) -> String {
         "logits[w]"
     };
     match key.dtype {
+        Dtype::F32 if key.wide => src.push_str(
+            "const UNIT: u32 = 4u;\n\
+             fn load_elem(g: u32) -> f32 { return logits[g >> 2u][g & 3u]; }\n\
+             fn load_unit(u: u32) -> vec4<f32> { return logits[u]; }\n",
+        ),
         Dtype::F32 => src.push_str(
             "const UNIT: u32 = 1u;\n\
              fn load_elem(g: u32) -> f32 { return logits[g]; }\n\
@@ -268,6 +276,28 @@ fn accessors(key: &ModuleKey) -> String {
         "i + Q.grad_base - Q.logits_base"
     };
     match grad_dtype {
+        // A whole unit inside the row is one vec4 store; a unit shared with a neighbouring row
+        // (K not a multiple of 4) is written component by component, never read back.
+        Dtype::F32 if key.wide => {
+            let unit_index = if key.in_place {
+                "u"
+            } else {
+                "u + Q.grad_base / 4u - Q.logits_base / 4u"
+            };
+            src.push_str(&format!(
+                "fn store_elem(i: u32, v: f32) {{ let j = {index}; {target}[j >> 2u][j & 3u] = v; }}\n\
+                 fn store_unit(u: u32, v: vec4<f32>, g_begin: u32, g_end: u32) {{\n\
+                     let g = u * 4u;\n\
+                     if (g >= g_begin && g + 4u <= g_end) {{\n\
+                         {target}[{unit_index}] = v;\n\
+                     }} else {{\n\
+                         for (var i = 0u; i < 4u; i++) {{\n\
+                             if (g + i >= g_begin && g + i < g_end) {{ store_elem(g + i, v[i]); }}\n\
+                         }}\n\
+                     }}\n\
+                 }}\n"
+            ));
+        }
         Dtype::F32 => src.push_str(&format!(
             "fn store_elem(i: u32, v: f32) {{ {target}[{index}] = v; }}\n\
              fn store_unit(u: u32, v: vec4<f32>, g_begin: u32, g_end: u32) {{\n\

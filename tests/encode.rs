@@ -215,7 +215,9 @@ fn check_run(what: &str, g: &Gpu, kernel: &LossKernel, case: &Case<'_>) -> Error
             "{what}: the loss copy differs from the Summary"
         ),
     }
-    // The staging API gives the same bits.
+    // The staging API gives the same results: the same bits when its buffers (offset 0) take
+    // the same row kernel, else the same values up to f32 summation order (a caller region
+    // that is not 16-byte aligned is read in scalar units, the staging buffers as vec4).
     let staged = kernel
         .compute(
             &g.queue,
@@ -229,18 +231,17 @@ fn check_run(what: &str, g: &Gpu, kernel: &LossKernel, case: &Case<'_>) -> Error
             },
         )
         .unwrap();
-    assert_eq!(
-        common::bits(&staged.loss),
-        common::bits(&run.out.loss),
-        "{what}: staging loss"
-    );
-    assert_eq!(
-        common::bits(&staged.lse),
-        common::bits(&run.out.lse),
-        "{what}: staging lse"
-    );
+    let same = |a: &[f32], b: &[f32], field: &str| {
+        let scale = b.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let ok = x.to_bits() == y.to_bits() || (x - y).abs() <= 1e-6 * scale.max(1.0);
+            assert!(ok, "{what}: staging {field}[{i}] {x} vs encode {y}");
+        }
+    };
+    same(&staged.loss, &run.out.loss, "loss");
+    same(&staged.lse, &run.out.lse, "lse");
     if let (Some(a), Some(b)) = (&staged.grad, &run.out.grad) {
-        assert_eq!(common::bits(a), common::bits(b), "{what}: staging gradient");
+        same(a, b, "gradient");
     }
     e
 }
