@@ -208,18 +208,18 @@ fn lane_sum(v: vec4<f32>) -> f32 {
 }
 
 // Adds a unit's transformed logits z (classes c, elements e, lanes `valid`) to a row's
-// target sums: `.y` the dot product sum a_c z_c, `.z` the mass sum a_c. Class labels sum only
-// w_c z_c over receiving classes, and only when the off-value is nonzero: skipping it keeps
-// plain cross-entropy finite when a non-target logit is -inf. finish_row() completes both.
-fn add_target(sums: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
+// per-lane target sums: `dot` sum a_c z_c, `mass` sum a_c. Class labels sum only w_c z_c over
+// receiving classes, and only when the off-value is nonzero: skipping it keeps plain
+// cross-entropy finite when a non-target logit is -inf. finish_row() completes both.
+fn add_target(dot: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
     let zero = vec4<f32>(0.0);
     if (SOFT_TARGETS) {
         let a = target_coef(c, e, 0u, 0.0);
-        (*sums).y += lane_sum(select(zero, a * z, valid));
-        (*sums).z += lane_sum(select(zero, a, valid));
+        *dot += select(zero, a * z, valid);
+        *mass += select(zero, a, valid);
     } else if (Q.off != 0.0) {
         let receiving = valid & (c != vec4<u32>(Q.excluded));
-        (*sums).y += lane_sum(select(zero, weight(c) * z, receiving));
+        *dot += select(zero, weight(c) * z, receiving);
     }
 }
 
@@ -298,9 +298,10 @@ fn online_push(m: ptr<function, vec4<f32>>, s: ptr<function, vec4<f32>>, z: vec4
     *m = select(*m, z, up);
 }
 
-// The four lanes' statistics as one, lane by lane in a fixed order; `sums` travel along.
-fn merge_lanes(m: vec4<f32>, s: vec4<f32>, sums: vec3<f32>) -> OnlineStats {
-    var acc = OnlineStats(m.x, vec4<f32>(s.x, sums));
+// The four lanes' statistics as one, lane by lane in a fixed order; the lanes' target dot
+// product and mass travel along (as .y and .z).
+fn merge_lanes(m: vec4<f32>, s: vec4<f32>, dot: vec4<f32>, mass: vec4<f32>) -> OnlineStats {
+    var acc = OnlineStats(m.x, vec4<f32>(s.x, lane_sum(dot), lane_sum(mass), 0.0));
     acc = merge_stats(acc, OnlineStats(m.y, vec4<f32>(s.y, 0.0, 0.0, 0.0)));
     acc = merge_stats(acc, OnlineStats(m.z, vec4<f32>(s.z, 0.0, 0.0, 0.0)));
     return merge_stats(acc, OnlineStats(m.w, vec4<f32>(s.w, 0.0, 0.0, 0.0)));

@@ -96,7 +96,9 @@ fn process_row(r: u32) {
     let neg = vec4<f32>(neg_inf());
     var m4 = vec4<f32>(NEG_BIG);  // per-lane running max
     var s4 = vec4<f32>(0.0);      // per-lane sum of exp(z - m4)
-    var sums = vec4<f32>(0.0);    // y: dot, z: mass (see add_target)
+    var dot4 = vec4<f32>(0.0);    // per-lane target sums (see add_target)
+    var mass4 = vec4<f32>(0.0);
+    var sums: vec4<f32>;          // x: sum exp(z - m), y: dot, z: mass, for the whole row
     var best = argmax_none();
     let cached = row.units <= team_size() * CACHE_N;
     // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
@@ -117,7 +119,7 @@ fn process_row(r: u32) {
                 let x = load_unit(u0 + u);
                 let unit = unit_of(row, u);
                 z = select(neg, transform_logit(x), unit.valid);
-                add_target(&sums, unit.c, unit.e, z, unit.valid);
+                add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
                 argmax_push(&best, x, unit.c, unit.valid);
                 m4 = max(m4, z);
             }
@@ -134,18 +136,17 @@ fn process_row(r: u32) {
                 cache[j] = e;  // the gradient needs only exp(z - max): the slope is constant
             }
         }
-        sums.x = lane_sum(s4);
-        sums = team_sum4(sums);
+        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(dot4), lane_sum(mass4), 0.0));
     } else {
         for (var u = lid; u < row.units; u += team_size()) {
             let x = load_unit(u0 + u);
             let unit = unit_of(row, u);
             let z = select(neg, transform_logit(x), unit.valid);
-            add_target(&sums, unit.c, unit.e, z, unit.valid);
+            add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
             online_push(&m4, &s4, z);
             argmax_push(&best, x, unit.c, unit.valid);
         }
-        let st = team_merge(merge_lanes(m4, s4, sums.yzw));
+        let st = team_merge(merge_lanes(m4, s4, dot4, mass4));
         m = st.m;
         sums = st.v;
     }
