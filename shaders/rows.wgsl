@@ -18,6 +18,10 @@
 //
 // Mirror: cpu::compute (row_statistics, row_loss, the gradient).
 
+// The row in registers (the "cached" path). Module-scope, so that it is zero-initialised once
+// per invocation rather than once per row.
+var<private> cache: array<vec4<f32>, CACHE_N>;
+
 // Where a row lies in the logits binding, and its label.
 struct Row {
     r: u32,       // row within the window
@@ -104,7 +108,6 @@ fn process_row(r: u32) {
     // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
     // live in registers) but stop after the row, uniformly across the team.
     let slots = (row.units + team_size() - 1u) / team_size();
-    var cache: array<vec4<f32>, CACHE_N>;
     var m: f32;
 
     if (cached) {

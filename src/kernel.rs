@@ -37,6 +37,17 @@ pub(crate) struct RowShape {
     pub team: Team,
     pub workgroup: u32,
     pub rows_per_workgroup: u32,
+    /// `CACHE_N`: register slots per invocation.
+    pub cache: u32,
+}
+
+/// Logits per unit: 4 f32 in `vec4` units (`None`), 1 f32, 2 16-bit.
+fn unit_of(dtype: Option<Dtype>) -> u32 {
+    match dtype {
+        None => 4,
+        Some(Dtype::F32) => 1,
+        Some(Dtype::F16 | Dtype::Bf16) => 2,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -219,37 +230,49 @@ impl KernelInner {
     /// [`KernelConfig::subgroup_rows_max_classes`]); otherwise a workgroup per row with enough
     /// invocations that each handles about `UNITS_PER_INVOCATION` units, a power of two between
     /// 32 and the configured maximum, so that short rows leave no invocation idle.
-    /// `dtype` is the logits' type, `None` for f32 in `vec4` units.
-    pub fn row_shape(&self, classes: u32, dtype: Option<Dtype>) -> RowShape {
+    /// `dtype` is the logits' type, `None` for f32 in `vec4` units. With subgroup teams, a
+    /// workgroup holds up to 8 of them, fewer when rows are few, so that at least
+    /// `MIN_WORKGROUPS` workgroups share the device.
+    pub fn row_shape(&self, rows: u32, classes: u32, dtype: Option<Dtype>) -> RowShape {
         const UNITS_PER_INVOCATION: u32 = 16;
-        const SUBGROUP_TEAMS_WORKGROUP: u32 = 64;
+        const TEAMS_PER_WORKGROUP: u32 = 8;
+        const MIN_WORKGROUPS: u32 = 16;
         let max = self.config.row_workgroup;
         match self.subgroup_min {
             Some(subgroup) if classes <= self.config.subgroup_rows_max_classes => {
-                let workgroup = SUBGROUP_TEAMS_WORKGROUP.clamp(subgroup, max.max(subgroup));
+                let teams = (rows / MIN_WORKGROUPS).clamp(1, TEAMS_PER_WORKGROUP).next_power_of_two();
+                let workgroup = (teams * subgroup).clamp(subgroup, max.max(subgroup));
                 RowShape {
                     team: Team::Subgroup,
                     workgroup,
                     rows_per_workgroup: (workgroup / subgroup).max(1),
+                    cache: self.cache_slots(classes.div_ceil(unit_of(dtype)) + 1, subgroup),
                 }
             }
             subgroups => {
-                let unit = match dtype {
-                    None => 4,
-                    Some(Dtype::F32) => 1,
-                    Some(Dtype::F16 | Dtype::Bf16) => 2,
-                };
-                let units = classes.div_ceil(unit) + 1;
+                let units = classes.div_ceil(unit_of(dtype)) + 1;
+                let workgroup = units
+                    .div_ceil(UNITS_PER_INVOCATION)
+                    .next_power_of_two()
+                    .clamp(32.min(max), max);
                 RowShape {
                     team: subgroups.map_or(Team::Workgroup, Team::WorkgroupSubgroups),
-                    workgroup: units
-                        .div_ceil(UNITS_PER_INVOCATION)
-                        .next_power_of_two()
-                        .clamp(32.min(max), max),
+                    workgroup,
                     rows_per_workgroup: 1,
+                    cache: self.cache_slots(units, workgroup),
                 }
             }
         }
+    }
+
+    /// Register slots per invocation for rows of `units` units over `team` invocations: the
+    /// configured cache, or fewer (a power of two) when the row needs fewer, since every slot
+    /// costs registers (and, on CPU adapters, memory traffic) whether used or not.
+    fn cache_slots(&self, units: u32, team: u32) -> u32 {
+        units
+            .div_ceil(team)
+            .next_power_of_two()
+            .min(self.config.row_cache)
     }
 
     /// The team of the setup and reduction passes: the whole workgroup.
@@ -268,7 +291,7 @@ impl KernelInner {
         wide: bool,
     ) -> ModuleKey {
         let (wg_size, cache_n, team) = match family {
-            Family::Rows => (rows.workgroup, self.config.row_cache, rows.team),
+            Family::Rows => (rows.workgroup, rows.cache, rows.team),
             Family::Strided | Family::Setup | Family::Reduce => {
                 (shader::AUX_WG_SIZE, 1, self.workgroup_team())
             }

@@ -447,7 +447,11 @@ impl LossPlan {
         // f32 rows are read and written as vec4 units when the caller's buffers allow it (see
         // `Regions::allow_wide`); the scalar pipeline is the fallback, compiled when needed.
         let wide = !strided && problem.dtype == Dtype::F32;
-        let row_shape = inner.row_shape(shape.classes(), if wide { None } else { Some(problem.dtype) });
+        let row_shape = inner.row_shape(
+            shape.rows(),
+            shape.classes(),
+            if wide { None } else { Some(problem.dtype) },
+        );
         let key = |family, entry, wide| PipelineKey {
             module: inner.module_key(
                 family,
