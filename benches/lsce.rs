@@ -1287,8 +1287,17 @@ impl<'g> Case<'g> {
                         // As many workgroups as the loss kernel itself may use (few, long-lived
                         // ones on CPU adapters, where starting a workgroup is expensive).
                         let n = (w.stream_bytes / 16).div_ceil(u64::from(WG)) as u32;
-                        let cap = self.gpu.kernel.config().max_row_workgroups.unwrap_or(u32::MAX);
-                        pass.dispatch_workgroups(n.min(STREAM_GROUPS).min(max_groups).min(cap).max(1), 1, 1);
+                        let cap = self
+                            .gpu
+                            .kernel
+                            .config()
+                            .max_row_workgroups
+                            .unwrap_or(u32::MAX);
+                        pass.dispatch_workgroups(
+                            n.min(STREAM_GROUPS).min(max_groups).min(cap).max(1),
+                            1,
+                            1,
+                        );
                     }
                     // A 2D grid keeps each dimension within the limit; the shaders flatten it.
                     Grid::Rows => {

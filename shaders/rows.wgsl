@@ -199,7 +199,8 @@ fn process_row(r: u32) {
 
 // The gradient of unit u of the row from exp(z - max) and the transformed logits z.
 fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) {
-    let unit = unit_of(row, u);
-    let v = grad_value(unit.c, unit.e, ez, z, row.label, row.extra, k);
+    // Lanes outside the row compute garbage that store_unit does not write.
+    let c = vec4<u32>((row.u0 + u) * UNIT - row.g0) + LANES;
+    let v = grad_value(c, vec4<u32>(row.e0) + c, ez, z, row.label, row.extra, k);
     store_unit(row.u0 + u, v, row.g0, row.g0 + Q.classes);
 }

@@ -240,7 +240,9 @@ impl KernelInner {
         let max = self.config.row_workgroup;
         match self.subgroup_min {
             Some(subgroup) if classes <= self.config.subgroup_rows_max_classes => {
-                let teams = (rows / MIN_WORKGROUPS).clamp(1, TEAMS_PER_WORKGROUP).next_power_of_two();
+                let teams = (rows / MIN_WORKGROUPS)
+                    .clamp(1, TEAMS_PER_WORKGROUP)
+                    .next_power_of_two();
                 let workgroup = (teams * subgroup).clamp(subgroup, max.max(subgroup));
                 RowShape {
                     team: Team::Subgroup,

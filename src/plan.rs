@@ -1073,11 +1073,16 @@ impl<'a> Regions<'a> {
             r.offset + (r.elems * r.elem_bytes).next_multiple_of(VEC4) <= r.buffer.size()
         };
         let logits = logits.expect("logits are always bound");
-        fits(&logits)
-            && grad.is_none_or(|g| fits(&g) && g.offset % VEC4 == logits.offset % VEC4)
+        fits(&logits) && grad.is_none_or(|g| fits(&g) && g.offset % VEC4 == logits.offset % VEC4)
     }
 
-    fn bind(&self, w: &Window, shape: &Shape, limits: &wgpu::Limits, wide: bool) -> BoundWindow<'a> {
+    fn bind(
+        &self,
+        w: &Window,
+        shape: &Shape,
+        limits: &wgpu::Limits,
+        wide: bool,
+    ) -> BoundWindow<'a> {
         let align = u64::from(limits.min_storage_buffer_offset_alignment);
         let k = u64::from(shape.classes());
         let per_item_rows = u64::from(shape.spatial());

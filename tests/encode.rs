@@ -232,7 +232,10 @@ fn check_run(what: &str, g: &Gpu, kernel: &LossKernel, case: &Case<'_>) -> Error
         )
         .unwrap();
     let same = |a: &[f32], b: &[f32], field: &str| {
-        let scale = b.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
+        let scale = b
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0f32, |m, v| m.max(v.abs()));
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             let ok = x.to_bits() == y.to_bits() || (x - y).abs() <= 1e-6 * scale.max(1.0);
             assert!(ok, "{what}: staging {field}[{i}] {x} vs encode {y}");
