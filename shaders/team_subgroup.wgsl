@@ -4,7 +4,7 @@
 // adapters, which run a workgroup's subgroups as coroutines). Reduction order is the
 // subgroup operation's, fixed for a given device and pipeline.
 //
-// One of three interchangeable team files (see team_workgroup.wgsl for the interface).
+// The alternative to team_workgroup.wgsl (which documents the interface).
 // Needs Features::SUBGROUP.
 
 struct TeamIds {

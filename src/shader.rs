@@ -1,6 +1,6 @@
 //! Shader composition: the one place where WGSL source is assembled.
 //!
-//! A module is `prelude + bindings + common.wgsl + team_{subgroup,workgroup}.wgsl + kernel`,
+//! A module is `prelude + bindings + common.wgsl + team files + kernel`,
 //! where the prelude holds the sizes (`WG_SIZE`, `CACHE_N`, ...) and the bindings block is
 //! generated from [`BINDINGS`], the same table that builds the bind group layout, so the two
 //! cannot disagree. Per-pipeline switches (weights, probability targets, soft-cap, gradient,
@@ -12,7 +12,8 @@ use crate::spec::Dtype;
 
 const COMMON: &str = include_str!("../shaders/common.wgsl");
 const TEAM_WORKGROUP: &str = include_str!("../shaders/team_workgroup.wgsl");
-const TEAM_WORKGROUP_SG: &str = include_str!("../shaders/team_workgroup_sg.wgsl");
+const TEAM_REDUCE_MEMORY: &str = include_str!("../shaders/team_reduce_memory.wgsl");
+const TEAM_REDUCE_SUBGROUPS: &str = include_str!("../shaders/team_reduce_subgroups.wgsl");
 const TEAM_SUBGROUP: &str = include_str!("../shaders/team_subgroup.wgsl");
 const ROWS: &str = include_str!("../shaders/rows.wgsl");
 const STRIDED: &str = include_str!("../shaders/strided.wgsl");
@@ -154,8 +155,9 @@ pub(crate) enum Family {
     Reduce,
 }
 
-/// What a "team" (the invocations that reduce one row together) is, and how it reduces; one
-/// WGSL file each, with the same interface.
+/// What a "team" (the invocations that reduce one row together) is, and how it reduces: a
+/// workgroup (`team_workgroup.wgsl`) with `team_reduce_memory.wgsl` or
+/// `team_reduce_subgroups.wgsl`, or a subgroup (`team_subgroup.wgsl`); the same interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Team {
     /// The workgroup, through workgroup memory (no subgroup operations needed).
@@ -213,11 +215,11 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
     }
     src.push_str(&accessors(key));
     src.push_str(COMMON);
-    src.push_str(match key.team {
-        Team::Workgroup => TEAM_WORKGROUP,
-        Team::WorkgroupSubgroups(_) => TEAM_WORKGROUP_SG,
-        Team::Subgroup => TEAM_SUBGROUP,
-    });
+    match key.team {
+        Team::Workgroup => src.extend([TEAM_WORKGROUP, TEAM_REDUCE_MEMORY]),
+        Team::WorkgroupSubgroups(_) => src.extend([TEAM_WORKGROUP, TEAM_REDUCE_SUBGROUPS]),
+        Team::Subgroup => src.push_str(TEAM_SUBGROUP),
+    }
     src.push_str(match key.family {
         Family::Rows => ROWS,
         Family::Strided => STRIDED,

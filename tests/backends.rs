@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use common::{check, device_for_backend, Errors, Gpu, Rng};
 use lsce::{
-    Batch, Gradient, KernelConfig, LossKernel, LossSpec, LsceError, Reduction, Shape, Smoothing,
+    Batch, Gradient, KernelConfig, LossKernel, LossSpec, LsceError, Reduction, Shape,
     StagingOptions, UpstreamGrad,
 };
 
@@ -82,26 +82,6 @@ fn gl_runs_the_workgroup_fallback() {
     assert!(!k.uses_subgroups());
 }
 
-fn conventions(eps: f32, k: u32) -> Vec<(&'static str, LossSpec)> {
-    let base = LossSpec::default();
-    vec![
-        ("uniform", base.with_smoothing(Smoothing::Uniform(eps))),
-        ("off_target", base.with_smoothing(Smoothing::OffTarget(eps))),
-        (
-            "explicit",
-            base.with_smoothing(Smoothing::Explicit {
-                on: 1.0 - eps,
-                off: eps / 3.0,
-            }),
-        ),
-        (
-            "uniform+excluded",
-            base.with_smoothing(Smoothing::Uniform(eps))
-                .with_excluded_class(Some(k - 1)),
-        ),
-    ]
-}
-
 #[test]
 fn gl_conventions_reductions_and_shapes() {
     let g = gl();
@@ -123,7 +103,7 @@ fn gl_conventions_reductions_and_shapes() {
         let weights = rng.weights(k as usize);
         let per_row: Vec<f32> = (0..rows).map(|_| rng.range(-2.0, 2.0) as f32).collect();
         for eps in [0.0f32, 0.1, 0.9, 1.0] {
-            for (name, spec) in conventions(eps, k.max(2)) {
+            for (name, spec) in common::conventions(eps, k.max(2)) {
                 if k < 2 && spec.excluded_class.is_some() {
                     continue;
                 }

@@ -12,39 +12,6 @@ use lsce::{
     UpstreamGrad,
 };
 
-fn conventions(eps: f32, k: u32) -> Vec<(&'static str, LossSpec)> {
-    let base = LossSpec::default();
-    vec![
-        ("uniform", base.with_smoothing(Smoothing::Uniform(eps))),
-        ("off_target", base.with_smoothing(Smoothing::OffTarget(eps))),
-        (
-            "explicit",
-            base.with_smoothing(Smoothing::Explicit {
-                on: 1.0 - eps,
-                off: eps / 3.0,
-            }),
-        ),
-        (
-            "uniform+excluded",
-            base.with_smoothing(Smoothing::Uniform(eps))
-                .with_excluded_class(Some(0)),
-        ),
-        (
-            "off_target+excluded",
-            base.with_smoothing(Smoothing::OffTarget(eps))
-                .with_excluded_class(Some(k - 1)),
-        ),
-        (
-            "explicit+excluded",
-            base.with_smoothing(Smoothing::Explicit {
-                on: 0.8,
-                off: eps / 5.0,
-            })
-            .with_excluded_class(Some(k / 2)),
-        ),
-    ]
-}
-
 /// A kernel whose rows of more than one logit per invocation take the streaming (two-sweep) path.
 fn streaming_kernel(g: &Gpu) -> LossKernel {
     LossKernel::with_config(
@@ -81,7 +48,7 @@ fn every_smoothing_convention_and_eps() {
         labels[2] = k as i32 - 1;
         labels[3] = k as i32 / 2;
         for eps in [0.0f32, 0.1, 0.9, 1.0] {
-            for (name, spec) in conventions(eps, k) {
+            for (name, spec) in common::conventions(eps, k) {
                 for reduction in [Reduction::Mean, Reduction::None] {
                     let spec = spec.with_reduction(reduction);
                     let batch = Batch::classes(shape, &logits, &labels);
@@ -325,7 +292,7 @@ fn probability_targets() {
         let per_row: Vec<f32> = (0..rows).map(|_| rng.range(-1.0, 1.0) as f32).collect();
         for normalised in [true, false] {
             let probs = rng.probabilities(rows, k as usize, normalised);
-            for (name, spec) in conventions(0.1, k) {
+            for (name, spec) in common::conventions(0.1, k) {
                 for (reduction, upstream, weighted) in [
                     (Reduction::Mean, UpstreamGrad::One, false),
                     (Reduction::Mean, UpstreamGrad::Scalar(2.0), true),

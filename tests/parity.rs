@@ -2,7 +2,7 @@
 //! half precision, z-loss, soft-cap, logit scale, in-place gradient, label checks, accuracy,
 //! and their combinations. Every case runs on the GPU and is held against `lsce::cpu`.
 
-mod support;
+mod common;
 
 use lsce::half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use lsce::{
@@ -10,16 +10,22 @@ use lsce::{
     StagingOptions, UpstreamGrad,
 };
 
-use support::*;
+use common::*;
 
 #[test]
 fn class_weights_with_smoothing_and_ignore() {
     let shape = Shape::matrix(37, 301).unwrap();
     let x = logits(shape.elements(), 3.0, 1);
     let y = labels(37, 301, 5, 2);
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let w: Vec<f32> = (0..301)
-        .map(|c| if c % 7 == 0 { 0.0 } else { rng.next() * 2.0 })
+        .map(|c| {
+            if c % 7 == 0 {
+                0.0
+            } else {
+                (rng.uniform() as f32) * 2.0
+            }
+        })
         .collect();
     for smoothing in [
         Smoothing::Uniform(0.0),
@@ -32,7 +38,7 @@ fn class_weights_with_smoothing_and_ignore() {
                 .with_smoothing(smoothing)
                 .with_reduction(reduction);
             let batch = Batch::classes(shape, &x, &y).with_weights(&w);
-            check(
+            check_every_path(
                 &format!("weights {smoothing:?} {reduction:?}"),
                 &spec,
                 &batch,
@@ -48,7 +54,7 @@ fn all_target_weights_zero_gives_nan_mean() {
     let x = logits(20, 1.0, 4);
     let y = [0, 0, 0, 0];
     let w = [0.0, 1.0, 1.0, 1.0, 1.0];
-    let out = check(
+    let out = check_every_path(
         "zero weights",
         &LossSpec::pytorch(0.1),
         &Batch::classes(shape, &x, &y).with_weights(&w),
@@ -62,20 +68,22 @@ fn all_target_weights_zero_gives_nan_mean() {
 fn probability_targets() {
     let shape = Shape::matrix(19, 257).unwrap();
     let x = logits(shape.elements(), 2.0, 5);
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     // Unnormalised rows, as PyTorch accepts them.
-    let t: Vec<f32> = (0..shape.elements()).map(|_| rng.next()).collect();
-    let w: Vec<f32> = (0..257).map(|_| rng.next() + 0.5).collect();
+    let t: Vec<f32> = (0..shape.elements())
+        .map(|_| rng.uniform() as f32)
+        .collect();
+    let w: Vec<f32> = (0..257).map(|_| (rng.uniform() as f32) + 0.5).collect();
     for eps in [0.0, 0.1, 1.0] {
         for reduction in [Reduction::None, Reduction::Mean] {
             let spec = LossSpec::pytorch(eps).with_reduction(reduction);
-            check(
+            check_every_path(
                 &format!("soft eps {eps} {reduction:?}"),
                 &spec,
                 &Batch::probabilities(shape, &x, &t),
                 StagingOptions::default(),
             );
-            check(
+            check_every_path(
                 &format!("soft weighted eps {eps} {reduction:?}"),
                 &spec,
                 &Batch::probabilities(shape, &x, &t).with_weights(&w),
@@ -99,7 +107,7 @@ fn seed002_smoothed_labels_as_probabilities() {
         t[r * 5 + y] = 0.92;
     }
     let shape = Shape::matrix(3, 5).unwrap();
-    let out = check(
+    let out = check_every_path(
         "seed002 soft",
         &LossSpec::default(),
         &Batch::probabilities(shape, &x, &t),
@@ -116,17 +124,19 @@ fn class_dim1_layouts() {
         let shape = Shape::class_dim1(&dims).unwrap();
         let x = logits(shape.elements(), 4.0, 7);
         let y = labels(shape.rows(), shape.classes(), 6, 8);
-        let mut rng = Rng(9);
-        let w: Vec<f32> = (0..shape.classes()).map(|_| rng.next() + 0.1).collect();
+        let mut rng = Rng::new(9);
+        let w: Vec<f32> = (0..shape.classes())
+            .map(|_| (rng.uniform() as f32) + 0.1)
+            .collect();
         for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
             let spec = LossSpec::pytorch(0.1).with_reduction(reduction);
-            check(
+            check_every_path(
                 &format!("{dims:?} {reduction:?}"),
                 &spec,
                 &Batch::classes(shape, &x, &y),
                 StagingOptions::default(),
             );
-            check(
+            check_every_path(
                 &format!("{dims:?} weighted {reduction:?}"),
                 &spec,
                 &Batch::classes(shape, &x, &y).with_weights(&w),
@@ -136,8 +146,10 @@ fn class_dim1_layouts() {
                 },
             );
         }
-        let t: Vec<f32> = (0..shape.elements()).map(|_| rng.next()).collect();
-        check(
+        let t: Vec<f32> = (0..shape.elements())
+            .map(|_| rng.uniform() as f32)
+            .collect();
+        check_every_path(
             &format!("{dims:?} soft"),
             &LossSpec::pytorch(0.2),
             &Batch::probabilities(shape, &x, &t),
@@ -157,7 +169,7 @@ fn class_dim1_windows() {
         max_binding_bytes: Some(3 * item + 256),
         ..Default::default()
     };
-    check(
+    check_every_path(
         "strided windows",
         &LossSpec::pytorch(0.1),
         &Batch::classes(shape, &x, &y),
@@ -204,7 +216,7 @@ fn half_precision_logits() {
                     ..Default::default()
                 },
             ] {
-                check(
+                check_every_path(
                     &format!("{dtype:?} {rows}x{classes} {options:?}"),
                     &spec,
                     &batch,
@@ -227,7 +239,7 @@ fn half_precision_class_dim1() {
         };
         let y = labels(shape.rows(), 11, 5, 15);
         for gradient in [Gradient::Separate, Gradient::InPlace] {
-            check(
+            check_every_path(
                 &format!("{dtype:?} strided {gradient:?}"),
                 &LossSpec::pytorch(0.1),
                 &Batch::classes(shape, logits, &y),
@@ -246,7 +258,7 @@ fn f16_at_32000_classes_stays_finite() {
     let shape = Shape::matrix(4, 32000).unwrap();
     let bits = encode(Dtype::F16, &logits(shape.elements(), 8.0, 16));
     let y = labels(4, 32000, 0, 17);
-    let out = check(
+    let out = check_every_path(
         "f16 32000",
         &LossSpec::pytorch(0.1),
         &Batch::classes(shape, Logits::F16(&bits), &y),
@@ -301,7 +313,7 @@ fn z_loss_softcap_and_scale() {
                     .with_softcap(cap)
                     .with_logit_scale(scale)
                     .with_reduction(reduction);
-                check(
+                check_every_path(
                     &format!("z {z} cap {cap:?} scale {scale} eps {eps} {reduction:?}"),
                     &spec,
                     &Batch::classes(shape, &x, &y),
@@ -322,7 +334,7 @@ fn z_loss_and_softcap_streaming_rows() {
         .with_z_loss(1e-4)
         .with_softcap(Some(30.0))
         .with_logit_scale(0.8);
-    check(
+    check_every_path(
         "streaming z/cap",
         &spec,
         &Batch::classes(shape, &x, &y),
@@ -341,8 +353,8 @@ fn in_place_gradient_matches_separate() {
     let g: Vec<f32> = (0..11).map(|r| r as f32 * 0.5 - 2.0).collect();
     let spec = LossSpec::pytorch(0.1).with_reduction(Reduction::None);
     let batch = Batch::classes(shape, &x, &y).with_upstream(UpstreamGrad::PerRow(&g));
-    let separate = check("separate", &spec, &batch, StagingOptions::default());
-    let in_place = check(
+    let separate = check_every_path("separate", &spec, &batch, StagingOptions::default());
+    let in_place = check_every_path(
         "in place",
         &spec,
         &batch,
@@ -372,7 +384,7 @@ fn accuracy_counts_argmax_hits() {
             }
         })
         .collect();
-    let out = check(
+    let out = check_every_path(
         "accuracy",
         &LossSpec::default(),
         &Batch::classes(shape, &x, &y),
@@ -438,8 +450,8 @@ fn everything_together() {
     let shape = Shape::class_dim1(&[4, 33, 6]).unwrap();
     let x = logits(shape.elements(), 6.0, 27);
     let y = labels(shape.rows(), 33, 5, 28);
-    let mut rng = Rng(29);
-    let w: Vec<f32> = (0..33).map(|_| rng.next() + 0.2).collect();
+    let mut rng = Rng::new(29);
+    let w: Vec<f32> = (0..33).map(|_| (rng.uniform() as f32) + 0.2).collect();
     let spec = LossSpec::default()
         .with_smoothing(Smoothing::OffTarget(0.15))
         .with_excluded_class(Some(0))
@@ -459,7 +471,7 @@ fn everything_together() {
         let batch = Batch::classes(shape, &x, &y)
             .with_weights(&w)
             .with_upstream(g);
-        check(
+        check_every_path(
             &format!("together {reduction:?}"),
             &spec,
             &batch,

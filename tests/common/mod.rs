@@ -10,8 +10,9 @@
 //! normal f32) the bounds below follow the kernels' operation order (see `shaders/rows.wgsl`):
 //!
 //! * **sums** of `n` terms in f32 err by at most `(n - 1) E sum |term|` (recursive summation).
-//!   A row of `K` classes is summed by `W` invocations (`W = row_workgroup`), each holding
-//!   `n1 = ceil(K / W)` terms, then combined by a subgroup/tree reduction of `log2 W <= 10`
+//!   A row of `K` classes is summed by a team of `W` invocations (a subgroup, `W >= 4`, or a
+//!   workgroup, `W >= 32`), each holding at most `n1 = ceil(K / W)` terms (fewer: each keeps up
+//!   to four lane accumulators), then combined by a subgroup/tree reduction of `log2 W <= 10`
 //!   levels plus a sequential pass over at most `W / 8` subgroup results; the depth is bounded
 //!   by `D = n1 + 16` for the cached path and `3 n1 + 20` for the streaming path (whose online
 //!   sum rescales its running value once per element).
@@ -31,11 +32,12 @@
 //! lse_err  = max_c zerr_c + D_exp E + 2^-21 + 3 E ln K + E |lse|
 //! loss_err = A lse_err + |lse| D E A + D E S_B + sum_c |a_c| zerr_c
 //!            + z_loss (2 |lse| lse_err + 3 E lse^2) + 3 E (|A lse| + |B| + z_loss lse^2)
-//! p_c      = exp(z_c - lse), relative error
+//! p_c      = exp(z_c - m) / s, relative error (no larger than exp(z_c - lse)'s)
 //!            rho_c = zerr_c + max zerr + lse_err + (4 + 3 |z_c - lse| + 2 ln K) E + D_exp E
 //! grad_err = |s| (|dz_c| core_err + |core| slope_err) + |g| (s_rel + 3 E)
 //!   core = p_c P - a_c with P = A + 2 z_loss lse, core_err = |P| p_c rho_c + p_c P_err
-//!          + 6 E |a_c| + E p_c |P|,  slope_err the soft-cap slope's error (0 without a cap)
+//!          + 6 E |a_c terms| + 3 E p_c |P| (p_c P is exp(z_c - m) (P (1 / s)): three roundings;
+//!          a_c's error is relative to the terms it is formed from, which may cancel),  slope_err the soft-cap slope's error (0 without a cap)
 //! ```
 //!
 //! `s` is the row's gradient scale (upstream, over the denominator for the mean; `s_rel` its
@@ -339,7 +341,14 @@ pub fn reference_for(
     let (rows, k) = (shape.rows() as usize, shape.classes() as usize);
     let weighted = batch.weights.is_some();
     let chunks = (rows as f64 / 1024.0).ceil();
-    let n1 = (k as f64 / f64::from(config.row_workgroup)).ceil();
+    // The fewest invocations a row's sums can be split over: one subgroup (at least 4 lanes on
+    // any adapter) for a subgroup team, else the smallest workgroup the kernel picks (32).
+    let team = if config.use_subgroups && k as u32 <= config.subgroup_rows_max_classes {
+        4.0
+    } else {
+        32.0
+    };
+    let n1 = (k as f64 / team).ceil();
     let d_cached = n1 + 16.0;
     let d_exp = 3.0 * n1 + 20.0; // covers the streaming path's rescaling too
     let ln_k = (k as f64).ln();
@@ -367,6 +376,7 @@ pub fn reference_for(
     let mut lse_tol = vec![0.0; rows];
     let mut grad_tol = out.grad.as_ref().map(|g| vec![0.0; g.len()]);
     let (mut z, mut dz, mut zerr) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+    let mut t_row = vec![0.0f32; k];
     for row in 0..rows {
         let target = match batch.targets {
             Targets::Classes(labels) => {
@@ -375,7 +385,13 @@ pub fn reference_for(
                 }
                 RowTarget::Class(labels[row])
             }
-            Targets::Probabilities(p) => RowTarget::Soft(&p[row * k..(row + 1) * k]),
+            // Laid out like the logits: strided by `spatial` for [N, C, d..].
+            Targets::Probabilities(p) => {
+                for (c, t) in t_row.iter_mut().enumerate() {
+                    *t = p[shape.index(row as u32, c as u32) as usize];
+                }
+                RowTarget::Soft(&t_row)
+            }
         };
         for c in 0..k {
             let x = batch.logits.get(shape.index(row as u32, c as u32) as usize);
@@ -389,6 +405,21 @@ pub fn reference_for(
         let stats = cpu::row_statistics(&z);
         let lse = stats.lse;
         let a = coefficients(spec, batch.weights, target, k);
+        // The size of the terms each a_c is formed from in f32 (it may cancel, e.g. off (1 - t)
+        // for probability targets): what its rounding is relative to.
+        let a_terms: Vec<f64> = match target {
+            RowTarget::Soft(t) => {
+                let m = k as u32 - u32::from(spec.excluded_class.is_some());
+                let (on, off) = on_off(spec.smoothing, m.max(1));
+                (0..k)
+                    .map(|c| {
+                        let w = batch.weights.map_or(1.0, |w| f64::from(w[c]));
+                        w.abs() * (off.abs() + (on - off).abs() * f64::from(t[c]).abs())
+                    })
+                    .collect()
+            }
+            RowTarget::Class(_) => a.iter().map(|v| v.abs()).collect(),
+        };
         let mass: f64 = a.iter().sum();
         // S_B: the terms of B = sum a_c z_c as the kernel adds them.
         let s_b = match target {
@@ -457,10 +488,11 @@ pub fn reference_for(
                         + d_exp * E
                 };
                 let core = p * p_coef - a[c];
+                // p P is formed as exp(z - m) * (P * (1 / s)): three roundings.
                 let core_err = p_coef.abs() * p * rho
                     + p * p_err
-                    + 6.0 * E * a[c].abs()
-                    + E * p * p_coef.abs();
+                    + 6.0 * E * a_terms[c]
+                    + 3.0 * E * p * p_coef.abs();
                 let slope_err = match cap {
                     Some(cap) if z[c].is_finite() => {
                         let t = z[c] / cap;
@@ -652,6 +684,64 @@ pub fn check(
     compare_outputs(&format!("{what} [{}]", gpu.name), &gpu_out, &r)
 }
 
+/// Runs a batch through every reduction path of the device ([`Gpu::kernels`]) and checks each
+/// against the CPU reference with the bounds of the module docs, plus the rounding of a
+/// half-precision gradient to its type (half an ulp of each value: 2^-11 relative for f16,
+/// with 2^-25 absolute below its normal range, 2^-8 for bf16). Returns the first path's output.
+pub fn check_every_path(
+    what: &str,
+    spec: &LossSpec,
+    batch: &Batch<'_>,
+    options: StagingOptions,
+) -> LossOutput<f32> {
+    let g = gpu();
+    let with_grad = options.gradient != lsce::Gradient::None;
+    let grad_dtype = match options.gradient {
+        lsce::Gradient::InPlace => batch.logits.dtype(),
+        _ => options.grad_dtype.unwrap_or(batch.logits.dtype()),
+    };
+    let mut first = None;
+    for (path, kernel) in g.kernels() {
+        let out = kernel
+            .compute(&g.queue, spec, batch, &options)
+            .unwrap_or_else(|e| panic!("{what} [{path}]: {e}"));
+        let mut r = reference(spec, batch, with_grad, kernel.config());
+        if let (Some(tol), Some(want)) = (r.grad_tol.as_mut(), r.out.grad.as_ref()) {
+            let (relative, absolute) = match grad_dtype {
+                lsce::Dtype::F32 => (0.0, 0.0),
+                lsce::Dtype::F16 => (2f64.powi(-11), 2f64.powi(-25)),
+                lsce::Dtype::Bf16 => (2f64.powi(-8), 0.0),
+            };
+            for (t, w) in tol.iter_mut().zip(want) {
+                *t += relative * w.abs() + absolute;
+            }
+        }
+        compare_outputs(&format!("{what} [{path}]"), &out, &r);
+        first.get_or_insert(out);
+    }
+    first.expect("every device has a workgroup path")
+}
+
+/// `n` logits drawn from N(0, std^2) with a fixed seed.
+pub fn logits(n: u64, std: f32, seed: u64) -> Vec<f32> {
+    Rng::new(seed).logits(n as usize, f64::from(std))
+}
+
+/// `rows` labels in `[0, classes)` with a fixed seed; every `ignore_every`-th row (when
+/// nonzero) is ignored (-100).
+pub fn labels(rows: u32, classes: u32, ignore_every: u32, seed: u64) -> Vec<i32> {
+    let mut rng = Rng::new(seed);
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == ignore_every - 1 {
+                -100
+            } else {
+                rng.below(classes) as i32
+            }
+        })
+        .collect()
+}
+
 /// Bit patterns of a slice, for bitwise comparisons.
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -754,4 +844,39 @@ pub fn f32_words(v: &[f32]) -> Vec<u32> {
 
 pub fn i32_words(v: &[i32]) -> Vec<u32> {
     v.iter().map(|&x| x as u32).collect()
+}
+
+/// Every smoothing convention, with and without an excluded class, at `eps` for `k >= 2`
+/// classes.
+pub fn conventions(eps: f32, k: u32) -> Vec<(&'static str, LossSpec)> {
+    let base = LossSpec::default();
+    vec![
+        ("uniform", base.with_smoothing(Smoothing::Uniform(eps))),
+        ("off_target", base.with_smoothing(Smoothing::OffTarget(eps))),
+        (
+            "explicit",
+            base.with_smoothing(Smoothing::Explicit {
+                on: 1.0 - eps,
+                off: eps / 3.0,
+            }),
+        ),
+        (
+            "uniform+excluded",
+            base.with_smoothing(Smoothing::Uniform(eps))
+                .with_excluded_class(Some(0)),
+        ),
+        (
+            "off_target+excluded",
+            base.with_smoothing(Smoothing::OffTarget(eps))
+                .with_excluded_class(Some(k - 1)),
+        ),
+        (
+            "explicit+excluded",
+            base.with_smoothing(Smoothing::Explicit {
+                on: 0.8,
+                off: eps / 5.0,
+            })
+            .with_excluded_class(Some(k / 2)),
+        ),
+    ]
 }

@@ -1,9 +1,7 @@
-// A team is the whole workgroup; its reductions are built on subgroup operations: one subgroup
-// reduction, one exchange through workgroup memory, one sequential combine of the per-subgroup
-// results (in a fixed order, so the result is bitwise reproducible). Two barriers per reduction.
-//
-// One of three interchangeable team files (see team_workgroup.wgsl for the interface).
-// MAX_SUBGROUPS (WG_SIZE / the adapter's smallest subgroup) is generated.
+// Workgroup-team reductions on subgroup operations: one subgroup reduction, one exchange
+// through workgroup memory, one sequential combine of the per-subgroup results in a fixed
+// order. Two barriers per reduction. Composed after team_workgroup.wgsl; MAX_SUBGROUPS
+// (WG_SIZE / the adapter's smallest subgroup) is generated.
 
 struct TeamIds {
     @builtin(local_invocation_index) lid: u32,
@@ -12,9 +10,6 @@ struct TeamIds {
     @builtin(subgroup_invocation_id) sg_lane: u32,
 }
 
-var<private> team_lid_: u32;
-var<private> team_first: u32;
-var<private> team_stride: u32;
 var<private> team_sg_id: u32;
 var<private> team_sg_count: u32;
 var<private> team_sg_lane: u32;
@@ -22,39 +17,10 @@ var<workgroup> team_v: array<vec4<f32>, MAX_SUBGROUPS>;
 var<workgroup> team_m: array<f32, MAX_SUBGROUPS>;
 var<workgroup> team_u: array<u32, MAX_SUBGROUPS>;
 
-fn team_begin(ids: TeamIds, wid: vec3<u32>, nwg: vec3<u32>) {
-    team_lid_ = ids.lid;
-    team_first = wid.y * nwg.x + wid.x;
-    team_stride = nwg.x * nwg.y;
+fn reduce_begin(ids: TeamIds) {
     team_sg_id = ids.sg_id;
     team_sg_count = ids.sg_count;
     team_sg_lane = ids.sg_lane;
-}
-
-fn team_lid() -> u32 {
-    return team_lid_;
-}
-
-fn team_size() -> u32 {
-    return WG_SIZE;
-}
-
-fn team_first_row() -> u32 {
-    return team_first;
-}
-
-fn team_row_stride() -> u32 {
-    return team_stride;
-}
-
-var<workgroup> team_label: i32;
-
-// The row's label, read once and made workgroup-uniform (branches on it hold barriers).
-fn team_row_label(r: u32) -> i32 {
-    if (team_lid_ == 0u) {
-        team_label = row_label(r);
-    }
-    return workgroupUniformLoad(&team_label);
 }
 
 fn team_sum4(v: vec4<f32>) -> vec4<f32> {
