@@ -128,7 +128,7 @@
 //! | pass | reads | writes |
 //! |---|---|---|
 //! | `setup_partials` + `setup_final` (class labels) | `4 * rows` (labels) | `16` per 1024 rows |
-//! | `rows_main` (one workgroup per row) | `4 * rows * K` once if the row fits the invocations' registers, else twice (the second mostly from cache) | `4 * rows * K` gradient, `8 * rows` loss and lse |
+//! | `rows_main` (one subgroup or workgroup per row) | `4 * rows * K` once if the row fits the invocations' registers, else twice (the second mostly from cache) | `4 * rows * K` gradient, `8 * rows` loss and lse |
 //! | `strided_main` (`[N, C, d..]`, one invocation per position) | `4 * rows * K` twice, coalesced across positions | as above |
 //! | `finalize_partials` + `finalize_final` (`Sum`/`Mean`) | `8 * rows` | the summary |
 //!
