@@ -105,11 +105,6 @@ pub enum LsceError {
         /// The alignment required.
         alignment: u64,
     },
-    /// A caller buffer that belongs to another device than the kernel's.
-    ForeignBuffer {
-        /// The argument's name.
-        what: &'static str,
-    },
     /// Two caller buffer regions that must not overlap do overlap.
     AliasedBuffers {
         /// The first argument's name.
@@ -121,7 +116,8 @@ pub enum LsceError {
     NoAdapter(String),
     /// The adapter refused to create a device.
     RequestDevice(String),
-    /// The device reported an error (validation, out of memory, device lost) during a call.
+    /// The device reported an error during a call: validation (a buffer of another device, for
+    /// one), out of memory, or a lost device.
     Device(String),
     /// Mapping a buffer for readback failed or the device was lost while waiting.
     Readback(String),
@@ -199,9 +195,6 @@ impl fmt::Display for LsceError {
                 f,
                 "buffer {what} offset {offset} is not a multiple of {alignment}"
             ),
-            Self::ForeignBuffer { what } => {
-                write!(f, "buffer {what} belongs to another device")
-            }
             Self::AliasedBuffers { first, second } => {
                 write!(f, "buffers {first} and {second} overlap")
             }

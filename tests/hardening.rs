@@ -205,3 +205,37 @@ fn a_lost_device_gives_err_not_panic() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_buffer_of_another_device_is_an_err() {
+    // Two devices of one adapter (one wgpu instance): wgpu's validation sees the mismatch and
+    // binding returns it as an Err instead of reaching the uncaptured-error handler.
+    let adapter = lsce::adapters(wgpu::Backends::all())
+        .into_iter()
+        .next()
+        .expect("no wgpu adapter: install mesa-vulkan-drivers");
+    let (device, _queue) = lsce::device_for_adapter(&adapter).unwrap();
+    let (other, _other_queue) = lsce::device_for_adapter(&adapter).unwrap();
+    let kernel = LossKernel::new(&device).unwrap();
+    let shape = Shape::matrix(4, 10).unwrap();
+    let plan = kernel
+        .plan(&Problem::new(LossSpec::default(), shape))
+        .unwrap();
+    let buffer = |d: &wgpu::Device, size| {
+        d.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (logits, targets) = (buffer(&other, 160), buffer(&device, 16));
+    let (grad, summary) = (buffer(&device, 160), buffer(&device, 32));
+    let buffers = LossBuffers::new(logits.slice(..), targets.slice(..), summary.slice(..))
+        .with_grad(grad.slice(..));
+    let err = plan.bind(&buffers).unwrap_err();
+    assert!(
+        matches!(&err, LsceError::Device(msg) if msg.contains("Device")),
+        "{err:?}"
+    );
+}
