@@ -11,29 +11,41 @@
 //! # What is measured
 //!
 //! Every case is a `rows x classes` shape with class labels and `LossSpec::pytorch(0.1)`
-//! (uniform smoothing 0.1, ignore index -100, mean). On one adapter, in one run:
+//! (uniform smoothing 0.1, ignore index -100, mean), in one `--dtype`: f32 logits, or f16 or
+//! bf16 logits packed two per 32-bit word as the crate reads them. The gradient has the
+//! logits' dtype (`Problem::with_dtype`). On one adapter, in one run:
 //!
 //! * **copy**: `copy_main` of `shaders/bench.wgsl` copies the logits into a second buffer of the
 //!   same size (vec4 loads and stores, grid-stride loop). `copy GB/s` counts the bytes read and
-//!   written (`2 * rows * classes * bytes`): the practical limit of any kernel that reads the
-//!   logits and writes a gradient of the same size.
-//! * **read**: `read_main` sums the logits; `read GB/s` is the limit of a kernel that only reads.
+//!   written (`2 * rows * classes * bytes`, 2 bytes an element for f16 and bf16): the practical
+//!   limit of any kernel that reads the logits and writes a gradient of the same size.
+//! * **read**: `read_main` sums the logits' words; `read GB/s` is the limit of a kernel that
+//!   only reads.
 //! * **fused**: the crate's plan with `Gradient::Separate` (loss, gradient and mean in one compute
 //!   pass). `fused GB/s` counts the minimal traffic, the logits read once and the gradient written
-//!   once, so `/copy` (`ratio_to_copy`) = fused GB/s / copy GB/s = copy time / fused time:
-//!   1.0 means as fast as a copy, whatever the kernel does internally.
+//!   once (`bytes` each an element), so `/copy` (`ratio_to_copy`) = fused GB/s / copy GB/s =
+//!   copy time / fused time: 1.0 means as fast as a copy, whatever the kernel does internally.
 //! * **forward**: the plan with `Gradient::None`; `fwd GB/s` counts the logits read once and
 //!   `/read` compares it with the read kernel.
 //! * **unfused**: the same loss computed the way composite frameworks (PyTorch eager) do it, one
 //!   kernel per step, written in `shaders/bench.wgsl`: log-sum-exp, log_softmax materialised,
-//!   the smoothed loss per row, the mean, the gradient from the saved log_softmax (written over
-//!   it: the same traffic as a separate buffer, one `rows x classes` allocation less).
-//!   `speedup` = unfused ms / fused ms. At start-up the baseline, the copy and the fused plan
-//!   are checked against `lsce::cpu` on a small case cut into several binding windows; the run
-//!   aborts if any disagrees.
+//!   the smoothed loss per row, the mean, the gradient from the saved log_softmax.
+//!   The intermediates are f32 whatever the dtype, as PyTorch's mixed precision (autocast) runs
+//!   cross_entropy in f32; 16-bit logits are decoded where they are read (log-sum-exp and
+//!   log_softmax) rather than by a separate cast kernel, and the gradient is written in the
+//!   logits' dtype, like the fused plan's, by the last kernel rather than by a cast. Per
+//!   logit, with `b` bytes an element: log-sum-exp reads `2b` (two sweeps), log_softmax reads
+//!   `b` and writes 4, the row loss reads 4, the gradient reads 4 and writes `b`. With f32 the
+//!   gradient is written over the log_softmax (the same traffic as a separate buffer, one
+//!   `rows x classes` allocation less); with 16 bits into the gradient buffer the fused plan
+//!   uses, beside an f32 log_softmax buffer. `speedup` = unfused ms / fused ms. At start-up the
+//!   baseline, the copy and the fused plan are checked against `lsce::cpu` in every dtype the
+//!   crate plans on the adapter, on a small case cut into several binding windows (the 16-bit
+//!   gradients within their rounding); the run aborts if any disagrees.
 //! * **cpu**: `lsce::cpu::compute` with the gradient: the crate's f64 reference on one thread,
-//!   not a tuned CPU kernel. Shapes over `CPU_MAX_ELEMENTS` logits time only their first rows
-//!   and scale the time to all rows (marked `*` in the table, `cpu_rows` in the JSON).
+//!   not a tuned CPU kernel; 16-bit logits are passed as `Logits::F16`/`Logits::Bf16` and
+//!   decoded by it. Shapes over `CPU_MAX_ELEMENTS` logits time only their first rows and scale
+//!   the time to all rows (marked `*` in the table, `cpu_rows` in the JSON).
 //!
 //! # How
 //!
@@ -46,12 +58,14 @@
 //! says which was used.
 //!
 //! The logits are generated on the GPU by `fill_main` (a hash of the index, uniform in
-//! [-8, 8)), so no host copy of large inputs is made; labels are `(7919 r + 13) mod classes`.
-//! Inputs larger than `max_storage_buffer_binding_size` are processed in row windows, as the
-//! crate does. A shape is skipped (and the reason printed) when a logits buffer exceeds
-//! `max_buffer_size`, when the two `rows x classes` buffers exceed `--max-memory` (by default
-//! 80% of the available RAM for CPU adapters, unlimited otherwise), or when the adapter runs out
-//! of memory allocating them.
+//! [-8, 8), rounded to the dtype), so no host copy of large inputs is made; labels are
+//! `(7919 r + 13) mod classes`. Inputs larger than `max_storage_buffer_binding_size` are
+//! processed in row windows, as the crate does. A shape is skipped (and the reason printed) when
+//! the crate cannot plan it, when an f32 `rows x classes` buffer (the logits', or the unfused
+//! log_softmax) exceeds `max_buffer_size`, when the `rows x classes` buffers (logits and
+//! gradient, and the f32 log_softmax for 16 bits: 8 bytes a logit in every dtype) exceed
+//! `--max-memory` (by default 80% of the available RAM for CPU adapters, unlimited otherwise),
+//! or when the adapter runs out of memory allocating them.
 //!
 //! Without the `--bench` flag that `cargo bench` passes (for example under
 //! `cargo test --all-targets`) the binary only runs the start-up check and one small case.
@@ -63,7 +77,7 @@ use std::time::Instant;
 
 use bytemuck::{Pod, Zeroable};
 use lsce::{
-    cpu, Batch, Dtype, Gradient, KernelConfig, LossBuffers, LossKernel, LossPlan, LossSpec,
+    cpu, Batch, Dtype, Gradient, KernelConfig, Logits, LossBuffers, LossKernel, LossPlan, LossSpec,
     Problem, Shape, Summary,
 };
 
@@ -78,7 +92,7 @@ usage: cargo bench --bench lsce -- [options]
   --dtype LIST      f32, f16, bf16, comma-separated (default f32)
   --repeats N       timed runs per measurement, median reported (default 7; --quick 3)
   --warmup N        untimed runs first (default 2; --quick 1)
-  --max-memory GIB  skip shapes whose two rows x classes buffers exceed GIB
+  --max-memory GIB  skip shapes whose rows x classes buffers (8 bytes a logit) exceed GIB
   --row-workgroup N, --row-cache N, --row-groups N|all, --no-subgroups
                     override the adapter's default lsce::KernelConfig
   --quick           a small set of shapes and fewer repeats
@@ -289,11 +303,10 @@ fn parse_shapes(s: &str) -> Result<Vec<Shape>, String> {
 
 fn parse_dtypes(s: &str) -> Result<Vec<Dtype>, String> {
     s.split(',')
-        .map(|d| match d.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(Dtype::F32),
-            "f16" => Ok(Dtype::F16),
-            "bf16" => Ok(Dtype::Bf16),
-            other => Err(format!("--dtype: `{other}` is not f32, f16 or bf16")),
+        .map(|d| {
+            let d = d.trim().to_ascii_lowercase();
+            d.parse()
+                .map_err(|_| format!("--dtype: `{d}` is not f32, f16 or bf16"))
         })
         .collect()
 }
@@ -303,30 +316,6 @@ fn parse_count(flag: &str, v: &str, min: usize, max: usize) -> Result<usize, Str
         .ok()
         .filter(|n| (min..=max).contains(n))
         .ok_or(format!("{flag}: `{v}` is not an integer in [{min}, {max}]"))
-}
-
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F32 => "f32",
-        Dtype::F16 => "f16",
-        Dtype::Bf16 => "bf16",
-    }
-}
-
-/// Why the bench cannot run `dtype` yet, if it cannot. The crate's plans and the bench's own
-/// kernels (fill, copy, unfused) both need it; adding a dtype to the bench means a fill and
-/// unfused loads for it in shaders/bench.wgsl (the copy and read kernels move bytes) and the
-/// host decoding in `cpu_time`.
-fn dtype_unsupported(gpu: &Gpu, shape: Shape, dtype: Dtype) -> Option<String> {
-    if let Err(e) = gpu.kernel.plan(&problem(shape, dtype, Gradient::Separate)) {
-        return Some(format!("{} not supported yet: {e}", dtype_name(dtype)));
-    }
-    (dtype != Dtype::F32).then(|| {
-        format!(
-            "{} not supported yet by the bench's fill and unfused kernels",
-            dtype_name(dtype)
-        )
-    })
 }
 
 fn problem(shape: Shape, dtype: Dtype, gradient: Gradient) -> Problem {
@@ -370,13 +359,12 @@ fn run(options: &Options) -> Result<(), String> {
             .collect();
         for (n, &(shape, dtype)) in cases.iter().enumerate() {
             let tag = format!(
-                "[{}/{}] {} {}x{} {}",
+                "[{}/{}] {} {}x{} {dtype}",
                 n + 1,
                 cases.len(),
                 info.backend.to_str(),
                 shape.rows(),
                 shape.classes(),
-                dtype_name(dtype)
             );
             let outcome = gpu.run_case(shape, dtype, max_memory, options, &tag);
             if let Err(reason) = &outcome {
@@ -592,7 +580,8 @@ fn print_table(gpu: &Gpu, options: &Options, records: &[Record]) {
         let m = match &r.outcome {
             Ok(m) => m,
             Err(reason) => {
-                println!("{shape:<14} {:<5} skipped: {reason}", dtype_name(r.dtype));
+                // Through a String: Dtype's Display ignores the width.
+                println!("{shape:<14} {:<5} skipped: {reason}", r.dtype.to_string());
                 continue;
             }
         };
@@ -600,7 +589,7 @@ fn print_table(gpu: &Gpu, options: &Options, records: &[Record]) {
         let cpu_mark = if m.cpu_rows < r.rows { "*" } else { " " };
         println!(
             "{shape:<14} {:<5} {:>9.2} {:>9.2} {:>9.3} {:>10.2} {:>6.2} {:>9.3} {:>9.2} {:>6.2} {:>10.3} {:>6.2}x {:>9.1}{cpu_mark} {:>9}",
-            dtype_name(r.dtype),
+            r.dtype.to_string(),
             rt.copy_gbps,
             rt.read_gbps,
             m.fused_ms,
@@ -671,6 +660,20 @@ enum Binding {
     Src = 7,
     Dst = 8,
     Fill = 9,
+    Grad = 10,
+}
+
+/// Every dtype, each checked at start-up.
+const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
+
+/// The value of the override constant `FORMAT` of shaders/bench.wgsl for `dtype` (its `F32`,
+/// `F16` and `BF16`).
+fn format_constant(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 0.0,
+        Dtype::F16 => 1.0,
+        Dtype::Bf16 => 2.0,
+    }
 }
 
 impl Kernel {
@@ -716,8 +719,16 @@ impl Kernel {
             Kernel::LogSoftmax => &[Params, Logits, LogSoftmax, Lse],
             Kernel::Loss => &[Params, LogSoftmax, Labels, RowLoss],
             Kernel::Mean => &[Params, Labels, RowLoss, Out],
-            Kernel::Grad => &[Params, LogSoftmax, Labels, Out],
+            // `Grad` (the 16-bit gradient) is in the layout for every FORMAT, which wgpu
+            // derives before the constant is applied; with f32 it is bound and never written.
+            Kernel::Grad => &[Params, LogSoftmax, Labels, Out, Grad],
         }
+    }
+
+    /// Whether the kernel looks inside the elements, so that its pipeline depends on `FORMAT`;
+    /// copy and read move words.
+    fn per_format(self) -> bool {
+        !matches!(self, Kernel::Copy | Kernel::Read)
     }
 
     fn grid(self) -> Grid {
@@ -737,6 +748,7 @@ struct Params {
     classes: u32,
     row_begin: u32,
     base: u32,
+    logsm_base: u32,
     vec4s: u32,
     vec4_begin: u32,
     total_rows: u32,
@@ -744,7 +756,7 @@ struct Params {
     on: f32,
     off: f32,
     mass: f32,
-    sink: f32,
+    sink: u32,
 }
 
 /// Timestamp queries around each timed pass.
@@ -758,7 +770,8 @@ struct Gpu {
     device: wgpu::Device,
     queue: wgpu::Queue,
     kernel: LossKernel,
-    pipelines: Vec<wgpu::ComputePipeline>,
+    /// Per kernel, per dtype if `Kernel::per_format`, else once (keyed `F32`).
+    pipelines: Vec<(Kernel, Dtype, wgpu::ComputePipeline)>,
     timer: Option<Timer>,
     /// Set when timestamps came back unusable and a measurement fell back to the wall clock.
     fell_back: std::cell::Cell<bool>,
@@ -790,15 +803,25 @@ impl Gpu {
         });
         let pipelines = Kernel::ALL
             .iter()
-            .map(|k| {
-                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            .flat_map(|&k| {
+                DTYPES
+                    .iter()
+                    .filter(move |&&d| k.per_format() || d == Dtype::F32)
+                    .map(move |&d| (k, d))
+            })
+            .map(|(k, d)| {
+                let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(k.entry()),
                     layout: None,
                     module: &module,
                     entry_point: Some(k.entry()),
-                    compilation_options: Default::default(),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &[("FORMAT", format_constant(d))],
+                        ..Default::default()
+                    },
                     cache: None,
-                })
+                });
+                (k, d, pipeline)
             })
             .collect();
         if let Some(e) = pollster::block_on(scope.pop()) {
@@ -842,8 +865,13 @@ impl Gpu {
         }
     }
 
-    fn pipeline(&self, k: Kernel) -> &wgpu::ComputePipeline {
-        &self.pipelines[Kernel::ALL.iter().position(|&x| x == k).expect("listed")]
+    fn pipeline(&self, k: Kernel, dtype: Dtype) -> &wgpu::ComputePipeline {
+        let dtype = if k.per_format() { dtype } else { Dtype::F32 };
+        self.pipelines
+            .iter()
+            .find(|p| p.0 == k && p.1 == dtype)
+            .map(|p| &p.2)
+            .expect("every kernel is compiled for every dtype it depends on")
     }
 
     /// Measures one case; `Err` says why it was skipped.
@@ -856,17 +884,14 @@ impl Gpu {
         tag: &str,
     ) -> Result<Measures, String> {
         self.fits(shape, dtype, max_memory)?;
-        if let Some(reason) = dtype_unsupported(self, shape, dtype) {
-            return Err(reason);
-        }
         let plan = |gradient| {
             self.kernel
                 .plan(&problem(shape, dtype, gradient))
-                .map_err(|e| e.to_string())
+                .map_err(|e| format!("the crate cannot plan it: {e}"))
         };
         let (fused, forward) = (plan(Gradient::Separate)?, plan(Gradient::None)?);
         let labels = labels(shape, false);
-        let case = Case::new(self, shape, &labels, None)?;
+        let case = Case::new(self, shape, dtype, &labels, None)?;
         case.run(Workload::Kernels(&[Kernel::Fill]))?;
         let time = |name: &str, w| -> Result<f64, String> {
             let (ms, wall_ms) = case.time(w, options.warmup, options.repeats)?;
@@ -896,18 +921,20 @@ impl Gpu {
     /// Whether a shape fits the adapter: buffer and binding limits, and the memory budget.
     fn fits(&self, shape: Shape, dtype: Dtype, max_memory: Option<u64>) -> Result<(), String> {
         let limits = self.device.limits();
-        let bytes = tensor_buffer_bytes(shape, dtype);
-        if bytes > limits.max_buffer_size {
+        // The largest buffer and the widest row binding are f32 in every dtype: the logits', or
+        // with 16 bits the unfused baseline's log_softmax.
+        let largest = tensor_buffer_bytes(shape, Dtype::F32);
+        if largest > limits.max_buffer_size {
             return Err(format!(
-                "a {} logits buffer exceeds max_buffer_size ({})",
-                human_bytes(bytes),
+                "a {} f32 logits or log_softmax buffer exceeds max_buffer_size ({})",
+                human_bytes(largest),
                 human_bytes(limits.max_buffer_size)
             ));
         }
-        let row_bytes = u64::from(shape.classes()) * dtype.bytes();
+        let row_bytes = u64::from(shape.classes()) * Dtype::F32.bytes();
         if row_bytes + window_slack(&limits) > limits.max_storage_buffer_binding_size {
             return Err(format!(
-                "one row ({}) exceeds max_storage_buffer_binding_size ({})",
+                "one f32 row ({}) exceeds max_storage_buffer_binding_size ({})",
                 human_bytes(row_bytes),
                 human_bytes(limits.max_storage_buffer_binding_size)
             ));
@@ -915,9 +942,10 @@ impl Gpu {
         if u64::from(shape.rows()) * 4 > limits.max_storage_buffer_binding_size {
             return Err("the per-row buffers exceed max_storage_buffer_binding_size".into());
         }
-        if let Some(budget) = max_memory.filter(|&m| 2 * bytes > m) {
+        let bytes = case_bytes(shape, dtype);
+        if let Some(budget) = max_memory.filter(|&m| bytes > m) {
             return Err(format!(
-                "two {} buffers exceed the memory budget of {} (--max-memory)",
+                "the rows x classes buffers ({}) exceed the memory budget of {} (--max-memory)",
                 human_bytes(bytes),
                 human_bytes(budget)
             ));
@@ -925,61 +953,68 @@ impl Gpu {
         Ok(())
     }
 
-    /// Start-up check: on a small case cut into several windows, the copy must copy, and the
-    /// unfused baseline and the fused plan must agree with the CPU reference.
+    /// Start-up check, in every dtype the crate plans on this adapter: on a small case cut into
+    /// several windows, the copy must copy, and the unfused baseline and the fused plan must
+    /// agree with the CPU reference on the same (decoded) logits.
     fn check(&self) -> Result<(), String> {
         let shape = shape(37, 301)?;
         let labels = labels(shape, true);
-        // Small bindings force many windows, so the window arithmetic is checked too.
+        // Small bindings force many windows, so the window arithmetic is checked too; 301
+        // classes make 16-bit rows start in the middle of a word, and share words.
         let cap = 4096;
-        let case = Case::new(self, shape, &labels, Some(cap))?;
-        let floats = |bytes: Vec<u8>| -> Vec<f32> { bytemuck::pod_collect_to_vec(&bytes) };
-        let tensor = shape.elements() * 4;
-        case.run(Workload::Kernels(&[Kernel::Fill]))?;
-        let logits = floats(self.read(&case.logits, 0, tensor)?);
-        case.run(Workload::Kernels(&[Kernel::Copy]))?;
-        if floats(self.read(&case.grad, 0, tensor)?) != logits {
-            return Err("start-up check: the copy kernel's output differs from its input".into());
-        }
         let spec = LossSpec::pytorch(0.1);
-        let reference = cpu::compute(&spec, &Batch::classes(shape, &logits, &labels), true)
+        for dtype in DTYPES {
+            let plan = match self
+                .kernel
+                .plan(&problem(shape, dtype, Gradient::Separate).with_max_binding_bytes(Some(cap)))
+            {
+                Ok(plan) => plan,
+                Err(e) => {
+                    eprintln!("start-up check: {dtype} skipped, the crate cannot plan it: {e}");
+                    continue;
+                }
+            };
+            let case = Case::new(self, shape, dtype, &labels, Some(cap))?;
+            let bytes = elements_bytes(shape, dtype);
+            case.run(Workload::Kernels(&[Kernel::Fill]))?;
+            let logits = self.read(&case.logits, 0, bytes)?;
+            case.run(Workload::Kernels(&[Kernel::Copy]))?;
+            if self.read(&case.grad, 0, bytes)? != logits {
+                return Err(format!(
+                    "start-up check: the {dtype} copy kernel's output differs from its input"
+                ));
+            }
+            let logits = HostData::new(dtype, &logits, shape.elements() as usize);
+            let reference = cpu::compute(
+                &spec,
+                &Batch::classes(shape, logits.logits(), &labels),
+                true,
+            )
             .map_err(|e| e.to_string())?;
-        let ref_grad = reference.grad.as_deref().unwrap_or_default();
+            let reference = (
+                reference.loss[0],
+                reference.grad.as_deref().unwrap_or_default(),
+            );
 
-        case.run(Workload::Kernels(Kernel::UNFUSED))?;
-        let unfused_loss = floats(self.read(&case.out, 0, 4)?)[0];
-        let unfused_grad = floats(self.read(&case.grad, 0, tensor)?);
-        compare(
-            "unfused",
-            unfused_loss,
-            &unfused_grad,
-            reference.loss[0],
-            ref_grad,
-        )?;
+            case.run(Workload::Kernels(Kernel::UNFUSED))?;
+            let unfused_loss: f32 = bytemuck::pod_read_unaligned(&self.read(&case.out, 0, 4)?);
+            let what = format!("{dtype} unfused");
+            compare(&what, dtype, unfused_loss, &case.read_grad()?, reference)?;
 
-        let plan = self
-            .kernel
-            .plan(&problem(shape, Dtype::F32, Gradient::Separate).with_max_binding_bytes(Some(cap)))
-            .map_err(|e| e.to_string())?;
-        // Overwrite the unfused gradient first, so that a plan writing nothing cannot pass.
-        case.run(Workload::Kernels(&[Kernel::Copy]))?;
-        case.run(Workload::Plan(&plan))?;
-        let summary: Summary =
-            bytemuck::pod_read_unaligned(&self.read(&case.summary, 0, Summary::SIZE)?);
-        let fused_grad = floats(self.read(&case.grad, 0, tensor)?);
-        compare(
-            "fused",
-            summary.loss,
-            &fused_grad,
-            reference.loss[0],
-            ref_grad,
-        )?;
-        eprintln!(
-            "start-up check passed: loss {:.6} (cpu {:.6}), {} windows",
-            unfused_loss,
-            reference.loss[0],
-            case.windows.len()
-        );
+            // Overwrite the unfused gradient first, so that a plan writing nothing cannot pass.
+            case.run(Workload::Kernels(&[Kernel::Copy]))?;
+            case.run(Workload::Plan(&plan))?;
+            let summary: Summary =
+                bytemuck::pod_read_unaligned(&self.read(&case.summary, 0, Summary::SIZE)?);
+            let what = format!("{dtype} fused");
+            compare(&what, dtype, summary.loss, &case.read_grad()?, reference)?;
+            eprintln!(
+                "start-up check passed for {dtype}: loss {:.6} (cpu {:.6}), {} windows",
+                unfused_loss,
+                reference.0,
+                case.windows.len()
+            );
+        }
         Ok(())
     }
 
@@ -1029,6 +1064,55 @@ fn tensor_buffer_bytes(shape: Shape, dtype: Dtype) -> u64 {
     (shape.elements() * dtype.bytes()).next_multiple_of(16)
 }
 
+/// Bytes of a case's `rows x classes` buffers: logits and gradient, and with 16 bits the
+/// unfused baseline's f32 log_softmax (with f32 it shares the gradient's buffer).
+fn case_bytes(shape: Shape, dtype: Dtype) -> u64 {
+    let logsm = if dtype == Dtype::F32 {
+        0
+    } else {
+        tensor_buffer_bytes(shape, Dtype::F32)
+    };
+    2 * tensor_buffer_bytes(shape, dtype) + logsm
+}
+
+/// Bytes of `shape`'s elements of `dtype`, rounded up to the 4 that a buffer copy needs.
+fn elements_bytes(shape: Shape, dtype: Dtype) -> u64 {
+    (shape.elements() * dtype.bytes()).next_multiple_of(4)
+}
+
+/// Elements read back from the GPU, as the host takes them.
+enum HostData {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+    Bf16(Vec<u16>),
+}
+
+impl HostData {
+    /// The first `n` elements of `dtype` in `bytes`.
+    fn new(dtype: Dtype, bytes: &[u8], n: usize) -> Self {
+        let take = &bytes[..n * dtype.bytes() as usize];
+        match dtype {
+            Dtype::F32 => HostData::F32(bytemuck::pod_collect_to_vec(take)),
+            Dtype::F16 => HostData::F16(bytemuck::pod_collect_to_vec(take)),
+            Dtype::Bf16 => HostData::Bf16(bytemuck::pod_collect_to_vec(take)),
+        }
+    }
+
+    fn logits(&self) -> Logits<'_> {
+        match self {
+            HostData::F32(v) => Logits::F32(v),
+            HostData::F16(v) => Logits::F16(v),
+            HostData::Bf16(v) => Logits::Bf16(v),
+        }
+    }
+
+    /// The values, decoded exactly (through `Logits::get`, as `lsce::cpu` decodes logits).
+    fn to_f32(&self) -> Vec<f32> {
+        let v = self.logits();
+        (0..v.len()).map(|i| v.get(i) as f32).collect()
+    }
+}
+
 /// Window start alignment: the device's storage offset alignment, and whole vec4s.
 fn window_align(limits: &wgpu::Limits) -> u64 {
     u64::from(limits.min_storage_buffer_offset_alignment).max(16)
@@ -1052,12 +1136,23 @@ fn labels(shape: Shape, with_ignored: bool) -> Vec<i32> {
         .collect()
 }
 
+/// Relative spacing of `dtype`'s values (one unit in the last place): the most a conversion
+/// to it may change a value, since WGSL lets `pack2x16float` round either way.
+fn ulp(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 2f64.powi(-23),
+        Dtype::F16 => 2f64.powi(-10),
+        Dtype::Bf16 => 2f64.powi(-7),
+    }
+}
+
+/// Compares a loss and a gradient (stored in `dtype`) with the reference's `(loss, grad)`.
 fn compare(
     what: &str,
+    dtype: Dtype,
     loss: f32,
     grad: &[f32],
-    ref_loss: f64,
-    ref_grad: &[f64],
+    (ref_loss, ref_grad): (f64, &[f64]),
 ) -> Result<(), String> {
     let loss_err = (f64::from(loss) - ref_loss).abs() / ref_loss.abs().max(1e-30);
     let scale = ref_grad.iter().fold(0.0f64, |m, g| m.max(g.abs()));
@@ -1066,27 +1161,39 @@ fn compare(
         .zip(ref_grad)
         .map(|(g, r)| (f64::from(*g) - r).abs())
         .fold(0.0f64, f64::max);
-    if !(loss_err < 1e-4 && grad_err <= 1e-4 * scale && grad.len() == ref_grad.len()) {
+    // The f32 arithmetic's error, plus the rounding of every gradient element to `dtype`.
+    let grad_tolerance = (1e-4 + ulp(dtype)) * scale;
+    if !(loss_err < 1e-4 && grad_err <= grad_tolerance && grad.len() == ref_grad.len()) {
         return Err(format!(
             "START-UP CHECK FAILED: the {what} loss disagrees with lsce::cpu: loss {loss} vs \
              {ref_loss} (relative error {loss_err:.2e}), gradient max error {grad_err:.2e} \
-             (largest gradient {scale:.2e}); the measurements would be meaningless"
+             (largest gradient {scale:.2e}, tolerance {grad_tolerance:.2e}); the measurements \
+             would be meaningless"
         ));
     }
     Ok(())
 }
 
 /// A contiguous range of rows whose bindings fit `max_storage_buffer_binding_size`.
-///
-/// The windows' aligned starts partition the buffers: the streaming kernels cover
-/// `[offset, offset + stream_bytes)`, exactly up to the next window's start, while the row kernels
-/// see their rows from element `base` of a binding that may extend past it.
 #[derive(Clone, Copy, Debug)]
 struct Window {
     first_row: u32,
     rows: u32,
+    /// Its rows in the buffers of the case's dtype: the logits and the gradient.
+    data: Span,
+    /// Its rows in the unfused baseline's f32 log_softmax (`data` again for f32).
+    logsm: Span,
+}
+
+/// Where a window's rows lie in one buffer. The windows' aligned starts partition the buffer:
+/// the streaming kernels cover `[offset, offset + stream_bytes)`, exactly up to the next
+/// window's start, while the row kernels see their rows from element `base` of a binding
+/// `[offset, offset + size)` that may extend past it.
+#[derive(Clone, Copy, Debug)]
+struct Span {
     offset: u64,
     size: u64,
+    base: u32,
     stream_bytes: u64,
 }
 
@@ -1094,8 +1201,11 @@ struct Window {
 struct Case<'g> {
     gpu: &'g Gpu,
     shape: Shape,
+    dtype: Dtype,
     logits: wgpu::Buffer,
-    /// The fused gradient, the copy's destination and the unfused log_softmax and gradient.
+    /// The fused and the unfused gradient, and the copy's destination; with f32 also the
+    /// unfused log_softmax (with 16 bits that has a buffer of its own, which only the bind
+    /// groups hold).
     grad: wgpu::Buffer,
     labels: wgpu::Buffer,
     out: wgpu::Buffer,
@@ -1111,13 +1221,14 @@ impl<'g> Case<'g> {
     fn new(
         gpu: &'g Gpu,
         shape: Shape,
+        dtype: Dtype,
         labels: &[i32],
         binding_cap: Option<u64>,
     ) -> Result<Self, String> {
         use wgpu::util::DeviceExt;
         let device = &gpu.device;
         let limits = device.limits();
-        let windows = windows(shape, &limits, binding_cap)?;
+        let windows = windows(shape, dtype, &limits, binding_cap)?;
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
@@ -1129,10 +1240,17 @@ impl<'g> Case<'g> {
                 mapped_at_creation: false,
             })
         };
-        let bytes = tensor_buffer_bytes(shape, Dtype::F32);
+        let bytes = tensor_buffer_bytes(shape, dtype);
         let rows_bytes = u64::from(shape.rows()) * 4;
         let logits = buffer("lsce bench logits", bytes);
         let grad = buffer("lsce bench grad", bytes);
+        let separate_logsm = (dtype != Dtype::F32).then(|| {
+            buffer(
+                "lsce bench log_softmax",
+                tensor_buffer_bytes(shape, Dtype::F32),
+            )
+        });
+        let logsm = separate_logsm.as_ref().unwrap_or(&grad);
         let lse = buffer("lsce bench lse", rows_bytes);
         let row_loss = buffer("lsce bench row loss", rows_bytes);
         let out = buffer("lsce bench out", 16);
@@ -1158,16 +1276,17 @@ impl<'g> Case<'g> {
                 rows: w.rows,
                 classes: shape.classes(),
                 row_begin: w.first_row,
-                base: ((u64::from(w.first_row) * u64::from(shape.classes()) * 4 - w.offset) / 4)
-                    as u32,
-                vec4s: (w.stream_bytes / 16) as u32,
-                vec4_begin: (w.offset / 16) as u32,
+                base: w.data.base,
+                logsm_base: w.logsm.base,
+                vec4s: (w.data.stream_bytes / 16) as u32,
+                vec4_begin: (w.data.offset / 16) as u32,
                 total_rows: shape.rows(),
                 ignore_index: spec.ignore_index.unwrap_or(i32::MIN),
                 on: q.on as f32,
                 off: q.off as f32,
                 mass: (q.on + q.off * f64::from(shape.classes() - 1)) as f32,
-                sink: -1.0e30,
+                // Any value: a wrapping sum of the words equals it by chance only.
+                sink: 0x5eed_5eed,
             };
             let at = i * stride as usize;
             params[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
@@ -1180,12 +1299,12 @@ impl<'g> Case<'g> {
         let bind_groups = Kernel::ALL
             .iter()
             .map(|&k| {
-                let layout = gpu.pipeline(k).get_bind_group_layout(0);
+                let layout = gpu.pipeline(k, dtype).get_bind_group_layout(0);
                 windows
                     .iter()
                     .enumerate()
                     .map(|(i, w)| {
-                        let window = |buffer| (buffer, w.offset, Some(w.size));
+                        let window = |buffer, span: Span| (buffer, span.offset, Some(span.size));
                         let whole = |buffer| (buffer, 0, None);
                         let entries: Vec<_> = k
                             .bindings()
@@ -1198,9 +1317,10 @@ impl<'g> Case<'g> {
                                         Some(std::mem::size_of::<Params>() as u64),
                                     ),
                                     Binding::Logits | Binding::Src | Binding::Fill => {
-                                        window(&logits)
+                                        window(&logits, w.data)
                                     }
-                                    Binding::LogSoftmax | Binding::Dst => window(&grad),
+                                    Binding::Dst | Binding::Grad => window(&grad, w.data),
+                                    Binding::LogSoftmax => window(logsm, w.logsm),
                                     Binding::Labels => whole(&labels),
                                     Binding::Lse => whole(&lse),
                                     Binding::RowLoss => whole(&row_loss),
@@ -1234,6 +1354,7 @@ impl<'g> Case<'g> {
         Ok(Self {
             gpu,
             shape,
+            dtype,
             logits,
             grad,
             labels,
@@ -1277,7 +1398,7 @@ impl<'g> Case<'g> {
             timestamp_writes: timestamps,
         });
         for &k in kernels {
-            pass.set_pipeline(self.gpu.pipeline(k));
+            pass.set_pipeline(self.gpu.pipeline(k, self.dtype));
             let groups =
                 &self.bind_groups[Kernel::ALL.iter().position(|&x| x == k).expect("listed")];
             for (w, group) in self.windows.iter().zip(groups) {
@@ -1286,7 +1407,7 @@ impl<'g> Case<'g> {
                     Grid::Stream => {
                         // As many workgroups as the loss kernel itself may use (few, long-lived
                         // ones on CPU adapters, where starting a workgroup is expensive).
-                        let n = (w.stream_bytes / 16).div_ceil(u64::from(WG)) as u32;
+                        let n = (w.data.stream_bytes / 16).div_ceil(u64::from(WG)) as u32;
                         let cap = self
                             .gpu
                             .kernel
@@ -1385,15 +1506,25 @@ impl<'g> Case<'g> {
         Ok((median(times), median(wall)))
     }
 
+    /// The gradient buffer, decoded.
+    fn read_grad(&self) -> Result<Vec<f32>, String> {
+        let bytes = self
+            .gpu
+            .read(&self.grad, 0, elements_bytes(self.shape, self.dtype))?;
+        Ok(HostData::new(self.dtype, &bytes, self.shape.elements() as usize).to_f32())
+    }
+
     /// Times `lsce::cpu::compute` with the gradient on (at most) `CPU_MAX_ELEMENTS` logits read
     /// back from the GPU; returns the median scaled to all rows, and the rows timed.
     fn cpu_time(&self, labels: &[i32], runs: usize) -> Result<(f64, u32), String> {
         let (rows, classes) = (self.shape.rows(), self.shape.classes());
         let cpu_rows = rows.min((CPU_MAX_ELEMENTS / u64::from(classes)).max(1) as u32);
         let shape = Shape::matrix(cpu_rows, classes).map_err(|e| e.to_string())?;
-        let bytes = self.gpu.read(&self.logits, 0, shape.elements() * 4)?;
-        let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-        let batch = Batch::classes(shape, &logits, &labels[..cpu_rows as usize]);
+        let bytes = self
+            .gpu
+            .read(&self.logits, 0, elements_bytes(shape, self.dtype))?;
+        let logits = HostData::new(self.dtype, &bytes, shape.elements() as usize);
+        let batch = Batch::classes(shape, logits.logits(), &labels[..cpu_rows as usize]);
         let spec = LossSpec::pytorch(0.1);
         let times = (0..runs.max(1))
             .map(|_| {
@@ -1416,37 +1547,62 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Cuts the rows into windows whose bindings fit the device's (or `cap`'s) binding size.
-fn windows(shape: Shape, limits: &wgpu::Limits, cap: Option<u64>) -> Result<Vec<Window>, String> {
+fn windows(
+    shape: Shape,
+    dtype: Dtype,
+    limits: &wgpu::Limits,
+    cap: Option<u64>,
+) -> Result<Vec<Window>, String> {
     let max_binding = cap.map_or(limits.max_storage_buffer_binding_size, |c| {
         c.min(limits.max_storage_buffer_binding_size)
     });
     let align = window_align(limits);
-    let row_bytes = u64::from(shape.classes()) * 4;
-    let rows_per_window = max_binding.saturating_sub(window_slack(limits)) / row_bytes;
+    // The f32 log_softmax is the widest binding in every dtype: it decides the rows per window.
+    let rows_per_window = max_binding.saturating_sub(window_slack(limits))
+        / (u64::from(shape.classes()) * Dtype::F32.bytes());
     if rows_per_window == 0 {
         return Err("one row exceeds the storage binding size".into());
     }
-    let total = tensor_buffer_bytes(shape, Dtype::F32);
-    let mut starts = Vec::new();
+    let mut ranges = Vec::new();
     let mut first = 0u64;
     while first < u64::from(shape.rows()) {
         let rows = rows_per_window.min(u64::from(shape.rows()) - first);
-        starts.push((first, rows, first * row_bytes / align * align));
+        ranges.push((first, rows));
         first += rows;
     }
-    Ok(starts
+    // The windows' spans in a buffer of `elem` elements.
+    let spans = |elem: Dtype| -> Vec<Span> {
+        let row_bytes = u64::from(shape.classes()) * elem.bytes();
+        let offsets: Vec<u64> = ranges
+            .iter()
+            .map(|&(first, _)| first * row_bytes / align * align)
+            .collect();
+        let total = tensor_buffer_bytes(shape, elem);
+        ranges
+            .iter()
+            .zip(&offsets)
+            .enumerate()
+            .map(|(i, (&(first, rows), &offset))| {
+                let next = offsets.get(i + 1).copied().unwrap_or(total);
+                let end = ((first + rows) * row_bytes).next_multiple_of(16).max(next);
+                Span {
+                    offset,
+                    size: end - offset,
+                    base: ((first * row_bytes - offset) / elem.bytes()) as u32,
+                    stream_bytes: next - offset,
+                }
+            })
+            .collect()
+    };
+    Ok(ranges
         .iter()
-        .enumerate()
-        .map(|(i, &(first, rows, offset))| {
-            let next = starts.get(i + 1).map_or(total, |s| s.2);
-            let end = ((first + rows) * row_bytes).next_multiple_of(16).max(next);
-            Window {
-                first_row: first as u32,
-                rows: rows as u32,
-                offset,
-                size: end - offset,
-                stream_bytes: next - offset,
-            }
+        .zip(spans(dtype))
+        .zip(spans(Dtype::F32))
+        .map(|((&(first, rows), data), logsm)| Window {
+            first_row: first as u32,
+            rows: rows as u32,
+            data,
+            logsm,
         })
         .collect())
 }
@@ -1490,7 +1646,7 @@ fn to_json(records: &[Record]) -> String {
                 ("timing", json_string(r.timing)),
                 ("rows", r.rows.to_string()),
                 ("classes", r.classes.to_string()),
-                ("dtype", json_string(dtype_name(r.dtype))),
+                ("dtype", json_string(&r.dtype.to_string())),
                 ("repeats", r.repeats.to_string()),
                 ("row_workgroup", r.config.row_workgroup.to_string()),
                 ("row_cache", r.config.row_cache.to_string()),
@@ -1582,10 +1738,7 @@ fn plot_svg(records: &[Record]) -> String {
         if !ratio.is_finite() {
             continue;
         }
-        let key = (
-            format!("{} {}", r.backend, dtype_name(r.dtype)),
-            r.adapter.as_str(),
-        );
+        let key = (format!("{} {}", r.backend, r.dtype), r.adapter.as_str());
         match series.iter_mut().find(|(k, _)| *k == key) {
             Some((_, points)) => points.push((r, ratio)),
             None => series.push((key, vec![(r, ratio)])),

@@ -1,26 +1,36 @@
 // Kernels of the benchmark (benches/lsce.rs), not of the library.
 //
-// * fill_main, copy_main, read_main: streaming kernels over a flat buffer seen as vec4s. Every
-//   8 neighbouring invocations walk one contiguous block together, on neighbouring vec4s: 128
-//   bytes per step, coalesced on a GPU, and sequential for a CPU adapter, which runs 8 lanes
-//   as one SIMD thread to completion. A capped number of workgroups covers any size. copy_main is the
-//   practical bandwidth limit the fused loss is compared with (every byte read once, written
-//   once); read_main is the limit for the forward pass, which only reads.
+// * fill_main, copy_main, read_main: streaming kernels over a flat buffer seen as vec4s of u32
+//   words (copy_main and read_main never look inside a word, so they serve every dtype, sized
+//   by bytes). Every 8 neighbouring invocations walk one contiguous block together, on
+//   neighbouring vec4s: 128 bytes per step, coalesced on a GPU, and sequential for a CPU
+//   adapter, which runs 8 lanes as one SIMD thread to completion. A capped number of workgroups
+//   covers any size. copy_main is the practical bandwidth limit the fused loss is compared with
+//   (every byte read once, written once); read_main is the limit for the forward pass, which
+//   only reads.
 // * lse_main .. grad_main: label-smoothed cross-entropy computed the way composite frameworks
 //   run it (PyTorch eager: log_softmax, the smoothed nll, the mean, then the backward from the
 //   saved log_softmax), one kernel per step, each a full sweep over memory. This is the unfused
 //   baseline; it is deliberately plain (one workgroup per row, a workgroup-memory tree
 //   reduction) rather than tuned.
 //
+// The logits and the gradient are in the element format `FORMAT` (the bench's --dtype): f32,
+// or IEEE binary16 / bfloat16 packed two per u32 word, element 2i in the low half, as the
+// crate lays them out. The unfused steps decode 16-bit logits as they read them and keep their
+// intermediates (log_softmax, log-sum-exp, row losses) in f32, as PyTorch's mixed precision
+// runs cross_entropy in f32; grad_main encodes the gradient back to the logits' format.
+//
 // Rows are processed in windows (`P`, one per window) so that no binding exceeds the device's
 // max_storage_buffer_binding_size; the host binds each window at an aligned byte offset and
-// `P.base` is the element offset of the window's first row within the binding.
+// `P.base` (`P.logsm_base`) is the element offset of the window's first row within the
+// logits' and gradient's (the log_softmax's) binding.
 
 struct Params {
     rows: u32,         // rows in this window
     classes: u32,
     row_begin: u32,    // first row of the window (indexes labels, lse, row_loss)
-    base: u32,         // element offset of the window's first row in `logits` / `logsm`
+    base: u32,         // element offset of the window's first row in `logits` / `grad`
+    logsm_base: u32,   // element offset of the window's first row in `logsm`
     vec4s: u32,        // vec4s the streaming kernels cover in this window
     vec4_begin: u32,   // index in the whole buffer of the first of them (seeds the fill)
     total_rows: u32,
@@ -28,25 +38,64 @@ struct Params {
     on: f32,           // target probability of the label
     off: f32,          // target probability of every other class
     mass: f32,         // sum of the target probabilities of a row
-    sink: f32,         // a value read_main's sum never equals in practice (see there)
+    sink: u32,         // a value read_main's sum never equals in practice (see there)
 }
+
+// The element format of the logits and the gradient, set per pipeline by the host; a constant
+// there, so the untaken branches below cost nothing.
+override FORMAT: u32 = 0u;
+const F32: u32 = 0u;
+const F16: u32 = 1u;
+const BF16: u32 = 2u;
 
 const WG: u32 = 256u;
 // The most negative finite f32: a row starting with -inf then gives exp(-inf - m) = 0, not NaN.
 const NEG_BIG: f32 = -3.4028235e38;
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;
-@group(0) @binding(2) var<storage, read_write> logsm: array<f32>;   // log_softmax, then gradient
+@group(0) @binding(1) var<storage, read> logits: array<u32>;         // in FORMAT
+// log_softmax, f32 in every FORMAT; with f32 the gradient is then written over it.
+@group(0) @binding(2) var<storage, read_write> logsm: array<f32>;
 @group(0) @binding(3) var<storage, read> labels: array<i32>;
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;     // [mean loss, counted rows]
-@group(0) @binding(7) var<storage, read> src: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read_write> dst: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read_write> fill: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(8) var<storage, read_write> dst: array<vec4<u32>>;
+@group(0) @binding(9) var<storage, read_write> fill: array<vec4<u32>>;
+// The 16-bit gradient. Atomic because a word can hold the last element of one row and the
+// first of the next, written by different workgroups.
+@group(0) @binding(10) var<storage, read_write> grad: array<atomic<u32>>;
 
 var<workgroup> red: array<f32, WG>;
+
+// ---- element formats ----
+
+// bfloat16 bits of `x` (finite), rounded to nearest even.
+fn bf16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// Two 16-bit FORMAT values in one word, `lo` in the low half.
+fn encode2(lo: f32, hi: f32) -> u32 {
+    if (FORMAT == F16) {
+        return pack2x16float(vec2<f32>(lo, hi));
+    }
+    return bf16_bits(lo) | (bf16_bits(hi) << 16u);
+}
+
+// Logit `e` of the `logits` binding, widened to f32.
+fn logit(e: u32) -> f32 {
+    if (FORMAT == F32) {
+        return bitcast<f32>(logits[e]);
+    }
+    let w = logits[e >> 1u];
+    if (FORMAT == F16) {
+        return unpack2x16float(w)[e & 1u];
+    }
+    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (e & 1u) == 1u));
+}
 
 // ---- streaming kernels ----
 
@@ -76,12 +125,23 @@ fn block(wid: u32, lid: u32, groups: u32) -> vec2<u32> {
     return vec2<u32>(begin, min(begin + size, P.vec4s));
 }
 
+// Writes logit_at(e) in FORMAT for every element e of the window: 4 f32 or 8 16-bit values per
+// vec4.
 @compute @workgroup_size(WG)
 fn fill_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
     let b = block(wid.x, lid, nwg.x);
     for (var i = b.x + lid % BLOCK_LANES; i < b.y; i += BLOCK_LANES) {
-        let e = (P.vec4_begin + i) * 4u;
-        fill[i] = vec4<f32>(logit_at(e), logit_at(e + 1u), logit_at(e + 2u), logit_at(e + 3u));
+        var words: vec4<u32>;
+        if (FORMAT == F32) {
+            let e = (P.vec4_begin + i) * 4u;
+            words = bitcast<vec4<u32>>(vec4<f32>(logit_at(e), logit_at(e + 1u), logit_at(e + 2u), logit_at(e + 3u)));
+        } else {
+            let e = (P.vec4_begin + i) * 8u;
+            for (var j = 0u; j < 4u; j++) {
+                words[j] = encode2(logit_at(e + 2u * j), logit_at(e + 2u * j + 1u));
+            }
+        }
+        fill[i] = words;
     }
 }
 
@@ -95,13 +155,14 @@ fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 
 @compute @workgroup_size(WG)
 fn read_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) nwg: vec3<u32>) {
-    var acc = vec4<f32>(0.0);
+    var acc = vec4<u32>(0u);
     let b = block(wid.x, lid, nwg.x);
     for (var i = b.x + lid % BLOCK_LANES; i < b.y; i += BLOCK_LANES) {
         acc += src[i];
     }
-    // A store that depends on the sum keeps the compiler from dropping the loads; it (almost)
-    // never happens, and when it does it only scribbles on the copy's destination.
+    // A store that depends on the (wrapping, integer: any bits are fine) sum keeps the compiler
+    // from dropping the loads; it (almost) never happens, and when it does it only scribbles on
+    // the copy's destination.
     if (acc.x == P.sink) {
         dst[(wid.x * WG + lid) % max(P.vec4s, 1u)] = acc;
     }
@@ -143,12 +204,12 @@ fn lse_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
     let e0 = P.base + r * P.classes;
     var m = NEG_BIG;
     for (var c = lid; c < P.classes; c += WG) {
-        m = max(m, logits[e0 + c]);
+        m = max(m, logit(e0 + c));
     }
     m = reduce(lid, m, true);
     var s = 0.0;
     for (var c = lid; c < P.classes; c += WG) {
-        s += exp(logits[e0 + c] - m);
+        s += exp(logit(e0 + c) - m);
     }
     s = reduce(lid, s, false);
     if (lid == 0u) {
@@ -164,9 +225,10 @@ fn logsm_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
         return;
     }
     let e0 = P.base + r * P.classes;
+    let l0 = P.logsm_base + r * P.classes;
     let l = lse[P.row_begin + r];
     for (var c = lid; c < P.classes; c += WG) {
-        logsm[e0 + c] = logits[e0 + c] - l;
+        logsm[l0 + c] = logit(e0 + c) - l;
     }
 }
 
@@ -177,17 +239,17 @@ fn loss_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     if (r >= P.rows) {
         return;
     }
-    let e0 = P.base + r * P.classes;
+    let l0 = P.logsm_base + r * P.classes;
     var s = 0.0;
     for (var c = lid; c < P.classes; c += WG) {
-        s += logsm[e0 + c];
+        s += logsm[l0 + c];
     }
     s = reduce(lid, s, false);
     if (lid == 0u) {
         let y = labels[P.row_begin + r];
         var loss = 0.0;
         if (!ignored(y)) {
-            loss = -(P.off * s + (P.on - P.off) * logsm[e0 + u32(y)]);
+            loss = -(P.off * s + (P.on - P.off) * logsm[l0 + u32(y)]);
         }
         row_loss[P.row_begin + r] = loss;
     }
@@ -210,18 +272,52 @@ fn mean_main(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
-// Step 5: the backward from the saved log_softmax, (softmax * mass - q) / count, written over it.
+// Step 5: the backward from the saved log_softmax, (softmax * mass - q) / count: f32 written
+// over the log_softmax, 16-bit packed into `grad`.
 @compute @workgroup_size(WG)
 fn grad_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = row_of(wid, nwg);
     if (r >= P.rows) {
         return;
     }
-    let e0 = P.base + r * P.classes;
+    let l0 = P.logsm_base + r * P.classes;
     let y = labels[P.row_begin + r];
     let scale = select(1.0 / out[1], 0.0, ignored(y));
-    for (var c = lid; c < P.classes; c += WG) {
-        let q = select(P.off, P.on, i32(c) == y);
-        logsm[e0 + c] = (exp(logsm[e0 + c]) * P.mass - q) * scale;
+    if (FORMAT == F32) {
+        for (var c = lid; c < P.classes; c += WG) {
+            logsm[l0 + c] = grad_of(l0, c, y, scale);
+        }
+        return;
     }
+    // One invocation per word of the row's elements [e0, e1); a word shared with a neighbouring
+    // row is updated half by half, so that the neighbour's half survives.
+    let e0 = P.base + r * P.classes;
+    let e1 = e0 + P.classes;
+    for (var w = e0 / 2u + lid; 2u * w < e1; w += WG) {
+        let lo = 2u * w >= e0;
+        let hi = 2u * w + 1u < e1;
+        var g = vec2<f32>(0.0);
+        if (lo) {
+            g.x = grad_of(l0, 2u * w - e0, y, scale);
+        }
+        if (hi) {
+            g.y = grad_of(l0, 2u * w + 1u - e0, y, scale);
+        }
+        let bits = encode2(g.x, g.y);
+        if (lo && hi) {
+            atomicStore(&grad[w], bits);
+        } else if (lo) {
+            atomicAnd(&grad[w], 0xffff0000u);
+            atomicOr(&grad[w], bits & 0xffffu);
+        } else {
+            atomicAnd(&grad[w], 0xffffu);
+            atomicOr(&grad[w], bits & 0xffff0000u);
+        }
+    }
+}
+
+// The gradient of class `c` of the row whose log_softmax starts at `l0`.
+fn grad_of(l0: u32, c: u32, y: i32, scale: f32) -> f32 {
+    let q = select(P.off, P.on, i32(c) == y);
+    return (exp(logsm[l0 + c]) * P.mass - q) * scale;
 }
