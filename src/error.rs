@@ -68,8 +68,6 @@ pub enum LsceError {
     },
     /// A combination of options this crate does not define (named in the message).
     Unsupported(&'static str),
-    /// The device lacks a feature the request needs (for example `SHADER_F16` for f16 logits).
-    MissingFeature(&'static str),
     /// A buffer is too large for the device's `max_buffer_size`, or one row does not fit a
     /// storage binding.
     ExceedsDeviceLimit {
@@ -165,9 +163,6 @@ impl fmt::Display for LsceError {
                 "class weight {value} of class {class} must be finite and >= 0"
             ),
             Self::Unsupported(what) => write!(f, "unsupported: {what}"),
-            Self::MissingFeature(feature) => {
-                write!(f, "the device lacks the feature {feature}")
-            }
             Self::ExceedsDeviceLimit {
                 limit,
                 needed,

@@ -194,13 +194,13 @@ impl Summary {
 ///
 /// | field | holds | usage |
 /// |---|---|---|
-/// | `logits` | `rows * classes` f32 | `STORAGE` |
+/// | `logits` | `rows * classes` of the problem's dtype (16-bit: padded to a 4-byte multiple) | `STORAGE` |
 /// | `targets` | `rows` i32 labels, or `rows * classes` f32 probabilities | `STORAGE` |
 /// | `weights` | `classes` f32, iff the problem is weighted | `STORAGE` |
 /// | `upstream` | 1 f32 (`Sum`/`Mean`) or `rows` f32 (`None`), iff the problem has one | `STORAGE` |
 /// | `loss` | `rows` f32 for `None` (required); 1 f32 for `Sum`/`Mean` (optional copy) | `STORAGE` / `COPY_DST` |
 /// | `lse` | `rows` f32, optional | `STORAGE` |
-/// | `grad` | `rows * classes` f32, iff `Gradient::Separate` | `STORAGE` |
+/// | `grad` | `rows * classes` of the gradient's dtype, iff `Gradient::Separate` | `STORAGE` |
 /// | `summary` | a [`Summary`] (32 bytes) | `COPY_DST` |
 #[derive(Clone, Copy, Debug)]
 pub struct LossBuffers<'a> {

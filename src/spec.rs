@@ -357,7 +357,8 @@ pub enum Dtype {
     /// `f32`.
     #[default]
     F32,
-    /// IEEE binary16; needs `Features::SHADER_F16`.
+    /// IEEE binary16, two per `u32` (element `2i` in the low half), widened with
+    /// `unpack2x16float`: works on every adapter, `Features::SHADER_F16` or not.
     F16,
     /// bfloat16, two per `u32` (element `2i` in the low half); works on every adapter.
     Bf16,
