@@ -135,15 +135,15 @@ fn prob(e: vec4<u32>) -> vec4<f32> {
     return bitcast<vec4<f32>>(vec4<u32>(targets[b.x], targets[b.y], targets[b.z], targets[b.w]));
 }
 
-// a_c: for a class-label row w_c off_c + [c == y] w_y (on - off_y), with `label_extra` the
-// second term's coefficient; for a probability row (t at elements e)
-// w_c (off_c + (on - off_c) t_c).
-fn target_coef(c: vec4<u32>, e: vec4<u32>, label: u32, label_extra: f32) -> vec4<f32> {
+// a_c: for a class-label row w_c q_c with q the on-value at the label and off_c elsewhere (the
+// label's taken as on itself, not as off + (on - off), which would lose on's digits when
+// on << off); for a probability row (t at elements e) w_c (off_c + (on - off_c) t_c).
+fn target_coef(c: vec4<u32>, e: vec4<u32>, label: u32) -> vec4<f32> {
     let off = off_value(c);
     if (SOFT_TARGETS) {
         return weight(c) * (off + (Q.on - off) * prob(e));
     }
-    return weight(c) * off + select(vec4<f32>(0.0), vec4<f32>(label_extra), c == vec4<u32>(label));
+    return weight(c) * select(off, vec4<f32>(Q.on), c == vec4<u32>(label));
 }
 
 // The label's own extra coefficient w_y (on - off_y).
@@ -214,7 +214,7 @@ fn lane_sum(v: vec4<f32>) -> f32 {
 fn add_target(dot: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
     let zero = vec4<f32>(0.0);
     if (SOFT_TARGETS) {
-        let a = target_coef(c, e, 0u, 0.0);
+        let a = target_coef(c, e, 0u);
         *dot += select(zero, a * z, valid);
         *mass += select(zero, a, valid);
     } else if (Q.off != 0.0) {
@@ -259,8 +259,8 @@ fn grad_consts(result: RowResult, scale: f32) -> vec2<f32> {
 // The gradient of a unit's classes c (elements e): (softmax p_coef - a_c) * scale * dz/dx with
 // softmax = ez / s, ez = exp(z - max); computed as (ez k.x - a_c) * k.y * softcap_slope(z) with
 // k = grad_consts(..). The upstream scale comes last, so a row's gradient scales exactly with it.
-fn grad_value(c: vec4<u32>, e: vec4<u32>, ez: vec4<f32>, z: vec4<f32>, label: u32, extra: f32, k: vec2<f32>) -> vec4<f32> {
-    return (ez * k.x - target_coef(c, e, label, extra)) * (k.y * softcap_slope(z));
+fn grad_value(c: vec4<u32>, e: vec4<u32>, ez: vec4<f32>, z: vec4<f32>, label: u32, k: vec2<f32>) -> vec4<f32> {
+    return (ez * k.x - target_coef(c, e, label)) * (k.y * softcap_slope(z));
 }
 
 // Writes the per-row outputs of row r of the window.

@@ -2,8 +2,8 @@
 // team is a workgroup or a single subgroup (the composed team file decides).
 //
 // A row is walked in units of UNIT consecutive logits (4 f32 as a vec4 where the caller's
-// buffers allow, else 1; 2 16-bit logits, one u32 word, so that no two invocations write halves
-// of the same word), each unit's logits in the lanes of a vec4. Per row of K classes it computes
+// buffers allow, else 1; 4 16-bit logits, two whole u32 words, so that no two invocations
+// write halves of one word of the same row), each unit's logits in the lanes of a vec4. Per row of K classes it computes
 // max and log-sum-exp, the target dot product and mass, the loss, and the gradient
 // (softmax * mass - a) * scale * dz/dx, in one dispatch:
 //   K <= team size * CACHE_N * UNIT ("cached"): the row is read once into registers; max
@@ -201,6 +201,6 @@ fn process_row(r: u32) {
 fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) {
     // Lanes outside the row compute garbage that store_unit does not write.
     let c = vec4<u32>((row.u0 + u) * UNIT - row.g0) + LANES;
-    let v = grad_value(c, vec4<u32>(row.e0) + c, ez, z, row.label, row.extra, k);
+    let v = grad_value(c, vec4<u32>(row.e0) + c, ez, z, row.label, k);
     store_unit(row.u0 + u, v, row.g0, row.g0 + Q.classes);
 }

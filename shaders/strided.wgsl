@@ -93,7 +93,7 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     for (var c = 0u; c < k; c += 4u) {
         let q = quad_of(c, e0, g0);
         let z = transform_logit(load_quad(q));
-        let v = grad_value(q.c, q.e, exp(z - m), z, label, extra, consts);
+        let v = grad_value(q.c, q.e, exp(z - m), z, label, consts);
         for (var i = 0u; i < 4u; i++) {
             if (q.valid[i]) {
                 store_elem(q.g[i], v[i]);

@@ -121,11 +121,12 @@ fn coefficients(
         } else {
             values.off
         };
-        let t = match target {
-            RowTarget::Class(y) => f64::from(u8::from(y as usize == c)),
-            RowTarget::Probabilities(t) => t[c],
+        // At the label the on-value itself (target_coef in shaders/common.wgsl).
+        *ac = w * match target {
+            RowTarget::Class(y) if y as usize == c => values.on,
+            RowTarget::Class(_) => off,
+            RowTarget::Probabilities(t) => off + (values.on - off) * t[c],
         };
-        *ac = w * (off + (values.on - off) * t);
     }
     debug_assert_eq!(k, a.len());
 }

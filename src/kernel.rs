@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{LsceError, Result};
+use crate::plan::{Gradient, Problem};
 use crate::shader::{self, Family, ModuleKey, Params, Team, BINDINGS};
 use crate::spec::Dtype;
 
@@ -41,12 +42,11 @@ pub(crate) struct RowShape {
     pub cache: u32,
 }
 
-/// Logits per unit: 4 f32 in `vec4` units (`None`), 1 f32, 2 16-bit.
+/// Logits per unit: 4 f32 in `vec4` units (`None`), 1 f32, 4 16-bit (two words).
 fn unit_of(dtype: Option<Dtype>) -> u32 {
     match dtype {
-        None => 4,
         Some(Dtype::F32) => 1,
-        Some(Dtype::F16 | Dtype::Bf16) => 2,
+        None | Some(Dtype::F16 | Dtype::Bf16) => 4,
     }
 }
 
@@ -283,15 +283,16 @@ impl KernelInner {
             .map_or(Team::Workgroup, Team::WorkgroupSubgroups)
     }
 
+    /// The module of `family` for a plan's data: its row shape, and the problem's gradient
+    /// placement, dtypes and class count; `wide` asks for f32 `vec4` units.
     pub fn module_key(
         &self,
         family: Family,
         rows: RowShape,
-        in_place: bool,
-        dtype: Dtype,
-        grad_dtype: Dtype,
+        problem: &Problem,
         wide: bool,
     ) -> ModuleKey {
+        let dtype = problem.dtype;
         let (wg_size, cache_n, team) = match family {
             Family::Rows => (rows.workgroup, rows.cache, rows.team),
             Family::Strided | Family::Setup | Family::Reduce => {
@@ -303,10 +304,13 @@ impl KernelInner {
             wg_size,
             cache_n,
             team,
-            in_place,
+            in_place: problem.gradient == Gradient::InPlace,
             dtype,
-            grad_dtype,
+            grad_dtype: problem.grad_dtype,
             wide: wide && family == Family::Rows && dtype == Dtype::F32,
+            // Offsets are multiples of 4 bytes, so with an even class count every row starts
+            // on a word boundary. The strided kernel's neighbouring rows share words.
+            private_words: family == Family::Rows && problem.shape.classes().is_multiple_of(2),
         }
     }
 

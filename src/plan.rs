@@ -435,7 +435,6 @@ impl LossPlan {
             (spec.reduction != Reduction::None).then(|| scratch("lsce row losses", rows_bytes));
         let lse_scratch = scratch("lsce lse", rows_bytes);
 
-        let in_place = problem.gradient == Gradient::InPlace;
         let switches = Switches {
             weights: problem.weighted,
             soft_targets: soft,
@@ -453,14 +452,7 @@ impl LossPlan {
             if wide { None } else { Some(problem.dtype) },
         );
         let key = |family, entry, wide| PipelineKey {
-            module: inner.module_key(
-                family,
-                row_shape,
-                in_place,
-                problem.dtype,
-                problem.grad_dtype,
-                wide,
-            ),
+            module: inner.module_key(family, row_shape, problem, wide),
             entry,
             switches,
         };

@@ -134,9 +134,12 @@ fn binding_type(i: usize, key: &ModuleKey) -> &'static str {
     let sixteen = |d: Dtype| d != Dtype::F32;
     match i {
         LOGITS | GRAD if key.wide => "array<vec4<f32>>",
-        LOGITS if sixteen(key.dtype) && key.in_place => "array<atomic<u32>>",
+        LOGITS if sixteen(key.dtype) && key.in_place && !key.private_words => "array<atomic<u32>>",
         LOGITS if sixteen(key.dtype) => "array<u32>",
-        GRAD if sixteen(key.grad_dtype) && !key.in_place => "array<atomic<u32>>",
+        GRAD if sixteen(key.grad_dtype) && !key.in_place && !key.private_words => {
+            "array<atomic<u32>>"
+        }
+        GRAD if sixteen(key.grad_dtype) && !key.in_place => "array<u32>",
         _ => BINDINGS[i].ty,
     }
 }
@@ -180,6 +183,9 @@ pub(crate) struct ModuleKey {
     pub grad_dtype: Dtype,
     /// f32 logits and gradient read and written as `vec4` units (see `accessors`).
     pub wide: bool,
+    /// 16-bit rows never share a 32-bit word (an even class count, row kernel): words are
+    /// written plainly instead of half by half with atomics.
+    pub private_words: bool,
 }
 
 /// Assembles the WGSL source of a module.
@@ -230,14 +236,14 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
 }
 
 /// The element accessors the kernels use, for the logits' and gradient's dtypes:
-/// `UNIT` (logits per unit: 1 or, `wide`, 4 f32; 2 16-bit), `load_unit(u) -> vec4<f32>` (unit u's logits, unused
+/// `UNIT` (logits per unit: 1 or, `wide`, 4 f32; 4 16-bit), `load_unit(u) -> vec4<f32>` (unit u's logits, unused
 /// lanes 0), `load_elem(g) -> f32`, `store_unit(u, v, g_begin, g_end)` (the gradient of unit
 /// u's logits that lie in `[g_begin, g_end)`) and `store_elem(g, v)`. `u` and `g` index the logits binding; the
 /// gradient binding is addressed through `Q.grad_base - Q.logits_base`, which the host keeps
 /// congruent modulo UNIT (all offsets are multiples of 4 bytes).
 fn accessors(key: &ModuleKey) -> String {
     let mut src = String::new();
-    let word = if key.in_place {
+    let word = if key.in_place && !key.private_words {
         "atomicLoad(&logits[w])"
     } else {
         "logits[w]"
@@ -259,10 +265,14 @@ fn accessors(key: &ModuleKey) -> String {
             } else {
                 "vec2<f32>(bitcast<f32>(x << 16u), bitcast<f32>(x & 0xffff0000u))"
             };
+            // A unit is two words, four logits: full vec4 lanes, like wide f32. The second word
+            // of a unit at the end of the binding may lie past it: bounds-checked reads give
+            // a value that the row's lane mask discards.
             src.push_str(&format!(
-                "const UNIT: u32 = 2u;\n\
-                 fn load_unit(w: u32) -> vec4<f32> {{ let x = {word}; return vec4<f32>({decode}, 0.0, 0.0); }}\n\
-                 fn load_elem(g: u32) -> f32 {{ return load_unit(g >> 1u)[g & 1u]; }}\n"
+                "const UNIT: u32 = 4u;\n\
+                 fn load_word(w: u32) -> vec2<f32> {{ let x = {word}; return {decode}; }}\n\
+                 fn load_unit(u: u32) -> vec4<f32> {{ return vec4<f32>(load_word(2u * u), load_word(2u * u + 1u)); }}\n\
+                 fn load_elem(g: u32) -> f32 {{ return load_word(g >> 1u)[g & 1u]; }}\n"
             ));
         }
     }
@@ -315,38 +325,54 @@ fn accessors(key: &ModuleKey) -> String {
             } else {
                 "bf16_bits(v.x) | (bf16_bits(v.y) << 16u)"
             };
-            // Element index i is in logits units; for 16-bit both bases count 2-byte
-            // elements, so word indices shift by the same base difference halved.
+            // Word index i is in the logits binding; both bases count 2-byte elements, so
+            // word indices shift by the same base difference halved.
             let word_index = if key.in_place {
                 "i"
             } else {
                 "i + Q.grad_base / 2u - Q.logits_base / 2u"
             };
-            src.push_str(&format!(
-                "fn bf16_bits(x: f32) -> u32 {{\n\
+            src.push_str(
+                "fn bf16_bits(x: f32) -> u32 {\n\
                      let b = bitcast<u32>(x);\n\
-                     if (is_nan(x)) {{ return (b >> 16u) | 0x40u; }}\n\
+                     if (is_nan(x)) { return (b >> 16u) | 0x40u; }\n\
                      return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n\
-                 }}\n\
-                 // A whole word is stored; a word shared with a neighbouring row (odd K) is\n\
-                 // updated half by half, atomically, so the neighbour's half survives.\n\
-                 fn store_unit(i: u32, v4: vec4<f32>, g_begin: u32, g_end: u32) {{\n\
+                 }\n\
+                 fn store_elem(g: u32, v: f32) { store_word(g >> 1u, vec2<f32>(v), g, g + 1u); }\n\
+                 fn store_unit(u: u32, v: vec4<f32>, g_begin: u32, g_end: u32) {\n\
+                     store_word(2u * u, v.xy, g_begin, g_end);\n\
+                     store_word(2u * u + 1u, v.zw, g_begin, g_end);\n\
+                 }\n",
+            );
+            // Writes `bits` into the halves of word w selected by `mask`.
+            let (whole, half) = if key.private_words {
+                // No other invocation touches the word: plain stores.
+                (
+                    format!("{target}[w] = bits;"),
+                    format!("{target}[w] = ({target}[w] & ~mask) | (bits & mask);"),
+                )
+            } else {
+                // A word shared with a neighbouring row (odd K) is updated half by half,
+                // atomically, so that the neighbour's half survives.
+                (
+                    format!("atomicStore(&{target}[w], bits);"),
+                    format!("atomicAnd(&{target}[w], ~mask); atomicOr(&{target}[w], bits & mask);"),
+                )
+            };
+            src.push_str(&format!(
+                "// The gradient of the logits of word i that lie in [g_begin, g_end).\n\
+                 fn store_word(i: u32, v: vec2<f32>, g_begin: u32, g_end: u32) {{\n\
                      let w = {word_index};\n\
-                     let v = v4.xy;\n\
                      let bits = {encode};\n\
-                     let lo = 2u * i >= g_begin;\n\
-                     let hi = 2u * i + 1u < g_end;\n\
+                     let lo = 2u * i >= g_begin && 2u * i < g_end;\n\
+                     let hi = 2u * i + 1u >= g_begin && 2u * i + 1u < g_end;\n\
                      if (lo && hi) {{\n\
-                         atomicStore(&{target}[w], bits);\n\
-                     }} else if (lo) {{\n\
-                         atomicAnd(&{target}[w], 0xffff0000u);\n\
-                         atomicOr(&{target}[w], bits & 0xffffu);\n\
-                     }} else if (hi) {{\n\
-                         atomicAnd(&{target}[w], 0xffffu);\n\
-                         atomicOr(&{target}[w], bits & 0xffff0000u);\n\
+                         {whole}\n\
+                     }} else if (lo || hi) {{\n\
+                         let mask = select(0xffff0000u, 0xffffu, lo);\n\
+                         {half}\n\
                      }}\n\
-                 }}\n\
-                 fn store_elem(g: u32, v: f32) {{ store_unit(g >> 1u, vec4<f32>(v), g, g + 1u); }}\n"
+                 }}\n"
             ));
         }
     }
