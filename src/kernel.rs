@@ -63,8 +63,9 @@ pub struct KernelConfig {
     /// The most invocations per workgroup of the row kernel (a power of two, at most the device
     /// limit); shorter rows get smaller workgroups, about 16 logits per invocation.
     pub row_workgroup: u32,
-    /// Logit units (1 f32 or 2 16-bit logits) each invocation keeps in registers: rows of up
-    /// to `workgroup * row_cache` units are read once, longer rows twice.
+    /// Logit units (4 logits each, or 1 f32 where a caller's buffers cannot be read as `vec4`)
+    /// each invocation keeps in registers, at most: rows of up to `team * row_cache` units are
+    /// read once, longer rows twice.
     pub row_cache: u32,
     /// Use subgroup reductions when the device has `Features::SUBGROUP`.
     pub use_subgroups: bool,

@@ -306,7 +306,8 @@ struct PlanInner {
     lse_scratch: wgpu::Buffer,
     pipelines: Pipelines,
     param_stride: u64,
-    /// Rows handled by one workgroup of the row kernel: 1, or the strided kernel's workgroup.
+    /// Rows one workgroup of the row kernel handles at a time: its subgroup teams, 1 for a
+    /// workgroup team, or the strided kernel's invocations.
     rows_per_workgroup: u32,
     /// The most row-kernel workgroups per dispatch (they loop over the window's rows).
     max_row_workgroups: u32,

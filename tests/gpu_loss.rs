@@ -659,10 +659,8 @@ fn huge_rows(k: usize) -> Vec<(f32, Vec<f32>)> {
         .collect()
 }
 
-/// See [`huge_rows`]. Bug (reported, not fixed here: src/ and shaders/ belong to the lead):
-/// the GPU's streaming path (rows > row_workgroup * row_cache classes, i.e. every LLM
-/// vocabulary) and its soft-cap path compute `p = exp(z - lse)`, and the CPU reference does
-/// too in f64; the cached GPU path's `exp(z - m) / s` is exact.
+/// See [`huge_rows`]. Every GPU path (cached, streaming, soft-cap) and the CPU reference form
+/// the softmax as `exp(z - m) / s`; this guards against a return to `exp(z - lse)`.
 #[test]
 fn huge_logits_keep_an_exact_softmax_gradient() {
     let g = gpu();
@@ -715,8 +713,8 @@ fn huge_logits_keep_an_exact_softmax_gradient() {
 }
 
 /// See [`huge_rows`]: the loss is ln 2 exactly. PyTorch's `x - max - log(sum)` gets it to an
-/// ulp in f32; `A * lse - B` loses everything below the ulp of lse (1e-3 at 1e4, all of it at
-/// 1e8) to cancellation.
+/// ulp in f32, and so does lsce's `A log s + sum a (max - z)`; the textbook `A * lse - B` loses
+/// everything below the ulp of lse (1e-3 at 1e4, all of it at 1e8) to cancellation.
 #[test]
 fn huge_logits_keep_the_loss() {
     let g = gpu();
