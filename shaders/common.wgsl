@@ -33,9 +33,9 @@ struct Params {
     logit_scale: f32,
     softcap: f32,        // 0 when soft-capping is off
     z_loss: f32,
+    split_base: u32,     // first word of the split-row records in `control`
+    split_parts: u32,    // parts per row when rows are split (rows.wgsl), else 1
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 override HAS_WEIGHTS: bool = false;

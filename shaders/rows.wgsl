@@ -47,16 +47,101 @@ fn unit_of(row: Row, u: u32) -> Unit {
     return Unit(c, vec4<u32>(row.e0) + c, valid);
 }
 
-// Writes `value` as the gradient of the row, and as its loss and lse.
-fn fill_row(row: Row, value: f32) {
-    let lid = team_lid();
+// Row r of the window: where it lies (label and extra still unset).
+fn row_at(r: u32) -> Row {
+    let e0 = r * Q.classes;
+    let g0 = Q.logits_base + e0;
+    let u0 = g0 / UNIT;
+    return Row(r, e0, g0, u0, (g0 + Q.classes + UNIT - 1u) / UNIT - u0, 0u, 0.0);
+}
+
+// Writes `value` as the gradient of units [u_begin, u_end) of the row.
+fn fill_units(row: Row, u_begin: u32, u_end: u32, value: f32) {
     if (WRITE_GRAD) {
-        for (var u = lid; u < row.units; u += team_size()) {
+        for (var u = u_begin + team_lid(); u < u_end; u += team_size()) {
             store_unit(row.u0 + u, vec4<f32>(value), row.g0, row.g0 + Q.classes);
         }
     }
-    if (lid == 0u) {
+}
+
+// Writes `value` as the gradient of the row, and as its loss and lse.
+fn fill_row(row: Row, value: f32) {
+    fill_units(row, 0u, row.units, value);
+    if (team_lid() == 0u) {
         store_row(row.r, value, value);
+    }
+}
+
+// Labels the row; false (having filled it) when the row is ignored or its label invalid.
+fn label_row(row: ptr<function, Row>, fill: bool) -> bool {
+    let label_i = team_row_label((*row).r);
+    let kind = classify_label(label_i);
+    if (kind != ROW_VALID) {
+        if (fill) {
+            fill_row(*row, select(nan(), 0.0, kind == ROW_IGNORED));
+        }
+        return false;
+    }
+    (*row).label = u32(label_i);
+    (*row).extra = label_extra((*row).label);
+    return true;
+}
+
+// The transformed logit of the row's label (0 for probability targets).
+fn label_logit(row: Row) -> f32 {
+    if (SOFT_TARGETS) {
+        return 0.0;
+    }
+    return transform_logit(vec4<f32>(load_elem(row.g0 + row.label))).x;
+}
+
+// The team's statistics over units [u_begin, u_end) of the row, one read and one exp per
+// logit (online): merged across the team, with this invocation's argmax candidates.
+struct Sweep {
+    st: OnlineStats,
+    best: Argmax,
+}
+
+fn sweep_stats(row: Row, u_begin: u32, u_end: u32) -> Sweep {
+    let neg = vec4<f32>(neg_inf());
+    var m4 = vec4<f32>(NEG_BIG);  // per-lane running max
+    var s4 = vec4<f32>(0.0);      // per-lane sum of exp(z - m4)
+    var dot4 = vec4<f32>(0.0);    // per-lane target sums (see add_target)
+    var mass4 = vec4<f32>(0.0);
+    var best = argmax_none();
+    for (var u = u_begin + team_lid(); u < u_end; u += team_size()) {
+        let x = load_unit(row.u0 + u);
+        let unit = unit_of(row, u);
+        let z = select(neg, transform_logit(x), unit.valid);
+        add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
+        online_push(&m4, &s4, z);
+        argmax_push(&best, x, unit.c, unit.valid);
+    }
+    return Sweep(team_merge(merge_lanes(m4, s4, dot4, mass4)), best);
+}
+
+// The team's argmax (value bits, class) from every invocation's candidates.
+fn team_argmax(best: Argmax) -> vec2<u32> {
+    let mine = argmax_lanes(best);
+    let top = team_max(bitcast<f32>(mine.x));
+    return vec2<u32>(bitcast<u32>(top), team_min_u32(select(NONE_U32, mine.y, bitcast<f32>(mine.x) == top)));
+}
+
+// The gradient of units [u_begin, u_end) of the row, reading the logits again.
+fn sweep_grad(row: Row, u_begin: u32, u_end: u32, m: f32, consts: vec2<f32>) {
+    for (var u = u_begin + team_lid(); u < u_end; u += team_size()) {
+        let z = transform_logit(load_unit(row.u0 + u));
+        write_grad_unit(row, u, exp(z - m), z, consts);
+    }
+}
+
+// Writes a row's results, and counts it when its argmax is the label.
+fn store_results(row: Row, result: RowResult, arg: u32) {
+    if (team_lid() == 0u) {
+        store_row(row.r, result.loss, result.lse);
+        if (ACCURACY && !SOFT_TARGETS && arg == row.label && !is_nan(result.lse)) {
+            atomicAdd(&control[CTRL_CORRECT], 1u);
+        }
     }
 }
 
@@ -74,35 +159,15 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
 // Everything about row r of the window, computed by one team.
 fn process_row(r: u32) {
     let lid = team_lid();
-    let k = Q.classes;
-    let e0 = r * k;
-    let g0 = Q.logits_base + e0;
-    let u0 = g0 / UNIT;
-    var row = Row(r, e0, g0, u0, (g0 + k + UNIT - 1u) / UNIT - u0, 0u, 0.0);
-    let label_i = team_row_label(r);
-    let kind = classify_label(label_i);
-    if (kind == ROW_IGNORED) {
-        fill_row(row, 0.0);
+    var row = row_at(r);
+    if (!label_row(&row, true)) {
         return;
     }
-    if (kind == ROW_BAD_LABEL) {
-        fill_row(row, nan());
-        return;
-    }
-    row.label = u32(label_i);
-    row.extra = label_extra(row.label);
     // Loaded before any barrier: with an in-place gradient the row is overwritten afterwards.
-    var z_label = 0.0;
-    if (!SOFT_TARGETS) {
-        z_label = transform_logit(vec4<f32>(load_elem(g0 + row.label))).x;
-    }
-
+    let z_label = label_logit(row);
+    let u0 = row.u0;
     let neg = vec4<f32>(neg_inf());
-    var m4 = vec4<f32>(NEG_BIG);  // per-lane running max
-    var s4 = vec4<f32>(0.0);      // per-lane sum of exp(z - m4)
-    var dot4 = vec4<f32>(0.0);    // per-lane target sums (see add_target)
-    var mass4 = vec4<f32>(0.0);
-    var sums: vec4<f32>;          // x: sum exp(z - m), y: dot, z: mass, for the whole row
+    var sums: vec4<f32>;  // x: sum exp(z - m), y: dot, z: mass, for the whole row
     var best = argmax_none();
     let cached = row.units <= team_size() * CACHE_N;
     // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
@@ -112,6 +177,10 @@ fn process_row(r: u32) {
 
     if (cached) {
         // Read once; max without exp.
+        var m4 = vec4<f32>(NEG_BIG);
+        var s4 = vec4<f32>(0.0);
+        var dot4 = vec4<f32>(0.0);
+        var mass4 = vec4<f32>(0.0);
         for (var j = 0u; j < CACHE_N; j++) {
             if (j >= slots) {
                 break;
@@ -141,32 +210,18 @@ fn process_row(r: u32) {
         }
         sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(dot4), lane_sum(mass4), 0.0));
     } else {
-        for (var u = lid; u < row.units; u += team_size()) {
-            let x = load_unit(u0 + u);
-            let unit = unit_of(row, u);
-            let z = select(neg, transform_logit(x), unit.valid);
-            add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
-            online_push(&m4, &s4, z);
-            argmax_push(&best, x, unit.c, unit.valid);
-        }
-        let st = team_merge(merge_lanes(m4, s4, dot4, mass4));
-        m = st.m;
-        sums = st.v;
+        let sweep = sweep_stats(row, 0u, row.units);
+        m = sweep.st.m;
+        sums = sweep.st.v;
+        best = sweep.best;
     }
 
     let result = finish_row(m, sums, row.extra, z_label);
     var arg = NONE_U32;
     if (ACCURACY) {
-        let mine = argmax_lanes(best);
-        let top = team_max(bitcast<f32>(mine.x));
-        arg = team_min_u32(select(NONE_U32, mine.y, bitcast<f32>(mine.x) == top));
+        arg = team_argmax(best).y;
     }
-    if (lid == 0u) {
-        store_row(r, result.loss, result.lse);
-        if (ACCURACY && !SOFT_TARGETS && arg == row.label && !is_nan(result.lse)) {
-            atomicAdd(&control[CTRL_CORRECT], 1u);
-        }
-    }
+    store_results(row, result, arg);
 
     if (!WRITE_GRAD) {
         return;
@@ -190,10 +245,7 @@ fn process_row(r: u32) {
             }
         }
     } else {
-        for (var u = lid; u < row.units; u += team_size()) {
-            let z = transform_logit(load_unit(u0 + u));
-            write_grad_unit(row, u, exp(z - m), z, consts);
-        }
+        sweep_grad(row, 0u, row.units, m, consts);
     }
 }
 
@@ -203,4 +255,125 @@ fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) 
     let c = vec4<u32>((row.u0 + u) * UNIT - row.g0) + LANES;
     let v = grad_value(c, vec4<u32>(row.e0) + c, ez, z, row.label, k);
     store_unit(row.u0 + u, v, row.g0, row.g0 + Q.classes);
+}
+
+// ---- Split rows --------------------------------------------------------------------------
+// When rows are few and long, each is cut into Q.split_parts parts, one team per part, in
+// three dispatches (the plan picks this; rows_main is not used then):
+//   split_stats:  every part's statistics over its units (one read, one exp per logit) into
+//                 the part's record (SPLIT_WORDS words of `control` from Q.split_base).
+//   split_finish: per row, the parts' records merged in order: lse, loss, accuracy, and the
+//                 gradient constants written back into part 0's record.
+//   split_grad:   every part's gradient (a second read, one exp per logit).
+// Traffic as the streaming path: K logits read twice, K gradient values written, plus
+// 32 bytes per part.
+
+const SPLIT_WORDS: u32 = 8u;  // m, s, dot, mass, argmax value bits, argmax class, k.x, k.y
+
+fn split_record(r: u32, part: u32) -> u32 {
+    return Q.split_base + ((Q.row_begin + r) * Q.split_parts + part) * SPLIT_WORDS;
+}
+
+// Units [begin, end) of part `part` of the row.
+fn part_units(row: Row, part: u32) -> vec2<u32> {
+    return vec2<u32>(row.units * part / Q.split_parts, row.units * (part + 1u) / Q.split_parts);
+}
+
+fn record_word(at: u32) -> f32 {
+    return bitcast<f32>(atomicLoad(&control[at]));
+}
+
+fn set_record_word(at: u32, v: f32) {
+    atomicStore(&control[at], bitcast<u32>(v));
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var t = team_first_row(); t < Q.row_count * Q.split_parts; t += team_row_stride()) {
+        let part = t % Q.split_parts;
+        var row = row_at(t / Q.split_parts);
+        if (!label_row(&row, false)) {
+            continue;
+        }
+        let range = part_units(row, part);
+        let sweep = sweep_stats(row, range.x, range.y);
+        var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
+        if (ACCURACY) {
+            arg = team_argmax(sweep.best);
+        }
+        if (team_lid() == 0u) {
+            let at = split_record(row.r, part);
+            set_record_word(at, sweep.st.m);
+            set_record_word(at + 1u, sweep.st.v.x);
+            set_record_word(at + 2u, sweep.st.v.y);
+            set_record_word(at + 3u, sweep.st.v.z);
+            atomicStore(&control[at + 4u], arg.x);
+            atomicStore(&control[at + 5u], arg.y);
+        }
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn split_finish(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        if (!label_row(&row, false)) {
+            if (team_lid() == 0u) {
+                let value = select(nan(), 0.0, classify_label(row_label(r)) == ROW_IGNORED);
+                store_row(r, value, value);
+            }
+            continue;
+        }
+        let z_label = label_logit(row);
+        if (team_lid() == 0u) {
+            // The parts in order: the same result on every run.
+            let first = split_record(r, 0u);
+            var st = OnlineStats(record_word(first), vec4<f32>(record_word(first + 1u), record_word(first + 2u), record_word(first + 3u), 0.0));
+            var best = vec2<u32>(atomicLoad(&control[first + 4u]), atomicLoad(&control[first + 5u]));
+            for (var part = 1u; part < Q.split_parts; part++) {
+                let at = split_record(r, part);
+                st = merge_stats(st, OnlineStats(record_word(at), vec4<f32>(record_word(at + 1u), record_word(at + 2u), record_word(at + 3u), 0.0)));
+                // Later parts hold later classes: only a strictly larger value replaces.
+                if (bitcast<f32>(atomicLoad(&control[at + 4u])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
+                    best = vec2<u32>(atomicLoad(&control[at + 4u]), atomicLoad(&control[at + 5u]));
+                }
+            }
+            let result = finish_row(st.m, st.v, row.extra, z_label);
+            store_row(r, result.loss, result.lse);
+            if (ACCURACY && !SOFT_TARGETS && best.y == row.label && !is_nan(result.lse)) {
+                atomicAdd(&control[CTRL_CORRECT], 1u);
+            }
+            if (WRITE_GRAD) {
+                let consts = grad_consts(result, row_scale(r));
+                set_record_word(first, st.m);
+                set_record_word(first + 6u, consts.x);
+                set_record_word(first + 7u, consts.y);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var t = team_first_row(); t < Q.row_count * Q.split_parts; t += team_row_stride()) {
+        let part = t % Q.split_parts;
+        var row = row_at(t / Q.split_parts);
+        let range = part_units(row, part);
+        let label_i = team_row_label(row.r);
+        let kind = classify_label(label_i);
+        if (kind != ROW_VALID) {
+            fill_units(row, range.x, range.y, select(nan(), 0.0, kind == ROW_IGNORED));
+            continue;
+        }
+        row.label = u32(label_i);
+        let first = split_record(row.r, 0u);
+        let consts = vec2<f32>(record_word(first + 6u), record_word(first + 7u));
+        sweep_grad(row, range.x, range.y, record_word(first), consts);
+    }
 }

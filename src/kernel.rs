@@ -40,6 +40,20 @@ pub(crate) struct RowShape {
     pub rows_per_workgroup: u32,
     /// `CACHE_N`: register slots per invocation.
     pub cache: u32,
+    /// Invocations in one team (the adapter's smallest subgroup, or the workgroup).
+    pub team_size: u32,
+    /// Units per row.
+    pub units: u32,
+}
+
+impl RowShape {
+    /// Parts to split each of `rows` rows into (see [`KernelConfig::min_row_teams`]): enough
+    /// for about `min_teams` teams, while every invocation keeps at least 16 units per part.
+    pub fn split_parts(&self, rows: u32, min_teams: u32) -> u32 {
+        const MIN_UNITS_PER_INVOCATION: u32 = 16;
+        let most = self.units / (self.team_size * MIN_UNITS_PER_INVOCATION);
+        min_teams.div_ceil(rows).min(most).max(1)
+    }
 }
 
 /// Logits per unit: 4 f32 in `vec4` units (`None`), 1 f32, 4 16-bit (two words).
@@ -77,6 +91,10 @@ pub struct KernelConfig {
     /// `None` launches one per row. Starting a workgroup is cheap on a GPU but costs
     /// microseconds on a CPU adapter, where a few dozen long-lived workgroups are faster.
     pub max_row_workgroups: Option<u32>,
+    /// When a plan has fewer rows than this, each long row is split into parts processed by
+    /// separate teams (up to about this many teams in all), so that a few rows of a huge
+    /// vocabulary still occupy the whole device. 1 disables splitting.
+    pub min_row_teams: u32,
 }
 
 impl KernelConfig {
@@ -90,6 +108,9 @@ impl KernelConfig {
             use_subgroups: true,
             subgroup_rows_max_classes: if cpu { u32::MAX } else { 2048 },
             max_row_workgroups: cpu.then_some(64),
+            // A GPU wants thousands of teams in flight. On a CPU adapter a row per team already
+            // keeps every core busy, and the split's extra pass did not pay on lavapipe.
+            min_row_teams: if cpu { 1 } else { 1024 },
         }
     }
 }
@@ -152,6 +173,13 @@ impl LossKernel {
                 name: "row_workgroup",
                 value: config.row_workgroup as f32,
                 expected: "a power of two in [32, the device's workgroup limit]",
+            });
+        }
+        if config.min_row_teams == 0 {
+            return Err(LsceError::InvalidParameter {
+                name: "min_row_teams",
+                value: 0.0,
+                expected: "at least 1",
             });
         }
         if config.row_cache == 0 || config.row_cache > 256 {
@@ -245,11 +273,14 @@ impl KernelInner {
                     .clamp(1, TEAMS_PER_WORKGROUP)
                     .next_power_of_two();
                 let workgroup = (teams * subgroup).clamp(subgroup, max.max(subgroup));
+                let units = classes.div_ceil(unit_of(dtype)) + 1;
                 RowShape {
                     team: Team::Subgroup,
                     workgroup,
                     rows_per_workgroup: (workgroup / subgroup).max(1),
-                    cache: self.cache_slots(classes.div_ceil(unit_of(dtype)) + 1, subgroup),
+                    cache: self.cache_slots(units, subgroup),
+                    team_size: subgroup,
+                    units,
                 }
             }
             subgroups => {
@@ -263,6 +294,8 @@ impl KernelInner {
                     workgroup,
                     rows_per_workgroup: 1,
                     cache: self.cache_slots(units, workgroup),
+                    team_size: workgroup,
+                    units,
                 }
             }
         }

@@ -129,6 +129,7 @@
 //! |---|---|---|
 //! | `setup_partials` + `setup_final` (class labels) | `4 * rows` (labels) | `16` per 1024 rows |
 //! | `rows_main` (one subgroup or workgroup per row) | `4 * rows * K` once if the row fits the invocations' registers, else twice (the second mostly from cache) | `4 * rows * K` gradient, `8 * rows` loss and lse |
+//! | `split_stats`, `split_finish`, `split_grad` (few long rows: each split into parts, one team per part; GPUs) | `4 * rows * K` twice, `32` per part | as above |
 //! | `strided_main` (`[N, C, d..]`, one invocation per position) | `4 * rows * K` twice, coalesced across positions | as above |
 //! | `finalize_partials` + `finalize_final` (`Sum`/`Mean`) | `8 * rows` | the summary |
 //!

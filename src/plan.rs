@@ -7,7 +7,9 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{LsceError, Result};
 use crate::kernel::{LossKernel, PipelineKey, Switches};
-use crate::shader::{self, Family, Params, CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS};
+use crate::shader::{
+    self, Family, Params, CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS, SPLIT_WORDS,
+};
 use crate::spec::{Dtype, LossSpec, Reduction, Shape, TargetValues};
 
 /// What kind of targets a plan reads.
@@ -311,17 +313,19 @@ struct PlanInner {
     rows_per_workgroup: u32,
     /// The most row-kernel workgroups per dispatch (they loop over the window's rows).
     max_row_workgroups: u32,
+    /// Parts each row is split into (rows.wgsl's split passes), or 1.
+    split_parts: u32,
 }
 
 #[derive(Debug)]
 struct Pipelines {
     setup_partials: Option<wgpu::ComputePipeline>,
     setup_final: wgpu::ComputePipeline,
-    /// The row kernel: `vec4` units when `wide`.
-    rows: wgpu::ComputePipeline,
+    /// The row passes (`rows_main`, or the three of split rows): `vec4` units when `wide`.
+    rows: Vec<wgpu::ComputePipeline>,
     wide: bool,
-    /// The scalar row kernel, for bindings whose buffers cannot be read as `vec4`.
-    narrow_rows: PipelineKey,
+    /// The scalar row passes, for bindings whose buffers cannot be read as `vec4`.
+    narrow_rows: Vec<PipelineKey>,
     finalize: Option<(wgpu::ComputePipeline, wgpu::ComputePipeline)>,
 }
 
@@ -411,8 +415,28 @@ impl LossPlan {
             first_item += items;
         }
 
+        let strided = shape.spatial() > 1;
+        // f32 rows are read and written as vec4 units when the caller's buffers allow it (see
+        // `Regions::allow_wide`); the scalar pipeline is the fallback, compiled when needed.
+        let wide = !strided && problem.dtype == Dtype::F32;
+        let row_shape = inner.row_shape(
+            shape.rows(),
+            shape.classes(),
+            if wide { None } else { Some(problem.dtype) },
+        );
+        let split_parts = if strided {
+            1
+        } else {
+            row_shape.split_parts(shape.rows(), inner.config.min_row_teams)
+        };
         let device = &inner.device;
-        let control_bytes = (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(chunks)) * WORD;
+        let split_words = if split_parts > 1 {
+            u64::from(shape.rows()) * u64::from(split_parts) * SPLIT_WORDS
+        } else {
+            0
+        };
+        let control_bytes =
+            (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(chunks) + split_words) * WORD;
         let rows_bytes = u64::from(shape.rows()) * WORD;
         for bytes in [control_bytes, rows_bytes] {
             if bytes > limits.max_buffer_size {
@@ -443,22 +467,25 @@ impl LossPlan {
             write_grad: problem.gradient != Gradient::None,
             accuracy: problem.accuracy,
         };
-        let strided = shape.spatial() > 1;
-        // f32 rows are read and written as vec4 units when the caller's buffers allow it (see
-        // `Regions::allow_wide`); the scalar pipeline is the fallback, compiled when needed.
-        let wide = !strided && problem.dtype == Dtype::F32;
-        let row_shape = inner.row_shape(
-            shape.rows(),
-            shape.classes(),
-            if wide { None } else { Some(problem.dtype) },
-        );
         let key = |family, entry, wide| PipelineKey {
             module: inner.module_key(family, row_shape, problem, wide),
             entry,
             switches,
         };
         let pipeline = |family, entry| inner.pipeline(key(family, entry, false));
-        let narrow_rows = key(Family::Rows, "rows_main", false);
+        // The row passes: one, or three for split rows (the last only with a gradient).
+        let row_entries: &[&'static str] = match (split_parts > 1, problem.gradient) {
+            (false, _) => &["rows_main"],
+            (true, Gradient::None) => &["split_stats", "split_finish"],
+            (true, _) => &["split_stats", "split_finish", "split_grad"],
+        };
+        let row_keys = |wide| {
+            row_entries
+                .iter()
+                .map(|&entry| key(Family::Rows, entry, wide))
+                .collect::<Vec<_>>()
+        };
+        let narrow_rows = row_keys(false);
         let pipelines = Pipelines {
             setup_partials: if soft {
                 None
@@ -467,9 +494,12 @@ impl LossPlan {
             },
             setup_final: pipeline(Family::Setup, "setup_final")?,
             rows: if strided {
-                pipeline(Family::Strided, "strided_main")?
+                vec![pipeline(Family::Strided, "strided_main")?]
             } else {
-                inner.pipeline(key(Family::Rows, "rows_main", wide))?
+                row_keys(wide)
+                    .into_iter()
+                    .map(|k| inner.pipeline(k))
+                    .collect::<Result<_>>()?
             },
             wide,
             narrow_rows,
@@ -504,6 +534,7 @@ impl LossPlan {
             } else {
                 inner.config.max_row_workgroups.unwrap_or(u32::MAX).max(1)
             },
+            split_parts,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -570,8 +601,8 @@ impl LossPlan {
 #[derive(Clone, Debug)]
 pub struct LossBinding {
     plan: Arc<PlanInner>,
-    /// The row kernel for these buffers (`vec4` units where they allow it).
-    rows: wgpu::ComputePipeline,
+    /// The row passes for these buffers (`vec4` units where they allow it).
+    rows: Vec<wgpu::ComputePipeline>,
     bind_groups: Vec<wgpu::BindGroup>,
     summary: (wgpu::Buffer, u64),
     loss_copy: Option<(wgpu::Buffer, u64)>,
@@ -598,17 +629,30 @@ impl LossBinding {
             // Row passes run once per window, combines once; wgpu orders the dispatches of a
             // pass by their storage hazards.
             let chunks = |w: &Window| w.rows.div_ceil(CHUNK_ROWS);
-            let rows = |w: &Window| {
-                w.rows
-                    .div_ceil(plan.rows_per_workgroup)
-                    .min(plan.max_row_workgroups)
+            // Teams (rows, or parts of split rows) per window, in workgroups.
+            let teams = |parts: u32| {
+                move |w: &Window| {
+                    (w.rows * parts)
+                        .div_ceil(plan.rows_per_workgroup)
+                        .min(plan.max_row_workgroups)
+                }
             };
             let pipelines = &plan.pipelines;
             if let Some(setup) = &pipelines.setup_partials {
                 self.per_window(&mut pass, setup, chunks);
             }
             self.once(&mut pass, &pipelines.setup_final);
-            self.per_window(&mut pass, &self.rows, rows);
+            match self.rows.as_slice() {
+                [rows] => self.per_window(&mut pass, rows, teams(1)),
+                [stats, finish, grad @ ..] => {
+                    self.per_window(&mut pass, stats, teams(plan.split_parts));
+                    self.per_window(&mut pass, finish, teams(1));
+                    for grad in grad {
+                        self.per_window(&mut pass, grad, teams(plan.split_parts));
+                    }
+                }
+                [] => unreachable!("a plan has row passes"),
+            }
             if let Some((partials, last)) = &pipelines.finalize {
                 self.per_window(&mut pass, partials, chunks);
                 self.once(&mut pass, last);
@@ -662,7 +706,11 @@ impl PlanInner {
         let rows = if wide || !self.pipelines.wide {
             self.pipelines.rows.clone()
         } else {
-            inner.pipeline(self.pipelines.narrow_rows)?
+            self.pipelines
+                .narrow_rows
+                .iter()
+                .map(|&k| inner.pipeline(k))
+                .collect::<Result<_>>()?
         };
         let bound: Vec<_> = self
             .windows
@@ -764,7 +812,9 @@ impl PlanInner {
             logit_scale: spec.logit_scale,
             softcap: spec.softcap.unwrap_or(0.0),
             z_loss: spec.z_loss,
-            _pad: [0; 3],
+            split_base: (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(self.chunks)) as u32,
+            split_parts: self.split_parts,
+            _pad: 0,
         }
     }
 

@@ -49,7 +49,9 @@ pub(crate) struct Params {
     pub logit_scale: f32,
     pub softcap: f32,
     pub z_loss: f32,
-    pub _pad: [u32; 3],
+    pub split_base: u32,
+    pub split_parts: u32,
+    pub _pad: u32,
 }
 
 /// Rows per partial-sum slot of the setup and reduction passes.
@@ -60,6 +62,8 @@ pub(crate) const AUX_WG_SIZE: u32 = 256;
 pub(crate) const CONTROL_HEADER_WORDS: u64 = 16;
 /// Words per partial-sum slot (`PARTIAL_WORDS`).
 pub(crate) const PARTIAL_WORDS: u64 = 4;
+/// Words per part record of a split row (`SPLIT_WORDS` in rows.wgsl).
+pub(crate) const SPLIT_WORDS: u64 = 8;
 
 /// The storage bindings of group 0, in binding order after the uniform `P` at binding 0.
 pub(crate) struct Binding {

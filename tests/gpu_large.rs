@@ -216,6 +216,7 @@ fn rows_70000() {
                 // of one dispatch dimension.
                 subgroup_rows_max_classes: 0,
                 max_row_workgroups: None,
+                min_row_teams: 1,
             },
         )
         .unwrap()

@@ -546,24 +546,27 @@ fn kernel_configurations() {
     let g = gpu();
     let mut rng = Rng::new(10);
     let mut errors = Errors::default();
-    // (workgroup, cache, subgroups, a subgroup per row, workgroups per dispatch)
+    // (workgroup, cache, subgroups, a subgroup per row, workgroups per dispatch, teams wanted:
+    // rows of 9 split into parts when this exceeds 9 and the row is long enough)
     let configs = [
-        (32, 1, true, false, None),
-        (32, 1, false, false, Some(3)),
-        (64, 4, true, false, Some(1)),
-        (128, 2, false, false, None),
-        (1024, 1, true, false, None),
-        (256, 32, false, false, Some(2)),
-        (64, 3, true, true, None),
-        (32, 1, true, true, Some(1)),
+        (32, 1, true, false, None, 1),
+        (32, 1, false, false, Some(3), 64),
+        (64, 4, true, false, Some(1), 1),
+        (128, 2, false, false, None, 1000),
+        (1024, 1, true, false, None, 1),
+        (256, 32, false, false, Some(2), 1),
+        (64, 3, true, true, None, 1),
+        (32, 1, true, true, Some(1), 1),
+        (64, 2, true, true, Some(5), 400),
     ];
-    for (wg, cache, sg, sg_rows, groups) in configs {
+    for (wg, cache, sg, sg_rows, groups, min_teams) in configs {
         let config = KernelConfig {
             row_workgroup: wg,
             row_cache: cache,
             use_subgroups: sg,
             subgroup_rows_max_classes: if sg_rows { u32::MAX } else { 0 },
             max_row_workgroups: groups,
+            min_row_teams: min_teams,
         };
         let kernel = LossKernel::with_config(&g.device, config).unwrap();
         // The team is the workgroup, or one subgroup (of the adapter's smallest size).

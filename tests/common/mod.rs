@@ -79,6 +79,9 @@ pub struct Gpu {
     /// With subgroups: a subgroup per row for every row length, and a workgroup reducing with
     /// subgroup operations for every row length (the default picks by row length and adapter).
     pub subgroup_teams: Option<(LossKernel, LossKernel)>,
+    /// The default configuration with long rows split into parts whenever there are fewer than
+    /// 256 rows (the default does so only on GPUs).
+    pub split: LossKernel,
     pub name: String,
 }
 
@@ -107,6 +110,14 @@ impl Gpu {
         let subgroup_teams = kernel
             .uses_subgroups()
             .then(|| (with_rows_max(u32::MAX), with_rows_max(0)));
+        let split = LossKernel::with_config(
+            &device,
+            KernelConfig {
+                min_row_teams: 256,
+                ..KernelConfig::for_device(&device)
+            },
+        )
+        .expect("LossKernel::with_config(min_row_teams: 256)");
         let info = device.adapter_info();
         let name = format!("{} ({:?})", info.name, info.backend);
         Self {
@@ -115,12 +126,13 @@ impl Gpu {
             kernel,
             fallback,
             subgroup_teams,
+            split,
             name,
         }
     }
 
     /// Every reduction path of this device, named: a subgroup per row, a workgroup with
-    /// subgroup operations, a workgroup through workgroup memory.
+    /// subgroup operations, a workgroup through workgroup memory, and split rows.
     pub fn kernels(&self) -> Vec<(&'static str, &LossKernel)> {
         let mut v = Vec::new();
         if let Some((per_row, workgroup)) = &self.subgroup_teams {
@@ -128,6 +140,7 @@ impl Gpu {
             v.push(("workgroup + subgroup ops", workgroup));
         }
         v.push(("workgroup", &self.fallback));
+        v.push(("split rows", &self.split));
         v
     }
 }
