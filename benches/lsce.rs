@@ -93,7 +93,7 @@ usage: cargo bench --bench lsce -- [options]
   --repeats N       timed runs per measurement, median reported (default 7; --quick 3)
   --warmup N        untimed runs first (default 2; --quick 1)
   --max-memory GIB  skip shapes whose rows x classes buffers (8 bytes a logit) exceed GIB
-  --row-workgroup N, --row-cache N, --row-groups N|all, --no-subgroups
+  --row-workgroup N, --row-cache N, --row-groups N|all, --row-teams N, --no-subgroups
                     override the adapter's default lsce::KernelConfig
   --quick           a small set of shapes and fewer repeats
   --json FILE       write the results as a JSON array of records
@@ -164,6 +164,8 @@ struct Options {
     row_cache: Option<u32>,
     /// `Some(None)`: one row-kernel workgroup per row (`--row-groups all`).
     row_groups: Option<Option<u32>>,
+    /// `KernelConfig::min_row_teams` (`--row-teams`): split rows below this many.
+    row_teams: Option<u32>,
     subgroups: bool,
     json: Option<String>,
     plot: Option<String>,
@@ -184,6 +186,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         row_workgroup: None,
         row_cache: None,
         row_groups: None,
+        row_teams: None,
         subgroups: true,
         json: None,
         plot: None,
@@ -241,6 +244,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 o.row_workgroup = Some(parse_count(flag, &value()?, 1, 1 << 16)? as u32)
             }
             "--row-cache" => o.row_cache = Some(parse_count(flag, &value()?, 1, 1 << 16)? as u32),
+            "--row-teams" => o.row_teams = Some(parse_count(flag, &value()?, 1, 1 << 24)? as u32),
             "--row-groups" => {
                 let v = value()?;
                 o.row_groups = Some(if v == "all" {
@@ -543,13 +547,14 @@ fn print_table(gpu: &Gpu, options: &Options, records: &[Record]) {
     let limits = gpu.device.limits();
     let config = gpu.kernel.config();
     println!(
-        "kernel: row_workgroup {}, row_cache {}, row_groups {}, subgroups {} | \
+        "kernel: row_workgroup {}, row_cache {}, row_groups {}, row_teams {}, subgroups {} | \
          max_buffer_size {}, max_storage_buffer_binding_size {}",
         config.row_workgroup,
         config.row_cache,
         config
             .max_row_workgroups
             .map_or("one per row".to_string(), |n| n.to_string()),
+        config.min_row_teams,
         if gpu.kernel.uses_subgroups() {
             "yes"
         } else {
@@ -792,6 +797,7 @@ impl Gpu {
             row_cache: options.row_cache.unwrap_or(defaults.row_cache),
             use_subgroups: options.subgroups,
             max_row_workgroups: options.row_groups.unwrap_or(defaults.max_row_workgroups),
+            min_row_teams: options.row_teams.unwrap_or(defaults.min_row_teams),
             ..defaults
         };
         let kernel = LossKernel::with_config(&device, config)
@@ -1656,6 +1662,7 @@ fn to_json(records: &[Record]) -> String {
                         .max_row_workgroups
                         .map_or("null".to_string(), |n| n.to_string()),
                 ),
+                ("row_teams", r.config.min_row_teams.to_string()),
                 ("subgroups", r.subgroups.to_string()),
                 (
                     "skipped",
