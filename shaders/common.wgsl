@@ -203,6 +203,12 @@ fn classify_label(label: i32) -> u32 {
     return ROW_VALID;
 }
 
+// What an unusable row's loss, lse and gradient hold: 0 when ignored, NaN when its label is
+// invalid (the setup pass reports it).
+fn unusable_value(kind: u32) -> f32 {
+    return select(nan(), 0.0, kind == ROW_IGNORED);
+}
+
 fn lane_sum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }

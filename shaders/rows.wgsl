@@ -72,19 +72,16 @@ fn fill_row(row: Row, value: f32) {
     }
 }
 
-// Labels the row; false (having filled it) when the row is ignored or its label invalid.
-fn label_row(row: ptr<function, Row>, fill: bool) -> bool {
+// Reads the row's label and classifies it (ROW_*); sets the label and its extra coefficient
+// when the row is valid.
+fn label_row(row: ptr<function, Row>) -> u32 {
     let label_i = team_row_label((*row).r);
     let kind = classify_label(label_i);
-    if (kind != ROW_VALID) {
-        if (fill) {
-            fill_row(*row, select(nan(), 0.0, kind == ROW_IGNORED));
-        }
-        return false;
+    if (kind == ROW_VALID) {
+        (*row).label = u32(label_i);
+        (*row).extra = label_extra((*row).label);
     }
-    (*row).label = u32(label_i);
-    (*row).extra = label_extra((*row).label);
-    return true;
+    return kind;
 }
 
 // The transformed logit of the row's label (0 for probability targets).
@@ -160,7 +157,9 @@ fn rows_main(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
 fn process_row(r: u32) {
     let lid = team_lid();
     var row = row_at(r);
-    if (!label_row(&row, true)) {
+    let kind = label_row(&row);
+    if (kind != ROW_VALID) {
+        fill_row(row, unusable_value(kind));
         return;
     }
     // Loaded before any barrier: with an in-place gradient the row is overwritten afterwards.
@@ -294,8 +293,8 @@ fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     for (var t = team_first_row(); t < Q.row_count * Q.split_parts; t += team_row_stride()) {
         let part = t % Q.split_parts;
         var row = row_at(t / Q.split_parts);
-        if (!label_row(&row, false)) {
-            continue;
+        if (label_row(&row) != ROW_VALID) {
+            continue;  // split_finish and split_grad write the row
         }
         let range = part_units(row, part);
         let sweep = sweep_stats(row, range.x, range.y);
@@ -321,10 +320,10 @@ fn split_finish(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
     team_begin(ids, wid, nwg);
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
-        if (!label_row(&row, false)) {
+        let kind = label_row(&row);
+        if (kind != ROW_VALID) {
             if (team_lid() == 0u) {
-                let value = select(nan(), 0.0, classify_label(row_label(r)) == ROW_IGNORED);
-                store_row(r, value, value);
+                store_row(r, unusable_value(kind), unusable_value(kind));
             }
             continue;
         }
@@ -365,13 +364,11 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         let part = t % Q.split_parts;
         var row = row_at(t / Q.split_parts);
         let range = part_units(row, part);
-        let label_i = team_row_label(row.r);
-        let kind = classify_label(label_i);
+        let kind = label_row(&row);
         if (kind != ROW_VALID) {
-            fill_units(row, range.x, range.y, select(nan(), 0.0, kind == ROW_IGNORED));
+            fill_units(row, range.x, range.y, unusable_value(kind));
             continue;
         }
-        row.label = u32(label_i);
         let first = split_record(row.r, 0u);
         let consts = vec2<f32>(record_word(first + 6u), record_word(first + 7u));
         sweep_grad(row, range.x, range.y, record_word(first), consts);

@@ -48,7 +48,7 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let label_i = row_label(r);
     let kind = classify_label(label_i);
     if (kind != ROW_VALID) {
-        let value = select(nan(), 0.0, kind == ROW_IGNORED);
+        let value = unusable_value(kind);
         if (WRITE_GRAD) {
             for (var c = 0u; c < k; c++) {
                 store_elem(g0 + c * stride, value);
