@@ -70,6 +70,9 @@
 //! Without the `--bench` flag that `cargo bench` passes (for example under
 //! `cargo test --all-targets`) the binary only runs the start-up check and one small case.
 
+#[cfg(feature = "burn")]
+mod in_burn;
+
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -390,15 +393,24 @@ fn run(options: &Options) -> Result<(), String> {
         }
         print_table(&gpu, options, &records[first..]);
     }
+    // Objects appended to the JSON array after the records: the Burn rows with feature `burn`.
+    #[cfg_attr(not(feature = "burn"), allow(unused_mut))]
+    let mut extra_json: Vec<String> = Vec::new();
+    #[cfg(feature = "burn")]
+    extra_json.extend(in_burn::json_objects(
+        &burn_rows(options)?,
+        json_string,
+        json_number,
+    ));
     if options.smoke {
         // Exercise the writers too; the files themselves are for `cargo bench`.
-        let (json, svg) = (to_json(&records), plot_svg(&records));
+        let (json, svg) = (to_json(&records, &extra_json), plot_svg(&records));
         if !json.starts_with('[') || !svg.starts_with("<svg") {
             return Err("the JSON or SVG writer produced nothing".into());
         }
     }
     if let Some(path) = &options.json {
-        std::fs::write(path, to_json(&records)).map_err(|e| format!("writing {path}: {e}"))?;
+        std::fs::write(path, to_json(&records, &extra_json)).map_err(|e| format!("writing {path}: {e}"))?;
         eprintln!("wrote {path}");
     }
     if let Some(path) = &options.plot {
@@ -406,6 +418,34 @@ fn run(options: &Options) -> Result<(), String> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// The Burn rows (feature `burn`, see `in_burn`): lsce in Burn against Burn's own loss, on
+/// Burn's default adapter, at the same shapes; at most 3 repeats (Burn's loss is slow).
+#[cfg(feature = "burn")]
+fn burn_rows(options: &Options) -> Result<Vec<in_burn::BurnRecord>, String> {
+    let bench = in_burn::BurnBench::new()?;
+    let max_memory = options
+        .max_memory
+        .or_else(|| available_ram().map(|bytes| bytes / 5 * 4));
+    let repeats = options.repeats.min(3);
+    let records: Vec<_> = options
+        .shapes
+        .iter()
+        .enumerate()
+        .map(|(n, &shape)| {
+            eprintln!(
+                "[burn {}/{}] {}x{}",
+                n + 1,
+                options.shapes.len(),
+                shape.rows(),
+                shape.classes()
+            );
+            bench.run_case(shape, repeats, options.warmup.min(1), max_memory)
+        })
+        .collect();
+    in_burn::print_table(&records);
+    Ok(records)
 }
 
 fn open_devices(options: &Options) -> Result<Vec<(wgpu::Device, wgpu::Queue)>, String> {
@@ -1641,8 +1681,8 @@ fn json_number(v: f64) -> String {
     }
 }
 
-fn to_json(records: &[Record]) -> String {
-    let rows: Vec<String> = records
+fn to_json(records: &[Record], extra: &[String]) -> String {
+    let mut rows: Vec<String> = records
         .iter()
         .map(|r| {
             let mut fields = vec![
@@ -1708,6 +1748,7 @@ fn to_json(records: &[Record]) -> String {
             format!("  {{{}}}", body.join(", "))
         })
         .collect();
+    rows.extend_from_slice(extra);
     format!("[\n{}\n]\n", rows.join(",\n"))
 }
 

@@ -149,6 +149,8 @@
 //! `-inf` on a non-target class gives loss `+inf` and a finite gradient.
 #![warn(missing_docs)]
 
+#[cfg(feature = "burn")]
+pub mod burn;
 pub mod cpu;
 mod device;
 mod error;

@@ -1,0 +1,156 @@
+//! The loss as a node of Burn's autodiff graph: its backward is lsce's gradient, scaled by the
+//! upstream gradient. Targets and weights are constants (no gradient flows to them).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, TensorMetadata};
+use burn::tensor::Shape as BurnShape;
+
+use super::ops::{GradientMode, LossOptions, LsceOps};
+use crate::Reduction;
+
+/// The autodiff node of one loss.
+#[derive(Debug)]
+struct LossBackward;
+
+/// What the backward pass needs (see [`GradientMode`] for what each costs).
+#[derive(Clone, Debug)]
+enum State<F, I> {
+    /// The gradient of the loss itself, from the fused forward pass.
+    Keep {
+        grad: F,
+        reduction: Reduction,
+    },
+    /// Everything to run the fused pass again, now with the upstream gradient.
+    Recompute {
+        logits: F,
+        labels: Option<I>,
+        probabilities: Option<F>,
+        weights: Option<F>,
+        options: LossOptions,
+    },
+}
+
+impl<B: Backend + LsceOps> Backward<B, 1> for LossBackward {
+    type State = State<FloatTensor<B>, IntTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let state = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |upstream| match state {
+            State::Keep { grad, reduction } => scale::<B>(grad, upstream, reduction),
+            State::Recompute {
+                logits,
+                labels,
+                probabilities,
+                weights,
+                options,
+            } => {
+                let (_, grad, _) = B::lsce_loss_grad(
+                    logits,
+                    labels,
+                    probabilities,
+                    weights,
+                    Some(upstream),
+                    options,
+                );
+                grad
+            }
+        });
+    }
+}
+
+/// `grad * upstream`, the upstream gradient (`[1]`, or one per row for `Reduction::None`)
+/// broadcast over the classes: Burn's own elementwise kernel, one read and one write of the
+/// gradient.
+fn scale<B: Backend>(
+    grad: FloatTensor<B>,
+    upstream: FloatTensor<B>,
+    reduction: Reduction,
+) -> FloatTensor<B> {
+    let dims = grad.shape().to_vec();
+    let mut broadcast = vec![1; dims.len()];
+    if reduction == Reduction::None {
+        // Rows are (n, position): the upstream gradient is [N, d..] flattened.
+        broadcast[0] = dims[0];
+        broadcast[2..].copy_from_slice(&dims[2..]);
+    }
+    let mut upstream = B::float_reshape(upstream, BurnShape::from(broadcast));
+    if upstream.dtype() != grad.dtype() {
+        upstream = B::float_cast(upstream, grad.dtype().into());
+    }
+    B::float_mul(grad, upstream)
+}
+
+impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
+    fn lsce_loss(
+        logits: FloatTensor<Self>,
+        labels: Option<IntTensor<Self>>,
+        probabilities: Option<FloatTensor<Self>>,
+        weights: Option<FloatTensor<Self>>,
+        options: LossOptions,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let probabilities = probabilities.map(|t| t.into_primitive());
+        let weights = weights.map(|t| t.into_primitive());
+        let (logits, guard) = logits.into_parts();
+        match LossBackward.prepare::<C>([guard]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => match options.mode {
+                GradientMode::Keep => {
+                    let (loss, grad, summary) =
+                        B::lsce_loss_grad(logits, labels, probabilities, weights, None, options);
+                    let state = State::Keep {
+                        grad,
+                        reduction: options.spec.reduction,
+                    };
+                    (prep.finish(state, loss), summary)
+                }
+                GradientMode::Recompute => {
+                    let (loss, summary) = B::lsce_loss(
+                        logits.clone(),
+                        labels.clone(),
+                        probabilities.clone(),
+                        weights.clone(),
+                        options,
+                    );
+                    let state = State::Recompute {
+                        logits,
+                        labels,
+                        probabilities,
+                        weights,
+                        options,
+                    };
+                    (prep.finish(state, loss), summary)
+                }
+            },
+            OpsKind::UnTracked(prep) => {
+                let (loss, summary) =
+                    B::lsce_loss(logits, labels, probabilities, weights, options);
+                (prep.finish(loss), summary)
+            }
+        }
+    }
+
+    fn lsce_loss_grad(
+        logits: FloatTensor<Self>,
+        labels: Option<IntTensor<Self>>,
+        probabilities: Option<FloatTensor<Self>>,
+        weights: Option<FloatTensor<Self>>,
+        upstream: Option<FloatTensor<Self>>,
+        options: LossOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        let (loss, grad, summary) = B::lsce_loss_grad(
+            logits.into_primitive(),
+            labels,
+            probabilities.map(|t| t.into_primitive()),
+            weights.map(|t| t.into_primitive()),
+            upstream.map(|t| t.into_primitive()),
+            options,
+        );
+        // Not differentiable: the outputs start untracked leaves.
+        let leaf = FloatTensor::<Self>::new;
+        (leaf(loss), leaf(grad), summary)
+    }
+}

@@ -1,0 +1,191 @@
+//! The launch on Burn's cube backend: lsce's encode API on the tensors' own wgpu buffers.
+//!
+//! No byte is copied. cubecl's `ComputeClient::get_resource` hands out the `wgpu::Buffer` and
+//! byte offset of each tensor (cubecl sub-allocates: offsets are not 0), after executing and
+//! submitting the streams that write them; `flush` submits what else this stream has pending.
+//! lsce then records into its own encoder and submits on the same queue, so Burn's earlier work
+//! runs before it and everything Burn records later runs after it. Outputs are tensors Burn
+//! allocated (`client.empty`), handed back as ordinary cube tensors.
+//!
+//! Bytes moved per launch are those of lsce's passes (see the crate docs); the glue adds a
+//! bind (one small parameter upload, a few bind groups) and one submission.
+
+use burn::tensor::{DType, Shape as BurnShape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use cubecl::server::Handle;
+use cubecl::wgpu::{AutoCompiler, WgpuResource, WgpuServer};
+
+use super::ops::{self, Bound, LossOptions, LsceOps};
+use super::registry;
+use crate::{LossBuffers, Summary, TargetKind};
+
+/// The server type Burn's wgpu runtime runs, which `get_resource` downcasts to.
+type Server = WgpuServer<AutoCompiler>;
+
+impl LsceOps for CubeBackend {
+    fn lsce_loss(
+        logits: CubeTensor,
+        labels: Option<CubeTensor>,
+        probabilities: Option<CubeTensor>,
+        weights: Option<CubeTensor>,
+        options: LossOptions,
+    ) -> (CubeTensor, CubeTensor) {
+        let out = launch(logits, labels, probabilities, weights, None, options, false);
+        (out.loss, out.summary)
+    }
+
+    fn lsce_loss_grad(
+        logits: CubeTensor,
+        labels: Option<CubeTensor>,
+        probabilities: Option<CubeTensor>,
+        weights: Option<CubeTensor>,
+        upstream: Option<CubeTensor>,
+        options: LossOptions,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let out = launch(logits, labels, probabilities, weights, upstream, options, true);
+        let grad = out.grad.expect("a gradient launch writes the gradient");
+        (out.loss, grad, out.summary)
+    }
+}
+
+struct Launched {
+    loss: CubeTensor,
+    grad: Option<CubeTensor>,
+    summary: CubeTensor,
+}
+
+/// Panics name lsce and the cause: inputs were validated and planned before they got here
+/// (possibly deferred by fusion, where an error can no longer be returned), so a failure here
+/// is an internal one, or a device lost mid-run.
+fn launch(
+    logits: CubeTensor,
+    labels: Option<CubeTensor>,
+    probabilities: Option<CubeTensor>,
+    weights: Option<CubeTensor>,
+    upstream: Option<CubeTensor>,
+    options: LossOptions,
+    gradient: bool,
+) -> Launched {
+    let shared = registry::shared_for_cube(&logits.device)
+        .unwrap_or_else(|| panic!("lsce: device {:?} is not shared with lsce", logits.device));
+    let fail = |what: &str, err: &dyn std::fmt::Display| -> ! { panic!("lsce: {what}: {err}") };
+
+    // The kernel reads row-major data; views Burn made without copying (a transpose, a slice)
+    // are made contiguous by Burn's own kernel, a copy only for those.
+    let logits = into_contiguous(logits);
+    let probabilities = probabilities.map(into_contiguous);
+    let dims = logits.meta.shape().to_vec();
+    let dtype = ops::lsce_dtype("logits", logits.dtype).unwrap_or_else(|e| fail("logits", &e));
+    let bound = Bound {
+        targets: if probabilities.is_some() {
+            TargetKind::Probabilities
+        } else {
+            TargetKind::Classes
+        },
+        weighted: weights.is_some(),
+        upstream: upstream.is_some(),
+        gradient,
+    };
+    let problem = ops::problem(options.spec, &dims, dtype, bound)
+        .unwrap_or_else(|e| fail("describing the launch", &e));
+    let plan = shared
+        .plan(&problem)
+        .unwrap_or_else(|e| fail("planning the launch", &e));
+    let shape = problem.shape;
+
+    let client = logits.client.clone();
+    let loss_dims = ops::loss_dims(&options.spec, &shape);
+    let loss = client.empty(4 * loss_dims[0]);
+    let grad_bytes = shape.elements() * dtype.bytes();
+    let grad = gradient.then(|| client.empty(round4(grad_bytes) as usize));
+    let summary = client.empty(Summary::SIZE as usize);
+
+    // Handing out a buffer executes and submits the streams that write it.
+    let resource = |handle: &Handle, what: &str| {
+        client
+            .get_resource::<Server>(handle.clone())
+            .unwrap_or_else(|e| fail(what, &e))
+    };
+    let targets = labels
+        .as_ref()
+        .or(probabilities.as_ref())
+        .expect("labels or probabilities");
+    let logits_res = resource(&logits.handle, "the logits' buffer");
+    let targets_res = resource(&targets.handle, "the targets' buffer");
+    let weights_res = weights.as_ref().map(|w| resource(&w.handle, "the weights' buffer"));
+    let upstream_res = upstream
+        .as_ref()
+        .map(|u| resource(&u.handle, "the upstream gradient's buffer"));
+    let loss_res = resource(&loss, "the loss buffer");
+    let grad_res = grad.as_ref().map(|g| resource(g, "the gradient buffer"));
+    let summary_res = resource(&summary, "the summary buffer");
+    // Whatever else this thread's stream has recorded goes to the queue before lsce's work.
+    client
+        .flush()
+        .unwrap_or_else(|e| fail("flushing Burn's pending work", &e));
+
+    let rows = u64::from(shape.rows());
+    let target_bytes = match bound.targets {
+        TargetKind::Classes => 4 * rows,
+        TargetKind::Probabilities => 4 * shape.elements(),
+    };
+    let loss_bytes = 4 * loss_dims[0] as u64;
+    let mut buffers = LossBuffers::new(
+        slice(logits_res.resource(), shape.elements() * dtype.bytes()),
+        slice(targets_res.resource(), target_bytes),
+        slice(summary_res.resource(), Summary::SIZE),
+    )
+    .with_loss(slice(loss_res.resource(), loss_bytes));
+    if let Some(w) = &weights_res {
+        buffers = buffers.with_weights(slice(w.resource(), 4 * u64::from(shape.classes())));
+    }
+    if let Some(u) = &upstream_res {
+        buffers = buffers.with_upstream(slice(u.resource(), loss_bytes));
+    }
+    if let Some(g) = &grad_res {
+        buffers = buffers.with_grad(slice(g.resource(), grad_bytes));
+    }
+    let binding = plan
+        .bind(&buffers)
+        .unwrap_or_else(|e| fail("binding Burn's buffers", &e));
+    let mut encoder = shared
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("lsce in Burn"),
+        });
+    binding.encode(&mut encoder);
+    shared.queue.submit([encoder.finish()]);
+    // The resources may be released now: cubecl records any later use of their memory after
+    // this submission, on the same queue.
+    drop((logits_res, targets_res, weights_res, upstream_res));
+    drop((loss_res, grad_res, summary_res));
+
+    let tensor = |handle: Handle, dims: &[usize], dtype: DType| {
+        CubeTensor::new_contiguous(
+            client.clone(),
+            logits.device.clone(),
+            BurnShape::from(dims.to_vec()),
+            handle,
+            dtype,
+        )
+    };
+    Launched {
+        loss: tensor(loss, &loss_dims, DType::F32),
+        grad: grad.map(|g| tensor(g, &dims, logits.dtype)),
+        summary: tensor(summary, &ops::SUMMARY_DIMS, DType::I32),
+    }
+}
+
+/// `bytes` from the resource's offset, rounded up to whole 32-bit words (16-bit logits of odd
+/// count): cubecl aligns every allocation to the storage offset alignment, so the padding is
+/// inside the buffer and owned by the same allocation.
+fn slice(r: &WgpuResource, bytes: u64) -> wgpu::BufferSlice<'_> {
+    let end = (r.offset + round4(bytes)).min(r.buffer.size());
+    r.buffer.slice(r.offset..end)
+}
+
+fn round4(bytes: u64) -> u64 {
+    bytes.div_ceil(4) * 4
+}

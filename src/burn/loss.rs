@@ -1,0 +1,304 @@
+//! The loss as Burn users call it: a config, `init`, and `forward` on Burn tensors.
+
+use burn::backend::Dispatch;
+use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
+
+use super::error::BurnError;
+use super::ops::{self, Bound, GradientMode, LossOptions, LsceOps};
+use super::registry::{self, Shared};
+use crate::{LossSpec, Smoothing, Summary, TargetKind};
+
+/// Configuration of an [`LsceLoss`], in the style of Burn's `CrossEntropyLossConfig`.
+///
+/// Defaults are PyTorch's `cross_entropy` (mean, ignore index -100, no smoothing), the gradient
+/// kept from the forward pass, and labels checked.
+#[derive(Clone, Debug)]
+pub struct LsceLossConfig {
+    /// The loss: smoothing convention, reduction, ignore index, z-loss, soft-cap, scale.
+    pub spec: LossSpec,
+    /// Per-class weights (`classes` values, finite, `>= 0`), PyTorch's `weight=`.
+    pub weights: Option<Vec<f32>>,
+    /// Where the backward pass gets the gradient from.
+    pub gradient: GradientMode,
+    /// Whether [`LsceLoss::try_forward`] reads back the kernel's 32-byte summary to report an
+    /// invalid label as an error. This waits for the device once per call; without it a row
+    /// with an invalid label gets a NaN loss and gradient instead (never a wrong number).
+    pub check_labels: bool,
+}
+
+impl Default for LsceLossConfig {
+    fn default() -> Self {
+        Self {
+            spec: LossSpec::default(),
+            weights: None,
+            gradient: GradientMode::default(),
+            check_labels: true,
+        }
+    }
+}
+
+impl LsceLossConfig {
+    /// PyTorch's defaults (see [`LsceLossConfig`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Burn's `with_smoothing`: `Some(eps)` is PyTorch's `label_smoothing = eps`
+    /// ([`Smoothing::Uniform`]), which is what Burn's `CrossEntropyLoss` computes.
+    pub fn with_smoothing(mut self, smoothing: Option<f32>) -> Self {
+        self.spec.smoothing = Smoothing::Uniform(smoothing.unwrap_or(0.0));
+        self
+    }
+
+    /// Sets the whole [`LossSpec`] (any convention, reduction or option).
+    pub fn with_spec(mut self, spec: LossSpec) -> Self {
+        self.spec = spec;
+        self
+    }
+
+    /// Sets [`LsceLossConfig::weights`].
+    pub fn with_weights(mut self, weights: Option<Vec<f32>>) -> Self {
+        self.weights = weights;
+        self
+    }
+
+    /// Sets [`LsceLossConfig::gradient`].
+    pub fn with_gradient(mut self, gradient: GradientMode) -> Self {
+        self.gradient = gradient;
+        self
+    }
+
+    /// Sets [`LsceLossConfig::check_labels`].
+    pub fn with_label_check(mut self, check: bool) -> Self {
+        self.check_labels = check;
+        self
+    }
+
+    /// Checks the configuration and the device, and puts the weights on it.
+    pub fn init(&self, device: &Device) -> Result<LsceLoss, BurnError> {
+        self.spec.validate()?;
+        registry::shared("the device", device)?;
+        let weights = match &self.weights {
+            Some(weights) => {
+                if let Some((class, &value)) = weights
+                    .iter()
+                    .enumerate()
+                    .find(|(_, w)| !w.is_finite() || **w < 0.0)
+                {
+                    return Err(crate::LsceError::InvalidWeight { class, value }.into());
+                }
+                let data = TensorData::new(weights.clone(), [weights.len()]);
+                Some(Tensor::<1>::from_data(data, device).cast(FloatDType::F32))
+            }
+            None => None,
+        };
+        Ok(LsceLoss {
+            spec: self.spec,
+            weights,
+            gradient: self.gradient,
+            check_labels: self.check_labels,
+        })
+    }
+}
+
+/// lsce's fused label-smoothed cross-entropy on Burn tensors, on Burn's wgpu device, with
+/// Burn's autodiff.
+///
+/// Swap it in for Burn's `CrossEntropyLoss`:
+///
+/// ```no_run
+/// use burn::tensor::{Int, Tensor};
+/// use lsce::burn::LsceLossConfig;
+///
+/// let device = lsce::burn::init_device()?.autodiff();
+/// let logits = Tensor::<2>::zeros([4, 10], &device).require_grad();
+/// let targets = Tensor::<1, Int>::from_ints([1, 2, 3, 4], &device);
+/// // was: CrossEntropyLossConfig::new().with_smoothing(Some(0.1)).init(&device)
+/// let loss = LsceLossConfig::new().with_smoothing(Some(0.1)).init(&device)?;
+/// let value = loss.try_forward(logits.clone(), targets)?;
+/// let grads = value.backward();
+/// # Ok::<(), lsce::burn::BurnError>(())
+/// ```
+///
+/// The loss is `[1]` f32 for `Sum`/`Mean` and `[rows]` f32 for `Reduction::None`, rows in the
+/// targets' row-major order (`n * spatial + s` for `[N, C, d..]` logits).
+#[derive(Clone, Debug)]
+pub struct LsceLoss {
+    spec: LossSpec,
+    weights: Option<Tensor<1>>,
+    gradient: GradientMode,
+    check_labels: bool,
+}
+
+impl LsceLoss {
+    /// Burn's `CrossEntropyLoss::forward`: `[batch, classes]` logits and `[batch]` labels.
+    ///
+    /// # Panics
+    /// On any error of [`LsceLoss::try_forward`], with its message (Burn's own losses panic on
+    /// bad input too); call `try_forward` to handle it.
+    pub fn forward(&self, logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+        self.try_forward(logits, targets)
+            .unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// The loss of `[N, C, d..]` (or `[N, C]`) logits against class labels `[N, d..]`.
+    pub fn try_forward<const D: usize, const T: usize>(
+        &self,
+        logits: Tensor<D>,
+        targets: Tensor<T, Int>,
+    ) -> Result<Tensor<1>, BurnError> {
+        let dims = logits.dims();
+        let expected: Vec<usize> = dims
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != 1)
+            .map(|(_, &d)| d)
+            .collect();
+        check_shape("the targets", &expected, &targets.dims())?;
+        let targets = match targets.dtype() {
+            DType::I32 => targets,
+            // Clamped first, so that a label outside i32 stays invalid instead of wrapping
+            // onto a class.
+            _ => targets
+                .clamp(i64::from(i32::MIN), i64::from(i32::MAX))
+                .cast(IntDType::I32),
+        };
+        let device = targets.device();
+        self.run(logits, Target::Labels(targets.into_dispatch()), device)
+    }
+
+    /// The loss of logits against probability targets of the same shape (PyTorch's
+    /// probability targets; rows need not be normalised). No gradient flows to the targets.
+    pub fn try_forward_probabilities<const D: usize>(
+        &self,
+        logits: Tensor<D>,
+        targets: Tensor<D>,
+    ) -> Result<Tensor<1>, BurnError> {
+        check_shape("the targets", &logits.dims(), &targets.dims())?;
+        let targets = match targets.dtype() {
+            DType::F32 => targets,
+            _ => targets.cast(FloatDType::F32),
+        };
+        let device = targets.device();
+        self.run(logits, Target::Probabilities(targets.into_dispatch()), device)
+    }
+
+    fn run<const D: usize>(
+        &self,
+        logits: Tensor<D>,
+        targets: Target,
+        target_device: Device,
+    ) -> Result<Tensor<1>, BurnError> {
+        let device = logits.device();
+        let shared = registry::shared("the logits", &device)?;
+        let dims = logits.dims();
+        if D < 2 {
+            return Err(crate::LsceError::Unsupported(
+                "logits need at least two dimensions [N, C, ..]",
+            )
+            .into());
+        }
+        let dtype = ops::lsce_dtype("the logits", logits.dtype())?;
+        same_device("the targets", &device, &target_device)?;
+        let weights = match &self.weights {
+            Some(weights) => {
+                same_device("the weights", &device, &weights.device())?;
+                check_shape("the weights", &[dims[1]], &weights.dims())?;
+                Some(weights.clone().into_dispatch())
+            }
+            None => None,
+        };
+        let kind = match targets {
+            Target::Labels(_) => TargetKind::Classes,
+            Target::Probabilities(_) => TargetKind::Probabilities,
+        };
+        self.plan_all(&shared, &dims, dtype, kind, weights.is_some(), device.is_autodiff())?;
+
+        let options = LossOptions {
+            spec: self.spec,
+            mode: self.gradient,
+        };
+        let (labels, probabilities) = match targets {
+            Target::Labels(t) => (Some(t), None),
+            Target::Probabilities(t) => (None, Some(t)),
+        };
+        let (loss, summary) = Dispatch::lsce_loss(
+            logits.into_dispatch(),
+            labels,
+            probabilities,
+            weights,
+            options,
+        );
+        let loss = Tensor::<1>::from_dispatch(loss);
+        if self.check_labels && kind == TargetKind::Classes {
+            let summary = Tensor::<1, Int>::from_dispatch(summary)
+                .try_into_data()
+                .map_err(|e| BurnError::Execution(e.to_string()))?;
+            let words = summary
+                .to_vec::<i32>()
+                .map_err(|e| BurnError::Execution(format!("{e:?}")))?;
+            Summary::from_bytes(bytemuck::cast_slice(&words)).check(dims[1] as u32)?;
+        }
+        Ok(loss)
+    }
+
+    /// Validates every launch this call can make against the device now, while an error can
+    /// still be returned (fusion runs the launch later): the forward pass, and the backward
+    /// pass on an autodiff device.
+    fn plan_all(
+        &self,
+        shared: &Shared,
+        dims: &[usize],
+        dtype: crate::Dtype,
+        targets: TargetKind,
+        weighted: bool,
+        autodiff: bool,
+    ) -> Result<(), BurnError> {
+        let bound = Bound {
+            targets,
+            weighted,
+            upstream: false,
+            gradient: false,
+        };
+        let mut launches = vec![bound];
+        if autodiff {
+            launches.push(Bound {
+                gradient: true,
+                upstream: self.gradient == GradientMode::Recompute,
+                ..bound
+            });
+        }
+        for bound in launches {
+            shared.plan(&ops::problem(self.spec, dims, dtype, bound)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The targets, as dispatch tensors.
+enum Target {
+    Labels(burn::backend::DispatchTensor),
+    Probabilities(burn::backend::DispatchTensor),
+}
+
+fn check_shape(what: &'static str, expected: &[usize], actual: &[usize]) -> Result<(), BurnError> {
+    if expected != actual {
+        return Err(BurnError::ShapeMismatch {
+            what,
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn same_device(what: &'static str, logits: &Device, other: &Device) -> Result<(), BurnError> {
+    if logits != other {
+        return Err(BurnError::DeviceMismatch {
+            what,
+            logits: format!("{logits:?}"),
+            other: format!("{other:?}"),
+        });
+    }
+    Ok(())
+}

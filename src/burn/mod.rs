@@ -1,0 +1,40 @@
+//! lsce inside Burn: the loss for Burn's wgpu backend, on Burn's own device and tensors, with
+//! autodiff (feature `burn`).
+//!
+//! Burn 0.22's wgpu backend runs on cubecl-wgpu over the same wgpu 30 as lsce, so both record
+//! on one `wgpu::Device` and queue. [`LsceLoss`] is called like Burn's `CrossEntropyLoss`; its
+//! kernel reads the logits from the tensor's own wgpu buffer and writes into tensors Burn
+//! allocated: no byte goes through the host. It works with Burn's default features (fusion and
+//! autotune on): with fusion the loss is a custom operation in fusion's stream.
+//!
+//! ```no_run
+//! use burn::tensor::{Distribution, Int, Tensor};
+//! use lsce::burn::{init_device, LsceLossConfig};
+//!
+//! // Once, before any tensor: Burn's wgpu runtime, sharing its device with lsce.
+//! let device = init_device()?.autodiff();
+//! let logits = Tensor::<2>::random([8, 1000], Distribution::Default, &device).require_grad();
+//! let targets = Tensor::<1, Int>::from_ints([1, 2, 3, 4, 5, 6, 7, 8], &device);
+//! let loss = LsceLossConfig::new().with_smoothing(Some(0.1)).init(&device)?;
+//! let value = loss.try_forward(logits.clone(), targets)?;
+//! let grads = value.backward(); // lsce's gradient, scaled by the upstream gradient
+//! let dlogits = logits.grad(&grads).expect("tracked");
+//! # Ok::<(), lsce::burn::BurnError>(())
+//! ```
+//!
+//! Where lsce differs from Burn's `CrossEntropyLoss`: the loss is always f32 (Burn's has the
+//! logits' dtype), labels outside `[0, classes)` are errors (Burn reads out of bounds), zero
+//! class weights are allowed, and long rows (64 x 262144) are right where Burn's is not.
+
+mod autodiff;
+mod cube;
+mod error;
+mod fusion;
+mod loss;
+mod ops;
+mod registry;
+
+pub use error::BurnError;
+pub use loss::{LsceLoss, LsceLossConfig};
+pub use ops::{GradientMode, LossOptions, LsceOps};
+pub use registry::{init_device, register_setup, share_setup};

@@ -1,0 +1,126 @@
+//! The loss as a Burn backend operation: the extension trait every layer implements (cube kernel
+//! launch, fusion registration, autodiff node), and the description they share.
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{backend_extension, Backend};
+use burn::tensor::DType;
+
+use super::error::BurnError;
+use crate::{Dtype, Gradient, LossSpec, Problem, Reduction, Shape, Summary, TargetKind};
+
+/// How the gradient reaches Burn's backward pass.
+///
+/// Both cost one `rows x classes` tensor (the logits' dtype) between forward and backward;
+/// they differ in when it is made and in the work done:
+///
+/// | mode | forward | kept until backward | backward |
+/// |---|---|---|---|
+/// | `Keep` | one fused pass: loss and gradient | the gradient | multiplies it by the upstream gradient (Burn's elementwise kernel) |
+/// | `Recompute` | loss only (no gradient written) | the logits | the fused pass again, the upstream gradient folded in |
+///
+/// `Keep` (Liger's choice) holds the logits *and* the gradient during the forward pass, two
+/// `rows x classes` buffers, where `Recompute` holds only the logits; in backward both hold two
+/// (`Keep`: the gradient and its scaled copy; `Recompute`: the logits and the gradient). When
+/// nothing else keeps the logits (the usual case: a linear layer's backward needs its input and
+/// weight, not its output), `Keep` frees them after the forward pass, so between the passes each
+/// mode keeps exactly one `rows x classes` tensor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GradientMode {
+    /// Compute the gradient in the forward pass and keep it.
+    #[default]
+    Keep,
+    /// Keep the logits and compute the gradient in the backward pass.
+    Recompute,
+}
+
+/// What one call of the operation computes, besides its tensors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossOptions {
+    /// The loss.
+    pub spec: LossSpec,
+    /// Where the gradient comes from in an autodiff graph.
+    pub mode: GradientMode,
+}
+
+/// The loss on a Burn backend: implemented by Burn's cube backend (the kernel), by fusion (a
+/// custom operation in its stream) and by autodiff (a graph node whose backward is lsce's
+/// gradient). Inputs are validated by [`LsceLoss`](super::LsceLoss) before they get here.
+#[backend_extension(Cube, Autodiff)]
+pub trait LsceOps: Backend {
+    /// The loss (`[rows]` for `Reduction::None`, else `[1]`, f32) and the kernel's
+    /// [`Summary`] as 8 i32 words. Exactly one of `labels` (i32, `[rows]`) and `probabilities`
+    /// (f32, like the logits) is given; `weights` are `classes` f32.
+    fn lsce_loss(
+        logits: FloatTensor<Self>,
+        labels: Option<IntTensor<Self>>,
+        probabilities: Option<FloatTensor<Self>>,
+        weights: Option<FloatTensor<Self>>,
+        options: LossOptions,
+    ) -> (FloatTensor<Self>, IntTensor<Self>);
+
+    /// [`LsceOps::lsce_loss`] and the gradient with respect to the logits (the logits' shape
+    /// and dtype), scaled by `upstream` (`[1]` or `[rows]` f32) when it is given. Not
+    /// differentiable itself.
+    fn lsce_loss_grad(
+        logits: FloatTensor<Self>,
+        labels: Option<IntTensor<Self>>,
+        probabilities: Option<FloatTensor<Self>>,
+        weights: Option<FloatTensor<Self>>,
+        upstream: Option<FloatTensor<Self>>,
+        options: LossOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>);
+}
+
+/// The lsce element type of a Burn float dtype.
+pub(crate) fn lsce_dtype(what: &'static str, dtype: DType) -> Result<Dtype, BurnError> {
+    match dtype {
+        DType::F32 => Ok(Dtype::F32),
+        DType::F16 => Ok(Dtype::F16),
+        DType::BF16 => Ok(Dtype::Bf16),
+        other => Err(BurnError::UnsupportedDtype {
+            what,
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// The buffers one launch binds, besides the logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Bound {
+    pub(crate) targets: TargetKind,
+    pub(crate) weighted: bool,
+    pub(crate) upstream: bool,
+    pub(crate) gradient: bool,
+}
+
+/// The plan key of one launch. The validation in [`LsceLoss`](super::LsceLoss) and the launch
+/// both derive it here, so the plan validated first is the plan the launch finds.
+pub(crate) fn problem(
+    spec: LossSpec,
+    dims: &[usize],
+    dtype: Dtype,
+    bound: Bound,
+) -> Result<Problem, BurnError> {
+    let shape = Shape::class_dim1(dims)?;
+    Ok(Problem::new(spec, shape)
+        .with_dtype(dtype)
+        .with_targets(bound.targets)
+        .with_weights(bound.weighted)
+        .with_upstream(bound.upstream)
+        .with_gradient(if bound.gradient {
+            Gradient::Separate
+        } else {
+            Gradient::None
+        }))
+}
+
+/// The loss tensor's dims: one value per row for `Reduction::None`, else one.
+pub(crate) fn loss_dims(spec: &LossSpec, shape: &Shape) -> [usize; 1] {
+    match spec.reduction {
+        Reduction::None => [shape.rows() as usize],
+        Reduction::Sum | Reduction::Mean => [1],
+    }
+}
+
+/// The summary tensor's dims: [`Summary`]'s 32 bytes as i32 words.
+pub(crate) const SUMMARY_DIMS: [usize; 1] = [(Summary::SIZE / 4) as usize];

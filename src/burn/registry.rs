@@ -1,0 +1,146 @@
+//! Which Burn wgpu devices lsce shares, with their `wgpu::Device`, queue, kernel and plans.
+//!
+//! Burn's wgpu runtime owns its device and queue and does not hand them out once it runs, so
+//! they are taken where cubecl-wgpu documents the way in: the [`WgpuSetup`] that
+//! `init_with_setup` returns, or the one the application registers with `init_device`. Each
+//! shared device gets one [`LossKernel`] (pipelines compiled once) and a cache of plans, one
+//! per [`Problem`] (shape, spec, dtype and buffers present).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::backend::{DispatchDevice, WgpuDevice};
+use burn::tensor::wgpu::WgpuSetup;
+use burn::tensor::Device;
+use burn_cubecl::CubeDevice;
+
+use super::error::BurnError;
+use crate::{LossKernel, LossPlan, Problem};
+
+/// Plans kept per device; a training run uses a handful (forward, backward, evaluation).
+const PLAN_CACHE: usize = 64;
+
+/// One device shared by Burn and lsce.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    kernel: LossKernel,
+    /// Most recently used last.
+    plans: Mutex<Vec<(Problem, LossPlan)>>,
+}
+
+impl Shared {
+    /// The plan for `problem`, made on first use (which validates it against the device).
+    pub(crate) fn plan(&self, problem: &Problem) -> Result<LossPlan, BurnError> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = plans.iter().position(|(p, _)| p == problem) {
+            let entry = plans.remove(at);
+            let plan = entry.1.clone();
+            plans.push(entry);
+            return Ok(plan);
+        }
+        let plan = self.kernel.plan(problem)?;
+        if plans.len() == PLAN_CACHE {
+            plans.remove(0);
+        }
+        plans.push((*problem, plan.clone()));
+        Ok(plan)
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<WgpuDevice, Arc<Shared>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<WgpuDevice, Arc<Shared>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Initialises Burn's wgpu runtime on the default adapter and shares its device with lsce.
+///
+/// Call it before any tensor is created on the default wgpu device (Burn initialises a runtime
+/// once, on first use), and use the returned device, or its `.autodiff()`, for the model.
+/// Later calls return the same device.
+///
+/// ```no_run
+/// let device = lsce::burn::init_device()?.autodiff();
+/// # Ok::<(), lsce::burn::BurnError>(())
+/// ```
+pub fn init_device() -> Result<Device, BurnError> {
+    static DEFAULT: Mutex<Option<Device>> = Mutex::new(None);
+    let mut default = DEFAULT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(device) = default.as_ref() {
+        return Ok(device.clone());
+    }
+    let (device, setup) = Device::wgpu_options()
+        .init_with_setup()
+        .map_err(|e| BurnError::Init(e.to_string()))?;
+    register_setup(&device, &setup)?;
+    *default = Some(device.clone());
+    Ok(device)
+}
+
+/// Registers an application's own wgpu setup (instance, adapter, device, queue) with Burn and
+/// shares it with lsce: Burn, lsce and the application then record on one device and queue.
+pub fn share_setup(setup: WgpuSetup) -> Result<Device, BurnError> {
+    let device = Device::wgpu_options()
+        .setup(setup.clone())
+        .init()
+        .map_err(|e| BurnError::Init(e.to_string()))?;
+    register_setup(&device, &setup)?;
+    Ok(device)
+}
+
+/// Shares with lsce a Burn wgpu device the application initialised itself, given the setup
+/// Burn runs it on (as returned by `Device::wgpu_options().init_with_setup()`).
+///
+/// The setup must be that device's: Burn does not expose a device's handles, so lsce cannot
+/// check the pairing, and a wrong pairing gives wgpu validation errors.
+pub fn register_setup(device: &Device, setup: &WgpuSetup) -> Result<(), BurnError> {
+    let key = wgpu_device("the device", device)?;
+    let kernel = LossKernel::new(&setup.device)?;
+    let shared = Arc::new(Shared {
+        device: setup.device.clone(),
+        queue: setup.queue.clone(),
+        kernel,
+        plans: Mutex::new(Vec::new()),
+    });
+    registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, shared);
+    Ok(())
+}
+
+/// The wgpu device behind a Burn device (autodiff or not), or why there is none.
+pub(crate) fn wgpu_device(what: &'static str, device: &Device) -> Result<WgpuDevice, BurnError> {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Cube(CubeDevice::Wgpu(device)) => Ok(device.clone()),
+        _ => Err(BurnError::NotWgpu {
+            what,
+            device: format!("{device:?}"),
+        }),
+    }
+}
+
+/// The shared state of a Burn device, or why lsce cannot run there.
+pub(crate) fn shared(what: &'static str, device: &Device) -> Result<Arc<Shared>, BurnError> {
+    let key = wgpu_device(what, device)?;
+    shared_for_wgpu(&key).ok_or_else(|| BurnError::DeviceNotShared {
+        device: format!("{device:?}"),
+    })
+}
+
+/// The shared state of a cube tensor's device.
+pub(crate) fn shared_for_cube(device: &CubeDevice) -> Option<Arc<Shared>> {
+    match device {
+        CubeDevice::Wgpu(device) => shared_for_wgpu(device),
+        _ => None,
+    }
+}
+
+fn shared_for_wgpu(device: &WgpuDevice) -> Option<Arc<Shared>> {
+    registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(device)
+        .cloned()
+}
