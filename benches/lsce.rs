@@ -410,7 +410,8 @@ fn run(options: &Options) -> Result<(), String> {
         }
     }
     if let Some(path) = &options.json {
-        std::fs::write(path, to_json(&records, &extra_json)).map_err(|e| format!("writing {path}: {e}"))?;
+        std::fs::write(path, to_json(&records, &extra_json))
+            .map_err(|e| format!("writing {path}: {e}"))?;
         eprintln!("wrote {path}");
     }
     if let Some(path) = &options.plot {

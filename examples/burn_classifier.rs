@@ -151,7 +151,7 @@ fn train(
             };
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(LEARNING_RATE, model, grads);
-            final_loss = loss.into_data().to_vec::<f32>()?[0];
+            final_loss = loss.into_data().try_into_vec::<f32>()?[0];
             // The first epoch compiles kernels (and autotunes): left out of the timing.
             if epoch > 0 {
                 busy += start.elapsed();
@@ -265,7 +265,7 @@ impl Data {
             .reshape([TEST_POINTS])
             .cast(IntDType::I32)
             .into_data()
-            .to_vec::<i32>()?;
+            .try_into_vec::<i32>()?;
         let right = predicted
             .iter()
             .zip(&self.test_labels)

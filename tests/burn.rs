@@ -60,7 +60,7 @@ struct BurnRun {
 fn f32s<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.cast(FloatDType::F32)
         .into_data()
-        .to_vec::<f32>()
+        .try_into_vec::<f32>()
         .expect("f32 data")
 }
 
@@ -90,7 +90,8 @@ fn run_lsce<const D: usize, const T: usize>(
             for (i, d) in dims.iter().enumerate().filter(|&(i, _)| i != 1) {
                 target_dims[if i == 0 { 0 } else { i - 1 }] = *d;
             }
-            let y = Tensor::<T, Int>::from_data(TensorData::new(labels.to_vec(), target_dims), &device);
+            let y =
+                Tensor::<T, Int>::from_data(TensorData::new(labels.to_vec(), target_dims), &device);
             loss.try_forward(x.clone(), y).expect("try_forward")
         }
         (None, Some(p)) => {
@@ -103,7 +104,10 @@ fn run_lsce<const D: usize, const T: usize>(
     let total = match upstream {
         Upstream::Scalar(s) => value.clone() * s,
         Upstream::PerRow => {
-            let r = Tensor::<1>::from_data(TensorData::new(row_upstream.to_vec(), [row_upstream.len()]), &device);
+            let r = Tensor::<1>::from_data(
+                TensorData::new(row_upstream.to_vec(), [row_upstream.len()]),
+                &device,
+            );
             (value.clone() * r).sum()
         }
     };
@@ -126,7 +130,7 @@ fn check_against_reference(
     mode: GradientMode,
     half: bool,
 ) -> (f64, f64) {
-    let mut r = common::reference(spec, batch, true, bound_config());
+    let mut r = common::reference(spec, batch, lsce::Gradient::Separate, bound_config());
     let want = r.out.grad.as_ref().expect("reference gradient");
     let tol = r.grad_tol.as_mut().expect("gradient bounds");
     for (t, w) in tol.iter_mut().zip(want) {
@@ -137,7 +141,12 @@ fn check_against_reference(
             *t += 2f64.powi(-11) * w.abs() + 2f64.powi(-25);
         }
     }
-    let (loss_err, loss_ratio) = assert_close(&format!("{what}: loss"), &run.loss, &r.out.loss, &r.loss_tol);
+    let (loss_err, loss_ratio) = assert_close(
+        &format!("{what}: loss"),
+        &run.loss,
+        &r.out.loss,
+        &r.loss_tol,
+    );
     let (grad_err, grad_ratio) = assert_close(&format!("{what}: grad"), &run.grad, want, tol);
     eprintln!(
         "[burn vs cpu] {what:<48} loss {loss_err:.3e} grad {grad_err:.3e} worst err/bound {:.3}",
@@ -164,7 +173,8 @@ fn gradient_through_autodiff_matches_cpu_reference() {
                     _ => (Upstream::Scalar(2.5), UpstreamGrad::Scalar(2.5)),
                 };
                 let mut config = LsceLossConfig::new().with_spec(spec).with_gradient(mode);
-                let mut batch = Batch::classes(shape, &logits, &labels).with_upstream(batch_upstream);
+                let mut batch =
+                    Batch::classes(shape, &logits, &labels).with_upstream(batch_upstream);
                 if weighted {
                     config = config.with_weights(Some(weights.clone()));
                     batch = batch.with_weights(&weights);
@@ -204,7 +214,13 @@ fn every_convention_and_spec_field_on_class_dim1_logits() {
     let row_upstream: Vec<f32> = (0..rows).map(|_| rng.range(0.5, 1.5) as f32).collect();
     let shape = Shape::class_dim1(&dims).unwrap();
     let mut specs = common::conventions(0.2, classes);
-    specs.push(("z_loss+softcap+scale", LossSpec::pytorch(0.1).with_z_loss(1e-3).with_softcap(Some(2.0)).with_logit_scale(0.7)));
+    specs.push((
+        "z_loss+softcap+scale",
+        LossSpec::pytorch(0.1)
+            .with_z_loss(1e-3)
+            .with_softcap(Some(2.0))
+            .with_logit_scale(0.7),
+    ));
     for (name, spec) in specs {
         for reduction in [Reduction::Mean, Reduction::None] {
             let spec = spec.with_reduction(reduction);
@@ -213,9 +229,25 @@ fn every_convention_and_spec_field_on_class_dim1_logits() {
                 _ => (Upstream::Scalar(1.0), UpstreamGrad::Scalar(1.0)),
             };
             let config = LsceLossConfig::new().with_spec(spec);
-            let run = run_lsce::<4, 3>(dims, &logits, Some(&labels), None, &config, upstream, &row_upstream, false);
+            let run = run_lsce::<4, 3>(
+                dims,
+                &logits,
+                Some(&labels),
+                None,
+                &config,
+                upstream,
+                &row_upstream,
+                false,
+            );
             let batch = Batch::classes(shape, &logits, &labels).with_upstream(batch_upstream);
-            check_against_reference(&format!("{name} {reduction:?} [3,7,4,5]"), &spec, &batch, &run, GradientMode::Keep, false);
+            check_against_reference(
+                &format!("{name} {reduction:?} [3,7,4,5]"),
+                &spec,
+                &batch,
+                &run,
+                GradientMode::Keep,
+                false,
+            );
         }
     }
     // Probability targets (unnormalised rows are accepted), both gradient modes.
@@ -223,9 +255,26 @@ fn every_convention_and_spec_field_on_class_dim1_logits() {
     for mode in [GradientMode::Keep, GradientMode::Recompute] {
         let spec = LossSpec::pytorch(0.1).with_reduction(Reduction::Sum);
         let config = LsceLossConfig::new().with_spec(spec).with_gradient(mode);
-        let run = run_lsce::<4, 3>(dims, &logits, None, Some(&probabilities), &config, Upstream::Scalar(0.5), &row_upstream, false);
-        let batch = Batch::probabilities(shape, &logits, &probabilities).with_upstream(UpstreamGrad::Scalar(0.5));
-        check_against_reference(&format!("probabilities {mode:?} [3,7,4,5]"), &spec, &batch, &run, mode, false);
+        let run = run_lsce::<4, 3>(
+            dims,
+            &logits,
+            None,
+            Some(&probabilities),
+            &config,
+            Upstream::Scalar(0.5),
+            &row_upstream,
+            false,
+        );
+        let batch = Batch::probabilities(shape, &logits, &probabilities)
+            .with_upstream(UpstreamGrad::Scalar(0.5));
+        check_against_reference(
+            &format!("probabilities {mode:?} [3,7,4,5]"),
+            &spec,
+            &batch,
+            &run,
+            mode,
+            false,
+        );
     }
 }
 
@@ -240,7 +289,16 @@ fn f16_logits_give_an_f16_gradient_matching_the_reference() {
     for mode in [GradientMode::Keep, GradientMode::Recompute] {
         let spec = LossSpec::pytorch(0.1);
         let config = LsceLossConfig::new().with_spec(spec).with_gradient(mode);
-        let run = run_lsce::<2, 1>([rows, classes], &logits, Some(&labels), None, &config, Upstream::Scalar(1.0), &[], true);
+        let run = run_lsce::<2, 1>(
+            [rows, classes],
+            &logits,
+            Some(&labels),
+            None,
+            &config,
+            Upstream::Scalar(1.0),
+            &[],
+            true,
+        );
         let batch = Batch::classes(shape, lsce::Logits::F16(&bits), &labels);
         check_against_reference(&format!("f16 {mode:?}"), &spec, &batch, &run, mode, true);
     }
@@ -250,11 +308,7 @@ fn f16_logits_give_an_f16_gradient_matching_the_reference() {
 /// per row, its log-softmax sums `K` exponentials (`(K + 8) E` relative, with the exp and log
 /// errors of `3 + 2|x|` ulp and 3 ulp), the smoothed sum adds `K` more terms, and the mean
 /// divides; each bound doubled (`SAFETY`). Returns (loss bound, gradient bound per element).
-fn burn_bounds(
-    spec: &LossSpec,
-    batch: &Batch<'_>,
-    reference: &lsce::LossOutput<f64>,
-) -> (f64, Vec<f64>) {
+fn burn_bounds(batch: &Batch<'_>, reference: &lsce::LossOutput<f64>) -> (f64, Vec<f64>) {
     let (rows, k) = (batch.shape.rows() as usize, batch.shape.classes() as usize);
     let kf = k as f64;
     let mut loss_bound = 0.0;
@@ -271,11 +325,15 @@ fn burn_bounds(
         loss_bound += a * per_log_p + kf * E * row_loss;
         for c in 0..k {
             let p = (x[c] - lse).exp();
-            grad_bound[row * k + c] = SAFETY * (a * p * (per_log_p + kf * E) + 4.0 * E * w(c)) / denominator;
+            grad_bound[row * k + c] =
+                SAFETY * (a * p * (per_log_p + kf * E) + 4.0 * E * w(c)) / denominator;
         }
     }
     let loss = reference.loss[0].abs();
-    (SAFETY * (loss_bound / denominator + rows as f64 * E * loss), grad_bound)
+    (
+        SAFETY * (loss_bound / denominator + rows as f64 * E * loss),
+        grad_bound,
+    )
 }
 
 #[test]
@@ -290,8 +348,16 @@ fn equals_burn_cross_entropy_where_burn_is_right() {
         for eps in [None, Some(0.1f32)] {
             for weighted in [false, true] {
                 let w = weighted.then(|| weights.clone());
-                let x = || Tensor::<2>::from_data(TensorData::new(logits.clone(), [rows, classes]), &device).require_grad();
-                let y = || Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [rows]), &device);
+                let x = || {
+                    Tensor::<2>::from_data(
+                        TensorData::new(logits.clone(), [rows, classes]),
+                        &device,
+                    )
+                    .require_grad()
+                };
+                let y = || {
+                    Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [rows]), &device)
+                };
 
                 let burn_x = x();
                 let burn_loss = CrossEntropyLossConfig::new()
@@ -311,7 +377,10 @@ fn equals_burn_cross_entropy_where_burn_is_right() {
                     // Burn's signature: the one-line swap.
                     .forward(lsce_x.clone(), y());
                 let lsce_grad = lsce_x.grad(&lsce_loss.clone().backward()).unwrap();
-                let run = BurnRun { loss: f32s(lsce_loss), grad: f32s(lsce_grad) };
+                let run = BurnRun {
+                    loss: f32s(lsce_loss),
+                    grad: f32s(lsce_grad),
+                };
 
                 let spec = LossSpec::pytorch(eps.unwrap_or(0.0));
                 let mut batch = Batch::classes(shape, &logits, &labels);
@@ -320,12 +389,28 @@ fn equals_burn_cross_entropy_where_burn_is_right() {
                 }
                 let what = format!("{rows}x{classes} eps={eps:?} weighted={weighted}");
                 check_against_reference(&what, &spec, &batch, &run, GradientMode::Keep, false);
-                let reference = lsce::cpu::compute(&spec, &batch, true).unwrap();
-                let (burn_loss_bound, burn_grad_bound) = burn_bounds(&spec, &batch, &reference);
-                assert_close(&format!("Burn's loss {what}"), &burn_loss, &reference.loss, &[burn_loss_bound]);
-                assert_close(&format!("Burn's grad {what}"), &burn_grad, reference.grad.as_ref().unwrap(), &burn_grad_bound);
+                let reference =
+                    lsce::cpu::compute(&spec, &batch, lsce::Gradient::Separate).unwrap();
+                let (burn_loss_bound, burn_grad_bound) = burn_bounds(&batch, &reference);
+                assert_close(
+                    &format!("Burn's loss {what}"),
+                    &burn_loss,
+                    &reference.loss,
+                    &[burn_loss_bound],
+                );
+                assert_close(
+                    &format!("Burn's grad {what}"),
+                    &burn_grad,
+                    reference.grad.as_ref().unwrap(),
+                    &burn_grad_bound,
+                );
                 let diff = (f64::from(run.loss[0]) - f64::from(burn_loss[0])).abs();
-                let grad_diff = run.grad.iter().zip(&burn_grad).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let grad_diff = run
+                    .grad
+                    .iter()
+                    .zip(&burn_grad)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
                 eprintln!("[lsce vs Burn] {what:<32} |loss diff| {diff:.3e} max |grad diff| {grad_diff:.3e}");
             }
         }
@@ -339,45 +424,148 @@ fn correct_at_256_x_128256() {
     let labels = common::labels(rows as u32, classes as u32, 0, 52);
     let spec = LossSpec::pytorch(0.1);
     let config = LsceLossConfig::new().with_spec(spec);
-    let run = run_lsce::<2, 1>([rows, classes], &logits, Some(&labels), None, &config, Upstream::Scalar(1.0), &[], false);
+    let run = run_lsce::<2, 1>(
+        [rows, classes],
+        &logits,
+        Some(&labels),
+        None,
+        &config,
+        Upstream::Scalar(1.0),
+        &[],
+        false,
+    );
     let shape = Shape::matrix(rows as u32, classes as u32).unwrap();
     let batch = Batch::classes(shape, &logits, &labels);
-    check_against_reference("256x128256 eps=0.1", &spec, &batch, &run, GradientMode::Keep, false);
+    check_against_reference(
+        "256x128256 eps=0.1",
+        &spec,
+        &batch,
+        &run,
+        GradientMode::Keep,
+        false,
+    );
 }
 
 #[test]
 fn bad_input_gives_clear_errors() {
     let device = device();
-    let x = Tensor::<2>::from_data(TensorData::new(common::logits(15, 1.0, 61), [3, 5]), &device);
+    let x = Tensor::<2>::from_data(
+        TensorData::new(common::logits(15, 1.0, 61), [3, 5]),
+        &device,
+    );
     let loss = LsceLossConfig::new().init(&device).unwrap();
     let labels = |v: Vec<i32>| Tensor::<1, Int>::from_data(TensorData::new(v, [3]), &device);
 
     // A label out of range: the row and value, from the kernel's summary.
-    let err = loss.try_forward(x.clone(), labels(vec![1, 9, -3])).unwrap_err();
-    assert_eq!(err, BurnError::Lsce(lsce::LsceError::LabelOutOfRange { row: 1, label: 9, classes: 5 }), "{err}");
+    let err = loss
+        .try_forward(x.clone(), labels(vec![1, 9, -3]))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        BurnError::Lsce(lsce::LsceError::LabelOutOfRange {
+            row: 1,
+            label: 9,
+            classes: 5
+        }),
+        "{err}"
+    );
     assert!(err.to_string().contains("row 1 has label 9"), "{err}");
     // Without the check: NaN for that row's loss, never a number.
-    let unchecked = LsceLossConfig::new().with_spec(LossSpec::default().with_reduction(Reduction::None)).with_label_check(false).init(&device).unwrap();
-    let values = f32s(unchecked.try_forward(x.clone(), labels(vec![1, 9, 2])).unwrap());
-    assert!(values[0].is_finite() && values[1].is_nan() && values[2].is_finite(), "{values:?}");
+    let unchecked = LsceLossConfig::new()
+        .with_spec(LossSpec::default().with_reduction(Reduction::None))
+        .with_label_check(false)
+        .init(&device)
+        .unwrap();
+    let values = f32s(
+        unchecked
+            .try_forward(x.clone(), labels(vec![1, 9, 2]))
+            .unwrap(),
+    );
+    assert!(
+        values[0].is_finite() && values[1].is_nan() && values[2].is_finite(),
+        "{values:?}"
+    );
     // i64 labels are read; one beyond i32 stays out of range instead of wrapping onto a class.
-    let wide = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, (1i64 << 32) + 2, 0], [3]), &device).cast(IntDType::I64);
+    let wide = Tensor::<1, Int>::from_data(
+        TensorData::new(vec![1i64, (1i64 << 32) + 2, 0], [3]),
+        (&device, burn::tensor::DType::I64),
+    );
+    assert_eq!(wide.dtype(), burn::tensor::DType::I64);
     let err = loss.try_forward(x.clone(), wide).unwrap_err();
-    assert!(matches!(err, BurnError::Lsce(lsce::LsceError::LabelOutOfRange { row: 1, .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            BurnError::Lsce(lsce::LsceError::LabelOutOfRange { row: 1, .. })
+        ),
+        "{err}"
+    );
 
     // Shapes.
-    let err = loss.try_forward(x.clone(), Tensor::<1, Int>::from_data(TensorData::new(vec![0i32; 4], [4]), &device)).unwrap_err();
-    assert_eq!(err, BurnError::ShapeMismatch { what: "the targets", expected: vec![3], actual: vec![4] }, "{err}");
-    let weighted = LsceLossConfig::new().with_weights(Some(vec![1.0; 4])).init(&device).unwrap();
-    let err = weighted.try_forward(x.clone(), labels(vec![0, 1, 2])).unwrap_err();
-    assert!(matches!(err, BurnError::ShapeMismatch { what: "the weights", .. }), "{err}");
+    let err = loss
+        .try_forward(
+            x.clone(),
+            Tensor::<1, Int>::from_data(TensorData::new(vec![0i32; 4], [4]), &device),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        BurnError::ShapeMismatch {
+            what: "the targets",
+            expected: vec![3],
+            actual: vec![4]
+        },
+        "{err}"
+    );
+    let weighted = LsceLossConfig::new()
+        .with_weights(Some(vec![1.0; 4]))
+        .init(&device)
+        .unwrap();
+    let err = weighted
+        .try_forward(x.clone(), labels(vec![0, 1, 2]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BurnError::ShapeMismatch {
+                what: "the weights",
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Bad weights and specs.
-    let err = LsceLossConfig::new().with_weights(Some(vec![1.0, -1.0])).init(&device).unwrap_err();
-    assert!(matches!(err, BurnError::Lsce(lsce::LsceError::InvalidWeight { class: 1, .. })), "{err}");
-    let err = LsceLossConfig::new().with_smoothing(Some(1.5)).init(&device).unwrap_err();
-    assert!(matches!(err, BurnError::Lsce(lsce::LsceError::InvalidSmoothing(_))), "{err}");
-    let err = LsceLossConfig::new().with_spec(LossSpec::default().with_excluded_class(Some(7))).init(&device).unwrap().try_forward(x.clone(), labels(vec![0, 1, 2])).unwrap_err();
-    assert!(matches!(err, BurnError::Lsce(lsce::LsceError::InvalidExcludedClass { .. })), "{err}");
+    let err = LsceLossConfig::new()
+        .with_weights(Some(vec![1.0, -1.0]))
+        .init(&device)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BurnError::Lsce(lsce::LsceError::InvalidWeight { class: 1, .. })
+        ),
+        "{err}"
+    );
+    let err = LsceLossConfig::new()
+        .with_smoothing(Some(1.5))
+        .init(&device)
+        .unwrap_err();
+    assert!(
+        matches!(err, BurnError::Lsce(lsce::LsceError::InvalidSmoothing(_))),
+        "{err}"
+    );
+    let err = LsceLossConfig::new()
+        .with_spec(LossSpec::default().with_excluded_class(Some(7)))
+        .init(&device)
+        .unwrap()
+        .try_forward(x.clone(), labels(vec![0, 1, 2]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BurnError::Lsce(lsce::LsceError::InvalidExcludedClass { .. })
+        ),
+        "{err}"
+    );
 
     // A wgpu device lsce was not given.
     let other = Device::wgpu(DeviceKind::VirtualGpu(7));
@@ -406,8 +594,10 @@ fn a_burn_model_trains_end_to_end() {
     let device = device().autodiff();
     let (features, classes, batch) = (8usize, 4usize, 64usize);
     let mut rng = Rng::new(71);
-    let centres: Vec<Vec<f64>> = (0..classes).map(|_| (0..features).map(|_| rng.range(-2.0, 2.0)).collect()).collect();
-    let mut sample = |rng: &mut Rng| {
+    let centres: Vec<Vec<f64>> = (0..classes)
+        .map(|_| (0..features).map(|_| rng.range(-2.0, 2.0)).collect())
+        .collect();
+    let sample = |rng: &mut Rng| {
         let mut x = Vec::with_capacity(batch * features);
         let mut y = Vec::with_capacity(batch);
         for _ in 0..batch {
@@ -426,7 +616,10 @@ fn a_burn_model_trains_end_to_end() {
         out: LinearConfig::new(32, classes).init(&device),
     };
     let mut optim = AdamConfig::new().init();
-    let loss = LsceLossConfig::new().with_smoothing(Some(0.1)).init(&device).unwrap();
+    let loss = LsceLossConfig::new()
+        .with_smoothing(Some(0.1))
+        .init(&device)
+        .unwrap();
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..80 {
@@ -438,11 +631,26 @@ fn a_burn_model_trains_end_to_end() {
         model = optim.step(0.02, model, grads);
     }
     let (x, y) = sample(&mut rng);
-    let predicted = model.forward(x).argmax(1).reshape([batch]).cast(IntDType::I32).into_data().to_vec::<i32>().unwrap();
-    let truth = y.cast(IntDType::I32).into_data().to_vec::<i32>().unwrap();
-    let accuracy = predicted.iter().zip(&truth).filter(|(p, t)| p == t).count() as f64 / batch as f64;
+    let predicted = model
+        .forward(x)
+        .argmax(1)
+        .reshape([batch])
+        .cast(IntDType::I32)
+        .into_data()
+        .try_into_vec::<i32>()
+        .unwrap();
+    let truth = y
+        .cast(IntDType::I32)
+        .into_data()
+        .try_into_vec::<i32>()
+        .unwrap();
+    let accuracy =
+        predicted.iter().zip(&truth).filter(|(p, t)| p == t).count() as f64 / batch as f64;
     let first = first.unwrap();
     eprintln!("[train] loss {first:.4} -> {last:.4}, held-out accuracy {accuracy:.3}");
-    assert!(last < 0.5 * first, "the loss fell from {first} to {last} only");
+    assert!(
+        last < 0.5 * first,
+        "the loss fell from {first} to {last} only"
+    );
     assert!(accuracy >= 0.9, "accuracy {accuracy}");
 }

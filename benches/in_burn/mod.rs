@@ -290,9 +290,14 @@ fn host_logits(n: u64) -> Vec<f32> {
 }
 
 /// The mean loss from `lsce::cpu` (f64), on the whole shape.
-fn reference_loss(spec: &LossSpec, shape: Shape, logits: &[f32], labels: &[i32]) -> Result<f64, String> {
+fn reference_loss(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &[f32],
+    labels: &[i32],
+) -> Result<f64, String> {
     let batch = lsce::Batch::classes(shape, logits, labels);
-    let out = lsce::cpu::compute(spec, &batch, false).map_err(|e| e.to_string())?;
+    let out = lsce::cpu::compute(spec, &batch, Gradient::None).map_err(|e| e.to_string())?;
     Ok(out.loss[0])
 }
 
@@ -332,7 +337,12 @@ pub fn print_table(records: &[BurnRecord]) {
                 let (burn, burn_ok, speedup) = match &m.burn_ms {
                     Ok(ms) => (
                         format!("{:.3}", gbps(r, *ms)),
-                        if m.burn_correct == Some(true) { "ok" } else { "WRONG" }.to_string(),
+                        if m.burn_correct == Some(true) {
+                            "ok"
+                        } else {
+                            "WRONG"
+                        }
+                        .to_string(),
                         format!("{:.1}x", ms / m.keep_ms),
                     ),
                     Err(e) => ("-".into(), format!("fails: {e}"), "-".into()),
@@ -352,7 +362,11 @@ pub fn print_table(records: &[BurnRecord]) {
 }
 
 /// The records as JSON objects (`"kind": "burn"`), for the bench's JSON array.
-pub fn json_objects(records: &[BurnRecord], string: fn(&str) -> String, number: fn(f64) -> String) -> Vec<String> {
+pub fn json_objects(
+    records: &[BurnRecord],
+    string: fn(&str) -> String,
+    number: fn(f64) -> String,
+) -> Vec<String> {
     records
         .iter()
         .map(|r| {
@@ -362,25 +376,57 @@ pub fn json_objects(records: &[BurnRecord], string: fn(&str) -> String, number: 
                 ("rows", r.rows.to_string()),
                 ("classes", r.classes.to_string()),
                 ("repeats", r.repeats.to_string()),
-                ("skipped", r.outcome.as_ref().err().map_or("null".into(), |e| string(e))),
+                (
+                    "skipped",
+                    r.outcome
+                        .as_ref()
+                        .err()
+                        .map_or("null".into(), |e| string(e)),
+                ),
             ];
             let m = r.outcome.as_ref().ok();
             let opt = |v: Option<f64>| v.map_or("null".into(), number);
             fields.extend([
-                ("burn_ce_ms", opt(m.and_then(|m| m.burn_ms.as_ref().ok().copied()))),
-                ("burn_ce_error", m.and_then(|m| m.burn_ms.as_ref().err()).map_or("null".into(), |e| string(e))),
-                ("burn_ce_correct", m.and_then(|m| m.burn_correct).map_or("null".into(), |c| c.to_string())),
+                (
+                    "burn_ce_ms",
+                    opt(m.and_then(|m| m.burn_ms.as_ref().ok().copied())),
+                ),
+                (
+                    "burn_ce_error",
+                    m.and_then(|m| m.burn_ms.as_ref().err())
+                        .map_or("null".into(), |e| string(e)),
+                ),
+                (
+                    "burn_ce_correct",
+                    m.and_then(|m| m.burn_correct)
+                        .map_or("null".into(), |c| c.to_string()),
+                ),
                 ("lsce_keep_ms", opt(m.map(|m| m.keep_ms))),
                 ("lsce_recompute_ms", opt(m.map(|m| m.recompute_ms))),
                 ("lsce_launch_ms", opt(m.map(|m| m.launch_ms))),
                 ("lsce_encode_ms", opt(m.map(|m| m.encode_ms))),
-                ("lsce_correct", m.map_or("null".into(), |m| m.lsce_correct.to_string())),
-                ("burn_ce_gbps", opt(m.and_then(|m| m.burn_ms.as_ref().ok().map(|ms| gbps(r, *ms))))),
+                (
+                    "lsce_correct",
+                    m.map_or("null".into(), |m| m.lsce_correct.to_string()),
+                ),
+                (
+                    "burn_ce_gbps",
+                    opt(m.and_then(|m| m.burn_ms.as_ref().ok().map(|ms| gbps(r, *ms)))),
+                ),
                 ("lsce_keep_gbps", opt(m.map(|m| gbps(r, m.keep_ms)))),
-                ("speedup_vs_burn_ce", opt(m.and_then(|m| m.burn_ms.as_ref().ok().map(|ms| ms / m.keep_ms)))),
-                ("glue_overhead", opt(m.map(|m| m.launch_ms / m.encode_ms - 1.0))),
+                (
+                    "speedup_vs_burn_ce",
+                    opt(m.and_then(|m| m.burn_ms.as_ref().ok().map(|ms| ms / m.keep_ms))),
+                ),
+                (
+                    "glue_overhead",
+                    opt(m.map(|m| m.launch_ms / m.encode_ms - 1.0)),
+                ),
             ]);
-            let body: Vec<String> = fields.iter().map(|(k, v)| format!("{}: {v}", string(k))).collect();
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{}: {v}", string(k)))
+                .collect();
             format!("  {{{}}}", body.join(", "))
         })
         .collect()

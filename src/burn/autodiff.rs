@@ -21,16 +21,13 @@ struct LossBackward;
 #[derive(Clone, Debug)]
 enum State<F, I> {
     /// The gradient of the loss itself, from the fused forward pass.
-    Keep {
-        grad: F,
-        reduction: Reduction,
-    },
+    Keep { grad: F, reduction: Reduction },
     /// Everything to run the fused pass again, now with the upstream gradient.
     Recompute {
         logits: F,
-        labels: Option<I>,
-        probabilities: Option<F>,
-        weights: Option<F>,
+        labels: I,
+        probabilities: F,
+        weights: F,
         options: LossOptions,
     },
 }
@@ -49,14 +46,12 @@ impl<B: Backend + LsceOps> Backward<B, 1> for LossBackward {
                 weights,
                 options,
             } => {
-                let (_, grad, _) = B::lsce_loss_grad(
-                    logits,
-                    labels,
-                    probabilities,
-                    weights,
-                    Some(upstream),
-                    options,
-                );
+                let options = LossOptions {
+                    upstream_grad: true,
+                    ..options
+                };
+                let (_, grad, _) =
+                    B::lsce_loss_grad(logits, labels, probabilities, weights, upstream, options);
                 grad
             }
         });
@@ -88,19 +83,32 @@ fn scale<B: Backend>(
 impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
     fn lsce_loss(
         logits: FloatTensor<Self>,
-        labels: Option<IntTensor<Self>>,
-        probabilities: Option<FloatTensor<Self>>,
-        weights: Option<FloatTensor<Self>>,
+        labels: IntTensor<Self>,
+        probabilities: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         options: LossOptions,
     ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        let probabilities = probabilities.map(|t| t.into_primitive());
-        let weights = weights.map(|t| t.into_primitive());
+        let probabilities = probabilities.into_primitive();
+        let weights = weights.into_primitive();
         let (logits, guard) = logits.into_parts();
-        match LossBackward.prepare::<C>([guard]).compute_bound().stateful() {
+        match LossBackward
+            .prepare::<C>([guard])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => match options.mode {
                 GradientMode::Keep => {
-                    let (loss, grad, summary) =
-                        B::lsce_loss_grad(logits, labels, probabilities, weights, None, options);
+                    // No upstream gradient yet: the weights (or their placeholder) stand in
+                    // for it, unread.
+                    let upstream = weights.clone();
+                    let (loss, grad, summary) = B::lsce_loss_grad(
+                        logits,
+                        labels,
+                        probabilities,
+                        weights,
+                        upstream,
+                        options,
+                    );
                     let state = State::Keep {
                         grad,
                         reduction: options.spec.reduction,
@@ -126,8 +134,7 @@ impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
                 }
             },
             OpsKind::UnTracked(prep) => {
-                let (loss, summary) =
-                    B::lsce_loss(logits, labels, probabilities, weights, options);
+                let (loss, summary) = B::lsce_loss(logits, labels, probabilities, weights, options);
                 (prep.finish(loss), summary)
             }
         }
@@ -135,18 +142,18 @@ impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
 
     fn lsce_loss_grad(
         logits: FloatTensor<Self>,
-        labels: Option<IntTensor<Self>>,
-        probabilities: Option<FloatTensor<Self>>,
-        weights: Option<FloatTensor<Self>>,
-        upstream: Option<FloatTensor<Self>>,
+        labels: IntTensor<Self>,
+        probabilities: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
         options: LossOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
         let (loss, grad, summary) = B::lsce_loss_grad(
             logits.into_primitive(),
             labels,
-            probabilities.map(|t| t.into_primitive()),
-            weights.map(|t| t.into_primitive()),
-            upstream.map(|t| t.into_primitive()),
+            probabilities.into_primitive(),
+            weights.into_primitive(),
+            upstream.into_primitive(),
             options,
         );
         // Not differentiable: the outputs start untracked leaves.

@@ -17,7 +17,7 @@ use burn_cubecl::CubeBackend;
 use cubecl::server::Handle;
 use cubecl::wgpu::{AutoCompiler, WgpuResource, WgpuServer};
 
-use super::ops::{self, Bound, LossOptions, LsceOps};
+use super::ops::{self, LossOptions, LsceOps};
 use super::registry;
 use crate::{LossBuffers, Summary, TargetKind};
 
@@ -27,26 +27,55 @@ type Server = WgpuServer<AutoCompiler>;
 impl LsceOps for CubeBackend {
     fn lsce_loss(
         logits: CubeTensor,
-        labels: Option<CubeTensor>,
-        probabilities: Option<CubeTensor>,
-        weights: Option<CubeTensor>,
+        labels: CubeTensor,
+        probabilities: CubeTensor,
+        weights: CubeTensor,
         options: LossOptions,
     ) -> (CubeTensor, CubeTensor) {
-        let out = launch(logits, labels, probabilities, weights, None, options, false);
+        let inputs = Inputs::new(labels, probabilities, weights, None, &options);
+        let out = launch(logits, inputs, options, false);
         (out.loss, out.summary)
     }
 
     fn lsce_loss_grad(
         logits: CubeTensor,
-        labels: Option<CubeTensor>,
-        probabilities: Option<CubeTensor>,
-        weights: Option<CubeTensor>,
-        upstream: Option<CubeTensor>,
+        labels: CubeTensor,
+        probabilities: CubeTensor,
+        weights: CubeTensor,
+        upstream: CubeTensor,
         options: LossOptions,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let out = launch(logits, labels, probabilities, weights, upstream, options, true);
+        let inputs = Inputs::new(labels, probabilities, weights, Some(upstream), &options);
+        let out = launch(logits, inputs, options, true);
         let grad = out.grad.expect("a gradient launch writes the gradient");
         (out.loss, grad, out.summary)
+    }
+}
+
+/// The inputs a launch binds besides the logits; placeholders dropped.
+struct Inputs {
+    targets: CubeTensor,
+    weights: Option<CubeTensor>,
+    upstream: Option<CubeTensor>,
+}
+
+impl Inputs {
+    fn new(
+        labels: CubeTensor,
+        probabilities: CubeTensor,
+        weights: CubeTensor,
+        upstream: Option<CubeTensor>,
+        options: &LossOptions,
+    ) -> Self {
+        Self {
+            targets: match options.targets {
+                TargetKind::Classes => labels,
+                // Row-major like the logits.
+                TargetKind::Probabilities => into_contiguous(probabilities),
+            },
+            weights: options.weighted.then_some(weights),
+            upstream: upstream.filter(|_| options.upstream_grad),
+        }
     }
 }
 
@@ -59,15 +88,7 @@ struct Launched {
 /// Panics name lsce and the cause: inputs were validated and planned before they got here
 /// (possibly deferred by fusion, where an error can no longer be returned), so a failure here
 /// is an internal one, or a device lost mid-run.
-fn launch(
-    logits: CubeTensor,
-    labels: Option<CubeTensor>,
-    probabilities: Option<CubeTensor>,
-    weights: Option<CubeTensor>,
-    upstream: Option<CubeTensor>,
-    options: LossOptions,
-    gradient: bool,
-) -> Launched {
+fn launch(logits: CubeTensor, inputs: Inputs, options: LossOptions, gradient: bool) -> Launched {
     let shared = registry::shared_for_cube(&logits.device)
         .unwrap_or_else(|| panic!("lsce: device {:?} is not shared with lsce", logits.device));
     let fail = |what: &str, err: &dyn std::fmt::Display| -> ! { panic!("lsce: {what}: {err}") };
@@ -75,20 +96,9 @@ fn launch(
     // The kernel reads row-major data; views Burn made without copying (a transpose, a slice)
     // are made contiguous by Burn's own kernel, a copy only for those.
     let logits = into_contiguous(logits);
-    let probabilities = probabilities.map(into_contiguous);
     let dims = logits.meta.shape().to_vec();
     let dtype = ops::lsce_dtype("logits", logits.dtype).unwrap_or_else(|e| fail("logits", &e));
-    let bound = Bound {
-        targets: if probabilities.is_some() {
-            TargetKind::Probabilities
-        } else {
-            TargetKind::Classes
-        },
-        weighted: weights.is_some(),
-        upstream: upstream.is_some(),
-        gradient,
-    };
-    let problem = ops::problem(options.spec, &dims, dtype, bound)
+    let problem = ops::problem(&options, &dims, dtype, gradient)
         .unwrap_or_else(|e| fail("describing the launch", &e));
     let plan = shared
         .plan(&problem)
@@ -108,14 +118,14 @@ fn launch(
             .get_resource::<Server>(handle.clone())
             .unwrap_or_else(|e| fail(what, &e))
     };
-    let targets = labels
-        .as_ref()
-        .or(probabilities.as_ref())
-        .expect("labels or probabilities");
     let logits_res = resource(&logits.handle, "the logits' buffer");
-    let targets_res = resource(&targets.handle, "the targets' buffer");
-    let weights_res = weights.as_ref().map(|w| resource(&w.handle, "the weights' buffer"));
-    let upstream_res = upstream
+    let targets_res = resource(&inputs.targets.handle, "the targets' buffer");
+    let weights_res = inputs
+        .weights
+        .as_ref()
+        .map(|w| resource(&w.handle, "the weights' buffer"));
+    let upstream_res = inputs
+        .upstream
         .as_ref()
         .map(|u| resource(&u.handle, "the upstream gradient's buffer"));
     let loss_res = resource(&loss, "the loss buffer");
@@ -127,7 +137,7 @@ fn launch(
         .unwrap_or_else(|e| fail("flushing Burn's pending work", &e));
 
     let rows = u64::from(shape.rows());
-    let target_bytes = match bound.targets {
+    let target_bytes = match options.targets {
         TargetKind::Classes => 4 * rows,
         TargetKind::Probabilities => 4 * shape.elements(),
     };
@@ -149,7 +159,7 @@ fn launch(
     }
     let binding = plan
         .bind(&buffers)
-        .unwrap_or_else(|e| fail("binding Burn's buffers", &e));
+        .unwrap_or_else(|e| fail("binding Burn's buffers (a device shared through lsce::burn::register_setup needs MemoryConfiguration::ExclusivePages)", &e));
     let mut encoder = shared
         .device
         .create_command_encoder(&wgpu::CommandEncoderDescriptor {

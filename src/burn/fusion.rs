@@ -8,12 +8,12 @@
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 
-use burn::backend::fusion::custom::{
-    CustomOpIr, HandleContainer, Operation, OperationIr, ScalarIr, StreamId, TensorIr,
-};
-use burn::backend::fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn::backend::ExecutionError;
 use burn::tensor::{DType, Shape as BurnShape};
+use burn_fusion::custom::{
+    CustomOpIr, HandleContainer, Operation, OperationIr, ScalarIr, StreamId, TensorIr,
+};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 
 use super::ops::{self, LossOptions, LsceOps};
 use crate::Shape;
@@ -23,18 +23,8 @@ const LOSS: &str = "lsce::loss";
 /// The same with the gradient written.
 const LOSS_GRAD: &str = "lsce::loss_grad";
 
-/// Which optional inputs follow the logits in the IR's input list, in this order.
-#[derive(Clone, Copy, Debug)]
-struct Present {
-    labels: bool,
-    probabilities: bool,
-    weights: bool,
-    upstream: bool,
-}
-
 struct LossOp<B> {
     desc: CustomOpIr,
-    present: Present,
     options: LossOptions,
     _backend: PhantomData<B>,
 }
@@ -53,25 +43,13 @@ impl<B: FusionBackend + LsceOps> Operation<B::FusionRuntime> for LossOp<B> {
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) -> Result<(), ExecutionError> {
-        let mut inputs = self.desc.inputs.iter();
-        let mut next = || inputs.next().expect("the IR lists every present input");
-        let logits = handles.get_float_tensor::<B>(next());
-        let labels = self
-            .present
-            .labels
-            .then(|| handles.get_int_tensor::<B>(next()));
-        let probabilities = self
-            .present
-            .probabilities
-            .then(|| handles.get_float_tensor::<B>(next()));
-        let weights = self
-            .present
-            .weights
-            .then(|| handles.get_float_tensor::<B>(next()));
-        let upstream = self
-            .present
-            .upstream
-            .then(|| handles.get_float_tensor::<B>(next()));
+        // Inputs in the order `register` listed them: logits, labels, probabilities, weights
+        // (, upstream).
+        let inputs = &self.desc.inputs;
+        let logits = handles.get_float_tensor::<B>(&inputs[0]);
+        let labels = handles.get_int_tensor::<B>(&inputs[1]);
+        let probabilities = handles.get_float_tensor::<B>(&inputs[2]);
+        let weights = handles.get_float_tensor::<B>(&inputs[3]);
         let outputs = &self.desc.outputs;
         if self.desc.id == LOSS {
             let (loss, summary) =
@@ -79,8 +57,15 @@ impl<B: FusionBackend + LsceOps> Operation<B::FusionRuntime> for LossOp<B> {
             handles.register_float_tensor::<B>(&outputs[0].id, loss);
             handles.register_int_tensor::<B>(&outputs[1].id, summary);
         } else {
-            let (loss, grad, summary) =
-                B::lsce_loss_grad(logits, labels, probabilities, weights, upstream, self.options);
+            let upstream = handles.get_float_tensor::<B>(&inputs[4]);
+            let (loss, grad, summary) = B::lsce_loss_grad(
+                logits,
+                labels,
+                probabilities,
+                weights,
+                upstream,
+                self.options,
+            );
             handles.register_float_tensor::<B>(&outputs[0].id, loss);
             handles.register_float_tensor::<B>(&outputs[1].id, grad);
             handles.register_int_tensor::<B>(&outputs[2].id, summary);
@@ -89,87 +74,53 @@ impl<B: FusionBackend + LsceOps> Operation<B::FusionRuntime> for LossOp<B> {
     }
 }
 
+type Tensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+
 impl<B: FusionBackend + LsceOps> LsceOps for Fusion<B> {
     fn lsce_loss(
-        logits: FusionTensor<B::FusionRuntime>,
-        labels: Option<FusionTensor<B::FusionRuntime>>,
-        probabilities: Option<FusionTensor<B::FusionRuntime>>,
-        weights: Option<FusionTensor<B::FusionRuntime>>,
+        logits: Tensor<B>,
+        labels: Tensor<B>,
+        probabilities: Tensor<B>,
+        weights: Tensor<B>,
         options: LossOptions,
-    ) -> (
-        FusionTensor<B::FusionRuntime>,
-        FusionTensor<B::FusionRuntime>,
-    ) {
-        let mut out = register::<B>(
-            LOSS,
-            logits,
-            labels,
-            probabilities,
-            weights,
-            None,
-            options,
-        )
-        .into_iter();
-        let loss = out.next().expect("loss");
-        (loss, out.next().expect("summary"))
+    ) -> (Tensor<B>, Tensor<B>) {
+        let [loss, summary]: [Tensor<B>; 2] =
+            register::<B>(LOSS, vec![logits, labels, probabilities, weights], options)
+                .try_into()
+                .expect("two outputs");
+        (loss, summary)
     }
 
     fn lsce_loss_grad(
-        logits: FusionTensor<B::FusionRuntime>,
-        labels: Option<FusionTensor<B::FusionRuntime>>,
-        probabilities: Option<FusionTensor<B::FusionRuntime>>,
-        weights: Option<FusionTensor<B::FusionRuntime>>,
-        upstream: Option<FusionTensor<B::FusionRuntime>>,
+        logits: Tensor<B>,
+        labels: Tensor<B>,
+        probabilities: Tensor<B>,
+        weights: Tensor<B>,
+        upstream: Tensor<B>,
         options: LossOptions,
-    ) -> (
-        FusionTensor<B::FusionRuntime>,
-        FusionTensor<B::FusionRuntime>,
-        FusionTensor<B::FusionRuntime>,
-    ) {
-        let mut out = register::<B>(
-            LOSS_GRAD,
-            logits,
-            labels,
-            probabilities,
-            weights,
-            upstream,
-            options,
-        )
-        .into_iter();
-        let loss = out.next().expect("loss");
-        let grad = out.next().expect("gradient");
-        (loss, grad, out.next().expect("summary"))
+    ) -> (Tensor<B>, Tensor<B>, Tensor<B>) {
+        let inputs = vec![logits, labels, probabilities, weights, upstream];
+        let [loss, grad, summary]: [Tensor<B>; 3] = register::<B>(LOSS_GRAD, inputs, options)
+            .try_into()
+            .expect("three outputs");
+        (loss, grad, summary)
     }
 }
 
-/// Records the operation; returns its lazy outputs: loss, (gradient,) summary.
+/// Records the operation on `inputs` (logits first); returns its lazy outputs: loss,
+/// (gradient,) summary.
 fn register<B: FusionBackend + LsceOps>(
     id: &'static str,
-    logits: FusionTensor<B::FusionRuntime>,
-    labels: Option<FusionTensor<B::FusionRuntime>>,
-    probabilities: Option<FusionTensor<B::FusionRuntime>>,
-    weights: Option<FusionTensor<B::FusionRuntime>>,
-    upstream: Option<FusionTensor<B::FusionRuntime>>,
+    inputs: Vec<Tensor<B>>,
     options: LossOptions,
-) -> Vec<FusionTensor<B::FusionRuntime>> {
-    let client = logits.client.clone();
-    let present = Present {
-        labels: labels.is_some(),
-        probabilities: probabilities.is_some(),
-        weights: weights.is_some(),
-        upstream: upstream.is_some(),
-    };
-    let dims = logits.shape.to_vec();
-    let logits_dtype = logits.dtype;
+) -> Vec<Tensor<B>> {
+    let client = inputs[0].client.clone();
+    let dims = inputs[0].shape.to_vec();
+    let logits_dtype = inputs[0].dtype;
     let shape = Shape::class_dim1(&dims).expect("validated before registration");
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
 
-    let mut inputs: Vec<TensorIr> = vec![logits.into_ir()];
-    inputs.extend(labels.map(FusionTensor::into_ir));
-    inputs.extend(probabilities.map(FusionTensor::into_ir));
-    inputs.extend(weights.map(FusionTensor::into_ir));
-    inputs.extend(upstream.map(FusionTensor::into_ir));
-
-    let mut output = |dims: &[usize], dtype: DType| {
+    let output = |dims: &[usize], dtype: DType| {
         TensorIr::uninit(
             client.create_empty_handle(),
             BurnShape::from(dims.to_vec()),
@@ -183,14 +134,13 @@ fn register<B: FusionBackend + LsceOps>(
     outputs.push(output(&ops::SUMMARY_DIMS, DType::I32));
 
     // Fusion may cache and replay graphs keyed by their IR: the options go in as a scalar so
-    // that two losses that differ only in their spec never share an entry.
+    // that two losses that differ only in their options never share an entry.
     let desc = CustomOpIr::with_scalars(id, &inputs, &outputs, vec![options_key(&options)]);
     client.register(
         StreamId::current(),
         OperationIr::Custom(desc.clone()),
         LossOp::<B> {
             desc,
-            present,
             options,
             _backend: PhantomData,
         },

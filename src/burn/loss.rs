@@ -4,7 +4,7 @@ use burn::backend::Dispatch;
 use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
 
 use super::error::BurnError;
-use super::ops::{self, Bound, GradientMode, LossOptions, LsceOps};
+use super::ops::{self, GradientMode, LossOptions, LsceOps};
 use super::registry::{self, Shared};
 use crate::{LossSpec, Smoothing, Summary, TargetKind};
 
@@ -97,6 +97,10 @@ impl LsceLossConfig {
             weights,
             gradient: self.gradient,
             check_labels: self.check_labels,
+            placeholders: (
+                Tensor::<1>::zeros([1], device).cast(FloatDType::F32),
+                Tensor::<1, Int>::zeros([1], device).cast(IntDType::I32),
+            ),
         })
     }
 }
@@ -128,6 +132,9 @@ pub struct LsceLoss {
     weights: Option<Tensor<1>>,
     gradient: GradientMode,
     check_labels: bool,
+    /// What the operation gets for the inputs a call does not have (float, int): Burn's
+    /// extension methods take tensors, not optional ones. Never bound or read.
+    placeholders: (Tensor<1>, Tensor<1, Int>),
 }
 
 impl LsceLoss {
@@ -180,7 +187,11 @@ impl LsceLoss {
             _ => targets.cast(FloatDType::F32),
         };
         let device = targets.device();
-        self.run(logits, Target::Probabilities(targets.into_dispatch()), device)
+        self.run(
+            logits,
+            Target::Probabilities(targets.into_dispatch()),
+            device,
+        )
     }
 
     fn run<const D: usize>(
@@ -208,20 +219,24 @@ impl LsceLoss {
             }
             None => None,
         };
-        let kind = match targets {
-            Target::Labels(_) => TargetKind::Classes,
-            Target::Probabilities(_) => TargetKind::Probabilities,
-        };
-        self.plan_all(&shared, &dims, dtype, kind, weights.is_some(), device.is_autodiff())?;
-
         let options = LossOptions {
             spec: self.spec,
             mode: self.gradient,
+            targets: match targets {
+                Target::Labels(_) => TargetKind::Classes,
+                Target::Probabilities(_) => TargetKind::Probabilities,
+            },
+            weighted: weights.is_some(),
+            upstream_grad: false,
         };
+        self.plan_all(&shared, &dims, dtype, options, device.is_autodiff())?;
+
+        let (float, int) = &self.placeholders;
         let (labels, probabilities) = match targets {
-            Target::Labels(t) => (Some(t), None),
-            Target::Probabilities(t) => (None, Some(t)),
+            Target::Labels(t) => (t, float.clone().into_dispatch()),
+            Target::Probabilities(t) => (int.clone().into_dispatch(), t),
         };
+        let weights = weights.unwrap_or_else(|| float.clone().into_dispatch());
         let (loss, summary) = Dispatch::lsce_loss(
             logits.into_dispatch(),
             labels,
@@ -230,12 +245,12 @@ impl LsceLoss {
             options,
         );
         let loss = Tensor::<1>::from_dispatch(loss);
-        if self.check_labels && kind == TargetKind::Classes {
+        if self.check_labels && options.targets == TargetKind::Classes {
             let summary = Tensor::<1, Int>::from_dispatch(summary)
                 .try_into_data()
                 .map_err(|e| BurnError::Execution(e.to_string()))?;
             let words = summary
-                .to_vec::<i32>()
+                .try_into_vec::<i32>()
                 .map_err(|e| BurnError::Execution(format!("{e:?}")))?;
             Summary::from_bytes(bytemuck::cast_slice(&words)).check(dims[1] as u32)?;
         }
@@ -250,26 +265,16 @@ impl LsceLoss {
         shared: &Shared,
         dims: &[usize],
         dtype: crate::Dtype,
-        targets: TargetKind,
-        weighted: bool,
+        options: LossOptions,
         autodiff: bool,
     ) -> Result<(), BurnError> {
-        let bound = Bound {
-            targets,
-            weighted,
-            upstream: false,
-            gradient: false,
-        };
-        let mut launches = vec![bound];
+        shared.plan(&ops::problem(&options, dims, dtype, false)?)?;
         if autodiff {
-            launches.push(Bound {
-                gradient: true,
-                upstream: self.gradient == GradientMode::Recompute,
-                ..bound
-            });
-        }
-        for bound in launches {
-            shared.plan(&ops::problem(self.spec, dims, dtype, bound)?)?;
+            let backward = LossOptions {
+                upstream_grad: self.gradient == GradientMode::Recompute,
+                ..options
+            };
+            shared.plan(&ops::problem(&backward, dims, dtype, true)?)?;
         }
         Ok(())
     }

@@ -33,13 +33,21 @@ pub enum GradientMode {
     Recompute,
 }
 
-/// What one call of the operation computes, besides its tensors.
+/// What one call of the operation computes, besides its tensors, and which of its tensor
+/// arguments are real. Burn's extension methods take tensors, not optional ones, so an absent
+/// input is a one-element placeholder that is never bound.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossOptions {
     /// The loss.
     pub spec: LossSpec,
     /// Where the gradient comes from in an autodiff graph.
     pub mode: GradientMode,
+    /// Whether `labels` or `probabilities` holds the targets.
+    pub targets: TargetKind,
+    /// Whether `weights` holds class weights.
+    pub weighted: bool,
+    /// Whether `upstream` holds the upstream gradient ([`LsceOps::lsce_loss_grad`]).
+    pub upstream_grad: bool,
 }
 
 /// The loss on a Burn backend: implemented by Burn's cube backend (the kernel), by fusion (a
@@ -48,25 +56,26 @@ pub struct LossOptions {
 #[backend_extension(Cube, Autodiff)]
 pub trait LsceOps: Backend {
     /// The loss (`[rows]` for `Reduction::None`, else `[1]`, f32) and the kernel's
-    /// [`Summary`] as 8 i32 words. Exactly one of `labels` (i32, `[rows]`) and `probabilities`
-    /// (f32, like the logits) is given; `weights` are `classes` f32.
+    /// [`Summary`] as 8 i32 words. The targets are `labels` (i32, `[rows]`) or `probabilities`
+    /// (f32, like the logits), as `options.targets` says; `weights` are `classes` f32 when
+    /// `options.weighted`. The other arguments are placeholders.
     fn lsce_loss(
         logits: FloatTensor<Self>,
-        labels: Option<IntTensor<Self>>,
-        probabilities: Option<FloatTensor<Self>>,
-        weights: Option<FloatTensor<Self>>,
+        labels: IntTensor<Self>,
+        probabilities: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         options: LossOptions,
     ) -> (FloatTensor<Self>, IntTensor<Self>);
 
     /// [`LsceOps::lsce_loss`] and the gradient with respect to the logits (the logits' shape
-    /// and dtype), scaled by `upstream` (`[1]` or `[rows]` f32) when it is given. Not
-    /// differentiable itself.
+    /// and dtype), scaled by `upstream` (`[1]` or `[rows]` f32) when `options.upstream_grad`.
+    /// Not differentiable itself.
     fn lsce_loss_grad(
         logits: FloatTensor<Self>,
-        labels: Option<IntTensor<Self>>,
-        probabilities: Option<FloatTensor<Self>>,
-        weights: Option<FloatTensor<Self>>,
-        upstream: Option<FloatTensor<Self>>,
+        labels: IntTensor<Self>,
+        probabilities: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
         options: LossOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>);
 }
@@ -84,30 +93,22 @@ pub(crate) fn lsce_dtype(what: &'static str, dtype: DType) -> Result<Dtype, Burn
     }
 }
 
-/// The buffers one launch binds, besides the logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Bound {
-    pub(crate) targets: TargetKind,
-    pub(crate) weighted: bool,
-    pub(crate) upstream: bool,
-    pub(crate) gradient: bool,
-}
-
-/// The plan key of one launch. The validation in [`LsceLoss`](super::LsceLoss) and the launch
-/// both derive it here, so the plan validated first is the plan the launch finds.
+/// The plan key of one launch (`gradient`: whether it writes the gradient). The validation in
+/// [`LsceLoss`](super::LsceLoss) and the launch both derive it here, so the plan validated
+/// first is the plan the launch finds.
 pub(crate) fn problem(
-    spec: LossSpec,
+    options: &LossOptions,
     dims: &[usize],
     dtype: Dtype,
-    bound: Bound,
+    gradient: bool,
 ) -> Result<Problem, BurnError> {
     let shape = Shape::class_dim1(dims)?;
-    Ok(Problem::new(spec, shape)
+    Ok(Problem::new(options.spec, shape)
         .with_dtype(dtype)
-        .with_targets(bound.targets)
-        .with_weights(bound.weighted)
-        .with_upstream(bound.upstream)
-        .with_gradient(if bound.gradient {
+        .with_targets(options.targets)
+        .with_weighted(options.weighted)
+        .with_upstream_grad(options.upstream_grad)
+        .with_gradient(if gradient {
             Gradient::Separate
         } else {
             Gradient::None

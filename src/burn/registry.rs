@@ -10,12 +10,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::backend::{DispatchDevice, WgpuDevice};
-use burn::tensor::wgpu::WgpuSetup;
+use burn::tensor::wgpu::{MemoryConfiguration, WgpuSetup};
 use burn::tensor::Device;
 use burn_cubecl::CubeDevice;
 
 use super::error::BurnError;
 use crate::{LossKernel, LossPlan, Problem};
+
+/// Burn's allocation policy on a device lsce shares: one wgpu buffer per tensor.
+///
+/// cubecl's default policy carves small tensors out of shared wgpu buffers, and wgpu forbids
+/// one buffer bound both read-only (the logits, labels, weights) and writable (the loss and
+/// gradient) in one dispatch, which lsce's kernels do (cubecl's own kernels bind everything
+/// read-write). Exclusive pages round each allocation up to a size bucket: some memory for
+/// never aliasing.
+const MEMORY: MemoryConfiguration = MemoryConfiguration::ExclusivePages;
 
 /// Plans kept per device; a training run uses a handful (forward, backward, evaluation).
 const PLAN_CACHE: usize = 64;
@@ -71,6 +80,7 @@ pub fn init_device() -> Result<Device, BurnError> {
         return Ok(device.clone());
     }
     let (device, setup) = Device::wgpu_options()
+        .memory_config(MEMORY)
         .init_with_setup()
         .map_err(|e| BurnError::Init(e.to_string()))?;
     register_setup(&device, &setup)?;
@@ -82,6 +92,7 @@ pub fn init_device() -> Result<Device, BurnError> {
 /// shares it with lsce: Burn, lsce and the application then record on one device and queue.
 pub fn share_setup(setup: WgpuSetup) -> Result<Device, BurnError> {
     let device = Device::wgpu_options()
+        .memory_config(MEMORY)
         .setup(setup.clone())
         .init()
         .map_err(|e| BurnError::Init(e.to_string()))?;
@@ -90,7 +101,9 @@ pub fn share_setup(setup: WgpuSetup) -> Result<Device, BurnError> {
 }
 
 /// Shares with lsce a Burn wgpu device the application initialised itself, given the setup
-/// Burn runs it on (as returned by `Device::wgpu_options().init_with_setup()`).
+/// Burn runs it on (as returned by `Device::wgpu_options().init_with_setup()`). Initialise it
+/// with `.memory_config(MemoryConfiguration::ExclusivePages)`: with cubecl's default policy
+/// a tensor lsce reads and one it writes can share a wgpu buffer, which the launch refuses.
 ///
 /// The setup must be that device's: Burn does not expose a device's handles, so lsce cannot
 /// check the pairing, and a wrong pairing gives wgpu validation errors.
