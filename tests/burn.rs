@@ -320,7 +320,7 @@ fn burn_bounds(batch: &Batch<'_>, reference: &lsce::LossOutput<f64>) -> (f64, Ve
         let lse = reference.lse[row];
         let per_log_p = (kf + 8.0 + 2.0 * max_abs + 3.0 + lse.abs()) * E;
         let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
-        let a: f64 = (0..k).map(|c| w(c)).sum::<f64>().max(1.0) * 2.0;
+        let a: f64 = (0..k).map(&w).sum::<f64>().max(1.0) * 2.0;
         let row_loss = a * (lse.abs() + max_abs);
         loss_bound += a * per_log_p + kf * E * row_loss;
         for c in 0..k {

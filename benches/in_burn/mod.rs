@@ -27,7 +27,7 @@ use burn::backend::Dispatch;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use lsce::burn::{GradientMode, LossOptions, LsceLossConfig, LsceOps};
-use lsce::{Gradient, LossBuffers, LossKernel, LossSpec, Problem, Shape, Summary};
+use lsce::{Gradient, LossBuffers, LossKernel, LossSpec, Problem, Shape, Summary, TargetKind};
 use wgpu::util::DeviceExt;
 
 /// One shape's Burn measurements.
@@ -108,7 +108,7 @@ impl BurnBench {
             if LSCE_BYTES_PER_LOGIT * elements > max {
                 return Err(format!(
                     "lsce's tensors need {} MiB, over --max-memory",
-                    LSCE_BYTES_PER_LOGIT * elements >> 20
+                    (LSCE_BYTES_PER_LOGIT * elements) >> 20
                 ));
             }
         }
@@ -161,8 +161,13 @@ impl BurnBench {
         let options = LossOptions {
             spec,
             mode: GradientMode::Keep,
+            targets: TargetKind::Classes,
+            weighted: false,
+            upstream_grad: false,
         };
-        // Planned (and validated) once, as `LsceLoss` does before it launches.
+        // The unused inputs' placeholder, as `LsceLoss` passes it.
+        let placeholder = Tensor::<1>::zeros([1], &plain);
+        // Validated once, as `LsceLoss` does before it launches.
         LsceLossConfig::new()
             .with_spec(spec)
             .init(&plain)
@@ -171,10 +176,10 @@ impl BurnBench {
         let (launch_ms, _) = time(&|| {
             let (loss, grad, _) = Dispatch::lsce_loss_grad(
                 xp.clone().into_dispatch(),
-                Some(yp.clone().into_dispatch()),
-                None,
-                None,
-                None,
+                yp.clone().into_dispatch(),
+                placeholder.clone().into_dispatch(),
+                placeholder.clone().into_dispatch(),
+                placeholder.clone().into_dispatch(),
                 options,
             );
             drop(Tensor::<2>::from_dispatch(grad));
@@ -187,7 +192,7 @@ impl BurnBench {
                 if BURN_BYTES_PER_LOGIT * elements > max {
                     return Err(format!(
                         "skipped: Burn's loss would need about {} MiB, over --max-memory",
-                        BURN_BYTES_PER_LOGIT * elements >> 20
+                        (BURN_BYTES_PER_LOGIT * elements) >> 20
                     ));
                 }
             }
@@ -302,15 +307,19 @@ fn reference_loss(
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
+    let message = payload
         .downcast_ref::<String>()
         .cloned()
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panicked".into())
+        .unwrap_or_else(|| "panicked".into());
+    // Burn's errors nest their cause several lines down: an allocation failure is the one a
+    // shape runs into here.
+    let line = message
         .lines()
-        .next()
-        .unwrap_or("panicked")
-        .to_string()
+        .find(|l| l.contains("allocate"))
+        .or_else(|| message.lines().next())
+        .unwrap_or("panicked");
+    line.trim().to_string()
 }
 
 /// Effective GB/s of a fwd+bwd: the logits read and the gradient written once.

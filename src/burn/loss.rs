@@ -110,7 +110,7 @@ impl LsceLossConfig {
 ///
 /// Swap it in for Burn's `CrossEntropyLoss`:
 ///
-/// ```no_run
+/// ```ignore
 /// use burn::tensor::{Int, Tensor};
 /// use lsce::burn::LsceLossConfig;
 ///

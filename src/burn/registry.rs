@@ -69,7 +69,7 @@ fn registry() -> &'static Mutex<HashMap<WgpuDevice, Arc<Shared>>> {
 /// once, on first use), and use the returned device, or its `.autodiff()`, for the model.
 /// Later calls return the same device.
 ///
-/// ```no_run
+/// ```ignore
 /// let device = lsce::burn::init_device()?.autodiff();
 /// # Ok::<(), lsce::burn::BurnError>(())
 /// ```
