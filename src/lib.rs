@@ -157,6 +157,7 @@ mod kernel;
 mod output;
 mod plan;
 mod shader;
+pub mod shards;
 mod spec;
 mod staging;
 

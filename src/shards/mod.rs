@@ -1,0 +1,79 @@
+//! # Vocabulary shards: the loss over logits split by class
+//!
+//! When a row's classes do not live in one buffer (a 128k vocabulary past a binding limit,
+//! tensor-parallel training with `[rows, K/P]` per device, or a linear layer producing the
+//! logits chunk by chunk), each shard `p` holds the classes `[c0, c1)` of a [`ShardLayout`]
+//! and a step is:
+//!
+//! 1. **pass 1**, per shard: one fixed-size record of partial statistics per row
+//!    ([`record`]: 32 bytes per row, plus a 32-byte header carrying the plan's fingerprint);
+//! 2. **one collective round**: every rank all-gathers every rank's records
+//!    ([`Collective::all_gather`], through [`exchange`]): `32 * rows` bytes sent per rank, `32 * P`
+//!    bytes per row received;
+//! 3. **the merge**, on every rank, in rank order ([`merge`], [`merge_records`]): the loss,
+//!    lse, accuracy and the per-row constants of the gradient, bitwise the same on every rank;
+//! 4. **pass 2**, per shard: its own gradient, which needs nothing from the other shards but the
+//!    merged row constants ([`RowGrad`]: max, coefficient, scale).
+//!
+//! Shards may have any widths (one class too) and the layout is checked to tile `[0, K)`
+//! exactly. The loss is the unsharded one: PyTorch's `F.cross_entropy` over the **global** `K`
+//! for every [`Smoothing`](crate::Smoothing) convention, the excluded class living in whichever
+//! shard holds it, class weights, probability targets, ignore_index, z-loss, soft-cap, logit
+//! scale, every reduction and upstream gradient, and token accuracy with the argmax taken as the
+//! first maximum by global class index.
+//!
+//! ## What a shard publishes, and why it is enough
+//!
+//! Per row: its max `m_p`, `s_p = sum exp(z - m_p)`, `shifted_p = sum a_c (m_p - z_c)`, the target
+//! mass `mass_p = sum a_c`, its first largest raw logit and class, whether it holds the label
+//! (and the label's weight for the mean's denominator) and the row kind. Because the target
+//! coefficients `a_c` are linear in the classes, the loss `A lse - sum a_c z_c` decomposes as
+//! `A ln S + sum_p (shifted_p + mass_p (M - m_p))` with `M = max_p m_p`: every term is
+//! non-negative for non-negative targets, so large logits do not cancel. The smoothing mass
+//! of a class label, `off * sum_{c != excluded} w_c`, is counted in each shard over its own
+//! classes with the off-value of the **global** `K`, so the sum over shards is the unsharded
+//! one whatever the widths.
+//!
+//! ## Against Megatron and flash-attention
+//!
+//! | | Megatron `vocab_parallel_cross_entropy` | flash-attention `cross_entropy(process_group=..)` | lsce shards |
+//! |---|---|---|---|
+//! | collective calls per step | three all-reduces (max, predicted logit, sum of exp) | an all-gather of the lse and an all-reduce of the losses | **one** all-gather of 32 bytes per row and rank |
+//! | shard widths | equal (`K / P`) | equal | any, each checked to tile `[0, K)` |
+//! | label smoothing | `eps / (K_local - 1)` off-value: the **local** shard's class count (Megatron-LM #737, NeMo #7464), so the loss changes with `P` | `eps / K` with the global `K` | the unsharded convention over the global `K`, any [`Smoothing`](crate::Smoothing) |
+//! | ignore_index, weights, probability targets, z-loss, soft-cap | no weights or probabilities | ignore_index, z-loss; no weights or probabilities | all |
+//! | merge order | all-reduce order of the library | all-reduce order of the library | rank order, on every rank: deterministic |
+//! | backward | needs the saved softmax shard | recomputes from the gathered lse | recomputes from the merged `(M, coef, scale)` |
+//!
+//! Megatron's smoothing term is `eps/(K-1)` with `K` the **local** vocabulary size (the
+//! `vocab_size` of the partition), so with `P` shards the off-value is `eps/(K/P - 1)`,
+//! P times too large, and its summed log-probabilities also cover only the local shard before the
+//! all-reduce: the result is not the unsharded loss (see the issues cited). lsce's
+//! `Smoothing::OffTarget(eps)` is the intended `eps/(K-1)` over the global `K` at every `P`.
+//!
+//! ## Transport
+//!
+//! [`Collective`] is one method, `all_gather` of equal-sized byte blocks. [`ThreadCollective`]
+//! connects threads of one process (several wgpu devices); `MpiCollective` (feature `mpi`)
+//! wraps an rsmpi communicator; anything else implements the trait. [`exchange`] checks the rank
+//! count, makes the one call and merges. On one device the GPU merges the shards itself.
+//!
+//! The host side (layout, records, merge, transports and the `f64` [`reference`]) is
+//! independent of wgpu; the tests hold each use against the unsharded result.
+
+mod batch;
+mod collective;
+mod layout;
+mod merge;
+#[cfg(feature = "mpi")]
+mod mpi;
+pub mod record;
+pub mod reference;
+
+pub use batch::ShardBatch;
+pub use collective::{block_bytes, exchange, Collective, ThreadCollective};
+pub use layout::{ShardLayout, ShardProblem};
+pub use merge::{merge, merge_records, Merged, RowGrad};
+#[cfg(feature = "mpi")]
+pub use mpi::MpiCollective;
+pub use record::{PartialRow, RowKind, RECORD_BYTES};
