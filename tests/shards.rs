@@ -113,7 +113,8 @@ fn large_logits_do_not_cancel_across_shards() {
 }
 
 /// The error of a merge from f32 records, per row: each field is rounded once to f32.
-fn record_bound(parts: &[Vec<shards::PartialRow>], row: usize, z_loss: f64) -> (f64, f64) {
+fn record_bound(parts: &[shards::ShardPartials], row: usize, z_loss: f64) -> (f64, f64) {
+    let parts: Vec<&[shards::PartialRow]> = parts.iter().map(|p| p.rows.as_slice()).collect();
     if parts[0][row].kind != shards::RowKind::Valid {
         return (0.0, 0.0); // exactly 0 or NaN
     }
@@ -146,7 +147,7 @@ fn records_round_trip_through_bytes() {
             let blocks: Vec<Vec<u8>> = parts
                 .iter()
                 .enumerate()
-                .map(|(p, rows)| record::encode(&problem, p, rows).unwrap())
+                .map(|(p, part)| record::encode(&problem, p, part).unwrap())
                 .collect();
             for b in &blocks {
                 assert_eq!(b.len(), block_bytes(&problem));

@@ -24,7 +24,7 @@ use crate::spec::{Reduction, UpstreamGrad};
 use crate::TargetKind;
 
 use super::layout::ShardProblem;
-use super::record::{decode, PartialRow, RowKind};
+use super::record::{decode, RowKind, ShardPartials};
 
 /// What the gradient pass of every shard needs of a row: nothing else crosses shards.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,11 +110,12 @@ fn rescale(m_part: f64, m: f64) -> f64 {
 /// Merges the partial rows of all `P` shards (`partials[p]` is shard `p`'s, one per row).
 pub fn merge(
     problem: &ShardProblem,
-    partials: &[Vec<PartialRow>],
+    shards: &[ShardPartials],
     upstream: UpstreamGrad<'_>,
 ) -> Result<Merged> {
     problem.validate()?;
-    check_count(problem, partials.len())?;
+    check_count(problem, shards.len())?;
+    let partials: Vec<&[_]> = shards.iter().map(|s| s.rows.as_slice()).collect();
     let rows = problem.rows as usize;
     if let Some(shard) = partials.iter().position(|p| p.len() != rows) {
         return Err(LsceError::ForeignRecords {
@@ -152,7 +153,6 @@ pub fn merge(
     let mut argmax = vec![u32::MAX; rows];
     let mut grads = Vec::with_capacity(rows);
     let mut coefs = Vec::with_capacity(rows);
-    let mut denominator = 0.0;
     let mut correct = classes.then_some(0u64);
     let mut bad_label = None;
     for row in 0..rows {
@@ -167,7 +167,7 @@ pub fn merge(
             let fill = if first.kind == RowKind::Ignored {
                 0.0
             } else {
-                bad_label.get_or_insert((row as u64, first.bad_label));
+                bad_label.get_or_insert((row as u64, first.label));
                 f64::NAN
             };
             (loss[row], z_loss[row], lse[row]) = (fill, fill, fill);
@@ -186,8 +186,8 @@ pub fn merge(
             .map(|p| p[row].max)
             .fold(f64::MIN, f64::max);
         let (mut sum_exp, mut mass, mut shifted) = (0.0, 0.0, 0.0);
-        let mut best: Option<(f64, u32, usize)> = None;
-        for (shard, p) in partials.iter().enumerate() {
+        let mut best: Option<(f64, u32)> = None;
+        for p in &partials {
             let r = &p[row];
             sum_exp += r.sum_exp * rescale(r.max, max);
             mass += r.mass;
@@ -195,28 +195,27 @@ pub fn merge(
             if r.mass != 0.0 && r.max != max {
                 shifted += r.mass * (max - r.max);
             }
-            if best.is_none_or(|(v, _, _)| r.argmax_value > v) {
-                best = Some((r.argmax_value, r.argmax_class, shard));
+            if best.is_none_or(|(v, _)| r.argmax_value > v) {
+                best = Some((r.argmax_value, r.argmax_class));
             }
         }
         let row_lse = max + sum_exp.ln();
         lse[row] = row_lse;
         z_loss[row] = z_coef * row_lse * row_lse;
         loss[row] = mass * sum_exp.ln() + shifted + z_loss[row];
-        let (_, class, from) = best.expect("at least one shard");
+        let (_, class) = best.expect("at least one shard");
         argmax[row] = class;
-        if let (Some(n), Some(h)) = (correct.as_mut(), holder) {
-            *n += u64::from(!row_lse.is_nan() && from == h && partials[h][row].argmax_is_label);
+        if let Some(n) = correct.as_mut() {
+            *n += u64::from(!row_lse.is_nan() && class == first.label as u32);
         }
-        denominator += match holder {
-            Some(h) if classes => partials[h][row].label_weight,
-            _ => 1.0,
-        };
         coefs.push((RowKind::Valid, max, (mass + 2.0 * z_coef * row_lse) / sum_exp));
     }
-    if !classes {
-        denominator = rows as f64;
-    }
+    // The shards' parts in rank order; the row count for probability targets.
+    let denominator = if classes {
+        shards.iter().map(|s| s.denominator).sum()
+    } else {
+        rows as f64
+    };
 
     let reduced_scale = match upstream {
         UpstreamGrad::Scalar(g) => f64::from(g),

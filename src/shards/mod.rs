@@ -25,8 +25,9 @@
 //! ## What a shard publishes, and why it is enough
 //!
 //! Per row: its max `m_p`, `s_p = sum exp(z - m_p)`, `shifted_p = sum a_c (m_p - z_c)`, the target
-//! mass `mass_p = sum a_c`, its first largest raw logit and class, whether it holds the label
-//! (and the label's weight for the mean's denominator) and the row kind. Because the target
+//! mass `mass_p = sum a_c`, its first largest raw logit and class, the label, whether it holds
+//! it, and the row kind; per step, its part of the mean's denominator (`sum w_y` over the rows
+//! whose label it holds). Because the target
 //! coefficients `a_c` are linear in the classes, the loss `A lse - sum a_c z_c` decomposes as
 //! `A ln S + sum_p (shifted_p + mass_p (M - m_p))` with `M = max_p m_p`: every term is
 //! non-negative for non-negative targets, so large logits do not cancel. The smoothing mass
@@ -76,4 +77,4 @@ pub use layout::{ShardLayout, ShardProblem};
 pub use merge::{merge, merge_records, Merged, RowGrad};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCollective;
-pub use record::{PartialRow, RowKind, RECORD_BYTES};
+pub use record::{PartialRow, RowKind, ShardPartials, RECORD_BYTES};

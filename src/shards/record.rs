@@ -11,7 +11,8 @@
 //! | 3 | the shard's index (rank) `p` |
 //! | 4 | the shard count `P` |
 //! | 5 | rows |
-//! | 6, 7 | the shard's classes `c0`, `c1` |
+//! | 6 | the shard's first class `c0` |
+//! | 7 | f32: the shard's part of the mean's denominator, `sum w_y` over the valid rows whose label it holds (0 for probability targets) |
 //!
 //! | record word | type | meaning (over the shard's classes `c0 <= c < c1`, transformed logits `z`) |
 //! |---|---|---|
@@ -21,8 +22,8 @@
 //! | 3 | f32 | `mass`: `sum_c a_c` |
 //! | 4 | f32 | the first largest raw logit (token accuracy) |
 //! | 5 | u32 | its global class index |
-//! | 6 | f32 / i32 | a valid class-label row: `w_y` if the shard holds the label, else 0 (the mean's denominator); a bad-label row: the label |
-//! | 7 | u32 | bits 0-1: the row's [`RowKind`]; bit 2: the shard holds the label; bit 3: and its first largest logit is the label's |
+//! | 6 | i32 | the row's class label (0 for probability targets) |
+//! | 7 | u32 | bits 0-1: the row's [`RowKind`]; bit 2: the shard holds the label |
 //!
 //! 32 bytes per row and shard, whatever `K`; `P * 32` bytes per row gathered by every rank.
 
@@ -39,10 +40,11 @@ pub const RECORD_WORDS: usize = RECORD_BYTES / 4;
 /// The first header word.
 pub const MAGIC: u32 = 0x5343_534c;
 
+/// The header word holding the shard's part of the denominator.
+const DENOMINATOR_WORD: usize = 7;
 /// Bit 2 of record word 7.
 const HOLDS_LABEL: u32 = 4;
-/// Bit 3 of record word 7.
-const ARGMAX_IS_LABEL: u32 = 8;
+
 
 /// What a row is, as every shard sees it from the replicated labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,13 +87,18 @@ pub struct PartialRow {
     pub argmax_class: u32,
     /// Whether this shard holds the row's class label.
     pub holds_label: bool,
-    /// Whether it does and its first largest raw logit is the label's: then the row is
-    /// counted correct when the merged argmax comes from this shard.
-    pub argmax_is_label: bool,
-    /// `w_y` when it does (the mean's denominator), else 0.
-    pub label_weight: f64,
-    /// The label of a [`RowKind::BadLabel`] row (0 otherwise).
-    pub bad_label: i32,
+    /// The row's class label (0 for probability targets).
+    pub label: i32,
+}
+
+/// One shard's pass-1 output: its per-row records and its part of the mean's denominator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardPartials {
+    /// One record per row.
+    pub rows: Vec<PartialRow>,
+    /// `sum w_y` over the valid rows whose label this shard holds (`w = 1` without weights;
+    /// 0 for probability targets, whose denominator is the row count).
+    pub denominator: f64,
 }
 
 impl PartialRow {
@@ -106,9 +113,7 @@ impl PartialRow {
             argmax_value: f64::NEG_INFINITY,
             argmax_class: u32::MAX,
             holds_label: false,
-            argmax_is_label: false,
-            label_weight: 0.0,
-            bad_label: if kind == RowKind::BadLabel { label } else { 0 },
+            label,
         }
     }
 }
@@ -125,13 +130,14 @@ pub(crate) fn header(problem: &ShardProblem, shard: usize) -> [u32; HEADER_BYTES
         problem.layout.shards() as u32,
         problem.rows,
         range.start,
-        range.end,
+        0,
     ]
 }
 
 /// Shard `shard`'s record block: the header, then one record per row (narrowed to `f32`).
-pub fn encode(problem: &ShardProblem, shard: usize, rows: &[PartialRow]) -> Result<Vec<u8>> {
+pub fn encode(problem: &ShardProblem, shard: usize, partials: &ShardPartials) -> Result<Vec<u8>> {
     problem.layout.check_shard(shard)?;
+    let rows = &partials.rows;
     if rows.len() != problem.rows as usize {
         return Err(LsceError::LengthMismatch {
             what: "partial rows",
@@ -141,17 +147,13 @@ pub fn encode(problem: &ShardProblem, shard: usize, rows: &[PartialRow]) -> Resu
     }
     let mut words = Vec::with_capacity(HEADER_BYTES / 4 + rows.len() * RECORD_WORDS);
     words.extend(header(problem, shard));
+    words[DENOMINATOR_WORD] = (partials.denominator as f32).to_bits();
     for r in rows {
         // The GPU's online max starts at the most negative finite f32, not -inf.
         let max = if r.max < f64::from(f32::MIN) {
             f32::MIN
         } else {
             r.max as f32
-        };
-        let word6 = if r.kind == RowKind::BadLabel {
-            r.bad_label as u32
-        } else {
-            (r.label_weight as f32).to_bits()
         };
         words.extend([
             max.to_bits(),
@@ -160,10 +162,8 @@ pub fn encode(problem: &ShardProblem, shard: usize, rows: &[PartialRow]) -> Resu
             (r.mass as f32).to_bits(),
             (r.argmax_value as f32).to_bits(),
             r.argmax_class,
-            word6,
-            r.kind as u32
-                | if r.holds_label { HOLDS_LABEL } else { 0 }
-                | if r.argmax_is_label { ARGMAX_IS_LABEL } else { 0 },
+            r.label as u32,
+            r.kind as u32 | if r.holds_label { HOLDS_LABEL } else { 0 },
         ]);
     }
     Ok(bytemuck::cast_slice(&words).to_vec())
@@ -171,7 +171,7 @@ pub fn encode(problem: &ShardProblem, shard: usize, rows: &[PartialRow]) -> Resu
 
 /// Reads shard `shard`'s record block, checking its header against `problem`: another plan's
 /// records (fingerprint), another shard's, another row count or a truncated block is an `Err`.
-pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Vec<PartialRow>> {
+pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<ShardPartials> {
     problem.layout.check_shard(shard)?;
     let expected_len = HEADER_BYTES + problem.rows as usize * RECORD_BYTES;
     if bytes.len() != expected_len {
@@ -182,7 +182,7 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Vec<
     }
     let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
     let expected = header(problem, shard);
-    let reason = match (0..expected.len()).find(|&i| word(i) != expected[i]) {
+    let reason = match (0..DENOMINATOR_WORD).find(|&i| word(i) != expected[i]) {
         None => None,
         Some(0) => Some("no record magic: not a record block"),
         Some(1 | 2) => Some("the fingerprint is another problem's"),
@@ -195,7 +195,7 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Vec<
         return Err(LsceError::ForeignRecords { shard, reason });
     }
     let f = |i: usize| f64::from(f32::from_bits(word(i)));
-    (0..problem.rows as usize)
+    let rows = (0..problem.rows as usize)
         .map(|row| {
             let w = HEADER_BYTES / 4 + row * RECORD_WORDS;
             let flags = word(w + 7);
@@ -203,7 +203,6 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Vec<
                 shard,
                 reason: "a record has an unknown row kind",
             })?;
-            let bad = kind == RowKind::BadLabel;
             Ok(PartialRow {
                 kind,
                 max: f(w),
@@ -213,10 +212,12 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Vec<
                 argmax_value: f(w + 4),
                 argmax_class: word(w + 5),
                 holds_label: flags & HOLDS_LABEL != 0,
-                argmax_is_label: flags & ARGMAX_IS_LABEL != 0,
-                label_weight: if bad { 0.0 } else { f(w + 6) },
-                bad_label: if bad { word(w + 6) as i32 } else { 0 },
+                label: word(w + 6) as i32,
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(ShardPartials {
+        rows,
+        denominator: f(DENOMINATOR_WORD),
+    })
 }

@@ -34,7 +34,7 @@ use crate::spec::Targets;
 use super::batch::ShardBatch;
 use super::layout::ShardProblem;
 use super::merge::Merged;
-use super::record::{PartialRow, RowKind};
+use super::record::{PartialRow, RowKind, ShardPartials};
 
 /// The row's kind from its label, as every shard classifies it (`classify_label`).
 fn row_kind(problem: &ShardProblem, batch: &ShardBatch<'_>, row: usize) -> (RowKind, i32) {
@@ -92,11 +92,12 @@ fn shard_row(problem: &ShardProblem, batch: &ShardBatch<'_>, row: usize, y: i32)
 
 /// Pass 1 of one shard: every row's partial statistics over the shard's classes (see
 /// [`record`](super::record) for what each field is).
-pub fn partials(problem: &ShardProblem, batch: &ShardBatch<'_>) -> Result<Vec<PartialRow>> {
+pub fn partials(problem: &ShardProblem, batch: &ShardBatch<'_>) -> Result<ShardPartials> {
     let values = batch.validate(problem)?;
     let range = problem.layout.range(batch.shard);
     let soft = matches!(batch.targets, Targets::Probabilities(_));
-    Ok((0..problem.rows as usize)
+    let weight = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
+    let rows: Vec<PartialRow> = (0..problem.rows as usize)
         .map(|row| {
             let (kind, y) = row_kind(problem, batch, row);
             if kind != RowKind::Valid {
@@ -106,7 +107,6 @@ pub fn partials(problem: &ShardProblem, batch: &ShardBatch<'_>) -> Result<Vec<Pa
             let stats = row_statistics(&r.z);
             let holds_label = !soft && range.contains(&(y as u32));
             let label = (!soft).then_some(holds_label.then_some(y as u32));
-            let weight = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
             let local_argmax = crate::cpu::argmax(&r.x);
             PartialRow {
                 kind,
@@ -126,16 +126,16 @@ pub fn partials(problem: &ShardProblem, batch: &ShardBatch<'_>) -> Result<Vec<Pa
                 argmax_value: r.x[local_argmax as usize],
                 argmax_class: range.start + local_argmax,
                 holds_label,
-                argmax_is_label: holds_label && range.start + local_argmax == y as u32,
-                label_weight: if holds_label {
-                    weight((y as u32 - range.start) as usize)
-                } else {
-                    0.0
-                },
-                bad_label: 0,
+                label: y,
             }
         })
-        .collect())
+        .collect();
+    let denominator = rows
+        .iter()
+        .filter(|r| r.holds_label)
+        .map(|r| weight((r.label as u32 - range.start) as usize))
+        .sum();
+    Ok(ShardPartials { rows, denominator })
 }
 
 /// Pass 2 of one shard: its `[rows, c1 - c0]` gradient from the merged rows,
