@@ -35,7 +35,11 @@ struct Params {
     z_loss: f32,
     split_base: u32,     // first word of the split-row records in `control`
     split_parts: u32,    // parts per row when rows are split (rows.wgsl), else 1
+    class_begin: u32,    // a vocabulary shard's first global class (src/shards), else 0
+    label_classes: u32,  // the global class count labels index (K), = classes unsharded
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 override HAS_WEIGHTS: bool = false;
@@ -197,7 +201,7 @@ fn classify_label(label: i32) -> u32 {
     if (Q.has_ignore != 0u && label == Q.ignore_index) {
         return ROW_IGNORED;
     }
-    if (label < 0 || u32(label) >= Q.classes) {
+    if (label < 0 || u32(label) >= Q.label_classes) {
         return ROW_BAD_LABEL;
     }
     return ROW_VALID;
@@ -229,6 +233,13 @@ fn add_target(dot: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: 
     }
 }
 
+// The local class of a valid row's global label: NONE_U32 when another vocabulary shard
+// holds it (then no class of this shard matches it and its extra coefficient is 0).
+fn local_label(label: i32) -> u32 {
+    let c = u32(label) - Q.class_begin;
+    return select(NONE_U32, c, c < Q.classes);
+}
+
 // A row's results from its statistics: lse, loss, the target mass A, and 1/s.
 struct RowResult {
     lse: f32,
@@ -245,16 +256,18 @@ struct RowResult {
 fn finish_row(m: f32, sums: vec4<f32>, extra: f32, z_label: f32) -> RowResult {
     let log_s = log(sums.x);
     let lse_v = m + log_s;
-    var mass: f32;
-    var shifted: f32;  // sum_c a_c (m - z_c)
+    let t = target_sums(m, sums, extra, z_label);
+    return RowResult(lse_v, t.x * log_s + t.y + Q.z_loss * lse_v * lse_v, t.x, 1.0 / sums.x);
+}
+
+// The target mass A = sum a_c and sum_c a_c (m - z_c) of a row (or of a vocabulary shard's
+// part of it) from its max m and swept sums, as finish_row uses them.
+fn target_sums(m: f32, sums: vec4<f32>, extra: f32, z_label: f32) -> vec2<f32> {
     if (SOFT_TARGETS) {
-        mass = sums.z;
-        shifted = mass * m - sums.y;
-    } else {
-        mass = off_mass() + extra;
-        shifted = select(0.0, off_mass() * m - Q.off * sums.y, Q.off != 0.0) + extra * (m - z_label);
+        return vec2<f32>(sums.z, sums.z * m - sums.y);
     }
-    return RowResult(lse_v, mass * log_s + shifted + Q.z_loss * lse_v * lse_v, mass, 1.0 / sums.x);
+    let shifted = select(0.0, off_mass() * m - Q.off * sums.y, Q.off != 0.0) + extra * (m - z_label);
+    return vec2<f32>(off_mass() + extra, shifted);
 }
 
 // The row's gradient constants (p_coef / s, scale * logit_scale), p_coef = A + 2 z_loss lse.

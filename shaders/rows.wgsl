@@ -78,15 +78,18 @@ fn label_row(row: ptr<function, Row>) -> u32 {
     let label_i = team_row_label((*row).r);
     let kind = classify_label(label_i);
     if (kind == ROW_VALID) {
-        (*row).label = u32(label_i);
-        (*row).extra = label_extra((*row).label);
+        // Unsharded, the label itself; a vocabulary shard not holding it gets NONE_U32.
+        (*row).label = local_label(label_i);
+        if ((*row).label != NONE_U32) {
+            (*row).extra = label_extra((*row).label);
+        }
     }
     return kind;
 }
 
 // The transformed logit of the row's label (0 for probability targets).
 fn label_logit(row: Row) -> f32 {
-    if (SOFT_TARGETS) {
+    if (SOFT_TARGETS || row.label == NONE_U32) {
         return 0.0;
     }
     return transform_logit(vec4<f32>(load_elem(row.g0 + row.label))).x;
@@ -372,5 +375,82 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         let first = split_record(row.r, 0u);
         let consts = vec2<f32>(record_word(first + 6u), record_word(first + 7u));
         sweep_grad(row, range.x, range.y, record_word(first), consts);
+    }
+}
+
+// ---- Vocabulary shards --------------------------------------------------------------------
+// A shard plan (src/shards/gpu.rs) runs over one shard's [rows, c1 - c0] logits, with
+// Q.class_begin = c0 and Q.label_classes = K; a label another shard holds is NONE_U32 here
+// (label_row). Its records live where split rows keep theirs (Q.split_base in `control`),
+// SHARD_RECORD_WORDS words per row; the host copies them out (pass 1) or in (pass 2).
+//   shard_stats: pass 1: per row, one sweep (one read, one exp per logit) into the row's
+//                record, laid out as src/shards/record.rs documents: m, s, sum a (m - z),
+//                sum a, argmax value, argmax global class, label, kind | holds-label << 2.
+//   shard_grad:  pass 2: per row, the gradient from the merged (M, coef, scale, kind) words
+//                (src/shards/merge.rs, RowGrad): a second read, one exp per logit.
+// Traffic: pass 1 reads the shard's logits once and writes 32 bytes per row; pass 2 reads
+// them again and 16 bytes per row, and writes the shard's gradient.
+
+const SHARD_RECORD_WORDS: u32 = 8u;
+const SHARD_MERGED_WORDS: u32 = 4u;
+const SHARD_HOLDS_LABEL: u32 = 4u;
+
+@compute @workgroup_size(WG_SIZE)
+fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        let label_i = row_label(r);
+        let kind = label_row(&row);
+        let at = Q.split_base + (Q.row_begin + r) * SHARD_RECORD_WORDS;
+        if (kind != ROW_VALID) {
+            if (team_lid() == 0u) {
+                set_record_word(at, NEG_BIG);
+                set_record_word(at + 1u, 0.0);
+                set_record_word(at + 2u, 0.0);
+                set_record_word(at + 3u, 0.0);
+                set_record_word(at + 4u, neg_inf());
+                atomicStore(&control[at + 5u], NONE_U32);
+                atomicStore(&control[at + 6u], bitcast<u32>(label_i));
+                atomicStore(&control[at + 7u], kind);
+            }
+            continue;
+        }
+        let z_label = label_logit(row);
+        let sweep = sweep_stats(row, 0u, row.units);
+        var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
+        if (ACCURACY) {
+            arg = team_argmax(sweep.best);
+        }
+        let sums = target_sums(sweep.st.m, sweep.st.v, row.extra, z_label);
+        if (team_lid() == 0u) {
+            set_record_word(at, sweep.st.m);
+            set_record_word(at + 1u, sweep.st.v.x);
+            set_record_word(at + 2u, sums.y);
+            set_record_word(at + 3u, sums.x);
+            atomicStore(&control[at + 4u], arg.x);
+            atomicStore(&control[at + 5u], select(arg.y + Q.class_begin, NONE_U32, arg.y == NONE_U32));
+            atomicStore(&control[at + 6u], bitcast<u32>(label_i));
+            atomicStore(&control[at + 7u], select(0u, SHARD_HOLDS_LABEL, !SOFT_TARGETS && row.label != NONE_U32));
+        }
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn shard_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        label_row(&row);
+        let at = Q.split_base + (Q.row_begin + r) * SHARD_MERGED_WORDS;
+        let kind = atomicLoad(&control[at + 3u]);
+        if (kind != ROW_VALID) {
+            fill_units(row, 0u, row.units, unusable_value(kind));
+            continue;
+        }
+        let consts = vec2<f32>(record_word(at + 1u), record_word(at + 2u) * Q.logit_scale);
+        sweep_grad(row, 0u, row.units, record_word(at), consts);
     }
 }

@@ -25,7 +25,11 @@ fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
             let label = row_label(r);
             let kind = classify_label(label);
             if (kind == ROW_VALID) {
-                sums.x += weight(vec4<u32>(u32(label))).x;
+                // A vocabulary shard counts only the weights of the labels it holds.
+                let c = local_label(label);
+                if (c != NONE_U32) {
+                    sums.x += weight(vec4<u32>(c)).x;
+                }
                 sums.y += 1.0;
             } else if (kind == ROW_BAD_LABEL) {
                 bad = min(bad, r);

@@ -315,6 +315,8 @@ struct PlanInner {
     max_row_workgroups: u32,
     /// Parts each row is split into (rows.wgsl's split passes), or 1.
     split_parts: u32,
+    /// Set for a plan over one vocabulary shard.
+    shard: Option<ShardRole>,
 }
 
 #[derive(Debug)]
@@ -336,16 +338,62 @@ impl LossKernel {
     /// Validates `problem` against the spec and the device limits, compiles (or reuses) its
     /// pipelines and allocates its O(rows) scratch.
     pub fn plan(&self, problem: &Problem) -> Result<LossPlan> {
-        LossPlan::new(self, problem)
+        LossPlan::new(self, problem, None)
     }
 }
 
+/// A plan over one vocabulary shard (`src/shards`): `problem.shape` is the shard's
+/// `[rows, c1 - c0]`, the spec is the global one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ShardRole {
+    /// `c0`: the shard's first global class.
+    pub class_begin: u32,
+    /// `K`: the global class count (labels, smoothing values, the excluded class).
+    pub classes: u32,
+    /// Which pass the plan runs.
+    pub pass: ShardPass,
+}
+
+/// The row pass of a shard plan (`shard_stats` or `shard_grad` in `shaders/rows.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ShardPass {
+    /// Pass 1: the per-row records into the split-record region of `control`.
+    Stats,
+    /// Pass 2: the gradient from the merged rows in that region.
+    Grad,
+}
+
 impl LossPlan {
-    fn new(kernel: &LossKernel, problem: &Problem) -> Result<Self> {
+    /// A shard plan: the setup pass (the shard's part of the denominator, its off-mass) and
+    /// one shard row pass; no reduction.
+    pub(crate) fn for_shard(
+        kernel: &LossKernel,
+        problem: &Problem,
+        role: ShardRole,
+    ) -> Result<Self> {
+        Self::new(kernel, problem, Some(role))
+    }
+
+    /// The device the plan runs on.
+    pub(crate) fn device(&self) -> &wgpu::Device {
+        self.inner.kernel.device()
+    }
+
+    /// The plan's `control` scratch and the byte offset of its split-record region, where a
+    /// shard plan keeps its records (pass 1) or merged rows (pass 2).
+    pub(crate) fn record_region(&self) -> (&wgpu::Buffer, u64) {
+        let p = &self.inner;
+        (
+            &p.control,
+            (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(p.chunks)) * WORD,
+        )
+    }
+
+    fn new(kernel: &LossKernel, problem: &Problem, shard: Option<ShardRole>) -> Result<Self> {
         let inner = &kernel.inner;
         let spec = &problem.spec;
         let shape = problem.shape;
-        let values = spec.resolve(shape.classes())?;
+        let values = spec.resolve(shard.map_or(shape.classes(), |s| s.classes))?;
         let soft = problem.targets == TargetKind::Probabilities;
         if soft && problem.accuracy {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
@@ -424,13 +472,13 @@ impl LossPlan {
             shape.classes(),
             if wide { None } else { Some(problem.dtype) },
         );
-        let split_parts = if strided {
+        let split_parts = if strided || shard.is_some() {
             1
         } else {
             row_shape.split_parts(shape.rows(), inner.config.min_row_teams)
         };
         let device = &inner.device;
-        let split_words = if split_parts > 1 {
+        let split_words = if split_parts > 1 || shard.is_some() {
             u64::from(shape.rows()) * u64::from(split_parts) * SPLIT_WORDS
         } else {
             0
@@ -475,6 +523,8 @@ impl LossPlan {
         let pipeline = |family, entry| inner.pipeline(key(family, entry, false));
         // The row passes: one, or three for split rows (the last only with a gradient).
         let row_entries: &[&'static str] = match (split_parts > 1, problem.gradient) {
+            _ if shard.is_some_and(|s| s.pass == ShardPass::Stats) => &["shard_stats"],
+            _ if shard.is_some() => &["shard_grad"],
             (false, _) => &["rows_main"],
             (true, Gradient::None) => &["split_stats", "split_finish"],
             (true, _) => &["split_stats", "split_finish", "split_grad"],
@@ -504,6 +554,7 @@ impl LossPlan {
             wide,
             narrow_rows,
             finalize: match spec.reduction {
+                _ if shard.is_some() => None,
                 Reduction::None => None,
                 _ => Some((
                     pipeline(Family::Reduce, "finalize_partials")?,
@@ -535,6 +586,7 @@ impl LossPlan {
                 inner.config.max_row_workgroups.unwrap_or(u32::MAX).max(1)
             },
             split_parts,
+            shard,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -777,7 +829,15 @@ impl PlanInner {
     fn params(&self, w: &Window, b: &BoundWindow<'_>) -> Params {
         let spec = &self.problem.spec;
         let shape = self.problem.shape;
-        let receiving = shape.classes() - u32::from(spec.excluded_class.is_some());
+        // A shard holds classes [c0, c0 + classes): the excluded class is local or absent.
+        let (class_begin, label_classes) = self
+            .shard
+            .map_or((0, shape.classes()), |s| (s.class_begin, s.classes));
+        let excluded = spec
+            .excluded_class
+            .and_then(|c| c.checked_sub(class_begin))
+            .filter(|&c| c < shape.classes());
+        let receiving = shape.classes() - u32::from(excluded.is_some());
         Params {
             classes: shape.classes(),
             spatial: shape.spatial(),
@@ -792,7 +852,7 @@ impl PlanInner {
             weights_base: b.ranges[2].base,
             chunk_base: w.chunk_base,
             chunk_count: self.chunks,
-            excluded: spec.excluded_class.unwrap_or(u32::MAX),
+            excluded: excluded.unwrap_or(u32::MAX),
             ignore_index: spec.ignore_index.unwrap_or(0),
             has_ignore: u32::from(spec.ignore_index.is_some()),
             reduction: match spec.reduction {
@@ -814,7 +874,9 @@ impl PlanInner {
             z_loss: spec.z_loss,
             split_base: (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(self.chunks)) as u32,
             split_parts: self.split_parts,
-            _pad: 0,
+            class_begin,
+            label_classes,
+            _pad: [0; 3],
         }
     }
 
@@ -848,7 +910,7 @@ impl PlanInner {
         let weights = required("weights", b.weights, p.weighted)?;
         let upstream = required("upstream", b.upstream, p.upstream)?;
         let grad = required("grad", b.grad, p.gradient == Gradient::Separate)?;
-        let loss = if reduced {
+        let loss = if reduced || self.shard.is_some() {
             b.loss
         } else {
             required("loss", b.loss, true)?

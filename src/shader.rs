@@ -51,7 +51,9 @@ pub(crate) struct Params {
     pub z_loss: f32,
     pub split_base: u32,
     pub split_parts: u32,
-    pub _pad: u32,
+    pub class_begin: u32,
+    pub label_classes: u32,
+    pub _pad: [u32; 3],
 }
 
 /// Rows per partial-sum slot of the setup and reduction passes.

@@ -55,6 +55,26 @@ pub struct Merged {
 }
 
 impl Merged {
+    /// The merged rows as pass 2 reads them on a device: per row `M`, `coef`, `scale` (f32)
+    /// and the [`RowKind`] (u32), 16 bytes (`shard_grad` in `shaders/rows.wgsl`).
+    pub fn grad_words(&self) -> Vec<u8> {
+        let words: Vec<u32> = self
+            .rows
+            .iter()
+            .flat_map(|r| {
+                // The most negative finite f32 stands for a row of -inf, as the kernels'.
+                let max = if r.max < f64::from(f32::MIN) { f32::MIN } else { r.max as f32 };
+                [
+                    max.to_bits(),
+                    (r.coef as f32).to_bits(),
+                    (r.scale as f32).to_bits(),
+                    r.kind as u32,
+                ]
+            })
+            .collect();
+        bytemuck::cast_slice(&words).to_vec()
+    }
+
     /// `Err(LabelOutOfRange)` when a row had a bad label (its loss and gradient are NaN).
     pub fn check(&self, classes: u32) -> Result<()> {
         match self.bad_label {

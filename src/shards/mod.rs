@@ -64,6 +64,7 @@
 
 mod batch;
 mod collective;
+mod gpu;
 mod layout;
 mod merge;
 #[cfg(feature = "mpi")]
@@ -73,6 +74,7 @@ pub mod reference;
 
 pub use batch::ShardBatch;
 pub use collective::{block_bytes, exchange, Collective, ThreadCollective};
+pub use gpu::{ShardBuffers, ShardOptions, ShardPlan, MERGED_ROW_BYTES};
 pub use layout::{ShardLayout, ShardProblem};
 pub use merge::{merge, merge_records, Merged, RowGrad};
 #[cfg(feature = "mpi")]
