@@ -495,17 +495,28 @@ impl LossPlan {
                 });
             }
         }
-        let scratch = |label, size| {
+        let scratch_with = |label, size, usage| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | usage,
                 mapped_at_creation: false,
             })
         };
-        let control = scratch("lsce control", control_bytes);
+        let scratch = |label, size| scratch_with(label, size, wgpu::BufferUsages::empty());
+        // A shard's pass 2 copies the merged rows into its control words.
+        let control = scratch_with(
+            "lsce control",
+            control_bytes,
+            if shard.is_some() {
+                wgpu::BufferUsages::COPY_DST
+            } else {
+                wgpu::BufferUsages::empty()
+            },
+        );
         let row_loss_scratch =
-            (spec.reduction != Reduction::None).then(|| scratch("lsce row losses", rows_bytes));
+            (spec.reduction != Reduction::None || shard.is_some())
+                .then(|| scratch("lsce row losses", rows_bytes));
         let lse_scratch = scratch("lsce lse", rows_bytes);
 
         let switches = Switches {

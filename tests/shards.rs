@@ -15,7 +15,8 @@ use lsce::shards::{
     ShardProblem, ThreadCollective,
 };
 use lsce::{LossSpec, LsceError, Reduction, UpstreamGrad};
-use shard_cases::{case, cases, close, layouts, Case, E};
+use shard_cases::common::E;
+use shard_cases::{case, cases, close, layouts, Case};
 
 const F64_E: f64 = f64::EPSILON / 2.0;
 

@@ -7,7 +7,7 @@ use lsce::{cpu, Batch, LossOutput, LossSpec, Reduction, Shape, Smoothing, Target
 
 #[path = "../common/mod.rs"]
 pub mod common;
-pub use common::{Rng, E};
+pub use common::Rng;
 
 /// One global problem and its data.
 pub struct Case {
