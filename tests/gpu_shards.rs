@@ -123,7 +123,7 @@ fn half_precision_logits() {
         let problem = c.problem(&layout);
         let options = ShardOptions {
             dtype,
-            grad_dtype: dtype,
+            grad_dtype: lsce::GradDtype::AsLogits,
             ..Default::default()
         };
         let mut blocks = Vec::new();

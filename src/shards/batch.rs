@@ -2,8 +2,7 @@
 //! GPU calls.
 
 use crate::error::{LsceError, Result};
-use crate::spec::{Logits, Reduction, Targets, TargetValues, UpstreamGrad};
-use crate::TargetKind;
+use crate::{Logits, Reduction, TargetKind, TargetValues, Targets, UpstreamGrad};
 
 use super::layout::ShardProblem;
 

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use crate::error::{LsceError, Result};
-use crate::spec::UpstreamGrad;
+use crate::UpstreamGrad;
 
 use super::layout::ShardProblem;
 use super::merge::{merge_records, Merged};

@@ -10,11 +10,8 @@
 
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
-use crate::plan::{
-    upload, Gradient, LossBuffers, LossPlan, Problem, ShardPass, ShardRole, Summary,
-};
-use crate::spec::{Dtype, Shape, Targets};
-use crate::TargetKind;
+use crate::plan::{upload, LossBuffers, LossPlan, ShardPass, ShardRole, Summary};
+use crate::{Dtype, GradDtype, Gradient, Problem, Shape, TargetKind, Targets};
 
 use super::batch::ShardBatch;
 use super::layout::ShardProblem;
@@ -30,8 +27,8 @@ pub const MERGED_ROW_BYTES: u64 = 16;
 pub struct ShardOptions {
     /// The logits' element type.
     pub dtype: Dtype,
-    /// The gradient's element type (the logits' or `F32`).
-    pub grad_dtype: Dtype,
+    /// The gradient's element type.
+    pub grad_dtype: GradDtype,
     /// `Separate`, `InPlace` (over the shard's logits) or `None` (no pass 2).
     pub gradient: Gradient,
 }
@@ -40,7 +37,7 @@ impl Default for ShardOptions {
     fn default() -> Self {
         Self {
             dtype: Dtype::F32,
-            grad_dtype: Dtype::F32,
+            grad_dtype: GradDtype::AsLogits,
             gradient: Gradient::Separate,
         }
     }
@@ -104,7 +101,7 @@ impl ShardPlan {
         let classes = problem.targets == TargetKind::Classes;
         let base = Problem::new(problem.spec, shape)
             .with_targets(problem.targets)
-            .with_weights(problem.weighted)
+            .with_weighted(problem.weighted)
             .with_dtype(options.dtype);
         let role = |pass| ShardRole {
             class_begin: range.start,
@@ -271,10 +268,9 @@ impl ShardPlan {
             wgpu::BufferUsages::COPY_SRC,
         )?;
         let elements = u64::from(self.problem.rows) * u64::from(self.width());
-        let grad_dtype = if self.options.gradient == Gradient::InPlace {
-            self.options.dtype
-        } else {
-            self.options.grad_dtype
+        let grad_dtype = match (self.options.gradient, self.options.grad_dtype) {
+            (Gradient::InPlace, _) | (_, GradDtype::AsLogits) => self.options.dtype,
+            (_, GradDtype::F32) => Dtype::F32,
         };
         let bytes = (elements * grad_dtype.bytes()).next_multiple_of(WORD);
         let grad = device.create_buffer(&wgpu::BufferDescriptor {

@@ -3,8 +3,7 @@
 use std::ops::Range;
 
 use crate::error::{LsceError, Result};
-use crate::spec::{LossSpec, Reduction, Smoothing, TargetValues};
-use crate::TargetKind;
+use crate::{LossSpec, Reduction, Smoothing, TargetKind, TargetValues};
 
 /// The split of `[0, classes)` into shards, in rank order: shard `p` holds the classes
 /// `ranges[p]`, and the ranges tile `[0, classes)` exactly, ascending. Widths may differ and

@@ -20,8 +20,7 @@
 
 use crate::error::{LsceError, Result};
 use crate::output::LossOutput;
-use crate::spec::{Reduction, UpstreamGrad};
-use crate::TargetKind;
+use crate::{Reduction, TargetKind, UpstreamGrad};
 
 use super::layout::ShardProblem;
 use super::record::{decode, RowKind, ShardPartials};

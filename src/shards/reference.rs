@@ -18,7 +18,7 @@
 //!     reference::partials(&problem, &ShardBatch::classes(1, &right, &labels))?,
 //! ];
 //! let merged = lsce::shards::merge(&problem, &parts, UpstreamGrad::One)?;
-//! let whole = cpu::compute(&spec, &Batch::classes(Shape::matrix(2, 5)?, &logits, &labels), true)?;
+//! let whole = cpu::compute(&spec, &Batch::classes(Shape::matrix(2, 5)?, &logits, &labels), lsce::Gradient::Separate)?;
 //! assert!((merged.output.loss[0] - whole.loss[0]).abs() < 1e-12);
 //! let g1 = reference::gradient(&problem, &ShardBatch::classes(1, &right, &labels), &merged)?;
 //! assert!((g1[0] - whole.grad.unwrap()[2]).abs() < 1e-12); // row 0, class 2
@@ -29,7 +29,7 @@
 
 use crate::cpu::{coefficient, row_statistics, shifted_dot, transform, ClassTarget};
 use crate::error::{LsceError, Result};
-use crate::spec::Targets;
+use crate::Targets;
 
 use super::batch::ShardBatch;
 use super::layout::ShardProblem;

@@ -45,7 +45,7 @@ impl Case {
 
     /// The unsharded f64 result, with the gradient.
     pub fn reference(&self) -> LossOutput<f64> {
-        cpu::compute(&self.spec, &self.batch(), true).expect("unsharded reference")
+        cpu::compute(&self.spec, &self.batch(), lsce::Gradient::Separate).expect("unsharded reference")
     }
 
     pub fn problem(&self, layout: &ShardLayout) -> ShardProblem {
