@@ -169,6 +169,11 @@ fn off_mass() -> f32 {
 // The factor that multiplies (softmax * coef - a) for row r of the window: the upstream
 // gradient, divided by the denominator for the mean (NaN when every row is ignored or weighs 0).
 fn row_scale(r: u32) -> f32 {
+    return row_scale_over(r, bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR])));
+}
+
+// row_scale with the mean's denominator d given.
+fn row_scale_over(r: u32, d: f32) -> f32 {
     var g = 1.0;
     if (Q.upstream_mode == UPSTREAM_SCALAR) {
         g = upstream[Q.upstream_base];
@@ -176,7 +181,6 @@ fn row_scale(r: u32) -> f32 {
         g = upstream[Q.upstream_base + r];
     }
     if (Q.reduction == REDUCTION_MEAN) {
-        let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
         return select(g / d, nan(), d == 0.0);
     }
     return g;

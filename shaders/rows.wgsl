@@ -388,6 +388,11 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
 //                sum a, argmax value, argmax global class, label, kind | holds-label << 2.
 //   shard_grad:  pass 2: per row, the gradient from the merged (M, coef, scale, kind) words
 //                (src/shards/merge.rs, RowGrad): a second read, one exp per logit.
+//   shard_merge_grad: pass 2 for shards on one device: the P record blocks (Q.split_parts of
+//                them, in rank order) are merged per row by every invocation of the row's team
+//                (the same loads, the same order: the same values; mirror: merge() of
+//                src/shards/merge.rs), then the gradient as shard_grad, and the row's loss and
+//                lse. Reads P * 32 bytes per row more.
 // Traffic: pass 1 reads the shard's logits once and writes 32 bytes per row; pass 2 reads
 // them again and 16 bytes per row, and writes the shard's gradient.
 
@@ -443,14 +448,99 @@ fn shard_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     team_begin(ids, wid, nwg);
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
-        label_row(&row);
         let at = Q.split_base + (Q.row_begin + r) * SHARD_MERGED_WORDS;
-        let kind = atomicLoad(&control[at + 3u]);
+        // The kind from this shard's own labels, the same as the merged one, and uniform.
+        let kind = label_row(&row);
         if (kind != ROW_VALID) {
             fill_units(row, 0u, row.units, unusable_value(kind));
             continue;
         }
         let consts = vec2<f32>(record_word(at + 1u), record_word(at + 2u) * Q.logit_scale);
         sweep_grad(row, 0u, row.units, record_word(at), consts);
+    }
+}
+
+// Word of header word or record word 0 of shard p's block (Q.split_parts blocks of
+// SHARD_RECORD_WORDS header words and one record per row of all windows).
+fn shard_block(p: u32) -> u32 {
+    return Q.split_base + p * (Q.total_rows + 1u) * SHARD_RECORD_WORDS;
+}
+
+fn shard_record(p: u32, global_row: u32) -> u32 {
+    return shard_block(p) + (global_row + 1u) * SHARD_RECORD_WORDS;
+}
+
+// The P shards' records of a row, merged in rank order.
+struct MergedRow {
+    st: OnlineStats,  // m = M; v.x = S, v.y = sum a (M - z), v.z = A
+    arg: vec2<u32>,   // first largest raw logit (bits) and its global class
+}
+
+fn merge_shard_records(global_row: u32) -> MergedRow {
+    var m = NEG_BIG;
+    for (var p = 0u; p < Q.split_parts; p++) {
+        m = max(m, record_word(shard_record(p, global_row)));
+    }
+    var v = vec4<f32>(0.0);
+    var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
+    for (var p = 0u; p < Q.split_parts; p++) {
+        let at = shard_record(p, global_row);
+        let m_p = record_word(at);
+        let mass_p = record_word(at + 3u);
+        v.x += record_word(at + 1u) * rescale(m_p, m);
+        v.y += record_word(at + 2u) + select(0.0, mass_p * (m - m_p), mass_p != 0.0 && m_p != m);
+        v.z += mass_p;
+        let value = atomicLoad(&control[at + 4u]);
+        // Shards are in class order: a later one replaces only when strictly larger.
+        if (arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(arg.x)) {
+            arg = vec2<u32>(value, atomicLoad(&control[at + 5u]));
+        }
+    }
+    return MergedRow(OnlineStats(m, v), arg);
+}
+
+// The mean's denominator: the shards' parts (header word 7) in rank order; the row count for
+// probability targets.
+fn merged_denominator() -> f32 {
+    if (SOFT_TARGETS) {
+        return f32(Q.total_rows);
+    }
+    var d = 0.0;
+    for (var p = 0u; p < Q.split_parts; p++) {
+        d += record_word(shard_block(p) + 7u);
+    }
+    return d;
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    let d = merged_denominator();
+    if (team_first_row() == 0u && team_lid() == 0u && Q.row_begin == 0u) {
+        // For the reduction after this pass (setup_final wrote this shard's part alone).
+        atomicStore(&control[CTRL_DENOMINATOR], bitcast<u32>(d));
+    }
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        let kind = label_row(&row);
+        if (kind != ROW_VALID) {
+            fill_row(row, unusable_value(kind));
+            continue;
+        }
+        let merged = merge_shard_records(Q.row_begin + r);
+        let st = merged.st;
+        let log_s = log(st.v.x);
+        let lse_v = st.m + log_s;
+        if (team_lid() == 0u) {
+            store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
+            if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(row_label(r)) && !is_nan(lse_v)) {
+                atomicAdd(&control[CTRL_CORRECT], 1u);
+            }
+        }
+        if (WRITE_GRAD) {
+            let consts = vec2<f32>((st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x, row_scale_over(r, d) * Q.logit_scale);
+            sweep_grad(row, 0u, row.units, st.m, consts);
+        }
     }
 }

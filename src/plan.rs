@@ -233,13 +233,32 @@ pub(crate) struct ShardRole {
     pub pass: ShardPass,
 }
 
-/// The row pass of a shard plan (`shard_stats` or `shard_grad` in `shaders/rows.wgsl`).
+/// The row pass of a shard plan (`shard_stats`, `shard_grad` or `shard_merge_grad` in
+/// `shaders/rows.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ShardPass {
     /// Pass 1: the per-row records into the split-record region of `control`.
     Stats,
-    /// Pass 2: the gradient from the merged rows in that region.
+    /// Pass 2: the gradient from the host-merged rows in that region.
     Grad,
+    /// Pass 2 on one device: merges the record blocks of all `shards` in that region itself,
+    /// then writes the gradient, the loss, the lse and the summary.
+    MergeGrad {
+        /// `P`.
+        shards: u32,
+    },
+}
+
+impl ShardPass {
+    /// Words of `control` the pass keeps per plan after the partial sums.
+    fn record_words(self, rows: u32) -> u64 {
+        let rows = u64::from(rows);
+        match self {
+            ShardPass::Stats | ShardPass::Grad => rows * SPLIT_WORDS,
+            // P blocks of a header and one record per row (src/shards/record.rs).
+            ShardPass::MergeGrad { shards } => u64::from(shards) * (rows + 1) * SPLIT_WORDS,
+        }
+    }
 }
 
 impl LossPlan {
@@ -352,10 +371,12 @@ impl LossPlan {
             row_shape.split_parts(shape.rows(), inner.config.min_row_teams)
         };
         let device = &inner.device;
-        let split_words = if split_parts > 1 || shard.is_some() {
-            u64::from(shape.rows()) * u64::from(split_parts) * SPLIT_WORDS
-        } else {
-            0
+        let split_words = match shard {
+            Some(role) => role.pass.record_words(shape.rows()),
+            None if split_parts > 1 => {
+                u64::from(shape.rows()) * u64::from(split_parts) * SPLIT_WORDS
+            }
+            None => 0,
         };
         let control_bytes =
             (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(chunks) + split_words) * WORD;
@@ -409,7 +430,8 @@ impl LossPlan {
         // The row passes: one, or three for split rows (the last only with a gradient).
         let row_entries: &[&'static str] = match (split_parts > 1, problem.gradient) {
             _ if shard.is_some_and(|s| s.pass == ShardPass::Stats) => &["shard_stats"],
-            _ if shard.is_some() => &["shard_grad"],
+            _ if shard.is_some_and(|s| s.pass == ShardPass::Grad) => &["shard_grad"],
+            _ if shard.is_some() => &["shard_merge_grad"],
             (false, _) => &["rows_main"],
             (true, Gradient::None) => &["split_stats", "split_finish"],
             (true, _) => &["split_stats", "split_finish", "split_grad"],
@@ -439,7 +461,9 @@ impl LossPlan {
             wide,
             narrow_rows,
             finalize: match spec.reduction {
-                _ if shard.is_some() => None,
+                _ if shard.is_some_and(|s| !matches!(s.pass, ShardPass::MergeGrad { .. })) => {
+                    None
+                }
                 Reduction::None => None,
                 _ => Some((
                     pipeline(Family::Reduce, "finalize_partials")?,
@@ -758,7 +782,13 @@ impl PlanInner {
             softcap: spec.softcap.unwrap_or(0.0),
             z_loss: spec.z_loss,
             split_base: (CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(self.chunks)) as u32,
-            split_parts: self.split_parts,
+            split_parts: match self.shard {
+                Some(ShardRole {
+                    pass: ShardPass::MergeGrad { shards },
+                    ..
+                }) => shards,
+                _ => self.split_parts,
+            },
             class_begin,
             label_classes,
             _pad: [0; 3],

@@ -14,7 +14,7 @@
 mod shard_cases;
 
 use lsce::shards::{
-    exchange, merge_records, Collective, ShardLayout, ShardOptions, ShardPlan, ThreadCollective,
+    compute_on_device, exchange, merge_records, Collective, ShardLayout, ShardOptions, ShardPlan, ThreadCollective,
 };
 use lsce::{Dtype, KernelConfig, LossKernel, LossOutput, LossSpec};
 use shard_cases::common::{self, compare_outputs, reference_for, Errors};
@@ -89,6 +89,26 @@ fn one_device_p_buffers_match_unsharded() {
             }
         }
         errors.report(&format!("shards one device K={classes}"));
+    }
+}
+
+#[test]
+fn one_device_merged_on_the_device_matches_unsharded() {
+    let g = common::gpu();
+    for classes in [37u32, 700] {
+        let mut errors = Errors::default();
+        for c in cases(10, classes) {
+            for layout in layouts(classes) {
+                let what = format!("{} K={classes} P={} device merge", c.name, layout.shards());
+                let problem = c.problem(&layout);
+                let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(&layout, p)).collect();
+                let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
+                let got = compute_on_device(&g.kernel, &g.queue, &problem, &batches, Default::default())
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                errors.merge(check(&what, &g.kernel, &c, &got));
+            }
+        }
+        errors.report(&format!("shards device merge K={classes}"));
     }
 }
 

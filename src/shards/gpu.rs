@@ -22,15 +22,33 @@ use super::record::{header, HEADER_BYTES, RECORD_BYTES};
 /// (u32), as [`Merged::grad_words`] lays them out.
 pub const MERGED_ROW_BYTES: u64 = 16;
 
-/// Which gradient pass 2 writes.
+/// Where the shards' records are merged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MergeOn {
+    /// On the host ([`merge_records`](super::merge_records), after any transport): pass 2
+    /// reads the merged rows ([`ShardPlan::encode_gradient`]).
+    #[default]
+    Host,
+    /// On the device, for shards on one device: pass 2 reads all shards' record blocks, merges
+    /// each row itself and writes the loss, lse and summary too
+    /// ([`ShardPlan::encode_merged_gradient`]).
+    Device,
+}
+
+/// What a shard plan reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShardOptions {
     /// The logits' element type.
     pub dtype: Dtype,
     /// The gradient's element type.
     pub grad_dtype: GradDtype,
-    /// `Separate`, `InPlace` (over the shard's logits) or `None` (no pass 2).
+    /// `Separate`, `InPlace` (over the shard's logits) or `None`.
     pub gradient: Gradient,
+    /// Where the records are merged.
+    pub merge: MergeOn,
+    /// Whether an upstream-gradient buffer is bound in pass 2 ([`MergeOn::Device`]; the host
+    /// merge takes it as an argument).
+    pub upstream_grad: bool,
 }
 
 impl Default for ShardOptions {
@@ -39,6 +57,8 @@ impl Default for ShardOptions {
             dtype: Dtype::F32,
             grad_dtype: GradDtype::AsLogits,
             gradient: Gradient::Separate,
+            merge: MergeOn::Host,
+            upstream_grad: false,
         }
     }
 }
@@ -113,14 +133,25 @@ impl ShardPlan {
             &base.with_gradient(Gradient::None).with_accuracy(classes),
             role(ShardPass::Stats),
         )?;
-        let grad = match options.gradient {
-            Gradient::None => None,
-            gradient => Some(LossPlan::for_shard(
+        let pass2 = base
+            .with_gradient(options.gradient)
+            .with_grad_dtype(options.grad_dtype);
+        let grad = match (options.merge, options.gradient) {
+            (MergeOn::Host, Gradient::None) => None,
+            (MergeOn::Host, _) if options.upstream_grad => {
+                return Err(LsceError::Unsupported(
+                    "with MergeOn::Host the upstream gradient goes to the merge, not to the plan",
+                ))
+            }
+            (MergeOn::Host, _) => Some(LossPlan::for_shard(kernel, &pass2, role(ShardPass::Grad))?),
+            (MergeOn::Device, _) => Some(LossPlan::for_shard(
                 kernel,
-                &base
-                    .with_gradient(gradient)
-                    .with_grad_dtype(options.grad_dtype),
-                role(ShardPass::Grad),
+                &pass2
+                    .with_upstream_grad(options.upstream_grad)
+                    .with_accuracy(classes),
+                role(ShardPass::MergeGrad {
+                    shards: problem.layout.shards() as u32,
+                }),
             )?),
         };
         let device = kernel.device();
@@ -146,6 +177,10 @@ impl ShardPlan {
             header,
             summary,
         })
+    }
+
+    pub(crate) fn device(&self) -> &wgpu::Device {
+        self.stats.device()
     }
 
     /// The problem.
@@ -217,6 +252,11 @@ impl ShardPlan {
         merged: wgpu::BufferSlice<'_>,
         grad: Option<wgpu::BufferSlice<'_>>,
     ) -> Result<()> {
+        if self.options.merge != MergeOn::Host {
+            return Err(LsceError::Unsupported(
+                "the shard plan merges on the device: use encode_merged_gradient",
+            ));
+        }
         let plan = self.grad.as_ref().ok_or(LsceError::Unsupported(
             "the shard plan was made with Gradient::None",
         ))?;
@@ -236,10 +276,54 @@ impl ShardPlan {
         Ok(())
     }
 
+    /// Bytes of the record blocks of all shards, as [`encode_merged_gradient`] reads them.
+    ///
+    /// [`encode_merged_gradient`]: Self::encode_merged_gradient
+    pub fn all_blocks_bytes(&self) -> u64 {
+        self.block_bytes() * self.problem.layout.shards() as u64
+    }
+
+    /// Pass 2 with the merge on the device ([`MergeOn::Device`]): copies all `P` shards'
+    /// record blocks in (`records`: [`all_blocks_bytes`](Self::all_blocks_bytes), block `p` at
+    /// byte `p * block_bytes()`, as each shard's [`encode_records`](Self::encode_records) wrote
+    /// it there; `COPY_SRC`), merges every row in rank order and records this shard's gradient
+    /// and the step's loss, lse and summary into `buffers` (the table of [`LossBuffers`] with
+    /// the shard's `[rows, c1 - c0]` shape; the labels are global, `weights` the shard's).
+    ///
+    /// The blocks are trusted to be of plans of this problem on this device (the host merge
+    /// checks their fingerprints; here they never leave the device).
+    pub fn encode_merged_gradient(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: &LossBuffers<'_>,
+        records: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        let plan = match (self.options.merge, &self.grad) {
+            (MergeOn::Device, Some(plan)) => plan,
+            _ => {
+                return Err(LsceError::Unsupported(
+                    "the shard plan merges on the host: use encode_gradient",
+                ))
+            }
+        };
+        check_copy("records", records, self.all_blocks_bytes(), wgpu::BufferUsages::COPY_SRC)?;
+        let binding = plan.bind(buffers)?;
+        let (control, at) = plan.record_region();
+        encoder.copy_buffer_to_buffer(
+            records.buffer(),
+            records.offset(),
+            control,
+            at,
+            self.all_blocks_bytes(),
+        );
+        binding.encode(encoder);
+        Ok(())
+    }
+
     /// Pass 1 on host data: uploads the shard's slice, runs pass 1 and returns its record
     /// block. For tests, examples and transports that start from host memory.
     pub fn compute_records(&self, queue: &wgpu::Queue, batch: &ShardBatch<'_>) -> Result<Vec<u8>> {
-        let device = self.stats.device();
+        let device = self.device();
         let inputs = self.upload(device, batch)?;
         let records = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("lsce shard records"),
@@ -249,7 +333,8 @@ impl ShardPlan {
         });
         let mut encoder = device.create_command_encoder(&Default::default());
         self.encode_records(&mut encoder, &inputs.buffers(), records.slice(..))?;
-        read_back(device, queue, encoder, &records, self.block_bytes())
+        let mut out = read_back(device, queue, encoder, &[(&records, self.block_bytes())])?;
+        Ok(out.remove(0))
     }
 
     /// Pass 2 on host data: the shard's `[rows, c1 - c0]` gradient, widened to `f32`.
@@ -259,7 +344,7 @@ impl ShardPlan {
         batch: &ShardBatch<'_>,
         merged: &Merged,
     ) -> Result<Vec<f32>> {
-        let device = self.stats.device();
+        let device = self.device();
         let inputs = self.upload(device, batch)?;
         let merged = upload(
             device,
@@ -268,10 +353,7 @@ impl ShardPlan {
             wgpu::BufferUsages::COPY_SRC,
         )?;
         let elements = u64::from(self.problem.rows) * u64::from(self.width());
-        let grad_dtype = match (self.options.gradient, self.options.grad_dtype) {
-            (Gradient::InPlace, _) | (_, GradDtype::AsLogits) => self.options.dtype,
-            (_, GradDtype::F32) => Dtype::F32,
-        };
+        let grad_dtype = self.grad_dtype();
         let bytes = (elements * grad_dtype.bytes()).next_multiple_of(WORD);
         let grad = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("lsce shard grad"),
@@ -288,27 +370,28 @@ impl ShardPlan {
             (!in_place).then(|| grad.slice(..)),
         )?;
         let source = if in_place { &inputs.logits } else { &grad };
-        let raw = read_back(device, queue, encoder, source, bytes)?;
-        Ok(match grad_dtype {
-            Dtype::F32 => bytemuck::cast_slice(&raw).to_vec(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .take(elements as usize)
-                .map(|b| crate::half::f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-            Dtype::Bf16 => raw
-                .chunks_exact(2)
-                .take(elements as usize)
-                .map(|b| crate::half::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-        })
+        let raw = read_back(device, queue, encoder, &[(source, bytes)])?;
+        Ok(widen(&raw[0], grad_dtype, elements as usize))
     }
 
-    fn width(&self) -> u32 {
+    pub(crate) fn width(&self) -> u32 {
         self.problem.layout.width(self.shard)
     }
 
-    fn upload(&self, device: &wgpu::Device, batch: &ShardBatch<'_>) -> Result<Inputs> {
+    /// The options.
+    pub fn options(&self) -> &ShardOptions {
+        &self.options
+    }
+
+    /// The gradient's element type.
+    pub(crate) fn grad_dtype(&self) -> Dtype {
+        match (self.options.gradient, self.options.grad_dtype) {
+            (Gradient::InPlace, _) | (_, GradDtype::AsLogits) => self.options.dtype,
+            (_, GradDtype::F32) => Dtype::F32,
+        }
+    }
+
+    pub(crate) fn upload(&self, device: &wgpu::Device, batch: &ShardBatch<'_>) -> Result<Inputs> {
         batch.validate(&self.problem)?;
         if batch.shard != self.shard {
             return Err(LsceError::ForeignRecords {
@@ -337,14 +420,14 @@ impl ShardPlan {
     }
 }
 
-struct Inputs {
-    logits: wgpu::Buffer,
-    targets: wgpu::Buffer,
-    weights: Option<wgpu::Buffer>,
+pub(crate) struct Inputs {
+    pub logits: wgpu::Buffer,
+    pub targets: wgpu::Buffer,
+    pub weights: Option<wgpu::Buffer>,
 }
 
 impl Inputs {
-    fn buffers(&self) -> ShardBuffers<'_> {
+    pub(crate) fn buffers(&self) -> ShardBuffers<'_> {
         ShardBuffers {
             logits: self.logits.slice(..),
             targets: self.targets.slice(..),
@@ -386,24 +469,31 @@ fn check_copy(
     Ok(())
 }
 
-/// Submits `encoder` with a copy of `bytes` of `source` into a mapped buffer and returns them.
-fn read_back(
+/// Submits `encoder` with copies of `(source, bytes)` into one mapped buffer and returns each.
+pub(crate) fn read_back(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     mut encoder: wgpu::CommandEncoder,
-    source: &wgpu::Buffer,
-    bytes: u64,
-) -> Result<Vec<u8>> {
+    sources: &[(&wgpu::Buffer, u64)],
+) -> Result<Vec<Vec<u8>>> {
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let mut at = Vec::with_capacity(sources.len());
+    let mut total = 0u64;
+    for &(_, bytes) in sources {
+        at.push(total);
+        total += bytes.next_multiple_of(wgpu::MAP_ALIGNMENT);
+    }
     let readback = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("lsce shard readback"),
-        size: bytes.max(WORD),
+        size: total.max(wgpu::MAP_ALIGNMENT),
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    encoder.copy_buffer_to_buffer(source, 0, &readback, 0, bytes);
+    for (&(source, bytes), &to) in sources.iter().zip(&at) {
+        encoder.copy_buffer_to_buffer(source, 0, &readback, to, bytes);
+    }
     let index = queue.submit([encoder.finish()]);
-    let slice = readback.slice(..bytes);
+    let slice = readback.slice(..);
     let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = sender.send(r);
@@ -425,5 +515,28 @@ fn read_back(
     let view = slice
         .get_mapped_range()
         .map_err(|e| LsceError::Readback(e.to_string()))?;
-    Ok(view.to_vec())
+    Ok(sources
+        .iter()
+        .zip(&at)
+        .map(|(&(_, bytes), &to)| view[to as usize..(to + bytes) as usize].to_vec())
+        .collect())
+}
+
+/// `elements` gradient values of `dtype` from their bytes, widened to `f32`.
+pub(crate) fn widen(raw: &[u8], dtype: Dtype, elements: usize) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytemuck::cast_slice(&raw[..elements * 4]).to_vec(),
+        Dtype::F16 | Dtype::Bf16 => raw
+            .chunks_exact(2)
+            .take(elements)
+            .map(|b| {
+                let bits = u16::from_le_bytes([b[0], b[1]]);
+                if dtype == Dtype::F16 {
+                    crate::half::f16_to_f32(bits)
+                } else {
+                    crate::half::bf16_to_f32(bits)
+                }
+            })
+            .collect(),
+    }
 }
