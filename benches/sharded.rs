@@ -17,7 +17,8 @@
 //!   the device (`MergeOn::Device`): what a one-device engine runs when its vocabulary is split.
 //!
 //! `overhead` = the median of sharded / unsharded - 1 over the pairs: the merge and the extra
-//! pass as a fraction of the unsharded fused time. `sent/row` is what one rank sends per row in the one collective call
+//! pass as a fraction of the unsharded fused time; `min ovh` the same from the fastest run of
+//! each (the least disturbed by other work on a shared machine). `sent/row` is what one rank sends per row in the one collective call
 //! of a multi-device step (its 32-byte record; plus a 32-byte header per step), `recv/row` what
 //! every rank receives (`32 P`). Without `--bench` (as under `cargo test --all-targets`) only a
 //! small case runs, as a smoke test.
@@ -91,7 +92,9 @@ fn logits(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
         })
         .collect()
@@ -137,9 +140,9 @@ impl Gpu {
         Ok(start.elapsed())
     }
 
-    /// `repeats` alternating runs of `a` and `b` after one warm-up pair: the medians of each
-    /// and of the pairs' ratios b / a.
-    fn pairs(&self, repeats: usize, a: &Encode<'_>, b: &Encode<'_>) -> Result<[f64; 3], String> {
+    /// `repeats` alternating runs of `a` and `b` after one warm-up pair: the medians of each,
+    /// of the pairs' ratios b / a, and the ratio of the fastest runs.
+    fn pairs(&self, repeats: usize, a: &Encode<'_>, b: &Encode<'_>) -> Result<[f64; 4], String> {
         let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=repeats {
             let (x, y) = (self.time(a)?.as_secs_f64(), self.time(b)?.as_secs_f64());
@@ -149,7 +152,9 @@ impl Gpu {
                 ratio.push(y / x);
             }
         }
-        Ok([median(ta), median(tb), median(ratio)])
+        let fastest = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let min_ratio = fastest(&tb) / fastest(&ta);
+        Ok([median(ta), median(tb), median(ratio), min_ratio])
     }
 }
 
@@ -183,8 +188,8 @@ fn run() -> Result<(), String> {
         info.name, info.backend, o.repeats
     );
     println!(
-        "{:>13} {:>3} {:>14} {:>12} {:>9} {:>9} {:>9}",
-        "shape", "P", "unsharded ms", "sharded ms", "overhead", "sent/row", "recv/row"
+        "{:>13} {:>3} {:>14} {:>12} {:>9} {:>9} {:>9} {:>9}",
+        "shape", "P", "unsharded ms", "sharded ms", "overhead", "min ovh", "sent/row", "recv/row"
     );
     let storage = wgpu::BufferUsages::STORAGE;
     let copy = wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
@@ -227,7 +232,11 @@ fn run() -> Result<(), String> {
                 .map(|p| {
                     let r = layout.range(p);
                     let cols: Vec<f32> = (0..rows as usize)
-                        .flat_map(|row| host[row * k + r.start as usize..row * k + r.end as usize].iter().copied())
+                        .flat_map(|row| {
+                            host[row * k + r.start as usize..row * k + r.end as usize]
+                                .iter()
+                                .copied()
+                        })
                         .collect();
                     gpu.buffer(bytemuck::cast_slice(&cols), storage)
                 })
@@ -237,37 +246,40 @@ fn run() -> Result<(), String> {
                 .collect();
             let block = plans[0].block_bytes();
             let records = gpu.empty(block * shards as u64, copy);
-            let summaries: Vec<wgpu::Buffer> =
-                (0..shards).map(|_| gpu.empty(Summary::SIZE, copy)).collect();
+            let summaries: Vec<wgpu::Buffer> = (0..shards)
+                .map(|_| gpu.empty(Summary::SIZE, copy))
+                .collect();
             let sharded = |e: &mut wgpu::CommandEncoder| {
-                    for (p, plan) in plans.iter().enumerate() {
-                        let buffers = lsce::shards::ShardBuffers {
-                            logits: xs[p].slice(..),
-                            targets: label_buf.slice(..),
-                            weights: None,
-                        };
-                        let at = p as u64 * block;
-                        plan.encode_records(e, &buffers, records.slice(at..at + block))?;
-                    }
-                    for (p, plan) in plans.iter().enumerate() {
-                        let buffers = LossBuffers::new(
-                            xs[p].slice(..),
-                            label_buf.slice(..),
-                            summaries[p].slice(..),
-                        )
-                        .with_grad(grads[p].slice(..));
-                        plan.encode_merged_gradient(e, &buffers, records.slice(..))?;
-                    }
-                    Ok(())
+                for (p, plan) in plans.iter().enumerate() {
+                    let buffers = lsce::shards::ShardBuffers {
+                        logits: xs[p].slice(..),
+                        targets: label_buf.slice(..),
+                        weights: None,
+                    };
+                    let at = p as u64 * block;
+                    plan.encode_records(e, &buffers, records.slice(at..at + block))?;
+                }
+                for (p, plan) in plans.iter().enumerate() {
+                    let buffers = LossBuffers::new(
+                        xs[p].slice(..),
+                        label_buf.slice(..),
+                        summaries[p].slice(..),
+                    )
+                    .with_grad(grads[p].slice(..));
+                    plan.encode_merged_gradient(e, &buffers, records.slice(..))?;
+                }
+                Ok(())
             };
-            let [unsharded_ms, sharded_ms, ratio] = gpu.pairs(o.repeats, &unsharded, &sharded)?;
+            let [unsharded_ms, sharded_ms, ratio, min_ratio] =
+                gpu.pairs(o.repeats, &unsharded, &sharded)?;
             println!(
-                "{:>13} {:>3} {:>14.2} {:>12.2} {:>8.1}% {:>9} {:>9}",
+                "{:>13} {:>3} {:>14.2} {:>12.2} {:>8.1}% {:>8.1}% {:>9} {:>9}",
                 format!("{rows}x{classes}"),
                 shards,
                 unsharded_ms,
                 sharded_ms,
                 (ratio - 1.0) * 100.0,
+                (min_ratio - 1.0) * 100.0,
                 RECORD_BYTES,
                 RECORD_BYTES * shards,
             );

@@ -47,7 +47,13 @@ fn data() -> (Vec<f32>, Vec<i32>) {
         .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
         .collect();
     let labels = (0..ROWS)
-        .map(|r| if r % 9 == 4 { -100 } else { (next() % u64::from(CLASSES)) as i32 })
+        .map(|r| {
+            if r % 9 == 4 {
+                -100
+            } else {
+                (next() % u64::from(CLASSES)) as i32
+            }
+        })
         .collect();
     (logits, labels)
 }
@@ -113,7 +119,9 @@ fn main() -> Result<(), Error> {
     }
 
     // One device, the same shards, merged in one process: bitwise the same.
-    let slices: Vec<Vec<f32>> = (0..ranks).map(|p| columns(&logits, layout.range(p))).collect();
+    let slices: Vec<Vec<f32>> = (0..ranks)
+        .map(|p| columns(&logits, layout.range(p)))
+        .collect();
     let plans: Vec<ShardPlan> = (0..ranks)
         .map(|p| ShardPlan::new(&kernel, &problem, p, Default::default()))
         .collect::<Result<_, _>>()?;
@@ -124,7 +132,11 @@ fn main() -> Result<(), Error> {
     let local = merge_records(&problem, &refs, UpstreamGrad::One)?;
     let mut local_grad = Vec::new();
     for p in 0..ranks {
-        let g = plans[p].compute_gradient(&queue, &ShardBatch::classes(p, &slices[p], &labels), &local)?;
+        let g = plans[p].compute_gradient(
+            &queue,
+            &ShardBatch::classes(p, &slices[p], &labels),
+            &local,
+        )?;
         local_grad.push(g);
     }
     let mut one_device = vec![0.0f32; ROWS as usize * k];
@@ -160,7 +172,10 @@ fn main() -> Result<(), Error> {
         "rank 0: {ranks} ranks bitwise equal to the same shards on one device; vs one device unsharded: |loss diff| {loss_err:.3e}, max |grad diff| {grad_err:.3e}"
     );
     if loss_err > 1e-5 * (1.0 + f64::from(whole.loss[0]).abs()) || grad_ratio > 1.0 {
-        return Err(format!("the MPI step differs from one device: loss {loss_err:e}, grad {grad_err:e}").into());
+        return Err(format!(
+            "the MPI step differs from one device: loss {loss_err:e}, grad {grad_err:e}"
+        )
+        .into());
     }
     println!("vocab_parallel: OK");
     Ok(())

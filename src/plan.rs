@@ -409,9 +409,8 @@ impl LossPlan {
                 wgpu::BufferUsages::empty()
             },
         );
-        let row_loss_scratch =
-            (spec.reduction != Reduction::None || shard.is_some())
-                .then(|| scratch("lsce row losses", rows_bytes));
+        let row_loss_scratch = (spec.reduction != Reduction::None || shard.is_some())
+            .then(|| scratch("lsce row losses", rows_bytes));
         let lse_scratch = scratch("lsce lse", rows_bytes);
 
         let switches = Switches {
@@ -461,9 +460,7 @@ impl LossPlan {
             wide,
             narrow_rows,
             finalize: match spec.reduction {
-                _ if shard.is_some_and(|s| !matches!(s.pass, ShardPass::MergeGrad { .. })) => {
-                    None
-                }
+                _ if shard.is_some_and(|s| !matches!(s.pass, ShardPass::MergeGrad { .. })) => None,
                 Reduction::None => None,
                 _ => Some((
                     pipeline(Family::Reduce, "finalize_partials")?,

@@ -2,8 +2,9 @@
 //! - one device, P separate buffers (P = 1..8, uneven widths, a one-class shard), merged on
 //!   the host;
 //! - two devices (two lavapipe devices here), one thread each, merged through the host by the
-//!   thread [`Collective`];
-//! (the third use, MPI processes, is `tests/mpi_shards.rs` running `examples/vocab_parallel.rs`).
+//!   thread [`Collective`].
+//!
+//! The third use, MPI processes, is `tests/mpi_shards.rs` running `examples/vocab_parallel.rs`.
 //!
 //! Bound: the unsharded GPU-vs-CPU bound of `tests/common` (its model of the f32 kernel) for the
 //! loosest team (a subgroup of 4 lanes per row, the deepest sums): a shard's sums are a subset
@@ -14,7 +15,8 @@
 mod shard_cases;
 
 use lsce::shards::{
-    compute_on_device, exchange, merge_records, Collective, ShardLayout, ShardOptions, ShardPlan, ThreadCollective,
+    compute_on_device, exchange, merge_records, Collective, ShardLayout, ShardOptions, ShardPlan,
+    ThreadCollective,
 };
 use lsce::{Dtype, KernelConfig, LossKernel, LossOutput, LossSpec};
 use shard_cases::common::{self, compare_outputs, reference_for, Errors};
@@ -53,7 +55,10 @@ fn run_on_one_device(
     let grads: Vec<Vec<f32>> = plans
         .iter()
         .zip(&data)
-        .map(|(plan, d)| plan.compute_gradient(queue, &d.batch(c), &merged).expect("pass 2"))
+        .map(|(plan, d)| {
+            plan.compute_gradient(queue, &d.batch(c), &merged)
+                .expect("pass 2")
+        })
         .collect();
     to_f32(&merged.output, c.gather(layout, &grads))
 }
@@ -103,8 +108,9 @@ fn one_device_merged_on_the_device_matches_unsharded() {
                 let problem = c.problem(&layout);
                 let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(&layout, p)).collect();
                 let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
-                let got = compute_on_device(&g.kernel, &g.queue, &problem, &batches, Default::default())
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got =
+                    compute_on_device(&g.kernel, &g.queue, &problem, &batches, Default::default())
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
                 errors.merge(check(&what, &g.kernel, &c, &got));
             }
         }
@@ -131,7 +137,8 @@ fn half_precision_logits() {
         (Dtype::Bf16, 2f64.powi(-8), 0.0),
     ] {
         let mut c = cases(7, 101).swap_remove(1);
-        let (to_bits, from_bits): (fn(f32) -> u16, fn(u16) -> f32) = match dtype {
+        type Convert = (fn(f32) -> u16, fn(u16) -> f32);
+        let (to_bits, from_bits): Convert = match dtype {
             Dtype::F16 => (lsce::half::f32_to_f16, lsce::half::f16_to_f32),
             _ => (lsce::half::f32_to_bf16, lsce::half::bf16_to_f32),
         };
@@ -163,13 +170,17 @@ fn half_precision_logits() {
             };
             b
         };
-        for p in 0..3 {
-            blocks.push(plans[p].compute_records(&g.queue, &batch(p)).unwrap());
+        for (p, plan) in plans.iter().enumerate() {
+            blocks.push(plan.compute_records(&g.queue, &batch(p)).unwrap());
         }
         let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
         let merged = merge_records(&problem, &refs, c.upstream()).unwrap();
         let grads: Vec<Vec<f32>> = (0..3)
-            .map(|p| plans[p].compute_gradient(&g.queue, &batch(p), &merged).unwrap())
+            .map(|p| {
+                plans[p]
+                    .compute_gradient(&g.queue, &batch(p), &merged)
+                    .unwrap()
+            })
             .collect();
         let got = to_f32(&merged.output, c.gather(&layout, &grads));
         let mut r = reference_for(&c.spec, &c.batch(), c.reference(), loosest(&g.kernel), None);
@@ -178,7 +189,8 @@ fn half_precision_logits() {
         for (t, w) in r.grad_tol.as_mut().unwrap().iter_mut().zip(&want) {
             *t += relative * w.abs() + absolute;
         }
-        compare_outputs(&format!("{} {dtype}", c.name), &got, &r).report(&format!("shards {dtype}"));
+        compare_outputs(&format!("{} {dtype}", c.name), &got, &r)
+            .report(&format!("shards {dtype}"));
     }
 }
 
@@ -218,10 +230,18 @@ fn two_devices_on_two_threads_merge_through_the_host() {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert_eq!(results[0].0, results[1].0, "both ranks merge bitwise the same");
+        assert_eq!(
+            results[0].0, results[1].0,
+            "both ranks merge bitwise the same"
+        );
         let grads: Vec<Vec<f32>> = results.iter().map(|r| r.1.clone()).collect();
         let got = to_f32(&results[0].0.output, c.gather(&layout, &grads));
-        errors.merge(check(&format!("{} two devices", c.name), &kernel0, &c, &got));
+        errors.merge(check(
+            &format!("{} two devices", c.name),
+            &kernel0,
+            &c,
+            &got,
+        ));
     }
     errors.report("shards two devices");
 }

@@ -10,11 +10,21 @@ use std::process::Command;
 fn example() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--features", "mpi", "--example", "vocab_parallel"])
+        .args([
+            "build",
+            "--release",
+            "--features",
+            "mpi",
+            "--example",
+            "vocab_parallel",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("running cargo build for the example");
-    assert!(status.success(), "building examples/vocab_parallel.rs failed");
+    assert!(
+        status.success(),
+        "building examples/vocab_parallel.rs failed"
+    );
     // This test binary lives in <target>/release/deps; the example in <target>/release/examples.
     let exe = std::env::current_exe().expect("the test's path");
     exe.parent()
@@ -26,7 +36,12 @@ fn example() -> PathBuf {
 fn run(ranks: u32) {
     let example = example();
     let out = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()])
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &ranks.to_string(),
+        ])
         .arg(&example)
         .output()
         .unwrap_or_else(|e| {
@@ -39,7 +54,10 @@ fn run(ranks: u32) {
         "mpirun -np {ranks} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("vocab_parallel: OK"), "rank 0 did not confirm the check");
+    assert!(
+        stdout.contains("vocab_parallel: OK"),
+        "rank 0 did not confirm the check"
+    );
     assert_eq!(
         stdout.matches("in 1 collective call").count(),
         ranks as usize,

@@ -45,9 +45,12 @@ fn check_reference(c: &Case, layout: &ShardLayout) -> f64 {
     let mut worst = close(&format!("{what} loss"), &out.loss, &want.loss, |i| {
         f64_bound(k * c.rows, p, want.loss[i])
     });
-    worst = worst.max(close(&format!("{what} z_loss"), &out.z_loss, &want.z_loss, |i| {
-        f64_bound(k * c.rows, p, want.z_loss[i])
-    }));
+    worst = worst.max(close(
+        &format!("{what} z_loss"),
+        &out.z_loss,
+        &want.z_loss,
+        |i| f64_bound(k * c.rows, p, want.z_loss[i]),
+    ));
     worst = worst.max(close(&format!("{what} lse"), &out.lse, &want.lse, |i| {
         f64_bound(k, p, want.lse[i])
     }));
@@ -82,13 +85,38 @@ fn accuracy_argmax_is_the_first_maximum_by_global_class() {
     // Ties across shard boundaries: the earlier class wins, as torch.argmax.
     let mut c = case("ties", LossSpec::default(), 4, 6, 3);
     c.logits = vec![
-        1.0, 5.0, 0.0, 5.0, 0.0, 5.0, // row 0: max 5 at classes 1, 3, 5
-        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, // row 1: all equal: argmax 0
-        0.0, 1.0, 2.0, 3.0, 9.0, 9.0, // row 2: 4 and 5
-        f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0, 7.0,
+        1.0,
+        5.0,
+        0.0,
+        5.0,
+        0.0,
+        5.0, // row 0: max 5 at classes 1, 3, 5
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0, // row 1: all equal: argmax 0
+        0.0,
+        1.0,
+        2.0,
+        3.0,
+        9.0,
+        9.0, // row 2: 4 and 5
+        f32::NEG_INFINITY,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        7.0,
     ];
     c.labels = vec![1, 0, 4, 5];
-    for widths in [[1u32, 1, 1, 1, 1, 1].as_slice(), &[2, 2, 2], &[1, 3, 2], &[3, 3]] {
+    for widths in [
+        [1u32, 1, 1, 1, 1, 1].as_slice(),
+        &[2, 2, 2],
+        &[1, 3, 2],
+        &[3, 3],
+    ] {
         let layout = ShardLayout::from_widths(widths).unwrap();
         check_reference(&c, &layout);
         let problem = c.problem(&layout);
@@ -106,7 +134,12 @@ fn large_logits_do_not_cancel_across_shards() {
     // Confident rows of huge logits: the loss is tiny and must keep its digits.
     let mut c = case("huge", LossSpec::pytorch(0.05), 3, 40, 5);
     for (i, v) in c.logits.iter_mut().enumerate() {
-        *v += 1.0e6 + if i % 40 == c.labels[i / 40].max(0) as usize { 30.0 } else { 0.0 };
+        *v += 1.0e6
+            + if i % 40 == c.labels[i / 40].max(0) as usize {
+                30.0
+            } else {
+                0.0
+            };
     }
     for layout in layouts(40) {
         check_reference(&c, &layout);
@@ -121,7 +154,10 @@ fn record_bound(parts: &[shards::ShardPartials], row: usize, z_loss: f64) -> (f6
     }
     let max = parts.iter().map(|p| p[row].max).fold(f64::MIN, f64::max);
     let m_abs = parts.iter().map(|p| p[row].max.abs()).fold(0.0, f64::max);
-    let sum: f64 = parts.iter().map(|p| p[row].sum_exp * (p[row].max - max).exp()).sum();
+    let sum: f64 = parts
+        .iter()
+        .map(|p| p[row].sum_exp * (p[row].max - max).exp())
+        .sum();
     let mass: f64 = parts.iter().map(|p| p[row].mass).sum();
     let lse = max + sum.ln();
     // ln S: s_p's rounding (E/2) and exp(m_p - M)'s argument (|m_p| + |M|) E/2; lse adds M's.
@@ -130,8 +166,9 @@ fn record_bound(parts: &[shards::ShardPartials], row: usize, z_loss: f64) -> (f6
         .iter()
         .map(|p| p[row].shifted.abs() + p[row].mass * ((max - p[row].max).abs() + 2.0 * m_abs))
         .sum();
-    let loss_err =
-        mass * lse_err + E * (mass * sum.ln().abs() + terms) + z_loss * (2.0 * lse.abs() * lse_err + E * lse * lse);
+    let loss_err = mass * lse_err
+        + E * (mass * sum.ln().abs() + terms)
+        + z_loss * (2.0 * lse.abs() * lse_err + E * lse * lse);
     (2.0 * lse_err, 2.0 * loss_err)
 }
 
@@ -158,21 +195,32 @@ fn records_round_trip_through_bytes() {
             let from_bytes = merge_records(&problem, &refs, c.upstream()).unwrap();
             let exact = merge(&problem, &parts, c.upstream()).unwrap();
             let z = f64::from(c.spec.z_loss);
-            let bounds: Vec<(f64, f64)> =
-                (0..c.rows as usize).map(|r| record_bound(&parts, r, z)).collect();
+            let bounds: Vec<(f64, f64)> = (0..c.rows as usize)
+                .map(|r| record_bound(&parts, r, z))
+                .collect();
             let what = format!("{} P={} bytes", c.name, layout.shards());
-            close(&format!("{what} lse"), &from_bytes.output.lse, &exact.output.lse, |i| {
-                bounds[i].0
-            });
+            close(
+                &format!("{what} lse"),
+                &from_bytes.output.lse,
+                &exact.output.lse,
+                |i| bounds[i].0,
+            );
             let upstream_max = c.upstream.iter().fold(1.0f32, |a, &b| a.max(b)) as f64;
             let total: f64 = bounds.iter().map(|b| b.1).sum::<f64>() * upstream_max;
             let loss_tol = |i: usize| match c.spec.reduction {
                 Reduction::None => bounds[i].0.max(bounds[i].1),
                 Reduction::Sum => total,
-                Reduction::Mean => (total + E * exact.output.loss[0].abs() * c.rows as f64)
-                    / exact.output.denominator,
+                Reduction::Mean => {
+                    (total + E * exact.output.loss[0].abs() * c.rows as f64)
+                        / exact.output.denominator
+                }
             };
-            close(&format!("{what} loss"), &from_bytes.output.loss, &exact.output.loss, loss_tol);
+            close(
+                &format!("{what} loss"),
+                &from_bytes.output.loss,
+                &exact.output.loss,
+                loss_tol,
+            );
             assert_eq!(from_bytes.output.correct, exact.output.correct, "{what}");
             assert_eq!(from_bytes.argmax, exact.argmax, "{what}");
         }
@@ -204,7 +252,10 @@ fn threads_exchange_once_and_agree_bitwise() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (merged, _) in &results[1..] {
-        assert_eq!(merged, &results[0].0, "every rank merges the same bytes the same way");
+        assert_eq!(
+            merged, &results[0].0,
+            "every rank merges the same bytes the same way"
+        );
     }
     let want = c.reference();
     let got = &results[0].0.output;
@@ -215,7 +266,10 @@ fn threads_exchange_once_and_agree_bitwise() {
         let b: Vec<_> = (0..c.rows as usize)
             .map(|r| record_bound(&parts, r, f64::from(c.spec.z_loss)))
             .collect();
-        (0, b.iter().map(|b| b.1).sum::<f64>() * 2.0 / want.denominator)
+        (
+            0,
+            b.iter().map(|b| b.1).sum::<f64>() * 2.0 / want.denominator,
+        )
     };
     close("threads loss", &got.loss, &want.loss, |_| loss_bound);
     assert_eq!(got.correct, want.correct);
@@ -225,12 +279,30 @@ fn threads_exchange_once_and_agree_bitwise() {
 fn bad_input_is_an_err() {
     // Tiling.
     let tiling = |r: LsceError| matches!(r, LsceError::ShardTiling { .. });
-    assert!(tiling(ShardLayout::new(10, &[0..4, 5..10]).unwrap_err()), "gap");
-    assert!(tiling(ShardLayout::new(10, &[0..5, 4..10]).unwrap_err()), "overlap");
-    assert!(tiling(ShardLayout::new(10, &[0..5, 5..9]).unwrap_err()), "short");
-    assert!(tiling(ShardLayout::new(10, &[0..5, 5..11]).unwrap_err()), "past K");
-    assert!(tiling(ShardLayout::new(10, &[0..5, 5..5, 5..10]).unwrap_err()), "empty");
-    assert!(tiling(ShardLayout::new(10, &[5..10, 0..5]).unwrap_err()), "out of rank order");
+    assert!(
+        tiling(ShardLayout::new(10, &[0..4, 5..10]).unwrap_err()),
+        "gap"
+    );
+    assert!(
+        tiling(ShardLayout::new(10, &[0..5, 4..10]).unwrap_err()),
+        "overlap"
+    );
+    assert!(
+        tiling(ShardLayout::new(10, &[0..5, 5..9]).unwrap_err()),
+        "short"
+    );
+    assert!(
+        tiling(ShardLayout::new(10, &[0..5, 5..11]).unwrap_err()),
+        "past K"
+    );
+    assert!(
+        tiling(ShardLayout::new(10, &[0..5, 5..5, 5..10]).unwrap_err()),
+        "empty"
+    );
+    assert!(
+        tiling(ShardLayout::new(10, &[5..10, 0..5]).unwrap_err()),
+        "out of rank order"
+    );
     assert!(ShardLayout::from_widths(&[3, 0, 7]).is_err());
 
     let c = case("errors", LossSpec::pytorch(0.1), 6, 20, 1);
@@ -244,7 +316,7 @@ fn bad_input_is_an_err() {
     let blocks: Vec<Vec<u8>> = (0..2)
         .map(|p| record::encode(&problem, p, &parts[p]).unwrap())
         .collect();
-    let refs = |b: &[Vec<u8>]| b.iter().map(|v| v.clone()).collect::<Vec<_>>();
+    let refs = |b: &[Vec<u8>]| b.to_vec();
     let run = |b: &[Vec<u8>], problem: &ShardProblem| {
         let r: Vec<&[u8]> = b.iter().map(|v| v.as_slice()).collect();
         merge_records(problem, &r, UpstreamGrad::One)
@@ -284,19 +356,28 @@ fn bad_input_is_an_err() {
     // Wrong rank count: blocks, and a collective of another size.
     assert!(matches!(
         run(&blocks[..1], &problem),
-        Err(LsceError::RankCount { expected: 2, actual: 1 })
+        Err(LsceError::RankCount {
+            expected: 2,
+            actual: 1
+        })
     ));
     let mut three = ThreadCollective::group(3);
     assert!(matches!(
         exchange(&problem, &mut three[0], &blocks[0], UpstreamGrad::One),
-        Err(LsceError::RankCount { expected: 2, actual: 3 })
+        Err(LsceError::RankCount {
+            expected: 2,
+            actual: 3
+        })
     ));
     assert!(three[0].size() == 3);
 
     // Mismatched rows: a shard's logits of another row count; a shard index past the layout.
     let short_logits = &d[0].logits[..25];
     assert!(matches!(
-        reference::partials(&problem, &lsce::shards::ShardBatch::classes(0, short_logits, &c.labels)),
+        reference::partials(
+            &problem,
+            &lsce::shards::ShardBatch::classes(0, short_logits, &c.labels)
+        ),
         Err(LsceError::LengthMismatch { .. })
     ));
     assert!(reference::partials(
@@ -306,7 +387,13 @@ fn bad_input_is_an_err() {
     .is_err());
 
     // A bad label: the merge reports it, its row is NaN.
-    let mut bad = case("bad label", LossSpec::default().with_reduction(Reduction::None), 6, 20, 1);
+    let mut bad = case(
+        "bad label",
+        LossSpec::default().with_reduction(Reduction::None),
+        6,
+        20,
+        1,
+    );
     bad.labels[4] = 20;
     let problem = bad.problem(&layout);
     let parts: Vec<_> = (0..2)
@@ -316,6 +403,10 @@ fn bad_input_is_an_err() {
     assert!(merged.output.loss[4].is_nan());
     assert_eq!(
         merged.check(20),
-        Err(LsceError::LabelOutOfRange { row: 4, label: 20, classes: 20 })
+        Err(LsceError::LabelOutOfRange {
+            row: 4,
+            label: 20,
+            classes: 20
+        })
     );
 }

@@ -87,8 +87,18 @@ pub fn compute_on_device(
     );
     let upstream = match upstream {
         UpstreamGrad::One => None,
-        UpstreamGrad::Scalar(g) => Some(upload(device, "lsce upstream", bytemuck::bytes_of(&g), storage)?),
-        UpstreamGrad::PerRow(g) => Some(upload(device, "lsce upstream", bytemuck::cast_slice(g), storage)?),
+        UpstreamGrad::Scalar(g) => Some(upload(
+            device,
+            "lsce upstream",
+            bytemuck::bytes_of(&g),
+            storage,
+        )?),
+        UpstreamGrad::PerRow(g) => Some(upload(
+            device,
+            "lsce upstream",
+            bytemuck::cast_slice(g),
+            storage,
+        )?),
     };
     let per_row = problem.spec.reduction == Reduction::None;
     let rows_bytes = rows as u64 * 4;
@@ -121,7 +131,11 @@ pub fn compute_on_device(
     let mut encoder = device.create_command_encoder(&Default::default());
     for (p, (plan, input)) in plans.iter().zip(&inputs).enumerate() {
         let at = p as u64 * block;
-        plan.encode_records(&mut encoder, &input.buffers(), records.slice(at..at + block))?;
+        plan.encode_records(
+            &mut encoder,
+            &input.buffers(),
+            records.slice(at..at + block),
+        )?;
     }
     let with_grad = options.gradient == crate::Gradient::Separate;
     for (p, plan) in plans.iter().enumerate() {
@@ -161,10 +175,7 @@ pub fn compute_on_device(
     let lse = floats(&data[1]);
     let z = problem.spec.z_loss;
     let (loss, z_loss) = if per_row {
-        (
-            floats(&data[2]),
-            lse.iter().map(|l| z * l * l).collect(),
-        )
+        (floats(&data[2]), lse.iter().map(|l| z * l * l).collect())
     } else {
         (vec![summary.loss], vec![summary.z_loss])
     };

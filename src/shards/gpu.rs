@@ -224,7 +224,12 @@ impl ShardPlan {
         buffers: &ShardBuffers<'_>,
         records: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        check_copy("records", records, self.block_bytes(), wgpu::BufferUsages::COPY_DST)?;
+        check_copy(
+            "records",
+            records,
+            self.block_bytes(),
+            wgpu::BufferUsages::COPY_DST,
+        )?;
         self.stats.encode(encoder, &self.loss_buffers(buffers))?;
         let (control, at) = self.stats.record_region();
         let (dst, offset) = (records.buffer(), records.offset());
@@ -260,7 +265,12 @@ impl ShardPlan {
         let plan = self.grad.as_ref().ok_or(LsceError::Unsupported(
             "the shard plan was made with Gradient::None",
         ))?;
-        check_copy("merged", merged, self.merged_bytes(), wgpu::BufferUsages::COPY_SRC)?;
+        check_copy(
+            "merged",
+            merged,
+            self.merged_bytes(),
+            wgpu::BufferUsages::COPY_SRC,
+        )?;
         let mut b = self.loss_buffers(buffers);
         b.grad = grad;
         let binding = plan.bind(&b)?;
@@ -306,7 +316,12 @@ impl ShardPlan {
                 ))
             }
         };
-        check_copy("records", records, self.all_blocks_bytes(), wgpu::BufferUsages::COPY_SRC)?;
+        check_copy(
+            "records",
+            records,
+            self.all_blocks_bytes(),
+            wgpu::BufferUsages::COPY_SRC,
+        )?;
         let binding = plan.bind(buffers)?;
         let (control, at) = plan.record_region();
         encoder.copy_buffer_to_buffer(
@@ -414,7 +429,14 @@ impl ShardPlan {
             targets: upload(device, "lsce shard targets", targets, storage)?,
             weights: batch
                 .weights
-                .map(|w| upload(device, "lsce shard weights", bytemuck::cast_slice(w), storage))
+                .map(|w| {
+                    upload(
+                        device,
+                        "lsce shard weights",
+                        bytemuck::cast_slice(w),
+                        storage,
+                    )
+                })
                 .transpose()?,
         })
     }

@@ -80,7 +80,9 @@ impl ShardLayout {
                 "an even layout needs between 1 and `classes` shards",
             ));
         }
-        let widths: Vec<u32> = (0..p).map(|i| classes / p + u32::from(i < classes % p)).collect();
+        let widths: Vec<u32> = (0..p)
+            .map(|i| classes / p + u32::from(i < classes % p))
+            .collect();
         Self::from_widths(&widths)
     }
 

@@ -62,7 +62,11 @@ impl Merged {
             .iter()
             .flat_map(|r| {
                 // The most negative finite f32 stands for a row of -inf, as the kernels'.
-                let max = if r.max < f64::from(f32::MIN) { f32::MIN } else { r.max as f32 };
+                let max = if r.max < f64::from(f32::MIN) {
+                    f32::MIN
+                } else {
+                    r.max as f32
+                };
                 [
                     max.to_bits(),
                     (r.coef as f32).to_bits(),
@@ -200,10 +204,7 @@ pub fn merge(
                 reason: "a class-label row needs exactly one shard holding its label",
             });
         }
-        let max = partials
-            .iter()
-            .map(|p| p[row].max)
-            .fold(f64::MIN, f64::max);
+        let max = partials.iter().map(|p| p[row].max).fold(f64::MIN, f64::max);
         let (mut sum_exp, mut mass, mut shifted) = (0.0, 0.0, 0.0);
         let mut best: Option<(f64, u32)> = None;
         for p in &partials {
@@ -227,7 +228,11 @@ pub fn merge(
         if let Some(n) = correct.as_mut() {
             *n += u64::from(!row_lse.is_nan() && class == first.label as u32);
         }
-        coefs.push((RowKind::Valid, max, (mass + 2.0 * z_coef * row_lse) / sum_exp));
+        coefs.push((
+            RowKind::Valid,
+            max,
+            (mass + 2.0 * z_coef * row_lse) / sum_exp,
+        ));
     }
     // The shards' parts in rank order; the row count for probability targets.
     let denominator = if classes {

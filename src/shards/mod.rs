@@ -75,8 +75,8 @@ pub mod reference;
 
 pub use batch::ShardBatch;
 pub use collective::{block_bytes, exchange, Collective, ThreadCollective};
-pub use gpu::{MergeOn, ShardBuffers, ShardOptions, ShardPlan, MERGED_ROW_BYTES};
 pub use device::compute_on_device;
+pub use gpu::{MergeOn, ShardBuffers, ShardOptions, ShardPlan, MERGED_ROW_BYTES};
 pub use layout::{ShardLayout, ShardProblem};
 pub use merge::{merge, merge_records, Merged, RowGrad};
 #[cfg(feature = "mpi")]

@@ -45,7 +45,6 @@ const DENOMINATOR_WORD: usize = 7;
 /// Bit 2 of record word 7.
 const HOLDS_LABEL: u32 = 4;
 
-
 /// What a row is, as every shard sees it from the replicated labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowKind {

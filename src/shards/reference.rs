@@ -163,8 +163,8 @@ pub fn gradient(
             RowKind::Valid => {
                 let (_, y) = row_kind(problem, batch, row);
                 let r = shard_row(problem, batch, row, y);
-                for c in 0..width {
-                    out[c] = ((r.z[c] - m.max).exp() * m.coef - r.a[c]) * m.scale * r.dz[c];
+                for (c, g) in out.iter_mut().enumerate() {
+                    *g = ((r.z[c] - m.max).exp() * m.coef - r.a[c]) * m.scale * r.dz[c];
                 }
             }
         }

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use lsce::shards::{ShardBatch, ShardLayout, ShardProblem};
-use lsce::{cpu, Batch, LossOutput, LossSpec, Reduction, Shape, Smoothing, TargetKind, UpstreamGrad};
+use lsce::{
+    cpu, Batch, LossOutput, LossSpec, Reduction, Shape, Smoothing, TargetKind, UpstreamGrad,
+};
 
 #[path = "../common/mod.rs"]
 pub mod common;
@@ -45,7 +47,8 @@ impl Case {
 
     /// The unsharded f64 result, with the gradient.
     pub fn reference(&self) -> LossOutput<f64> {
-        cpu::compute(&self.spec, &self.batch(), lsce::Gradient::Separate).expect("unsharded reference")
+        cpu::compute(&self.spec, &self.batch(), lsce::Gradient::Separate)
+            .expect("unsharded reference")
     }
 
     pub fn problem(&self, layout: &ShardLayout) -> ShardProblem {
