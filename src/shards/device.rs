@@ -193,7 +193,6 @@ pub fn compute_on_device(
         }
         out
     });
-    let classes = problem.targets == crate::TargetKind::Classes;
     // The per-row z-loss of ignored rows is 0 (their lse is 0).
     summary.check(problem.layout.classes())?;
     Ok(LossOutput {
@@ -202,6 +201,6 @@ pub fn compute_on_device(
         lse,
         grad,
         denominator: summary.denominator,
-        correct: classes.then_some(u64::from(summary.correct)),
+        correct: problem.accuracy.then_some(u64::from(summary.correct)),
     })
 }

@@ -11,7 +11,7 @@
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::plan::{upload, LossBuffers, LossPlan, ShardPass, ShardRole, Summary};
-use crate::{Dtype, GradDtype, Gradient, Problem, Shape, TargetKind, Targets};
+use crate::{Dtype, GradDtype, Gradient, Problem, Shape, Targets};
 
 use super::batch::ShardBatch;
 use super::layout::ShardProblem;
@@ -118,7 +118,6 @@ impl ShardPlan {
         problem.layout.check_shard(shard)?;
         let range = problem.layout.range(shard);
         let shape = Shape::matrix(problem.rows, range.end - range.start)?;
-        let classes = problem.targets == TargetKind::Classes;
         let base = Problem::new(problem.spec, shape)
             .with_targets(problem.targets)
             .with_weighted(problem.weighted)
@@ -130,7 +129,9 @@ impl ShardPlan {
         };
         let stats = LossPlan::for_shard(
             kernel,
-            &base.with_gradient(Gradient::None).with_accuracy(classes),
+            &base
+                .with_gradient(Gradient::None)
+                .with_accuracy(problem.accuracy),
             role(ShardPass::Stats),
         )?;
         let pass2 = base
@@ -148,7 +149,7 @@ impl ShardPlan {
                 kernel,
                 &pass2
                     .with_upstream_grad(options.upstream_grad)
-                    .with_accuracy(classes),
+                    .with_accuracy(problem.accuracy),
                 role(ShardPass::MergeGrad {
                     shards: problem.layout.shards() as u32,
                 }),

@@ -153,6 +153,9 @@ pub struct ShardProblem {
     pub targets: TargetKind,
     /// Whether class weights exist (each shard holds its `c1 - c0` slice).
     pub weighted: bool,
+    /// Whether to count the rows whose argmax (the first maximum by global class) is the label
+    /// (class labels only): pass 1 then also tracks each shard's argmax.
+    pub accuracy: bool,
 }
 
 impl ShardProblem {
@@ -164,12 +167,19 @@ impl ShardProblem {
             layout,
             targets: TargetKind::Classes,
             weighted: false,
+            accuracy: false,
         }
     }
 
     /// Sets [`ShardProblem::targets`].
     pub fn with_targets(mut self, targets: TargetKind) -> Self {
         self.targets = targets;
+        self
+    }
+
+    /// Sets [`ShardProblem::accuracy`].
+    pub fn with_accuracy(mut self, accuracy: bool) -> Self {
+        self.accuracy = accuracy;
         self
     }
 
@@ -184,11 +194,14 @@ impl ShardProblem {
         if self.rows == 0 {
             return Err(LsceError::EmptyShape);
         }
+        if self.accuracy && self.targets == TargetKind::Probabilities {
+            return Err(LsceError::Unsupported("accuracy needs class-label targets"));
+        }
         self.spec.resolve(self.layout.classes())
     }
 
     /// A 64-bit FNV-1a hash of everything that changes a record's meaning: the spec, the rows,
-    /// the layout, the target kind and whether weights exist.
+    /// the layout, the target kind, whether weights exist and whether accuracy is counted.
     pub fn fingerprint(&self) -> u64 {
         let mut h = Fnv::default();
         let s = &self.spec;
@@ -217,6 +230,7 @@ impl ShardProblem {
             TargetKind::Probabilities => 1,
         });
         h.word(u32::from(self.weighted));
+        h.word(u32::from(self.accuracy));
         h.word(self.layout.shards() as u32);
         for &b in &self.layout.bounds {
             h.word(b);

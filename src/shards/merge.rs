@@ -41,9 +41,9 @@ pub struct RowGrad {
 /// The merged statistics of a step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Merged {
-    /// The loss, z-loss, lse, denominator and correct count exactly as the unsharded
-    /// [`cpu::compute`](crate::cpu::compute) returns them (`grad` is `None`: each shard's pass 2
-    /// writes its own).
+    /// The loss, z-loss, lse, denominator and correct count (with
+    /// [`ShardProblem::accuracy`]) as the unsharded [`cpu::compute`](crate::cpu::compute)
+    /// returns them (`grad` is `None`: each shard's pass 2 writes its own).
     pub output: LossOutput<f64>,
     /// Per row, what pass 2 needs.
     pub rows: Vec<RowGrad>,
@@ -176,7 +176,7 @@ pub fn merge(
     let mut argmax = vec![u32::MAX; rows];
     let mut grads = Vec::with_capacity(rows);
     let mut coefs = Vec::with_capacity(rows);
-    let mut correct = classes.then_some(0u64);
+    let mut correct = (classes && problem.accuracy).then_some(0u64);
     let mut bad_label = None;
     for row in 0..rows {
         let first = &partials[0][row];

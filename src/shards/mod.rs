@@ -10,8 +10,9 @@
 //! 2. **one collective round**: every rank all-gathers every rank's records
 //!    ([`Collective::all_gather`], through [`exchange`]): `32 * rows` bytes sent per rank, `32 * P`
 //!    bytes per row received;
-//! 3. **the merge**, on every rank, in rank order ([`merge`], [`merge_records`]): the loss,
-//!    lse, accuracy and the per-row constants of the gradient, bitwise the same on every rank;
+//! 3. **the merge**, on every rank, in rank order ([`merge`], [`merge_records`] on the host; on
+//!    the device inside pass 2 for shards on one device): the loss, lse, accuracy and the
+//!    per-row constants of the gradient, bitwise the same on every rank;
 //! 4. **pass 2**, per shard: its own gradient, which needs nothing from the other shards but the
 //!    merged row constants ([`RowGrad`]: max, coefficient, scale).
 //!
@@ -35,6 +36,31 @@
 //! classes with the off-value of the **global** `K`, so the sum over shards is the unsharded
 //! one whatever the widths.
 //!
+//! ## The three uses
+//!
+//! - **Several devices or processes**: each rank runs its [`ShardPlan`] (pass 1:
+//!   [`ShardPlan::encode_records`]), sends the block through its [`Collective`] and merges
+//!   ([`exchange`]: one `all_gather`), then runs pass 2 from the merged rows
+//!   ([`ShardPlan::encode_gradient`], [`Merged::grad_words`]). [`ThreadCollective`] connects
+//!   devices in threads of one process, `MpiCollective` (feature `mpi`) processes; the example
+//!   `vocab_parallel` runs under `mpirun`.
+//! - **One device, P buffers**: every shard's pass 1 writes its block into one record buffer,
+//!   and every shard's pass 2 ([`MergeOn::Device`], [`ShardPlan::encode_merged_gradient`])
+//!   merges the rows on the device itself; no host round trip ([`compute_on_device`] does it
+//!   from host slices).
+//!
+//! ## Bytes
+//!
+//! | what | bytes |
+//! |---|---|
+//! | a record (per row and shard) | 32 |
+//! | a block (per shard and step) | `32 + 32 rows` |
+//! | sent by a rank per step | one block |
+//! | received by every rank per row | `32 P` |
+//! | merged rows pass 2 reads (host merge) | `16` per row |
+//! | pass 1, f32 | reads `4 rows w` logits once, writes its block |
+//! | pass 2, f32 | reads `4 rows w` logits again (+ `32 P` per row with the device merge), writes `4 rows w` gradient |
+//!
 //! ## Against Megatron and flash-attention
 //!
 //! | | Megatron `vocab_parallel_cross_entropy` | flash-attention `cross_entropy(process_group=..)` | lsce shards |
@@ -46,11 +72,13 @@
 //! | merge order | all-reduce order of the library | all-reduce order of the library | rank order, on every rank: deterministic |
 //! | backward | needs the saved softmax shard | recomputes from the gathered lse | recomputes from the merged `(M, coef, scale)` |
 //!
-//! Megatron's smoothing term is `eps/(K-1)` with `K` the **local** vocabulary size (the
-//! `vocab_size` of the partition), so with `P` shards the off-value is `eps/(K/P - 1)`,
-//! P times too large, and its summed log-probabilities also cover only the local shard before the
-//! all-reduce: the result is not the unsharded loss (see the issues cited). lsce's
-//! `Smoothing::OffTarget(eps)` is the intended `eps/(K-1)` over the global `K` at every `P`.
+//! Megatron's smoothing term takes `vocab_size` from the **partition** (`K/P` classes): the
+//! factor `eps K_local / (K_local - 1)` and the mean of the log-probabilities over the local
+//! classes only, so the loss changes with `P` and is not the unsharded one (Megatron-LM #737,
+//! NeMo #7464). lsce's `Smoothing::OffTarget(eps)` is the intended `eps/(K-1)` over the global
+//! `K` at every `P`, and `Smoothing::Uniform(eps)` PyTorch's `eps/K`. flash-attention's
+//! smoothing uses the global class count, but only because it requires equal shards
+//! (`K = P * K_local`).
 //!
 //! ## Transport
 //!
@@ -60,7 +88,10 @@
 //! count, makes the one call and merges. On one device the GPU merges the shards itself.
 //!
 //! The host side (layout, records, merge, transports and the `f64` [`reference`]) is
-//! independent of wgpu; the tests hold each use against the unsharded result.
+//! independent of wgpu. The tests hold each use against the unsharded result: the reference
+//! against `cpu::compute` (`tests/shards.rs`), the device passes for P = 1..8 uneven shards with
+//! both merges, f16/bf16 and two devices on two threads against the unsharded GPU-vs-CPU bound
+//! (`tests/gpu_shards.rs`), and `mpirun -np 2` / `-np 4` (`tests/mpi_shards.rs`).
 
 mod batch;
 mod collective;

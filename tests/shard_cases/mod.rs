@@ -59,6 +59,7 @@ impl Case {
                 TargetKind::Classes
             })
             .with_weighted(self.weights.is_some())
+            .with_accuracy(self.probs.is_none())
     }
 
     /// Shard `p`'s slices: logits, probabilities and weights.
