@@ -150,27 +150,34 @@
 #![warn(missing_docs)]
 
 mod batch;
+mod buffers;
+mod compose;
 pub mod cpu;
 mod device;
 mod dtype;
+mod encode;
 mod error;
 pub mod half;
 mod kernel;
+mod layout;
 mod output;
 mod plan;
 mod problem;
-mod shader;
 mod shape;
 mod spec;
 mod staging;
+mod windows;
 
 pub use batch::{Batch, Logits, TargetKind, Targets, UpstreamGrad};
+pub use buffers::LossBuffers;
 pub use device::{adapters, device_for_adapter, request_device, DeviceOptions, OPTIONAL_FEATURES};
 pub use dtype::{Dtype, GradDtype};
+pub use encode::LossBinding;
 pub use error::{LsceError, Result};
 pub use kernel::{KernelConfig, LossKernel};
+pub use layout::Summary;
 pub use output::LossOutput;
-pub use plan::{LossBinding, LossBuffers, LossPlan, Summary};
+pub use plan::LossPlan;
 pub use problem::{Gradient, Problem};
 pub use shape::Shape;
 pub use spec::{LossSpec, Reduction, Smoothing, TargetValues};
