@@ -1,8 +1,9 @@
-// Shared by every kernel: the per-dispatch parameters (read through the private copy Q of the
-// uniform P, which each entry point makes first with load_params), the logit transform, the target
-// coefficients and the gradient scale. The bindings and element accessors (load_logit,
-// store_grad, ...) are generated in Rust (src/shader.rs) ahead of this file, together with the
-// constants WG_SIZE and CACHE_N.
+// Shared by every kernel: the switches, the logit transform, the target coefficients, the
+// online statistics and the gradient scale. Ahead of this file src/compose.rs puts the generated
+// prelude (WG_SIZE, CACHE_N, `struct Params` and the word constants of src/layout.rs, the
+// bindings, the uniform P and its private copy Q that each entry point makes first with
+// load_params) and the element accessors (load_unit, load_elem, store_unit, store_elem from
+// the load_*/store_* fragments).
 //
 // Mirrors: src/cpu.rs (transform, coefficients, row_loss, the gradient formula).
 
