@@ -140,7 +140,7 @@ fn store_results(row: Row, result: RowResult, arg: u32) {
     if (team_lid() == 0u) {
         store_row(row.r, result.loss, result.lse);
         if (ACCURACY && !SOFT_TARGETS && arg == row.label && !is_nan(result.lse)) {
-            atomicAdd(&control[CTRL_CORRECT], 1u);
+            atomicAdd(&control[SUMMARY_CORRECT], 1u);
         }
     }
 }
@@ -263,14 +263,14 @@ fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) 
 // When rows are few and long, each is cut into Q.split_parts parts, one team per part, in
 // three dispatches (the plan picks this; rows_main is not used then):
 //   split_stats:  every part's statistics over its units (one read, one exp per logit) into
-//                 the part's record (SPLIT_WORDS words of `control` from Q.split_base).
+//                 the part's record (`SplitRecord` in src/layout.rs: SPLIT_WORDS words of
+//                 `control` from Q.split_base).
 //   split_finish: per row, the parts' records merged in order: lse, loss, accuracy, and the
 //                 gradient constants written back into part 0's record.
 //   split_grad:   every part's gradient (a second read, one exp per logit).
 // Traffic as the streaming path: K logits read twice, K gradient values written, plus
 // 32 bytes per part.
 
-const SPLIT_WORDS: u32 = 8u;  // m, s, dot, mass, argmax value bits, argmax class, k.x, k.y
 
 fn split_record(r: u32, part: u32) -> u32 {
     return Q.split_base + ((Q.row_begin + r) * Q.split_parts + part) * SPLIT_WORDS;
@@ -307,12 +307,12 @@ fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         }
         if (team_lid() == 0u) {
             let at = split_record(row.r, part);
-            set_record_word(at, sweep.st.m);
-            set_record_word(at + 1u, sweep.st.v.x);
-            set_record_word(at + 2u, sweep.st.v.y);
-            set_record_word(at + 3u, sweep.st.v.z);
-            atomicStore(&control[at + 4u], arg.x);
-            atomicStore(&control[at + 5u], arg.y);
+            set_record_word(at + SPLIT_MAX, sweep.st.m);
+            set_record_word(at + SPLIT_SUM_EXP, sweep.st.v.x);
+            set_record_word(at + SPLIT_DOT, sweep.st.v.y);
+            set_record_word(at + SPLIT_MASS, sweep.st.v.z);
+            atomicStore(&control[at + SPLIT_ARGMAX_VALUE], arg.x);
+            atomicStore(&control[at + SPLIT_ARGMAX_CLASS], arg.y);
         }
     }
 }
@@ -334,26 +334,26 @@ fn split_finish(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
         if (team_lid() == 0u) {
             // The parts in order: the same result on every run.
             let first = split_record(r, 0u);
-            var st = OnlineStats(record_word(first), vec4<f32>(record_word(first + 1u), record_word(first + 2u), record_word(first + 3u), 0.0));
-            var best = vec2<u32>(atomicLoad(&control[first + 4u]), atomicLoad(&control[first + 5u]));
+            var st = OnlineStats(record_word(first + SPLIT_MAX), vec4<f32>(record_word(first + SPLIT_SUM_EXP), record_word(first + SPLIT_DOT), record_word(first + SPLIT_MASS), 0.0));
+            var best = vec2<u32>(atomicLoad(&control[first + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[first + SPLIT_ARGMAX_CLASS]));
             for (var part = 1u; part < Q.split_parts; part++) {
                 let at = split_record(r, part);
-                st = merge_stats(st, OnlineStats(record_word(at), vec4<f32>(record_word(at + 1u), record_word(at + 2u), record_word(at + 3u), 0.0)));
+                st = merge_stats(st, OnlineStats(record_word(at + SPLIT_MAX), vec4<f32>(record_word(at + SPLIT_SUM_EXP), record_word(at + SPLIT_DOT), record_word(at + SPLIT_MASS), 0.0)));
                 // Later parts hold later classes: only a strictly larger value replaces.
-                if (bitcast<f32>(atomicLoad(&control[at + 4u])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
-                    best = vec2<u32>(atomicLoad(&control[at + 4u]), atomicLoad(&control[at + 5u]));
+                if (bitcast<f32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
+                    best = vec2<u32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[at + SPLIT_ARGMAX_CLASS]));
                 }
             }
             let result = finish_row(st.m, st.v, row.extra, z_label);
             store_row(r, result.loss, result.lse);
             if (ACCURACY && !SOFT_TARGETS && best.y == row.label && !is_nan(result.lse)) {
-                atomicAdd(&control[CTRL_CORRECT], 1u);
+                atomicAdd(&control[SUMMARY_CORRECT], 1u);
             }
             if (WRITE_GRAD) {
                 let consts = grad_consts(result, row_scale(r));
-                set_record_word(first, st.m);
-                set_record_word(first + 6u, consts.x);
-                set_record_word(first + 7u, consts.y);
+                set_record_word(first + SPLIT_MAX, st.m);
+                set_record_word(first + SPLIT_GRAD_EZ_COEF, consts.x);
+                set_record_word(first + SPLIT_GRAD_SCALE, consts.y);
             }
         }
     }
@@ -373,8 +373,8 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
             continue;
         }
         let first = split_record(row.r, 0u);
-        let consts = vec2<f32>(record_word(first + 6u), record_word(first + 7u));
-        sweep_grad(row, range.x, range.y, record_word(first), consts);
+        let consts = vec2<f32>(record_word(first + SPLIT_GRAD_EZ_COEF), record_word(first + SPLIT_GRAD_SCALE));
+        sweep_grad(row, range.x, range.y, record_word(first + SPLIT_MAX), consts);
     }
 }
 
@@ -382,23 +382,19 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
 // A shard plan (src/shards/gpu.rs) runs over one shard's [rows, c1 - c0] logits, with
 // Q.class_begin = c0 and Q.label_classes = K; a label another shard holds is NONE_U32 here
 // (label_row). Its records live where split rows keep theirs (Q.split_base in `control`),
-// SHARD_RECORD_WORDS words per row; the host copies them out (pass 1) or in (pass 2).
+// one `ShardRecord` (src/layout.rs) per row; the host copies them out (pass 1) or in (pass 2).
 //   shard_stats: pass 1: per row, one sweep (one read, one exp per logit) into the row's
-//                record, laid out as src/shards/record.rs documents: m, s, sum a (m - z),
-//                sum a, argmax value, argmax global class, label, kind | holds-label << 2.
-//   shard_grad:  pass 2: per row, the gradient from the merged (M, coef, scale, kind) words
-//                (src/shards/merge.rs, RowGrad): a second read, one exp per logit.
+//                ShardRecord: m, s, sum a (m - z), sum a, argmax, label, kind and flags.
+//   shard_grad:  pass 2: per row, the gradient from the host-merged ShardMergedRow
+//                (M, coef, scale, kind; RowGrad in src/shards/merge.rs): a second read, one exp
+//                per logit.
 //   shard_merge_grad: pass 2 for shards on one device: the P record blocks (Q.split_parts of
-//                them, in rank order) are merged per row by every invocation of the row's team
-//                (the same loads, the same order: the same values; mirror: merge() of
-//                src/shards/merge.rs), then the gradient as shard_grad, and the row's loss and
-//                lse. Reads P * 32 bytes per row more.
+//                them, in rank order) are merged per row by the team's first invocation
+//                (mirror: merge() of src/shards/merge.rs), which writes the row's loss and lse
+//                and hands M and the gradient constants to the team; then the gradient as
+//                shard_grad. Reads P * 32 bytes per row more.
 // Traffic: pass 1 reads the shard's logits once and writes 32 bytes per row; pass 2 reads
 // them again and 16 bytes per row, and writes the shard's gradient.
-
-const SHARD_RECORD_WORDS: u32 = 8u;
-const SHARD_MERGED_WORDS: u32 = 4u;
-const SHARD_HOLDS_LABEL: u32 = 4u;
 
 @compute @workgroup_size(WG_SIZE)
 fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -411,14 +407,14 @@ fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         let at = Q.split_base + (Q.row_begin + r) * SHARD_RECORD_WORDS;
         if (kind != ROW_VALID) {
             if (team_lid() == 0u) {
-                set_record_word(at, NEG_BIG);
-                set_record_word(at + 1u, 0.0);
-                set_record_word(at + 2u, 0.0);
-                set_record_word(at + 3u, 0.0);
-                set_record_word(at + 4u, neg_inf());
-                atomicStore(&control[at + 5u], NONE_U32);
-                atomicStore(&control[at + 6u], bitcast<u32>(label_i));
-                atomicStore(&control[at + 7u], kind);
+                set_record_word(at + SHARD_RECORD_MAX, NEG_BIG);
+                set_record_word(at + SHARD_RECORD_SUM_EXP, 0.0);
+                set_record_word(at + SHARD_RECORD_SHIFTED, 0.0);
+                set_record_word(at + SHARD_RECORD_MASS, 0.0);
+                set_record_word(at + SHARD_RECORD_ARGMAX_VALUE, neg_inf());
+                atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], NONE_U32);
+                atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
+                atomicStore(&control[at + SHARD_RECORD_FLAGS], kind);
             }
             continue;
         }
@@ -430,14 +426,14 @@ fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         }
         let sums = target_sums(sweep.st.m, sweep.st.v, row.extra, z_label);
         if (team_lid() == 0u) {
-            set_record_word(at, sweep.st.m);
-            set_record_word(at + 1u, sweep.st.v.x);
-            set_record_word(at + 2u, sums.y);
-            set_record_word(at + 3u, sums.x);
-            atomicStore(&control[at + 4u], arg.x);
-            atomicStore(&control[at + 5u], select(arg.y + Q.class_begin, NONE_U32, arg.y == NONE_U32));
-            atomicStore(&control[at + 6u], bitcast<u32>(label_i));
-            atomicStore(&control[at + 7u], select(0u, SHARD_HOLDS_LABEL, !SOFT_TARGETS && row.label != NONE_U32));
+            set_record_word(at + SHARD_RECORD_MAX, sweep.st.m);
+            set_record_word(at + SHARD_RECORD_SUM_EXP, sweep.st.v.x);
+            set_record_word(at + SHARD_RECORD_SHIFTED, sums.y);
+            set_record_word(at + SHARD_RECORD_MASS, sums.x);
+            atomicStore(&control[at + SHARD_RECORD_ARGMAX_VALUE], arg.x);
+            atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], select(arg.y + Q.class_begin, NONE_U32, arg.y == NONE_U32));
+            atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
+            atomicStore(&control[at + SHARD_RECORD_FLAGS], ROW_VALID | select(0u, SHARD_HOLDS_LABEL, !SOFT_TARGETS && row.label != NONE_U32));
         }
     }
 }
@@ -455,19 +451,19 @@ fn shard_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
             fill_units(row, 0u, row.units, unusable_value(kind));
             continue;
         }
-        let consts = vec2<f32>(record_word(at + 1u), record_word(at + 2u) * Q.logit_scale);
-        sweep_grad(row, 0u, row.units, record_word(at), consts);
+        let consts = vec2<f32>(record_word(at + SHARD_MERGED_COEF), record_word(at + SHARD_MERGED_SCALE) * Q.logit_scale);
+        sweep_grad(row, 0u, row.units, record_word(at + SHARD_MERGED_MAX), consts);
     }
 }
 
-// Word of header word or record word 0 of shard p's block (Q.split_parts blocks of
-// SHARD_RECORD_WORDS header words and one record per row of all windows).
+// The first word of shard p's block (Q.split_parts blocks of a ShardHeader and one
+// ShardRecord per row of all windows), and of its record of a row.
 fn shard_block(p: u32) -> u32 {
-    return Q.split_base + p * (Q.total_rows + 1u) * SHARD_RECORD_WORDS;
+    return Q.split_base + p * (SHARD_HEADER_WORDS + Q.total_rows * SHARD_RECORD_WORDS);
 }
 
 fn shard_record(p: u32, global_row: u32) -> u32 {
-    return shard_block(p) + (global_row + 1u) * SHARD_RECORD_WORDS;
+    return shard_block(p) + SHARD_HEADER_WORDS + global_row * SHARD_RECORD_WORDS;
 }
 
 // The P shards' records of a row, merged in rank order.
@@ -479,21 +475,21 @@ struct MergedRow {
 fn merge_shard_records(global_row: u32) -> MergedRow {
     var m = NEG_BIG;
     for (var p = 0u; p < Q.split_parts; p++) {
-        m = max(m, record_word(shard_record(p, global_row)));
+        m = max(m, record_word(shard_record(p, global_row) + SHARD_RECORD_MAX));
     }
     var v = vec4<f32>(0.0);
     var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
     for (var p = 0u; p < Q.split_parts; p++) {
         let at = shard_record(p, global_row);
-        let m_p = record_word(at);
-        let mass_p = record_word(at + 3u);
-        v.x += record_word(at + 1u) * rescale(m_p, m);
-        v.y += record_word(at + 2u) + select(0.0, mass_p * (m - m_p), mass_p != 0.0 && m_p != m);
+        let m_p = record_word(at + SHARD_RECORD_MAX);
+        let mass_p = record_word(at + SHARD_RECORD_MASS);
+        v.x += record_word(at + SHARD_RECORD_SUM_EXP) * rescale(m_p, m);
+        v.y += record_word(at + SHARD_RECORD_SHIFTED) + select(0.0, mass_p * (m - m_p), mass_p != 0.0 && m_p != m);
         v.z += mass_p;
-        let value = atomicLoad(&control[at + 4u]);
+        let value = atomicLoad(&control[at + SHARD_RECORD_ARGMAX_VALUE]);
         // Shards are in class order: a later one replaces only when strictly larger.
         if (arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(arg.x)) {
-            arg = vec2<u32>(value, atomicLoad(&control[at + 5u]));
+            arg = vec2<u32>(value, atomicLoad(&control[at + SHARD_RECORD_ARGMAX_CLASS]));
         }
     }
     return MergedRow(OnlineStats(m, v), arg);
@@ -507,7 +503,7 @@ fn merged_denominator() -> f32 {
     }
     var d = 0.0;
     for (var p = 0u; p < Q.split_parts; p++) {
-        d += record_word(shard_block(p) + 7u);
+        d += record_word(shard_block(p) + SHARD_HEADER_DENOMINATOR);
     }
     return d;
 }
@@ -519,7 +515,7 @@ fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builti
     let d = merged_denominator();
     if (team_first_row() == 0u && team_lid() == 0u && Q.row_begin == 0u) {
         // For the reduction after this pass (setup_final wrote this shard's part alone).
-        atomicStore(&control[CTRL_DENOMINATOR], bitcast<u32>(d));
+        atomicStore(&control[SUMMARY_DENOMINATOR], bitcast<u32>(d));
     }
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
@@ -528,19 +524,23 @@ fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builti
             fill_row(row, unusable_value(kind));
             continue;
         }
-        let merged = merge_shard_records(Q.row_begin + r);
-        let st = merged.st;
-        let log_s = log(st.v.x);
-        let lse_v = st.m + log_s;
+        // One invocation merges the row; the team reads its result through one reduction in
+        // which the others add zeros (exact), rather than each repeating the P loads.
+        var mine = vec4<f32>(0.0);
         if (team_lid() == 0u) {
+            let merged = merge_shard_records(Q.row_begin + r);
+            let st = merged.st;
+            let log_s = log(st.v.x);
+            let lse_v = st.m + log_s;
             store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
             if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(row_label(r)) && !is_nan(lse_v)) {
-                atomicAdd(&control[CTRL_CORRECT], 1u);
+                atomicAdd(&control[SUMMARY_CORRECT], 1u);
             }
+            mine = vec4<f32>(st.m, (st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x, row_scale_over(r, d) * Q.logit_scale, 0.0);
         }
         if (WRITE_GRAD) {
-            let consts = vec2<f32>((st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x, row_scale_over(r, d) * Q.logit_scale);
-            sweep_grad(row, 0u, row.units, st.m, consts);
+            let k = team_sum4(mine);
+            sweep_grad(row, 0u, row.units, k.x, k.yz);
         }
     }
 }

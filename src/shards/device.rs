@@ -1,10 +1,11 @@
 //! All shards of a step on one device, from host data: the staging form of the one-device use
 //! (P buffers, pass 1 of every shard into one record buffer, pass 2 merging on the device).
 
+use crate::device::upload;
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::output::LossOutput;
-use crate::plan::{upload, LossBuffers, Summary};
+use crate::{LossBuffers, Summary};
 use crate::{Reduction, UpstreamGrad};
 
 use super::batch::ShardBatch;

@@ -8,9 +8,14 @@
 //! once (plus `4 rows w` probabilities) and writes `32 rows + 32` record bytes; pass 2 reads
 //! the logits again and `16 rows` merged bytes, and writes `4 rows w` gradient bytes.
 
+use std::mem::offset_of;
+
+use crate::device::upload;
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
-use crate::plan::{upload, LossBuffers, LossPlan, ShardPass, ShardRole, Summary};
+use crate::layout::{ShardHeader, ShardMergedRow, SharedLayout, Summary};
+use crate::plan::{LossPlan, ShardPass, ShardRole};
+use crate::LossBuffers;
 use crate::{Dtype, GradDtype, Gradient, Problem, Shape, Targets};
 
 use super::batch::ShardBatch;
@@ -20,7 +25,7 @@ use super::record::{header, HEADER_BYTES, RECORD_BYTES};
 
 /// Bytes per row of the merged rows pass 2 reads: `M`, `coef`, `scale` (f32) and the row kind
 /// (u32), as [`Merged::grad_words`] lays them out.
-pub const MERGED_ROW_BYTES: u64 = 16;
+pub const MERGED_ROW_BYTES: u64 = ShardMergedRow::WORDS * 4;
 
 /// Where the shards' records are merged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -156,11 +161,10 @@ impl ShardPlan {
             )?),
         };
         let device = kernel.device();
-        let header_words = header(problem, shard);
         let header = upload(
             device,
             "lsce shard header",
-            bytemuck::cast_slice(&header_words),
+            bytemuck::bytes_of(&header(problem, shard)),
             wgpu::BufferUsages::COPY_SRC,
         )?;
         let summary = device.create_buffer(&wgpu::BufferDescriptor {
@@ -235,9 +239,20 @@ impl ShardPlan {
         let (control, at) = self.stats.record_region();
         let (dst, offset) = (records.buffer(), records.offset());
         let header = HEADER_BYTES as u64;
-        encoder.copy_buffer_to_buffer(&self.header, 0, dst, offset, header - WORD);
-        // Header word 7: the shard's part of the denominator, CTRL_DENOMINATOR of the setup.
-        encoder.copy_buffer_to_buffer(control, 2 * WORD, dst, offset + header - WORD, WORD);
+        let denominator = offset_of!(ShardHeader, denominator) as u64;
+        encoder.copy_buffer_to_buffer(&self.header, 0, dst, offset, denominator);
+        // The shard's part of the denominator: the setup pass's summary word.
+        encoder.copy_buffer_to_buffer(
+            control,
+            offset_of!(Summary, denominator) as u64,
+            dst,
+            offset + denominator,
+            WORD,
+        );
+        let after = denominator + WORD;
+        if after < header {
+            encoder.copy_buffer_to_buffer(&self.header, after, dst, offset + after, header - after);
+        }
         encoder.copy_buffer_to_buffer(
             control,
             at,

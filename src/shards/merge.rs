@@ -23,7 +23,8 @@ use crate::output::LossOutput;
 use crate::{Reduction, TargetKind, UpstreamGrad};
 
 use super::layout::ShardProblem;
-use super::record::{decode, RowKind, ShardPartials};
+use super::record::{decode, max_f32, RowKind, ShardPartials};
+use crate::layout::ShardMergedRow;
 
 /// What the gradient pass of every shard needs of a row: nothing else crosses shards.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,25 +58,17 @@ impl Merged {
     /// The merged rows as pass 2 reads them on a device: per row `M`, `coef`, `scale` (f32)
     /// and the [`RowKind`] (u32), 16 bytes (`shard_grad` in `shaders/rows.wgsl`).
     pub fn grad_words(&self) -> Vec<u8> {
-        let words: Vec<u32> = self
+        let rows: Vec<ShardMergedRow> = self
             .rows
             .iter()
-            .flat_map(|r| {
-                // The most negative finite f32 stands for a row of -inf, as the kernels'.
-                let max = if r.max < f64::from(f32::MIN) {
-                    f32::MIN
-                } else {
-                    r.max as f32
-                };
-                [
-                    max.to_bits(),
-                    (r.coef as f32).to_bits(),
-                    (r.scale as f32).to_bits(),
-                    r.kind as u32,
-                ]
+            .map(|r| ShardMergedRow {
+                max: max_f32(r.max),
+                coef: r.coef as f32,
+                scale: r.scale as f32,
+                kind: r.kind as u32,
             })
             .collect();
-        bytemuck::cast_slice(&words).to_vec()
+        bytemuck::cast_slice(&rows).to_vec()
     }
 
     /// `Err(LabelOutOfRange)` when a row had a bad label (its loss and gradient are NaN).

@@ -1,8 +1,10 @@
 //! What a shard publishes: one fixed-size record of partial statistics per row, behind a
 //! header that names the problem and the shard.
 //!
-//! A shard's record block is `HEADER_BYTES + rows * RECORD_BYTES` bytes of little-endian
-//! 32-bit words (what pass 1 writes on the GPU, what [`encode`] writes on the host):
+//! A shard's record block is `HEADER_BYTES + rows * RECORD_BYTES` bytes: a `ShardHeader`, then
+//! one `ShardRecord` per row, little-endian 32-bit words, declared once in `src/layout.rs` (the
+//! Rust structs here and the word constants of `shard_stats` in `shaders/rows.wgsl` come from
+//! that one declaration):
 //!
 //! | header word | meaning |
 //! |---|---|
@@ -18,54 +20,27 @@
 //! |---|---|---|
 //! | 0 | f32 | `m`: `max_c z_c` (the most negative finite f32 when all are `-inf`) |
 //! | 1 | f32 | `s`: `sum_c exp(z_c - m)` |
-//! | 2 | f32 | `shifted`: `sum_c a_c (m - z_c)`, every term from the shard's own max, so nothing cancels |
+//! | 2 | f32 | `shifted`: `sum_c a_c (m - z_c)`, every term from the shard's own max |
 //! | 3 | f32 | `mass`: `sum_c a_c` |
-//! | 4 | f32 | the first largest raw logit (token accuracy) |
-//! | 5 | u32 | its global class index |
+//! | 4 | f32 | the first largest raw logit (with [`ShardProblem::accuracy`]; else `-inf`) |
+//! | 5 | u32 | its global class (`u32::MAX` without) |
 //! | 6 | i32 | the row's class label (0 for probability targets) |
 //! | 7 | u32 | bits 0-1: the row's [`RowKind`]; bit 2: the shard holds the label |
 //!
 //! 32 bytes per row and shard, whatever `K`; `P * 32` bytes per row gathered by every rank.
 
 use crate::error::{LsceError, Result};
+pub use crate::layout::RowKind;
+use crate::layout::{
+    ShardHeader, ShardRecord, SharedLayout, SHARD_HOLDS_LABEL, SHARD_KIND_MASK, SHARD_MAGIC,
+};
 
 use super::layout::ShardProblem;
 
 /// Bytes of the header in front of a shard's records.
-pub const HEADER_BYTES: usize = 32;
+pub const HEADER_BYTES: usize = ShardHeader::WORDS as usize * 4;
 /// Bytes of one row's record.
-pub const RECORD_BYTES: usize = 32;
-/// 32-bit words of one row's record (`SHARD_RECORD_WORDS` in the shader).
-pub const RECORD_WORDS: usize = RECORD_BYTES / 4;
-/// The first header word.
-pub const MAGIC: u32 = 0x5343_534c;
-
-/// The header word holding the shard's part of the denominator.
-const DENOMINATOR_WORD: usize = 7;
-/// Bit 2 of record word 7.
-const HOLDS_LABEL: u32 = 4;
-
-/// What a row is, as every shard sees it from the replicated labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RowKind {
-    /// Its loss and gradient are computed.
-    Valid = 0,
-    /// Its label is the ignore index: loss 0, gradient 0.
-    Ignored = 1,
-    /// Its label is outside `[0, K)`: loss and gradient NaN, reported by the merge.
-    BadLabel = 2,
-}
-
-impl RowKind {
-    fn from_bits(bits: u32) -> Option<Self> {
-        match bits & 3 {
-            0 => Some(Self::Valid),
-            1 => Some(Self::Ignored),
-            2 => Some(Self::BadLabel),
-            _ => None,
-        }
-    }
-}
+pub const RECORD_BYTES: usize = ShardRecord::WORDS as usize * 4;
 
 /// One row's partial statistics over one shard (see the module table), in `f64` on the host.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -117,20 +92,29 @@ impl PartialRow {
     }
 }
 
-/// The header words of shard `shard` of `problem`.
-pub(crate) fn header(problem: &ShardProblem, shard: usize) -> [u32; HEADER_BYTES / 4] {
+/// The header of shard `shard` of `problem`, with denominator 0 (pass 1 fills it in).
+pub(crate) fn header(problem: &ShardProblem, shard: usize) -> ShardHeader {
     let fp = problem.fingerprint();
-    let range = problem.layout.range(shard);
-    [
-        MAGIC,
-        fp as u32,
-        (fp >> 32) as u32,
-        shard as u32,
-        problem.layout.shards() as u32,
-        problem.rows,
-        range.start,
-        0,
-    ]
+    ShardHeader {
+        magic: SHARD_MAGIC,
+        fingerprint_lo: fp as u32,
+        fingerprint_hi: (fp >> 32) as u32,
+        shard: shard as u32,
+        shards: problem.layout.shards() as u32,
+        rows: problem.rows,
+        class_begin: problem.layout.range(shard).start,
+        denominator: 0.0,
+    }
+}
+
+/// `v` as an f32 the kernels would hold: the most negative finite f32 stands for a max of a
+/// row of `-inf`, as the kernels' online max starts there.
+pub(crate) fn max_f32(v: f64) -> f32 {
+    if v < f64::from(f32::MIN) {
+        f32::MIN
+    } else {
+        v as f32
+    }
 }
 
 /// Shard `shard`'s record block: the header, then one record per row (narrowed to `f32`).
@@ -144,28 +128,26 @@ pub fn encode(problem: &ShardProblem, shard: usize, partials: &ShardPartials) ->
             actual: rows.len(),
         });
     }
-    let mut words = Vec::with_capacity(HEADER_BYTES / 4 + rows.len() * RECORD_WORDS);
-    words.extend(header(problem, shard));
-    words[DENOMINATOR_WORD] = (partials.denominator as f32).to_bits();
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + rows.len() * RECORD_BYTES);
+    let head = ShardHeader {
+        denominator: partials.denominator as f32,
+        ..header(problem, shard)
+    };
+    bytes.extend_from_slice(bytemuck::bytes_of(&head));
     for r in rows {
-        // The GPU's online max starts at the most negative finite f32, not -inf.
-        let max = if r.max < f64::from(f32::MIN) {
-            f32::MIN
-        } else {
-            r.max as f32
+        let record = ShardRecord {
+            max: max_f32(r.max),
+            sum_exp: r.sum_exp as f32,
+            shifted: r.shifted as f32,
+            mass: r.mass as f32,
+            argmax_value: (r.argmax_value as f32).to_bits(),
+            argmax_class: r.argmax_class,
+            label: r.label,
+            flags: r.kind as u32 | if r.holds_label { SHARD_HOLDS_LABEL } else { 0 },
         };
-        words.extend([
-            max.to_bits(),
-            (r.sum_exp as f32).to_bits(),
-            (r.shifted as f32).to_bits(),
-            (r.mass as f32).to_bits(),
-            (r.argmax_value as f32).to_bits(),
-            r.argmax_class,
-            r.label as u32,
-            r.kind as u32 | if r.holds_label { HOLDS_LABEL } else { 0 },
-        ]);
+        bytes.extend_from_slice(bytemuck::bytes_of(&record));
     }
-    Ok(bytemuck::cast_slice(&words).to_vec())
+    Ok(bytes)
 }
 
 /// Reads shard `shard`'s record block, checking its header against `problem`: another plan's
@@ -179,44 +161,51 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Shar
             reason: "the block's length is not header + rows * 32 bytes of this problem",
         });
     }
-    let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
-    let expected = header(problem, shard);
-    let reason = match (0..DENOMINATOR_WORD).find(|&i| word(i) != expected[i]) {
-        None => None,
-        Some(0) => Some("no record magic: not a record block"),
-        Some(1 | 2) => Some("the fingerprint is another problem's"),
-        Some(3) => Some("the block is another shard's (rank order)"),
-        Some(4) => Some("the block is from a layout with another shard count"),
-        Some(5) => Some("the block has another row count"),
-        Some(_) => Some("the block covers other classes"),
+    let got: ShardHeader = bytemuck::pod_read_unaligned(&bytes[..HEADER_BYTES]);
+    let want = header(problem, shard);
+    let reason = if got.magic != want.magic {
+        Some("no record magic: not a record block")
+    } else if (got.fingerprint_lo, got.fingerprint_hi) != (want.fingerprint_lo, want.fingerprint_hi)
+    {
+        Some("the fingerprint is another problem's")
+    } else if got.shard != want.shard {
+        Some("the block is another shard's (rank order)")
+    } else if got.shards != want.shards {
+        Some("the block is from a layout with another shard count")
+    } else if got.rows != want.rows {
+        Some("the block has another row count")
+    } else if got.class_begin != want.class_begin {
+        Some("the block covers other classes")
+    } else {
+        None
     };
     if let Some(reason) = reason {
         return Err(LsceError::ForeignRecords { shard, reason });
     }
-    let f = |i: usize| f64::from(f32::from_bits(word(i)));
-    let rows = (0..problem.rows as usize)
-        .map(|row| {
-            let w = HEADER_BYTES / 4 + row * RECORD_WORDS;
-            let flags = word(w + 7);
-            let kind = RowKind::from_bits(flags).ok_or(LsceError::ForeignRecords {
-                shard,
-                reason: "a record has an unknown row kind",
-            })?;
+    let rows = bytes[HEADER_BYTES..]
+        .chunks_exact(RECORD_BYTES)
+        .map(|chunk| {
+            let r: ShardRecord = bytemuck::pod_read_unaligned(chunk);
+            let kind =
+                RowKind::from_code(r.flags & SHARD_KIND_MASK).ok_or(LsceError::ForeignRecords {
+                    shard,
+                    reason: "a record has an unknown row kind",
+                })?;
             Ok(PartialRow {
                 kind,
-                max: f(w),
-                sum_exp: f(w + 1),
-                shifted: f(w + 2),
-                mass: f(w + 3),
-                argmax_value: f(w + 4),
-                argmax_class: word(w + 5),
-                holds_label: flags & HOLDS_LABEL != 0,
-                label: word(w + 6) as i32,
+                max: f64::from(r.max),
+                sum_exp: f64::from(r.sum_exp),
+                shifted: f64::from(r.shifted),
+                mass: f64::from(r.mass),
+                argmax_value: f64::from(f32::from_bits(r.argmax_value)),
+                argmax_class: r.argmax_class,
+                holds_label: r.flags & SHARD_HOLDS_LABEL != 0,
+                label: r.label,
             })
         })
         .collect::<Result<_>>()?;
     Ok(ShardPartials {
         rows,
-        denominator: f(DENOMINATOR_WORD),
+        denominator: f64::from(got.denominator),
     })
 }
