@@ -15,6 +15,10 @@
 //! 3. the **CPU reference** ([`cpu::compute`]) computes the same thing in `f64` to validate any
 //!    backend.
 //!
+//! When a row's classes are split across buffers, devices or processes, [`shards`] computes the
+//! same loss over the global class count in one collective round per step (a 32-byte record per
+//! row and shard, merged in rank order), with the backward pass needing only the merged rows.
+//!
 //! ```
 //! use lsce::{cpu, Batch, LossKernel, LossSpec, Shape, StagingOptions};
 //!

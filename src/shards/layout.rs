@@ -15,7 +15,7 @@ use crate::{LossSpec, Reduction, Smoothing, TargetKind, TargetValues};
 /// assert_eq!((layout.shards(), layout.width(1), layout.shard_of(7)), (3, 1, Some(2)));
 /// assert!(ShardLayout::new(10, &[0..3, 4..10]).is_err()); // a gap
 /// assert!(ShardLayout::new(10, &[0..5, 4..10]).is_err()); // an overlap
-/// assert_eq!(ShardLayout::even(10, 4).unwrap().range(3), 7..10);
+/// assert_eq!(ShardLayout::even(10, 4).unwrap().range(3), 8..10); // widths 3, 3, 2, 2
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ShardLayout {
