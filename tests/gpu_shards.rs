@@ -119,6 +119,50 @@ fn one_device_merged_on_the_device_matches_unsharded() {
 }
 
 #[test]
+fn row_windows_and_in_place_gradients() {
+    // Bindings capped so that every shard is processed in several row windows, with both
+    // merges; and the gradient written over each shard's logits.
+    let g = common::gpu();
+    let layout = ShardLayout::from_widths(&[70, 1, 229]).unwrap();
+    for c in cases(40, 300).into_iter().step_by(2) {
+        let problem = c.problem(&layout);
+        let windowed = ShardOptions {
+            max_binding_bytes: Some(4096),
+            ..Default::default()
+        };
+        let plans: Vec<_> = (0..3)
+            .map(|p| ShardPlan::new(&g.kernel, &problem, p, windowed).unwrap())
+            .collect();
+        assert!(
+            plans[2].windows() > 1,
+            "the cap must cut the shard into row windows"
+        );
+        let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, windowed);
+        check(
+            &format!("{} windows, host merge", c.name),
+            &g.kernel,
+            &c,
+            &got,
+        );
+        let data: Vec<_> = (0..3).map(|p| c.slices(&layout, p)).collect();
+        let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
+        let got = compute_on_device(&g.kernel, &g.queue, &problem, &batches, windowed).unwrap();
+        check(
+            &format!("{} windows, device merge", c.name),
+            &g.kernel,
+            &c,
+            &got,
+        );
+        let in_place = ShardOptions {
+            gradient: lsce::Gradient::InPlace,
+            ..Default::default()
+        };
+        let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, in_place);
+        check(&format!("{} in place", c.name), &g.kernel, &c, &got);
+    }
+}
+
+#[test]
 fn one_device_every_reduction_path() {
     let g = common::gpu();
     let c = &cases(6, 300)[4];

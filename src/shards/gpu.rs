@@ -54,6 +54,9 @@ pub struct ShardOptions {
     /// Whether an upstream-gradient buffer is bound in pass 2 ([`MergeOn::Device`]; the host
     /// merge takes it as an argument).
     pub upstream_grad: bool,
+    /// Caps the bytes of one storage binding, as [`Problem::max_binding_bytes`]: larger shards
+    /// are processed in row windows.
+    pub max_binding_bytes: Option<u64>,
 }
 
 impl Default for ShardOptions {
@@ -64,6 +67,7 @@ impl Default for ShardOptions {
             gradient: Gradient::Separate,
             merge: MergeOn::Host,
             upstream_grad: false,
+            max_binding_bytes: None,
         }
     }
 }
@@ -126,7 +130,8 @@ impl ShardPlan {
         let base = Problem::new(problem.spec, shape)
             .with_targets(problem.targets)
             .with_weighted(problem.weighted)
-            .with_dtype(options.dtype);
+            .with_dtype(options.dtype)
+            .with_max_binding_bytes(options.max_binding_bytes);
         let role = |pass| ShardRole {
             class_begin: range.start,
             classes: problem.layout.classes(),
@@ -196,6 +201,11 @@ impl ShardPlan {
     /// The shard's index.
     pub fn shard(&self) -> usize {
         self.shard
+    }
+
+    /// The row windows each pass is cut into (1 unless a binding would exceed the limit).
+    pub fn windows(&self) -> usize {
+        self.stats.windows()
     }
 
     /// Bytes of the record block pass 1 writes: `32 + 32 rows`.
