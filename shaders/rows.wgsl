@@ -103,18 +103,17 @@ fn sweep_stats(row: Row, u_begin: u32, u_end: u32) -> Sweep {
     let neg = vec4<f32>(neg_inf());
     var m4 = vec4<f32>(NEG_BIG);  // per-lane running max
     var s4 = vec4<f32>(0.0);      // per-lane sum of exp(z - m4)
-    var dot4 = vec4<f32>(0.0);    // per-lane target sums (see add_target)
+    var shifted4 = vec4<f32>(0.0);  // per-lane target sums relative to m4 (see add_target)
     var mass4 = vec4<f32>(0.0);
     var best = argmax_none();
     for (var u = u_begin + team_lid(); u < u_end; u += team_size()) {
         let x = load_unit(row.u0 + u);
         let unit = unit_of(row, u);
         let z = select(neg, transform_logit(x), unit.valid);
-        add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
-        online_push(&m4, &s4, z);
+        push_unit(&m4, &s4, &shifted4, &mass4, unit.c, unit.e, z, unit.valid);
         argmax_push(&best, x, unit.c, unit.valid);
     }
-    return Sweep(team_merge(merge_lanes(m4, s4, dot4, mass4)), best);
+    return Sweep(team_merge(merge_lanes(m4, s4, shifted4, mass4)), best);
 }
 
 // The team's argmax (value bits, class) from every invocation's candidates.
@@ -166,7 +165,7 @@ fn process_row(r: u32) {
     let z_label = label_logit(row);
     let u0 = row.u0;
     let neg = vec4<f32>(neg_inf());
-    var sums: vec4<f32>;  // x: sum exp(z - m), y: dot, z: mass, for the whole row
+    var sums: vec4<f32>;  // x: sum exp(z - m), y: shifted target sum, z: its mass
     var best = argmax_none();
     let cached = row.units <= team_size() * CACHE_N;
     // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
@@ -175,10 +174,11 @@ fn process_row(r: u32) {
     var m: f32;
 
     if (cached) {
-        // Read once; max without exp.
+        // Read once; max without exp. Then, relative to the row's max, the sum of exp and the
+        // target sums.
         var m4 = vec4<f32>(NEG_BIG);
         var s4 = vec4<f32>(0.0);
-        var dot4 = vec4<f32>(0.0);
+        var shifted4 = vec4<f32>(0.0);
         var mass4 = vec4<f32>(0.0);
         for (var j = 0u; j < CACHE_N; j++) {
             if (j >= slots) {
@@ -190,7 +190,6 @@ fn process_row(r: u32) {
                 let x = load_unit(u0 + u);
                 let unit = unit_of(row, u);
                 z = select(neg, transform_logit(x), unit.valid);
-                add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
                 argmax_push(&best, x, unit.c, unit.valid);
                 m4 = max(m4, z);
             }
@@ -201,13 +200,19 @@ fn process_row(r: u32) {
             if (j >= slots) {
                 break;
             }
-            let e = exp(cache[j] - m);
+            let u = lid + j * team_size();
+            let z = cache[j];
+            if (u < row.units) {
+                let unit = unit_of(row, u);
+                add_target(&shifted4, &mass4, unit.c, unit.e, z, unit.valid, vec4<f32>(m));
+            }
+            let e = exp(z - m);
             s4 += e;
             if (!HAS_SOFTCAP) {
                 cache[j] = e;  // the gradient needs only exp(z - max): the slope is constant
             }
         }
-        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(dot4), lane_sum(mass4), 0.0));
+        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(shifted4), lane_sum(mass4), 0.0));
     } else {
         let sweep = sweep_stats(row, 0u, row.units);
         m = sweep.st.m;
@@ -267,7 +272,7 @@ fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) 
 // Traffic as the streaming path: K logits read twice, K gradient values written, plus
 // 32 bytes per part.
 
-const SPLIT_WORDS: u32 = 8u;  // m, s, dot, mass, argmax value bits, argmax class, k.x, k.y
+const SPLIT_WORDS: u32 = 8u;  // m, s, shifted, mass, argmax value bits, argmax class, k.x, k.y
 
 fn split_record(r: u32, part: u32) -> u32 {
     return Q.split_base + ((Q.row_begin + r) * Q.split_parts + part) * SPLIT_WORDS;
