@@ -215,7 +215,7 @@ fn lane_sum(v: vec4<f32>) -> f32 {
 
 // The target sums of a row are kept relative to a shift: `shifted` = sum_c b_c (m - z_c) and
 // `mass` = sum_c b_c, with m the max of the logits summed so far (the row's max in the cached
-// path, a lane's running max in the online sweeps) and b_c = a_c for probability targets, w_c
+// path, a lane's running max in the online sweeps: push_unit, relative_to) and b_c = a_c for probability targets, w_c
 // at the receiving classes of a class label (finish_row applies the off-value and adds the
 // label's own term). Every term is then a difference of nearby logits, never of the size of the
 // logits themselves: adding a constant to a row changes no term, and with b_c >= 0 no term
@@ -246,22 +246,22 @@ fn add_target(shifted: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>,
     *mass += select(zero, b, take);
 }
 
-// Sums re-expressed relative to a larger shift m_new:
-// sum_c b_c (m_new - z_c) = shifted + mass (m_new - m_old). Nothing to add where the max is
-// unchanged (m = +inf too, where inf - inf is NaN) or nothing has been summed yet (the max may
-// rise from NEG_BIG, and 0 * inf is NaN).
-fn lift(shifted: vec4<f32>, mass: vec4<f32>, m_old: vec4<f32>, m_new: vec4<f32>) -> vec4<f32> {
-    let zero = vec4<f32>(0.0);
-    return shifted + select(mass * (m_new - m_old), zero, (mass == zero) | (m_new == m_old));
-}
-
-// One unit of an online sweep: the lanes' running max and sum of exp (online_push), and their
-// target sums lifted to the new max before the unit's terms are added.
+// One unit of an online sweep, per lane: the running max m; the sum s of exp(z - m), with a
+// single exp per logit (whichever of the old max and the new value is smaller is scaled by
+// exp(-|z - m|)); and the target sums, re-expressed relative to the new max before the unit's
+// terms are added (sum_c b_c (z - z_c) = shifted + mass (z - m) where z is the new max).
+// Nothing to lift where nothing is summed yet: the max may rise from NEG_BIG by d = inf, and
+// 0 * inf is NaN. Masked lanes carry z = -inf, which changes nothing. NaN propagates through
+// the sum.
 fn push_unit(m: ptr<function, vec4<f32>>, s: ptr<function, vec4<f32>>, shifted: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
-    let m_old = *m;
-    online_push(m, s, z);
+    let zero = vec4<f32>(0.0);
+    let d = z - *m;
+    let scaled = exp(-abs(d));
+    let up = d > zero;
+    *s = select(*s + scaled, *s * scaled + 1.0, up);
+    *m = select(*m, z, up);
     if (SOFT_TARGETS || Q.off != 0.0) {
-        *shifted = lift(*shifted, *mass, m_old, *m);
+        *shifted += select(zero, *mass * d, up & (*mass != zero));
         add_target(shifted, mass, c, e, z, valid, *m);
     }
 }
@@ -328,23 +328,14 @@ struct OnlineStats {
 fn relative_to(st: OnlineStats, m: f32) -> vec4<f32> {
     let same = st.m == m;
     let s = select(st.v.x * exp(st.m - m), st.v.x, same);
-    return vec4<f32>(s, lift(vec4<f32>(st.v.y), vec4<f32>(st.v.z), vec4<f32>(st.m), vec4<f32>(m)).x, st.v.zw);
+    // As in push_unit, nothing to lift without mass (st.m may be NEG_BIG).
+    let shifted = st.v.y + select(st.v.z * (m - st.m), 0.0, same || st.v.z == 0.0);
+    return vec4<f32>(s, shifted, st.v.zw);
 }
 
 fn merge_stats(a: OnlineStats, b: OnlineStats) -> OnlineStats {
     let m = max(a.m, b.m);
     return OnlineStats(m, relative_to(a, m) + relative_to(b, m));
-}
-
-// A unit's logits into per-lane running (max, sum-exp), with a single exp each: whichever of
-// the old max and the new value is smaller gets scaled by exp(-|z - m|). Masked lanes carry
-// z = -inf, which changes nothing. NaN propagates through the sum.
-fn online_push(m: ptr<function, vec4<f32>>, s: ptr<function, vec4<f32>>, z: vec4<f32>) {
-    let d = z - *m;
-    let e = exp(-abs(d));
-    let up = d > vec4<f32>(0.0);
-    *s = select(*s + e, *s * e + 1.0, up);
-    *m = select(*m, z, up);
 }
 
 // The four lanes' statistics as one, lane by lane in a fixed order; each lane's shifted

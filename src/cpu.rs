@@ -9,7 +9,7 @@
 //! | [`row_statistics`] | the online max / sum-exp sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
 //! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
 //! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
-//! | the `shifted` sum of [`row_loss`] (in [`compute`]) | `add_target`, `lift` and `finish_row` in `shaders/common.wgsl` |
+//! | the `shifted` sum of [`row_loss`] (in [`compute`]) | `add_target`, `push_unit`, `relative_to` and `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
 //! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
@@ -250,7 +250,7 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
 /// Every term is a difference of logits, so that adding a constant to a row changes nothing
 /// (`add_target` in `shaders/common.wgsl`). The kernels sum the same terms relative to a
 /// running max where the row's max is not known yet, lifting a partial sum by its mass times
-/// the rise of the max (`lift`): in exact arithmetic the same sum.
+/// the rise of the max (`push_unit`, `relative_to`): in exact arithmetic the same sum.
 ///
 /// Class labels: the off-value part `off * sum_{c != excluded} w_c (max - z_c)` is skipped
 /// when the off-value is 0, so that plain cross-entropy stays finite when a non-target logit is
