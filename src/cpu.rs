@@ -11,7 +11,7 @@
 //! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
 //! | the `shifted` sum of [`row_loss`] (in [`compute`]) | `add_target`, `push_unit`, `relative_to` and `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
-//! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
+//! | [`compute`] (reduction) | `shaders/finalize.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
 //! The formulas, for a row with transformed logits `z`, target coefficients `a_c` and
 //! `A = sum_c a_c`:
