@@ -9,6 +9,7 @@
 //! | [`row_statistics`] | the online max / sum-exp sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
 //! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
 //! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
+//! | the `shifted` sum of [`row_loss`] (in [`compute`]) | `add_target`, `push_unit`, `relative_to` and `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
 //! | [`compute`] (reduction) | `shaders/finalize.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
@@ -88,8 +89,9 @@ pub fn row_statistics(z: &[f64]) -> RowStatistics {
 }
 
 /// The first index of the largest raw logit, as `logits.argmax(-1)`: token accuracy compares it
-/// with the label (`argmax_push` in `shaders/common.wgsl`). NaN entries are skipped; a row of
-/// `-inf` gives 0.
+/// with the label (`argmax_push` in `shaders/common.wgsl`). A NaN never replaces an earlier
+/// entry, and no entry replaces a NaN at index 0 (no comparison with NaN is true); either way
+/// the row's loss is NaN and accuracy does not count it. A row of `-inf` gives 0.
 pub fn argmax(x: &[f64]) -> u32 {
     let mut best = 0;
     for (c, &v) in x.iter().enumerate() {
@@ -281,10 +283,16 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
 /// `label` is `None` for probability targets, `Some(Some(y))` for a class label `y` in the
 /// range and `Some(None)` for a class label outside it (another shard holds it).
 ///
+/// Every term is a difference of logits, so that adding a constant to a row changes nothing
+/// (`add_target` in `shaders/common.wgsl`). The kernels sum the same terms relative to a
+/// running max where the row's max is not known yet, lifting a partial sum by its mass times
+/// the rise of the max (`push_unit`, `relative_to`): in exact arithmetic the same sum.
+///
 /// Class labels: the off-value part `off * sum_{c != excluded} w_c (max - z_c)` is skipped
 /// when the off-value is 0, so that plain cross-entropy stays finite when a non-target logit is
 /// `-inf` (PyTorch computes no smoothing term at `eps = 0`); then the label's own term is added.
-/// Probability targets: the plain sum, so `0 * -inf` gives NaN as in PyTorch.
+/// A zero coefficient adds nothing at a logit above `f32::MIN` (whatever the max), and
+/// `0 * inf = NaN` at `-inf` or NaN, as in PyTorch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn shifted_dot(
     spec: &LossSpec,
@@ -296,8 +304,16 @@ pub(crate) fn shifted_dot(
     z: &[f64],
     max: f64,
 ) -> f64 {
+    // b (max - z) unless b is 0 and z above f32::MIN, where the kernels skip it.
+    let term = |b: f64, z: f64| {
+        if b == 0.0 && z >= f64::from(f32::MIN) {
+            0.0
+        } else {
+            b * (max - z)
+        }
+    };
     let Some(label) = label else {
-        return a.iter().zip(z).map(|(a, z)| a * (max - z)).sum();
+        return a.iter().zip(z).map(|(&a, &z)| term(a, z)).sum();
     };
     let receiving = |c: usize| spec.excluded_class != Some(class0 + c as u32);
     let off_sum = if values.off == 0.0 {
@@ -306,7 +322,7 @@ pub(crate) fn shifted_dot(
         values.off
             * (0..z.len())
                 .filter(|&c| receiving(c))
-                .map(|c| weight(c) * (max - z[c]))
+                .map(|c| term(weight(c), z[c]))
                 .sum::<f64>()
     };
     let Some(y) = label else {

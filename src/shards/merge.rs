@@ -113,7 +113,7 @@ fn check_count(problem: &ShardProblem, actual: usize) -> Result<()> {
     Ok(())
 }
 
-/// `exp(m_part - m)`, 1 when equal so that `M = +inf` or `-inf` gives no NaN (`rescale` in
+/// `exp(m_part - m)`, 1 when equal so that `M = +inf` or `-inf` gives no NaN (`relative_to` in
 /// `shaders/common.wgsl`).
 fn rescale(m_part: f64, m: f64) -> f64 {
     if m_part == m {

@@ -87,7 +87,7 @@
 //! wraps an rsmpi communicator; anything else implements the trait. [`exchange`] checks the rank
 //! count, makes the one call and merges. On one device the GPU merges the shards itself.
 //!
-//! The host side (layout, records, merge, transports and the `f64` [`reference`]) is
+//! The host side (layout, records, merge, transports and the `f64` [`reference`](mod@reference)) is
 //! independent of wgpu. The tests hold each use against the unsharded result: the reference
 //! against `cpu::compute` (`tests/shards.rs`), the device passes for P = 1..8 uneven shards with
 //! both merges, f16/bf16 and two devices on two threads against the unsharded GPU-vs-CPU bound
