@@ -297,7 +297,7 @@ impl Kernels {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("example_classifier"),
             source: wgpu::ShaderSource::Wgsl(
-                include_str!("../shaders/example_classifier.wgsl").into(),
+                include_str!("classifier.wgsl").into(),
             ),
         });
         let pipeline = |entry| {
