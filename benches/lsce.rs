@@ -994,7 +994,7 @@ impl Gpu {
             let reference = cpu::compute(
                 &spec,
                 &Batch::classes(shape, logits.logits(), &labels),
-                true,
+                lsce::Gradient::Separate,
             )
             .map_err(|e| e.to_string())?;
             let reference = (
@@ -1535,7 +1535,7 @@ impl<'g> Case<'g> {
         let times = (0..runs.max(1))
             .map(|_| {
                 let start = Instant::now();
-                cpu::compute(&spec, &batch, true).map_err(|e| e.to_string())?;
+                cpu::compute(&spec, &batch, lsce::Gradient::Separate).map_err(|e| e.to_string())?;
                 Ok(start.elapsed().as_secs_f64() * 1e3)
             })
             .collect::<Result<Vec<f64>, String>>()?;

@@ -203,7 +203,7 @@ fn compare(
     batch: &Batch<'_>,
 ) -> lsce::Result<Comparison> {
     let gpu = kernel.compute(queue, spec, batch, &StagingOptions::default())?;
-    let cpu = cpu::compute(spec, batch, true)?;
+    let cpu = cpu::compute(spec, batch, lsce::Gradient::Separate)?;
     let max_error = |a: &[f32], b: &[f64]| {
         a.iter()
             .zip(b)

@@ -18,7 +18,7 @@ fn main() -> Result<(), lsce::LsceError> {
     let spec = LossSpec::pytorch(0.1);
 
     let gpu = kernel.compute(&queue, &spec, &batch, &StagingOptions::default())?;
-    let reference = cpu::compute(&spec, &batch, true)?;
+    let reference = cpu::compute(&spec, &batch, lsce::Gradient::Separate)?;
     let grad = gpu.grad.as_deref().unwrap_or_default();
     let ref_grad = reference.grad.as_deref().unwrap_or_default();
     let max_grad_err = grad

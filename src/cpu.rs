@@ -28,14 +28,16 @@
 //! ```
 //! use lsce::{cpu, Batch, LossSpec, Shape};
 //! let logits = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
-//! let out = cpu::compute(&LossSpec::default(), &Batch::classes(Shape::matrix(2, 3).unwrap(), &logits, &[2, 0]), true).unwrap();
+//! let out = cpu::compute(&LossSpec::default(), &Batch::classes(Shape::matrix(2, 3).unwrap(), &logits, &[2, 0]), lsce::Gradient::Separate).unwrap();
 //! // mean of -log softmax: (0.4076 + 2.4076) / 2
 //! assert!((out.loss[0] - 1.40760596).abs() < 1e-6);
 //! ```
 
+use crate::batch::{Batch, Targets, UpstreamGrad};
 use crate::error::Result;
 use crate::output::LossOutput;
-use crate::spec::{Batch, LossSpec, Reduction, TargetValues, Targets, UpstreamGrad};
+use crate::problem::Gradient;
+use crate::spec::{LossSpec, Reduction, TargetValues};
 
 /// Applies the logit scale and soft-cap to one logit; returns `(z, dz/dx)`.
 ///
@@ -137,10 +139,12 @@ enum RowTarget<'a> {
     Probabilities(&'a [f64]),
 }
 
-/// Computes the loss (and the gradient when `with_grad`) of a batch on the CPU in `f64`.
+/// Computes the loss (and the gradient unless `gradient` is [`Gradient::None`]) of a batch on
+/// the CPU in `f64`. The gradient is returned alike for [`Gradient::Separate`] and
+/// [`Gradient::InPlace`] (the host has no buffer to overwrite).
 ///
 /// Validates the batch exactly as the GPU path does, so a bad input gives the same `Err`.
-pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<LossOutput<f64>> {
+pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result<LossOutput<f64>> {
     let values = batch.validate(spec)?;
     let shape = batch.shape;
     let (rows, k) = (shape.rows() as usize, shape.classes() as usize);
@@ -164,7 +168,9 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, with_grad: bool) -> Result<Lo
     let mut row_losses = vec![0.0; rows];
     let mut row_z = vec![0.0; rows];
     let mut lse = vec![0.0; rows];
-    let mut grad = with_grad.then(|| vec![0.0; shape.elements() as usize]);
+    let mut grad = gradient
+        .is_some()
+        .then(|| vec![0.0; shape.elements() as usize]);
     let mut correct = matches!(batch.targets, Targets::Classes(_)).then_some(0u64);
     let (mut x, mut z, mut dz, mut a, mut t) = (
         vec![0.0; k],

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
-use crate::plan::{Gradient, Problem};
+use crate::problem::{Gradient, Problem};
 use crate::shader::{self, Family, ModuleKey, Params, Team, BINDINGS};
-use crate::spec::Dtype;
 
 /// Which switches a pipeline is specialised for (WGSL `override` constants).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -340,7 +340,7 @@ impl KernelInner {
             team,
             in_place: problem.gradient == Gradient::InPlace,
             dtype,
-            grad_dtype: problem.grad_dtype,
+            grad_dtype: problem.grad_dtype(),
             wide: wide && family == Family::Rows && dtype == Dtype::F32,
             // Offsets are multiples of 4 bytes, so with an even class count every row starts
             // on a word boundary. The strided kernel's neighbouring rows share words.

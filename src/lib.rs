@@ -26,7 +26,7 @@
 //! let batch = Batch::classes(Shape::matrix(3, 5)?, &logits, &[2, 3, 2]);
 //! let spec = LossSpec::pytorch(0.1); // label_smoothing = 0.1, mean, ignore_index = -100
 //! let gpu = kernel.compute(&queue, &spec, &batch, &StagingOptions::default())?;
-//! let reference = cpu::compute(&spec, &batch, true)?;
+//! let reference = cpu::compute(&spec, &batch, lsce::Gradient::Separate)?;
 //! assert!((f64::from(gpu.loss[0]) - 2.1038).abs() < 1e-4); // the seed's PyTorch value
 //! assert!((f64::from(gpu.loss[0]) - reference.loss[0]).abs() < 1e-6);
 //! # Ok::<(), lsce::LsceError>(())
@@ -149,24 +149,29 @@
 //! `-inf` on a non-target class gives loss `+inf` and a finite gradient.
 #![warn(missing_docs)]
 
+mod batch;
 pub mod cpu;
 mod device;
+mod dtype;
 mod error;
 pub mod half;
 mod kernel;
 mod output;
 mod plan;
+mod problem;
 mod shader;
+mod shape;
 mod spec;
 mod staging;
 
+pub use batch::{Batch, Logits, TargetKind, Targets, UpstreamGrad};
 pub use device::{adapters, device_for_adapter, request_device, DeviceOptions, OPTIONAL_FEATURES};
+pub use dtype::{Dtype, GradDtype};
 pub use error::{LsceError, Result};
 pub use kernel::{KernelConfig, LossKernel};
 pub use output::LossOutput;
-pub use plan::{Gradient, LossBinding, LossBuffers, LossPlan, Problem, Summary, TargetKind};
-pub use spec::{
-    Batch, Dtype, Logits, LossSpec, Reduction, Shape, Smoothing, TargetValues, Targets,
-    UpstreamGrad,
-};
+pub use plan::{LossBinding, LossBuffers, LossPlan, Summary};
+pub use problem::{Gradient, Problem};
+pub use shape::Shape;
+pub use spec::{LossSpec, Reduction, Smoothing, TargetValues};
 pub use staging::StagingOptions;

@@ -5,137 +5,16 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::batch::TargetKind;
+use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
 use crate::kernel::{LossKernel, PipelineKey, Switches};
+use crate::problem::{Gradient, Problem};
 use crate::shader::{
     self, Family, Params, CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS, SPLIT_WORDS,
 };
-use crate::spec::{Dtype, LossSpec, Reduction, Shape, TargetValues};
-
-/// What kind of targets a plan reads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum TargetKind {
-    /// `rows` i32 class labels.
-    #[default]
-    Classes,
-    /// `rows * classes` f32 probabilities, laid out like the logits.
-    Probabilities,
-}
-
-/// Whether and where the gradient `dL/dlogits` is written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Gradient {
-    /// Forward only: loss and lse, no gradient (evaluation).
-    None,
-    /// Into a separate buffer laid out like the logits.
-    #[default]
-    Separate,
-    /// Over the logits buffer, which is consumed: no second `rows * classes` buffer is needed.
-    InPlace,
-}
-
-/// Everything a plan is specialised for: the loss, the shape and which inputs and outputs exist.
-///
-/// ```
-/// use lsce::{Gradient, LossSpec, Problem, Shape};
-/// let problem = Problem::new(LossSpec::pytorch(0.1), Shape::matrix(8, 1000).unwrap())
-///     .with_gradient(Gradient::InPlace)
-///     .with_accuracy(true);
-/// assert_eq!(problem.gradient, Gradient::InPlace);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Problem {
-    /// The loss.
-    pub spec: LossSpec,
-    /// The logits' shape.
-    pub shape: Shape,
-    /// Class labels or probabilities.
-    pub targets: TargetKind,
-    /// Whether a class-weight buffer is bound.
-    pub weighted: bool,
-    /// Whether an upstream-gradient buffer is bound (one value for `Sum`/`Mean`, one per row for
-    /// `None`); without it the upstream gradient is 1.
-    pub upstream: bool,
-    /// Whether and where the gradient is written.
-    pub gradient: Gradient,
-    /// Whether to count the rows whose argmax is the label (class labels only).
-    pub accuracy: bool,
-    /// Element type of the logits.
-    pub dtype: Dtype,
-    /// Element type of the gradient: the logits' by default ([`Problem::with_dtype`]), or
-    /// `F32` for full precision. An in-place gradient has the logits' type.
-    pub grad_dtype: Dtype,
-    /// Caps the bytes of any one storage binding below the device's
-    /// `max_storage_buffer_binding_size`; larger inputs are processed in row windows.
-    pub max_binding_bytes: Option<u64>,
-}
-
-impl Problem {
-    /// Class labels, no weights, upstream gradient 1, gradient into a separate buffer.
-    pub fn new(spec: LossSpec, shape: Shape) -> Self {
-        Self {
-            spec,
-            shape,
-            targets: TargetKind::Classes,
-            weighted: false,
-            upstream: false,
-            gradient: Gradient::Separate,
-            accuracy: false,
-            dtype: Dtype::F32,
-            grad_dtype: Dtype::F32,
-            max_binding_bytes: None,
-        }
-    }
-
-    /// Sets the logits' element type, and the gradient's to the same.
-    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
-        self.dtype = dtype;
-        self.grad_dtype = dtype;
-        self
-    }
-
-    /// Sets [`Problem::grad_dtype`].
-    pub fn with_grad_dtype(mut self, dtype: Dtype) -> Self {
-        self.grad_dtype = dtype;
-        self
-    }
-
-    /// Sets [`Problem::targets`].
-    pub fn with_targets(mut self, targets: TargetKind) -> Self {
-        self.targets = targets;
-        self
-    }
-
-    /// Sets [`Problem::weighted`].
-    pub fn with_weights(mut self, weighted: bool) -> Self {
-        self.weighted = weighted;
-        self
-    }
-
-    /// Sets [`Problem::upstream`].
-    pub fn with_upstream(mut self, upstream: bool) -> Self {
-        self.upstream = upstream;
-        self
-    }
-
-    /// Sets [`Problem::gradient`].
-    pub fn with_gradient(mut self, gradient: Gradient) -> Self {
-        self.gradient = gradient;
-        self
-    }
-
-    /// Sets [`Problem::accuracy`].
-    pub fn with_accuracy(mut self, accuracy: bool) -> Self {
-        self.accuracy = accuracy;
-        self
-    }
-
-    /// Sets [`Problem::max_binding_bytes`].
-    pub fn with_max_binding_bytes(mut self, bytes: Option<u64>) -> Self {
-        self.max_binding_bytes = bytes;
-        self
-    }
-}
+use crate::shape::Shape;
+use crate::spec::{Reduction, TargetValues};
 
 /// The 32-byte summary every encode writes to [`LossBuffers::summary`].
 ///
@@ -350,12 +229,7 @@ impl LossPlan {
         if soft && problem.accuracy {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
         }
-        if problem.grad_dtype != problem.dtype && problem.grad_dtype != Dtype::F32 {
-            return Err(LsceError::Unsupported(
-                "the gradient's dtype must be the logits' or F32",
-            ));
-        }
-        if problem.gradient == Gradient::InPlace && problem.grad_dtype != problem.dtype {
+        if problem.gradient == Gradient::InPlace && problem.grad_dtype != GradDtype::AsLogits {
             return Err(LsceError::Unsupported(
                 "an in-place gradient has the logits' dtype",
             ));
@@ -370,7 +244,7 @@ impl LossPlan {
         // The widest element-indexed binding decides how many batch items a window holds.
         let widest = [
             Some(problem.dtype.bytes()),
-            (problem.gradient == Gradient::Separate).then(|| problem.grad_dtype.bytes()),
+            (problem.gradient == Gradient::Separate).then(|| problem.grad_dtype().bytes()),
             soft.then_some(WORD),
         ]
         .into_iter()
@@ -800,7 +674,7 @@ impl PlanInner {
                 Reduction::Sum => 1,
                 Reduction::Mean => 2,
             },
-            upstream_mode: match (self.problem.upstream, spec.reduction) {
+            upstream_mode: match (self.problem.upstream_grad, spec.reduction) {
                 (false, _) => 0,
                 (true, Reduction::None) => 2,
                 (true, _) => 1,
@@ -846,7 +720,7 @@ impl PlanInner {
         }
             };
         let weights = required("weights", b.weights, p.weighted)?;
-        let upstream = required("upstream", b.upstream, p.upstream)?;
+        let upstream = required("upstream", b.upstream, p.upstream_grad)?;
         let grad = required("grad", b.grad, p.gradient == Gradient::Separate)?;
         let loss = if reduced {
             b.loss
@@ -934,7 +808,7 @@ impl PlanInner {
                     "grad",
                     s,
                     elements,
-                    p.grad_dtype.bytes(),
+                    p.grad_dtype().bytes(),
                     storage,
                     "STORAGE",
                 )

@@ -8,7 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::spec::Dtype;
+use crate::dtype::Dtype;
 
 const COMMON: &str = include_str!("../shaders/common.wgsl");
 const TEAM_WORKGROUP: &str = include_str!("../shaders/team_workgroup.wgsl");

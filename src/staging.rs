@@ -1,11 +1,14 @@
 //! The staging API: host slices in, `Vec`s out. It creates the buffers, records one plan,
 //! submits, and reads the results back (map_async, poll, a futures-intrusive channel).
 
+use crate::batch::{Batch, Targets, UpstreamGrad};
+use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::output::LossOutput;
-use crate::plan::{upload, Gradient, LossBuffers, Problem, Summary, TargetKind};
-use crate::spec::{Batch, Dtype, LossSpec, Reduction, Targets, UpstreamGrad};
+use crate::plan::{upload, LossBuffers, Summary};
+use crate::problem::{Gradient, Problem};
+use crate::spec::{LossSpec, Reduction};
 
 /// What a staging call computes besides the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,9 +18,9 @@ pub struct StagingOptions {
     pub gradient: Gradient,
     /// Count the rows whose argmax is the label.
     pub accuracy: bool,
-    /// The gradient's element type; `None` means the logits' (see [`Problem::grad_dtype`]).
-    /// The returned gradient is always decoded to `f32`.
-    pub grad_dtype: Option<Dtype>,
+    /// The gradient's element type (see [`Problem::grad_dtype`]). The returned gradient is
+    /// always decoded to `f32`.
+    pub grad_dtype: GradDtype,
     /// See [`Problem::max_binding_bytes`].
     pub max_binding_bytes: Option<u64>,
 }
@@ -27,9 +30,24 @@ impl Default for StagingOptions {
         Self {
             gradient: Gradient::Separate,
             accuracy: false,
-            grad_dtype: None,
+            grad_dtype: GradDtype::AsLogits,
             max_binding_bytes: None,
         }
+    }
+}
+
+impl StagingOptions {
+    /// `problem` with these options.
+    fn apply(&self, problem: Problem) -> Problem {
+        problem
+            .with_gradient(self.gradient)
+            .with_accuracy(self.accuracy)
+            .with_grad_dtype(match self.gradient {
+                // The gradient overwrites the logits, in their type.
+                Gradient::InPlace => GradDtype::AsLogits,
+                _ => self.grad_dtype,
+            })
+            .with_max_binding_bytes(self.max_binding_bytes)
     }
 }
 
@@ -58,28 +76,10 @@ impl LossKernel {
         batch.validate_layout(spec)?;
         let device = &self.inner.device;
         let shape = batch.shape;
-        let problem = Problem {
-            spec: *spec,
-            shape,
-            targets: match batch.targets {
-                Targets::Classes(_) => TargetKind::Classes,
-                Targets::Probabilities(_) => TargetKind::Probabilities,
-            },
-            weighted: batch.weights.is_some(),
-            upstream: !matches!(batch.upstream, UpstreamGrad::One),
-            gradient: options.gradient,
-            accuracy: options.accuracy,
-            dtype: batch.logits.dtype(),
-            grad_dtype: if options.gradient == Gradient::InPlace {
-                batch.logits.dtype()
-            } else {
-                options.grad_dtype.unwrap_or(batch.logits.dtype())
-            },
-            max_binding_bytes: options.max_binding_bytes,
-        };
+        let problem = options.apply(Problem::for_batch(*spec, batch));
         let plan = self.plan(&problem)?;
         let max_buffer = self.inner.limits.max_buffer_size;
-        let grad_dtype = problem.grad_dtype;
+        let grad_dtype = problem.grad_dtype();
         let grad_bytes = (shape.elements() * grad_dtype.bytes()).next_multiple_of(4);
         for bytes in [shape.elements() * problem.dtype.bytes(), grad_bytes] {
             if bytes > max_buffer {

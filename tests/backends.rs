@@ -288,7 +288,7 @@ fn backends_agree_and_repeat() {
             "run {i}"
         );
     }
-    let r = common::reference(&spec, &batch, true, vk.kernel.config());
+    let r = common::reference(&spec, &batch, lsce::Gradient::Separate, vk.kernel.config());
     for (i, out) in outs.iter().enumerate() {
         common::compare_outputs(&format!("backend run {i}"), out, &r);
     }

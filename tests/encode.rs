@@ -68,8 +68,8 @@ fn encode_and_read(g: &Gpu, kernel: &LossKernel, case: &Case<'_>) -> Run {
         UpstreamGrad::PerRow(v) => Some(f32_words(v)),
     };
     let problem = Problem::new(*spec, shape)
-        .with_weights(batch.weights.is_some())
-        .with_upstream(upstream_words.is_some())
+        .with_weighted(batch.weights.is_some())
+        .with_upstream_grad(upstream_words.is_some())
         .with_gradient(*gradient)
         .with_accuracy(true)
         .with_max_binding_bytes(*max_binding_bytes);
@@ -182,12 +182,7 @@ fn encode_and_read(g: &Gpu, kernel: &LossKernel, case: &Case<'_>) -> Run {
 
 fn check_run(what: &str, g: &Gpu, kernel: &LossKernel, case: &Case<'_>) -> Errors {
     let run = encode_and_read(g, kernel, case);
-    let r = reference(
-        &case.spec,
-        &case.batch,
-        case.gradient != Gradient::None,
-        kernel.config(),
-    );
+    let r = reference(&case.spec, &case.batch, case.gradient, kernel.config());
     let e = compare_outputs(what, &run.out, &r);
     let s = run.summary;
     assert_eq!(s.first_bad_row, u32::MAX, "{what}: no bad row");
@@ -414,7 +409,7 @@ fn summary_reports_the_first_bad_label() {
             );
             assert_eq!(staged.unwrap_err(), want, "{what}: staging");
             assert_eq!(
-                lsce::cpu::compute(&spec, &batch, false).unwrap_err(),
+                lsce::cpu::compute(&spec, &batch, lsce::Gradient::None).unwrap_err(),
                 want,
                 "{what}: cpu"
             );
@@ -433,7 +428,7 @@ fn summary_reports_the_first_bad_label() {
             let reference = reference(
                 &spec,
                 &Batch::classes(d.shape, &d.logits, &fixed),
-                true,
+                Gradient::Separate,
                 kernel.config(),
             );
             let mut out = run.out.clone();
@@ -496,7 +491,7 @@ fn plan_is_reusable() {
             let r = reference(
                 &spec,
                 &Batch::classes(d.shape, &d.logits, &d.labels),
-                true,
+                Gradient::Separate,
                 g.kernel.config(),
             );
             common::assert_close(

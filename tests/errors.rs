@@ -14,7 +14,9 @@ use lsce::{
 fn both_fail(what: &str, spec: &LossSpec, batch: &Batch<'_>, want: &LsceError) {
     let g = gpu();
     assert_eq!(
-        cpu::compute(spec, batch, true).as_ref().err(),
+        cpu::compute(spec, batch, lsce::Gradient::Separate)
+            .as_ref()
+            .err(),
         Some(want),
         "{what}: CPU reference"
     );
@@ -200,7 +202,7 @@ fn invalid_spec_parameters() {
     for (what, spec, want) in &cases {
         // NaN values make the variants unequal to themselves: compare their debug text.
         let g = gpu();
-        let cpu_err = cpu::compute(spec, &batch, true).unwrap_err();
+        let cpu_err = cpu::compute(spec, &batch, lsce::Gradient::Separate).unwrap_err();
         assert_eq!(format!("{cpu_err:?}"), format!("{want:?}"), "{what}: CPU");
         let gpu_err = g
             .kernel
@@ -234,7 +236,10 @@ fn invalid_spec_parameters() {
         base.with_z_loss(0.0),
         base.with_excluded_class(Some(2)),
     ] {
-        assert!(cpu::compute(&spec, &batch, true).is_ok(), "{spec:?}");
+        assert!(
+            cpu::compute(&spec, &batch, lsce::Gradient::Separate).is_ok(),
+            "{spec:?}"
+        );
     }
 }
 
@@ -259,7 +264,7 @@ fn invalid_weights() {
     let weights = [1.0, f32::NAN, 1.0];
     let batch = Batch::classes(shape, &logits, &labels).with_weights(&weights);
     assert!(matches!(
-        cpu::compute(&LossSpec::default(), &batch, true),
+        cpu::compute(&LossSpec::default(), &batch, lsce::Gradient::Separate),
         Err(LsceError::InvalidWeight { class: 1, value }) if value.is_nan()
     ));
     let g = gpu();
@@ -552,7 +557,7 @@ fn invalid_caller_buffers() {
         ),
         (
             "weighted without weights",
-            problem.with_weights(true),
+            problem.with_weighted(true),
             ok,
             LsceError::Unsupported("the problem is weighted but no weights buffer was given"),
         ),
@@ -567,13 +572,13 @@ fn invalid_caller_buffers() {
         ),
         (
             "upstream missing",
-            problem.with_upstream(true),
+            problem.with_upstream_grad(true),
             ok,
             LsceError::Unsupported("the problem has an upstream gradient but no buffer was given"),
         ),
         (
             "per-row upstream too small",
-            problem.with_upstream(true),
+            problem.with_upstream_grad(true),
             LossBuffers {
                 upstream: Some(b.targets.slice(..8)),
                 ..ok

@@ -133,7 +133,12 @@ fn real_4096_by_32000() {
         .expect("4096 x 32000 on the GPU");
 
     // Loss and lse of every row, without gradient.
-    let full = cpu::compute(&spec.with_reduction(Reduction::None), &batch, false).unwrap();
+    let full = cpu::compute(
+        &spec.with_reduction(Reduction::None),
+        &batch,
+        lsce::Gradient::None,
+    )
+    .unwrap();
     let per_row = reference_for(
         &spec.with_reduction(Reduction::None),
         &batch,
@@ -171,7 +176,7 @@ fn real_4096_by_32000() {
     let sub = Batch::classes(sub_shape, &sub_logits, &sub_labels);
     // The sub-batch's Sum gradient divided by the full denominator is the full Mean gradient.
     let sum_spec = spec.with_reduction(Reduction::Sum);
-    let mut sub_out = cpu::compute(&sum_spec, &sub, true).unwrap();
+    let mut sub_out = cpu::compute(&sum_spec, &sub, lsce::Gradient::Separate).unwrap();
     for v in sub_out.grad.as_mut().unwrap() {
         *v /= denominator;
     }

@@ -183,7 +183,7 @@ fn per_row_upstream_is_applied_per_row() {
             .kernel
             .plan(
                 &lsce::Problem::new(spec, shape)
-                    .with_upstream(true)
+                    .with_upstream_grad(true)
                     .with_max_binding_bytes(max_binding_bytes),
             )
             .unwrap()
@@ -685,7 +685,7 @@ fn huge_logits_keep_an_exact_softmax_gradient() {
         ] {
             let mut grads: Vec<(String, Vec<f64>)> = vec![(
                 "cpu".into(),
-                lsce::cpu::compute(&spec, &batch, true)
+                lsce::cpu::compute(&spec, &batch, lsce::Gradient::Separate)
                     .unwrap()
                     .grad
                     .unwrap(),
@@ -730,7 +730,9 @@ fn huge_logits_keep_the_loss() {
         let batch = Batch::classes(shape, &logits, &[0, 0]);
         let mut losses: Vec<(String, Vec<f64>)> = vec![(
             "cpu".into(),
-            lsce::cpu::compute(&spec, &batch, false).unwrap().loss,
+            lsce::cpu::compute(&spec, &batch, lsce::Gradient::None)
+                .unwrap()
+                .loss,
         )];
         for (path, kernel) in [("cached", &g.kernel), ("streaming", &streaming)] {
             let out = kernel.compute(&g.queue, &spec, &batch, &opts()).unwrap();
@@ -772,7 +774,7 @@ fn softcap_is_accurate_when_the_cap_is_large() {
         let spec = LossSpec::default()
             .with_reduction(Reduction::None)
             .with_softcap(Some(cap));
-        let cpu = lsce::cpu::compute(&spec, &batch, false).unwrap();
+        let cpu = lsce::cpu::compute(&spec, &batch, lsce::Gradient::None).unwrap();
         for (path, kernel) in g.kernels() {
             let out = kernel.compute(&g.queue, &spec, &batch, &opts()).unwrap();
             for r in 0..rows as usize {

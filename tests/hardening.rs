@@ -90,7 +90,7 @@ fn four_threads_encode_one_plan() {
                 let x = logits(shape.elements(), 2.0, 70 + t);
                 let y = labels(shape.rows(), shape.classes(), 0, 80 + t);
                 let batch = Batch::classes(shape, &x, &y);
-                let want = reference(&spec, &batch, true, g.kernel.config());
+                let want = reference(&spec, &batch, lsce::Gradient::Separate, g.kernel.config());
                 for _ in 0..5 {
                     let got = run_plan(&plan, shape, &x, &y);
                     assert_close(

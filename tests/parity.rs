@@ -208,7 +208,7 @@ fn half_precision_logits() {
             for options in [
                 StagingOptions::default(),
                 StagingOptions {
-                    grad_dtype: Some(Dtype::F32),
+                    grad_dtype: lsce::GradDtype::F32,
                     ..Default::default()
                 },
                 StagingOptions {
@@ -269,7 +269,7 @@ fn f16_at_32000_classes_stays_finite() {
     let reference = cpu::compute(
         &LossSpec::pytorch(0.1),
         &Batch::classes(shape, &decoded, &y),
-        false,
+        lsce::Gradient::None,
     )
     .unwrap();
     approx::assert_relative_eq!(

@@ -51,7 +51,7 @@ fn grid_logits(rng: &mut Rng, n: usize) -> Vec<f32> {
 /// The scalar whose gradient `cpu::compute` returns: the reduced loss times the scalar upstream
 /// gradient, or `sum_r u_r loss_r` for a per-row upstream gradient.
 fn objective(spec: &LossSpec, batch: &Batch<'_>) -> f64 {
-    let out = cpu::compute(spec, batch, false).unwrap();
+    let out = cpu::compute(spec, batch, lsce::Gradient::None).unwrap();
     match (spec.reduction, batch.upstream) {
         (Reduction::None, UpstreamGrad::PerRow(u)) => {
             out.loss.iter().zip(u).map(|(l, u)| l * f64::from(*u)).sum()
@@ -71,7 +71,10 @@ fn objective(spec: &LossSpec, batch: &Batch<'_>) -> f64 {
 /// ~1e-13 here) ~ 2e-10. So `1e-8 (1 + |g|)` is a bound with two orders of margin, and still
 /// five orders below any real slip (a missing factor, a wrong sign, a lost slope).
 fn check_fd(name: &str, spec: &LossSpec, batch: &Batch<'_>, logits: &[f32]) -> f64 {
-    let analytic = cpu::compute(spec, batch, true).unwrap().grad.unwrap();
+    let analytic = cpu::compute(spec, batch, lsce::Gradient::Separate)
+        .unwrap()
+        .grad
+        .unwrap();
     let h = 2f32.powi(-10);
     let mut worst = 0.0f64;
     let mut x = logits.to_vec();
@@ -287,11 +290,15 @@ fn uniform_smoothing_matches_pytorch_formulation() {
                         reduction,
                         f64::from(eps),
                     );
-                    let got = cpu::compute(&spec, &batch, false).unwrap().loss;
+                    let got = cpu::compute(&spec, &batch, lsce::Gradient::None)
+                        .unwrap()
+                        .loss;
                     assert_rel(&format!("{what} classes"), &got, &want, F64_REL);
                     let want =
                         pytorch_prob_targets(&logits, &probs, k, w, reduction, f64::from(eps));
-                    let got = cpu::compute(&spec, &soft, false).unwrap().loss;
+                    let got = cpu::compute(&spec, &soft, lsce::Gradient::None)
+                        .unwrap()
+                        .loss;
                     assert_rel(&format!("{what} probabilities"), &got, &want, F64_REL);
                 }
             }
@@ -328,7 +335,7 @@ fn every_convention_matches_its_explicit_distribution() {
                         Batch::classes(shape, &logits, &labels)
                     }
                     .with_weights(&weights);
-                    let got = cpu::compute(&spec, &batch, false).unwrap();
+                    let got = cpu::compute(&spec, &batch, lsce::Gradient::None).unwrap();
                     for r in 0..rows {
                         let target = if soft {
                             RowTarget::Soft(&probs[r * k..(r + 1) * k])
@@ -380,8 +387,12 @@ fn one_and_two_classes_are_defined() {
             let spec = LossSpec::default()
                 .with_smoothing(smoothing)
                 .with_reduction(Reduction::None);
-            let out =
-                cpu::compute(&spec, &Batch::classes(shape, &logits, &[0, 0, 0]), true).unwrap();
+            let out = cpu::compute(
+                &spec,
+                &Batch::classes(shape, &logits, &[0, 0, 0]),
+                lsce::Gradient::Separate,
+            )
+            .unwrap();
             assert_eq!(out.loss, vec![0.0; 3], "{smoothing:?}");
             assert_eq!(out.grad.unwrap(), vec![0.0; 3], "{smoothing:?}");
             assert_eq!(out.lse, vec![3.5, -2.0, 0.0]);
@@ -390,7 +401,11 @@ fn one_and_two_classes_are_defined() {
     // An excluded class needs a second class.
     let spec = LossSpec::default().with_excluded_class(Some(0));
     assert_eq!(
-        cpu::compute(&spec, &Batch::classes(shape, &logits, &[0, 0, 0]), false),
+        cpu::compute(
+            &spec,
+            &Batch::classes(shape, &logits, &[0, 0, 0]),
+            lsce::Gradient::None
+        ),
         Err(lsce::LsceError::InvalidExcludedClass {
             class: 0,
             classes: 1
@@ -409,7 +424,12 @@ fn one_and_two_classes_are_defined() {
             (Smoothing::OffTarget(eps), 1.0 - e, e),
         ] {
             let spec = LossSpec::default().with_smoothing(smoothing);
-            let out = cpu::compute(&spec, &Batch::classes(shape, &logits, &[0]), true).unwrap();
+            let out = cpu::compute(
+                &spec,
+                &Batch::classes(shape, &logits, &[0]),
+                lsce::Gradient::Separate,
+            )
+            .unwrap();
             let want = -q0 * log_sig(d) - q1 * log_sig(-d);
             assert_rel(&format!("{smoothing:?}"), &out.loss, &[want], F64_REL);
             // grad_0 = sigma(d) - q0, grad_1 = -grad_0 (mass 1).
@@ -426,7 +446,12 @@ fn one_and_two_classes_are_defined() {
             let spec = LossSpec::default()
                 .with_smoothing(smoothing)
                 .with_excluded_class(Some(1));
-            let out = cpu::compute(&spec, &Batch::classes(shape, &logits, &[0]), false).unwrap();
+            let out = cpu::compute(
+                &spec,
+                &Batch::classes(shape, &logits, &[0]),
+                lsce::Gradient::None,
+            )
+            .unwrap();
             let want = if matches!(smoothing, Smoothing::Uniform(_)) {
                 -log_sig(d)
             } else {
@@ -449,7 +474,12 @@ fn golden_values() {
     let logits = [2.0f32; 8];
     for eps in [0.0f32, 0.3, 1.0] {
         let spec = LossSpec::pytorch(eps).with_reduction(Reduction::None);
-        let out = cpu::compute(&spec, &Batch::classes(shape, &logits, &[1, 3]), true).unwrap();
+        let out = cpu::compute(
+            &spec,
+            &Batch::classes(shape, &logits, &[1, 3]),
+            lsce::Gradient::Separate,
+        )
+        .unwrap();
         assert_rel("equal logits", &out.loss, &[4f64.ln(), 4f64.ln()], F64_REL);
         assert_rel("equal lse", &out.lse, &[2.0 + 4f64.ln(); 2], F64_REL);
         // grad = 1/4 - q: q_y = 1 - 3 eps / 4, q_other = eps / 4.
@@ -464,7 +494,7 @@ fn golden_values() {
     let out = cpu::compute(
         &LossSpec::default(),
         &Batch::classes(shape, &logits, &[0, 1]).with_weights(&[2.0, 0.5]),
-        true,
+        lsce::Gradient::Separate,
     )
     .unwrap();
     assert_eq!(out.denominator, 2.5);
@@ -484,7 +514,7 @@ fn ignored_rows_and_the_empty_mean() {
     let logits: Vec<f32> = (0..12).map(|v| v as f32 * 0.3).collect();
     let labels = [-100, -100, -100];
     let batch = Batch::classes(shape, &logits, &labels);
-    let mean = cpu::compute(&LossSpec::pytorch(0.1), &batch, true).unwrap();
+    let mean = cpu::compute(&LossSpec::pytorch(0.1), &batch, lsce::Gradient::Separate).unwrap();
     assert!(
         mean.loss[0].is_nan(),
         "mean over no rows is NaN, as PyTorch"
@@ -498,12 +528,16 @@ fn ignored_rows_and_the_empty_mean() {
     let sum = cpu::compute(
         &LossSpec::pytorch(0.1).with_reduction(Reduction::Sum),
         &batch,
-        true,
+        lsce::Gradient::Separate,
     )
     .unwrap();
     assert_eq!(sum.loss, vec![0.0]);
     // ignore_index None: -100 is just an invalid label.
-    let err = cpu::compute(&LossSpec::default().with_ignore_index(None), &batch, false);
+    let err = cpu::compute(
+        &LossSpec::default().with_ignore_index(None),
+        &batch,
+        lsce::Gradient::None,
+    );
     assert_eq!(
         err,
         Err(lsce::LsceError::LabelOutOfRange {
@@ -515,12 +549,17 @@ fn ignored_rows_and_the_empty_mean() {
     // A custom ignore value that is a valid class.
     let labels = [2, 1, 2];
     let spec = LossSpec::default().with_ignore_index(Some(2));
-    let out = cpu::compute(&spec, &Batch::classes(shape, &logits, &labels), true).unwrap();
+    let out = cpu::compute(
+        &spec,
+        &Batch::classes(shape, &logits, &labels),
+        lsce::Gradient::Separate,
+    )
+    .unwrap();
     assert_eq!(out.denominator, 1.0);
     let only = cpu::compute(
         &LossSpec::default(),
         &Batch::classes(Shape::matrix(1, 4).unwrap(), &logits[4..8], &[1]),
-        false,
+        lsce::Gradient::None,
     )
     .unwrap();
     assert_eq!(out.loss, only.loss);
@@ -577,7 +616,7 @@ fn extreme_logits_semantics() {
     let labels = [0, 0, 0];
     let batch = Batch::classes(shape, &logits, &labels);
     let none = |eps| LossSpec::pytorch(eps).with_reduction(Reduction::None);
-    let smooth = cpu::compute(&none(0.1), &batch, true).unwrap();
+    let smooth = cpu::compute(&none(0.1), &batch, lsce::Gradient::Separate).unwrap();
     assert_eq!(
         smooth.loss[0],
         f64::INFINITY,
@@ -591,7 +630,7 @@ fn extreme_logits_semantics() {
     );
     assert!(smooth.loss[1].is_nan() && g[4..8].iter().all(|v| v.is_nan()));
     assert!(smooth.loss[2].is_finite() && g[8..].iter().all(|v| v.is_finite()));
-    let plain = cpu::compute(&none(0.0), &batch, true).unwrap();
+    let plain = cpu::compute(&none(0.0), &batch, lsce::Gradient::Separate).unwrap();
     assert!(
         plain.loss[0].is_finite(),
         "eps = 0 never reads the -inf class's log-prob"
@@ -604,7 +643,7 @@ fn extreme_logits_semantics() {
     let soft = cpu::compute(
         &none(0.0),
         &Batch::probabilities(shape, &logits, &probs),
-        false,
+        lsce::Gradient::None,
     )
     .unwrap();
     assert!(soft.loss[0].is_nan());

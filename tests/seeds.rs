@@ -13,9 +13,9 @@ const SEED002_LOGITS: [f32; 15] = [
 fn seed002() {
     let shape = Shape::matrix(3, 5).unwrap();
     let batch = Batch::classes(shape, &SEED002_LOGITS, &[2, 3, 2]);
-    let ce = cpu::compute(&LossSpec::default(), &batch, false).unwrap();
+    let ce = cpu::compute(&LossSpec::default(), &batch, lsce::Gradient::None).unwrap();
     assert_abs_diff_eq!(ce.loss[0], 2.1185, epsilon = 1e-4);
-    let ls = cpu::compute(&LossSpec::pytorch(0.1), &batch, false).unwrap();
+    let ls = cpu::compute(&LossSpec::pytorch(0.1), &batch, lsce::Gradient::None).unwrap();
     assert_abs_diff_eq!(ls.loss[0], 2.1038, epsilon = 1e-4);
 }
 
@@ -24,14 +24,24 @@ fn seed003() {
     let logits: Vec<f32> = (0..12).map(|v| v as f32).collect();
     let shape = Shape::matrix(4, 3).unwrap();
     let batch = Batch::classes(shape, &logits, &[0, 2, 1, 2]);
-    let ce = cpu::compute(&LossSpec::default(), &batch, false).unwrap();
+    let ce = cpu::compute(&LossSpec::default(), &batch, lsce::Gradient::None).unwrap();
     assert_abs_diff_eq!(ce.loss[0], 1.1576, epsilon = 1e-4);
     let spec = LossSpec::pytorch(0.1);
-    let mean = cpu::compute(&spec, &batch, false).unwrap();
+    let mean = cpu::compute(&spec, &batch, lsce::Gradient::None).unwrap();
     assert_abs_diff_eq!(mean.loss[0], 1.1826, epsilon = 1e-4);
-    let sum = cpu::compute(&spec.with_reduction(Reduction::Sum), &batch, false).unwrap();
+    let sum = cpu::compute(
+        &spec.with_reduction(Reduction::Sum),
+        &batch,
+        lsce::Gradient::None,
+    )
+    .unwrap();
     assert_abs_diff_eq!(sum.loss[0], 4.7304, epsilon = 1e-4);
-    let none = cpu::compute(&spec.with_reduction(Reduction::None), &batch, false).unwrap();
+    let none = cpu::compute(
+        &spec.with_reduction(Reduction::None),
+        &batch,
+        lsce::Gradient::None,
+    )
+    .unwrap();
     for (got, want) in none.loss.iter().zip([2.3076, 0.5076, 1.4076, 0.5076]) {
         assert_abs_diff_eq!(*got, want, epsilon = 1e-4);
     }

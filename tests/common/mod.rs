@@ -338,10 +338,10 @@ pub struct Reference {
 pub fn reference(
     spec: &LossSpec,
     batch: &Batch<'_>,
-    with_grad: bool,
+    gradient: lsce::Gradient,
     config: KernelConfig,
 ) -> Reference {
-    let out = cpu::compute(spec, batch, with_grad).expect("cpu::compute");
+    let out = cpu::compute(spec, batch, gradient).expect("cpu::compute");
     reference_for(spec, batch, out, config, None)
 }
 
@@ -696,8 +696,7 @@ pub fn check(
     let gpu_out = kernel
         .compute(&gpu.queue, spec, batch, options)
         .unwrap_or_else(|e| panic!("{what}: GPU compute failed on {}: {e}", gpu.name));
-    let with_grad = options.gradient != lsce::Gradient::None;
-    let r = reference(spec, batch, with_grad, kernel.config());
+    let r = reference(spec, batch, options.gradient, kernel.config());
     compare_outputs(&format!("{what} [{}]", gpu.name), &gpu_out, &r)
 }
 
@@ -712,17 +711,17 @@ pub fn check_every_path(
     options: StagingOptions,
 ) -> LossOutput<f32> {
     let g = gpu();
-    let with_grad = options.gradient != lsce::Gradient::None;
+
     let grad_dtype = match options.gradient {
         lsce::Gradient::InPlace => batch.logits.dtype(),
-        _ => options.grad_dtype.unwrap_or(batch.logits.dtype()),
+        _ => options.grad_dtype.resolve(batch.logits.dtype()),
     };
     let mut first = None;
     for (path, kernel) in g.kernels() {
         let out = kernel
             .compute(&g.queue, spec, batch, &options)
             .unwrap_or_else(|e| panic!("{what} [{path}]: {e}"));
-        let mut r = reference(spec, batch, with_grad, kernel.config());
+        let mut r = reference(spec, batch, options.gradient, kernel.config());
         if let (Some(tol), Some(want)) = (r.grad_tol.as_mut(), r.out.grad.as_ref()) {
             let (relative, absolute) = match grad_dtype {
                 lsce::Dtype::F32 => (0.0, 0.0),
