@@ -15,7 +15,7 @@
 //! bf16 logits packed two per 32-bit word as the crate reads them. The gradient has the
 //! logits' dtype (`Problem::with_dtype`). On one adapter, in one run:
 //!
-//! * **copy**: `copy_main` of `shaders/bench.wgsl` copies the logits into a second buffer of the
+//! * **copy**: `copy_main` of `bench.wgsl` copies the logits into a second buffer of the
 //!   same size (vec4 loads and stores, grid-stride loop). `copy GB/s` counts the bytes read and
 //!   written (`2 * rows * classes * bytes`, 2 bytes an element for f16 and bf16): the practical
 //!   limit of any kernel that reads the logits and writes a gradient of the same size.
@@ -28,7 +28,7 @@
 //! * **forward**: the plan with `Gradient::None`; `fwd GB/s` counts the logits read once and
 //!   `/read` compares it with the read kernel.
 //! * **unfused**: the same loss computed the way composite frameworks (PyTorch eager) do it, one
-//!   kernel per step, written in `shaders/bench.wgsl`: log-sum-exp, log_softmax materialised,
+//!   kernel per step, written in `bench.wgsl`: log-sum-exp, log_softmax materialised,
 //!   the smoothed loss per row, the mean, the gradient from the saved log_softmax.
 //!   The intermediates are f32 whatever the dtype, as PyTorch's mixed precision (autocast) runs
 //!   cross_entropy in f32; 16-bit logits are decoded where they are read (log-sum-exp and
@@ -112,7 +112,7 @@ const QUICK_SHAPES: &[(u32, u32)] = &[(1024, 1000), (256, 32000), (32, 128256), 
 const MAX_REPEATS: usize = 1000;
 /// The CPU reference times at most this many logits and scales to the whole shape.
 const CPU_MAX_ELEMENTS: u64 = 1 << 22;
-/// Workgroup size of every kernel in shaders/bench.wgsl (`WG` there).
+/// Workgroup size of every kernel in bench.wgsl (`WG` there).
 const WG: u32 = 256;
 /// Most workgroups a streaming kernel is dispatched with; its grid-stride loop covers the rest.
 /// 4M invocations are several full waves on any GPU.
@@ -629,7 +629,7 @@ fn human_bytes(b: u64) -> String {
 // ---------------------------------------------------------------------------------------------
 // The GPU side
 
-/// The kernels of shaders/bench.wgsl.
+/// The kernels of bench.wgsl.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     Fill,
@@ -652,7 +652,7 @@ enum Grid {
     Single,
 }
 
-/// The bindings of shaders/bench.wgsl (`@binding(n)`).
+/// The bindings of bench.wgsl (`@binding(n)`).
 #[derive(Clone, Copy, Debug)]
 enum Binding {
     Params = 0,
@@ -671,7 +671,7 @@ enum Binding {
 /// Every dtype, each checked at start-up.
 const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
 
-/// The value of the override constant `FORMAT` of shaders/bench.wgsl for `dtype` (its `F32`,
+/// The value of the override constant `FORMAT` of bench.wgsl for `dtype` (its `F32`,
 /// `F16` and `BF16`).
 fn format_constant(dtype: Dtype) -> f64 {
     match dtype {
@@ -745,7 +745,7 @@ impl Kernel {
     }
 }
 
-/// Per-window parameters; must match `struct Params` in shaders/bench.wgsl.
+/// Per-window parameters; must match `struct Params` in bench.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 struct Params {
@@ -805,7 +805,7 @@ impl Gpu {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("lsce bench"),
-            source: wgpu::ShaderSource::Wgsl(include_str!("../shaders/bench.wgsl").into()),
+            source: wgpu::ShaderSource::Wgsl(include_str!("bench.wgsl").into()),
         });
         let pipelines = Kernel::ALL
             .iter()
@@ -831,7 +831,7 @@ impl Gpu {
             })
             .collect();
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(format!("compiling shaders/bench.wgsl: {e}"));
+            return Err(format!("compiling bench.wgsl: {e}"));
         }
         let timer = device
             .features()
