@@ -14,7 +14,8 @@ usage: cargo bench --bench lsce -- [options]
   --repeats N       timed runs per measurement, median reported (default 7; --quick 3)
   --warmup N        untimed runs first (default 2; --quick 1)
   --max-memory GIB  skip shapes whose rows x classes buffers (8 bytes a logit) exceed GIB
-  --row-workgroup N, --row-cache N, --row-groups N|all, --row-teams N, --no-subgroups
+  --row-workgroup N, --row-cache N, --row-groups N|all, --row-teams N,
+  --subgroup-rows-max-classes N, --no-subgroups
                     override the adapter's default lsce::KernelConfig
   --quick           a small set of shapes and fewer repeats
   --json FILE       write the results as a JSON array of records
@@ -57,6 +58,9 @@ pub struct Options {
     pub row_groups: Option<Option<u32>>,
     /// `KernelConfig::min_row_teams` (`--row-teams`): split rows below this many.
     pub row_teams: Option<u32>,
+    /// `KernelConfig::subgroup_rows_max_classes` (`--subgroup-rows-max-classes`): rows of at
+    /// most this many classes get a subgroup each.
+    pub subgroup_rows_max_classes: Option<u32>,
     pub subgroups: bool,
     pub json: Option<String>,
     pub plot: Option<String>,
@@ -78,6 +82,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         row_cache: None,
         row_groups: None,
         row_teams: None,
+        subgroup_rows_max_classes: None,
         subgroups: true,
         json: None,
         plot: None,
@@ -136,6 +141,13 @@ pub fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--row-cache" => o.row_cache = Some(parse_count(flag, &value()?, 1, 1 << 16)? as u32),
             "--row-teams" => o.row_teams = Some(parse_count(flag, &value()?, 1, 1 << 24)? as u32),
+            "--subgroup-rows-max-classes" => {
+                let v = value()?;
+                o.subgroup_rows_max_classes = Some(
+                    v.parse()
+                        .map_err(|_| format!("{flag}: `{v}` is not an integer in [0, 2^32)"))?,
+                );
+            }
             "--row-groups" => {
                 let v = value()?;
                 o.row_groups = Some(if v == "all" {

@@ -41,7 +41,9 @@ impl Gpu {
             use_subgroups: options.subgroups,
             max_row_workgroups: options.row_groups.unwrap_or(defaults.max_row_workgroups),
             min_row_teams: options.row_teams.unwrap_or(defaults.min_row_teams),
-            ..defaults
+            subgroup_rows_max_classes: options
+                .subgroup_rows_max_classes
+                .unwrap_or(defaults.subgroup_rows_max_classes),
         };
         let kernel = LossKernel::with_config(&device, config)
             .map_err(|e| format!("kernel configuration {config:?}: {e}"))?;

@@ -94,7 +94,8 @@ pub fn print_table(gpu: &Gpu, options: &Options, records: &[Record]) {
     let limits = gpu.device.limits();
     let config = gpu.kernel.config();
     println!(
-        "kernel: row_workgroup {}, row_cache {}, row_groups {}, row_teams {}, subgroups {} | \
+        "kernel: row_workgroup {}, row_cache {}, row_groups {}, row_teams {}, subgroups {} \
+         (rows of at most {} classes: one subgroup each) | \
          max_buffer_size {}, max_storage_buffer_binding_size {}",
         config.row_workgroup,
         config.row_cache,
@@ -107,6 +108,7 @@ pub fn print_table(gpu: &Gpu, options: &Options, records: &[Record]) {
         } else {
             "no"
         },
+        config.subgroup_rows_max_classes,
         human_bytes(limits.max_buffer_size),
         human_bytes(limits.max_storage_buffer_binding_size)
     );
