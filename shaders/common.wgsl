@@ -1,42 +1,11 @@
-// Shared by every kernel: the per-dispatch parameters (read through the private copy Q of the
-// uniform P, which each entry point makes first with load_params), the logit transform, the target
-// coefficients and the gradient scale. The bindings and element accessors (load_logit,
-// store_grad, ...) are generated in Rust (src/shader.rs) ahead of this file, together with the
-// constants WG_SIZE and CACHE_N.
+// Shared by every kernel: the switches, the logit transform, the target coefficients, the
+// online statistics and the gradient scale. Ahead of this file src/compose.rs puts the generated
+// prelude (WG_SIZE, CACHE_N, `struct Params` and the word constants of src/layout.rs, the
+// bindings, the uniform P and its private copy Q that each entry point makes first with
+// load_params) and the element accessors (load_unit, load_elem, store_unit, store_elem from
+// the load_*/store_* fragments).
 //
 // Mirrors: src/cpu.rs (transform, coefficients, row_loss, the gradient formula).
-
-// Must match `Params` in src/shader.rs field for field.
-struct Params {
-    classes: u32,
-    spatial: u32,
-    row_count: u32,      // rows in this window
-    row_begin: u32,      // global index of the window's first row
-    logits_base: u32,    // element offset of the window's first logit in `logits`
-    targets_base: u32,   // word offset of the window's first target in `targets`
-    upstream_base: u32,  // word offset of the window's first upstream value (per-row mode)
-    loss_base: u32,      // word offset of the window's first row in `row_loss`
-    lse_base: u32,       // word offset of the window's first row in `lse`
-    grad_base: u32,      // element offset of the window's first gradient value in `grad`
-    weights_base: u32,   // word offset of class 0 in `weights`
-    chunk_base: u32,     // first partial-sum slot of this window
-    chunk_count: u32,    // partial-sum slots of all windows together
-    excluded: u32,       // the class that receives no smoothing mass, or NONE_U32
-    ignore_index: i32,
-    has_ignore: u32,
-    reduction: u32,      // REDUCTION_*
-    upstream_mode: u32,  // UPSTREAM_*
-    total_rows: u32,     // rows of all windows together
-    on: f32,             // target value at the label
-    off: f32,            // target value at every other receiving class
-    off_mass: f32,       // off * (receiving classes), the off-mass of an unweighted row
-    logit_scale: f32,
-    softcap: f32,        // 0 when soft-capping is off
-    z_loss: f32,
-    split_base: u32,     // first word of the split-row records in `control`
-    split_parts: u32,    // parts per row when rows are split (rows.wgsl), else 1
-    _pad0: u32,
-}
 
 override HAS_WEIGHTS: bool = false;
 override SOFT_TARGETS: bool = false;
@@ -48,25 +17,6 @@ const NONE_U32: u32 = 0xffffffffu;
 // The most negative finite f32. Online statistics start here rather than at -inf so that
 // exp(-inf - m) is 0, not exp(NaN), for rows that begin with masked (-inf) logits.
 const NEG_BIG: f32 = -3.40282346638528859812e38;
-const REDUCTION_NONE: u32 = 0u;
-const REDUCTION_SUM: u32 = 1u;
-const REDUCTION_MEAN: u32 = 2u;
-const UPSTREAM_ONE: u32 = 0u;
-const UPSTREAM_SCALAR: u32 = 1u;
-const UPSTREAM_PER_ROW: u32 = 2u;
-
-// Layout of the `control` scratch words. Words 0..8 are the `Summary` copied to the caller.
-const CTRL_LOSS: u32 = 0u;
-const CTRL_Z_LOSS: u32 = 1u;
-const CTRL_DENOMINATOR: u32 = 2u;
-const CTRL_CORRECT: u32 = 3u;
-const CTRL_BAD_ROW: u32 = 4u;
-const CTRL_BAD_LABEL: u32 = 5u;
-const CTRL_COUNTED_ROWS: u32 = 6u;
-const CTRL_OFF_MASS: u32 = 8u;
-const CTRL_PARTIALS: u32 = 16u;
-const PARTIAL_WORDS: u32 = 4u;
-
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
@@ -172,7 +122,7 @@ fn row_scale(r: u32) -> f32 {
         g = upstream[Q.upstream_base + r];
     }
     if (Q.reduction == REDUCTION_MEAN) {
-        let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
+        let d = bitcast<f32>(atomicLoad(&control[SUMMARY_DENOMINATOR]));
         return select(g / d, nan(), d == 0.0);
     }
     return g;

@@ -137,7 +137,7 @@ fn store_results(row: Row, result: RowResult, arg: u32) {
     if (team_lid() == 0u) {
         store_row(row.r, result.loss, result.lse);
         if (ACCURACY && !SOFT_TARGETS && arg == row.label && !is_nan(result.lse)) {
-            atomicAdd(&control[CTRL_CORRECT], 1u);
+            atomicAdd(&control[SUMMARY_CORRECT], 1u);
         }
     }
 }
@@ -260,14 +260,14 @@ fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) 
 // When rows are few and long, each is cut into Q.split_parts parts, one team per part, in
 // three dispatches (the plan picks this; rows_main is not used then):
 //   split_stats:  every part's statistics over its units (one read, one exp per logit) into
-//                 the part's record (SPLIT_WORDS words of `control` from Q.split_base).
+//                 the part's record (`SplitRecord` in src/layout.rs: SPLIT_WORDS words of
+//                 `control` from Q.split_base).
 //   split_finish: per row, the parts' records merged in order: lse, loss, accuracy, and the
 //                 gradient constants written back into part 0's record.
 //   split_grad:   every part's gradient (a second read, one exp per logit).
 // Traffic as the streaming path: K logits read twice, K gradient values written, plus
 // 32 bytes per part.
 
-const SPLIT_WORDS: u32 = 8u;  // m, s, dot, mass, argmax value bits, argmax class, k.x, k.y
 
 fn split_record(r: u32, part: u32) -> u32 {
     return Q.split_base + ((Q.row_begin + r) * Q.split_parts + part) * SPLIT_WORDS;
@@ -304,12 +304,12 @@ fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         }
         if (team_lid() == 0u) {
             let at = split_record(row.r, part);
-            set_record_word(at, sweep.st.m);
-            set_record_word(at + 1u, sweep.st.v.x);
-            set_record_word(at + 2u, sweep.st.v.y);
-            set_record_word(at + 3u, sweep.st.v.z);
-            atomicStore(&control[at + 4u], arg.x);
-            atomicStore(&control[at + 5u], arg.y);
+            set_record_word(at + SPLIT_MAX, sweep.st.m);
+            set_record_word(at + SPLIT_SUM_EXP, sweep.st.v.x);
+            set_record_word(at + SPLIT_DOT, sweep.st.v.y);
+            set_record_word(at + SPLIT_MASS, sweep.st.v.z);
+            atomicStore(&control[at + SPLIT_ARGMAX_VALUE], arg.x);
+            atomicStore(&control[at + SPLIT_ARGMAX_CLASS], arg.y);
         }
     }
 }
@@ -331,26 +331,26 @@ fn split_finish(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
         if (team_lid() == 0u) {
             // The parts in order: the same result on every run.
             let first = split_record(r, 0u);
-            var st = OnlineStats(record_word(first), vec4<f32>(record_word(first + 1u), record_word(first + 2u), record_word(first + 3u), 0.0));
-            var best = vec2<u32>(atomicLoad(&control[first + 4u]), atomicLoad(&control[first + 5u]));
+            var st = OnlineStats(record_word(first + SPLIT_MAX), vec4<f32>(record_word(first + SPLIT_SUM_EXP), record_word(first + SPLIT_DOT), record_word(first + SPLIT_MASS), 0.0));
+            var best = vec2<u32>(atomicLoad(&control[first + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[first + SPLIT_ARGMAX_CLASS]));
             for (var part = 1u; part < Q.split_parts; part++) {
                 let at = split_record(r, part);
-                st = merge_stats(st, OnlineStats(record_word(at), vec4<f32>(record_word(at + 1u), record_word(at + 2u), record_word(at + 3u), 0.0)));
+                st = merge_stats(st, OnlineStats(record_word(at + SPLIT_MAX), vec4<f32>(record_word(at + SPLIT_SUM_EXP), record_word(at + SPLIT_DOT), record_word(at + SPLIT_MASS), 0.0)));
                 // Later parts hold later classes: only a strictly larger value replaces.
-                if (bitcast<f32>(atomicLoad(&control[at + 4u])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
-                    best = vec2<u32>(atomicLoad(&control[at + 4u]), atomicLoad(&control[at + 5u]));
+                if (bitcast<f32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
+                    best = vec2<u32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[at + SPLIT_ARGMAX_CLASS]));
                 }
             }
             let result = finish_row(st.m, st.v, row.extra, z_label);
             store_row(r, result.loss, result.lse);
             if (ACCURACY && !SOFT_TARGETS && best.y == row.label && !is_nan(result.lse)) {
-                atomicAdd(&control[CTRL_CORRECT], 1u);
+                atomicAdd(&control[SUMMARY_CORRECT], 1u);
             }
             if (WRITE_GRAD) {
                 let consts = grad_consts(result, row_scale(r));
-                set_record_word(first, st.m);
-                set_record_word(first + 6u, consts.x);
-                set_record_word(first + 7u, consts.y);
+                set_record_word(first + SPLIT_MAX, st.m);
+                set_record_word(first + SPLIT_GRAD_EZ_COEF, consts.x);
+                set_record_word(first + SPLIT_GRAD_SCALE, consts.y);
             }
         }
     }
@@ -370,7 +370,7 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
             continue;
         }
         let first = split_record(row.r, 0u);
-        let consts = vec2<f32>(record_word(first + 6u), record_word(first + 7u));
-        sweep_grad(row, range.x, range.y, record_word(first), consts);
+        let consts = vec2<f32>(record_word(first + SPLIT_GRAD_EZ_COEF), record_word(first + SPLIT_GRAD_SCALE));
+        sweep_grad(row, range.x, range.y, record_word(first + SPLIT_MAX), consts);
     }
 }

@@ -83,7 +83,7 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let row = finish_row(m, st.v, extra, z_label);
     store_row(r, row.loss, row.lse);
     if (ACCURACY && !SOFT_TARGETS && argmax_lanes(best).y == label && !is_nan(row.lse)) {
-        atomicAdd(&control[CTRL_CORRECT], 1u);
+        atomicAdd(&control[SUMMARY_CORRECT], 1u);
     }
 
     if (!WRITE_GRAD) {

@@ -10,7 +10,7 @@
 //! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
 //! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
-//! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
+//! | [`compute`] (reduction) | `shaders/finalize.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
 //! The formulas, for a row with transformed logits `z`, target coefficients `a_c` and
 //! `A = sum_c a_c`:

@@ -85,3 +85,29 @@ pub fn device_for_adapter(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu
     }))
     .map_err(|e| LsceError::RequestDevice(e.to_string()))
 }
+
+/// A buffer initialised with `contents` (padded to 4 bytes). Unlike wgpu's
+/// `create_buffer_init`, a lost device gives an `Err` instead of a panic.
+pub(crate) fn upload(
+    device: &wgpu::Device,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
+    let size = (contents.len() as u64)
+        .next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT)
+        .max(4);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage,
+        mapped_at_creation: true,
+    });
+    buffer
+        .get_mapped_range_mut(..)
+        .map_err(|e| LsceError::Device(format!("{label}: {e}")))?
+        .slice(..contents.len())
+        .copy_from_slice(contents);
+    buffer.unmap();
+    Ok(buffer)
+}

@@ -2,11 +2,13 @@
 //! submits, and reads the results back (map_async, poll, a futures-intrusive channel).
 
 use crate::batch::{Batch, Targets, UpstreamGrad};
+use crate::buffers::LossBuffers;
+use crate::device::upload;
 use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
+use crate::layout::Summary;
 use crate::output::LossOutput;
-use crate::plan::{upload, LossBuffers, Summary};
 use crate::problem::{Gradient, Problem};
 use crate::spec::{LossSpec, Reduction};
 
