@@ -14,6 +14,7 @@ use crate::report::{human_bytes, Measures};
 use crate::unfused::{Bindings, Buffers, Kernel};
 use crate::windows::{tensor_buffer_bytes, window_slack, windows};
 
+/// The bench's problem: `LossSpec::pytorch(0.1)` on class labels, logits and gradient in `dtype`.
 pub fn problem(shape: Shape, dtype: Dtype, gradient: Gradient) -> Problem {
     Problem::new(LossSpec::pytorch(0.1), shape)
         .with_dtype(dtype)
@@ -170,7 +171,7 @@ pub fn labels(shape: Shape, with_ignored: bool) -> Vec<i32> {
         .collect()
 }
 
-/// The buffers, windows and bind groups of one shape.
+/// The buffers of one shape and dtype, and the bench's own kernels' bindings over its windows.
 pub struct Case<'g> {
     gpu: &'g Gpu,
     shape: Shape,

@@ -32,11 +32,18 @@ bench=${LSCE_BENCH:-.bin/lsce-bench}
 
 if [ "${LSCE_PEERS_TINY:-0}" = 1 ]; then
     shapes=64x1000,8x5000
+    short_rows=64x1000
+    long_rows=8x5000
+    mixed=64x1000,8x5000
     bench_timing=(--repeats 2 --warmup 1)
     peer_timing=(--repeats 2 --warmup 1)
 else
     # The bench's defaults plus the large-vocabulary shapes of issue 11.
     shapes=4096x1000,4096x32000,256x128256,64x262144,16384x50257,8192x128256,4096x262144
+    # What each sweep can change: subgroup rows serve short rows, split rows few long ones.
+    short_rows=4096x1000,4096x32000
+    long_rows=256x128256,64x262144,4096x262144,16384x50257
+    mixed=4096x1000,4096x32000,256x128256,16384x50257
     bench_timing=()
     peer_timing=()
 fi
@@ -59,11 +66,11 @@ if [ -f "$nvidia_share/vulkan/icd.d/nvidia_icd.json" ]; then
     export __EGL_VENDOR_LIBRARY_FILENAMES=$nvidia_share/glvnd/egl_vendor.d/10_nvidia.json
 fi
 
-# One run of the lsce bench over Vulkan: NAME, then bench arguments. Its JSON and stderr go to
-# runs/NAME.*, its table to the log.
+# One run of the lsce bench over Vulkan: NAME, SHAPES, then bench arguments. Its JSON and
+# stderr go to runs/NAME.*, its table to the log.
 lsce() {
-    local name=$1
-    shift
+    local name=$1 cases=$2
+    shift 2
     local budget
     budget=$(left)
     if [ "$budget" -lt 10 ]; then
@@ -71,14 +78,14 @@ lsce() {
         return
     fi
     say "lsce $name: $*"
-    timeout "$budget" "$bench" --bench --backend vulkan --shapes "$shapes" "${bench_timing[@]}" \
+    timeout "$budget" "$bench" --bench --backend vulkan --shapes "$cases" "${bench_timing[@]}" \
         --json "$OUT/runs/$name.json" "$@" 2>"$OUT/runs/$name.err" | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || { say "lsce $name: exit $rc"; tail -5 "$OUT/runs/$name.err" | tee -a "$log"; }
 }
 
 # 1. lsce, every dtype, at the adapter's defaults.
-lsce main --dtype f32,bf16,f16
+lsce main "$shapes" --dtype f32,bf16,f16
 
 # 2. The peers, with Liger's wheel on the path (skipped, and said, when it is missing).
 if compgen -G '.whl/*.whl' >/dev/null; then
@@ -95,14 +102,15 @@ else
     say "peers: not run, the budget is spent"
 fi
 
-# 3. Sweeps, f32, one knob at a time from the defaults: split rows (min_row_teams; 1 = off),
-#    subgroup rows (subgroup_rows_max_classes; 0 = none), the row workgroup and row cache.
-for teams in 1 256 4096; do lsce "row-teams-$teams" --row-teams "$teams"; done
-for classes in 0 1024 8192; do
-    lsce "subgroup-rows-$classes" --subgroup-rows-max-classes "$classes"
+# 3. Sweeps, f32, one knob at a time from the defaults, each on the shapes it can change: split
+#    rows (min_row_teams; 1 = off), subgroup rows (subgroup_rows_max_classes; 0 = none), the
+#    row workgroup and the row cache.
+for teams in 1 256 4096; do lsce "row-teams-$teams" "$long_rows" --row-teams "$teams"; done
+for classes in 0 1024 8192 32768; do
+    lsce "subgroup-rows-$classes" "$short_rows" --subgroup-rows-max-classes "$classes"
 done
-for wg in 128 512 1024; do lsce "row-workgroup-$wg" --row-workgroup "$wg"; done
-for cache in 16 64; do lsce "row-cache-$cache" --row-cache "$cache"; done
+for wg in 128 512 1024; do lsce "row-workgroup-$wg" "$mixed" --row-workgroup "$wg"; done
+for cache in 16 64; do lsce "row-cache-$cache" "$mixed" --row-cache "$cache"; done
 
 # The results: the main run, every sweep record tagged with its run, and the raw files.
 "$python" - "$OUT" <<'EOF' 2>&1 | tee -a "$log"
