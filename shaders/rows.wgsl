@@ -4,7 +4,7 @@
 // A row is walked in units of UNIT consecutive logits (4 f32 as a vec4 where the caller's
 // buffers allow, else 1; 4 16-bit logits, two whole u32 words, so that no two invocations
 // write halves of one word of the same row), each unit's logits in the lanes of a vec4. Per row of K classes it computes
-// max and log-sum-exp, the target dot product and mass, the loss, and the gradient
+// max and log-sum-exp, the shifted target sum and its mass, the loss, and the gradient
 // (softmax * mass - a) * scale * dz/dx, in one dispatch:
 //   K <= team size * CACHE_N * UNIT ("cached"): the row is read once into registers; max
 //     first, then one exp per element whose result the gradient reuses.
@@ -103,18 +103,17 @@ fn sweep_stats(row: Row, u_begin: u32, u_end: u32) -> Sweep {
     let neg = vec4<f32>(neg_inf());
     var m4 = vec4<f32>(NEG_BIG);  // per-lane running max
     var s4 = vec4<f32>(0.0);      // per-lane sum of exp(z - m4)
-    var dot4 = vec4<f32>(0.0);    // per-lane target sums (see add_target)
+    var shifted4 = vec4<f32>(0.0);  // per-lane target sums relative to m4 (see add_target)
     var mass4 = vec4<f32>(0.0);
     var best = argmax_none();
     for (var u = u_begin + team_lid(); u < u_end; u += team_size()) {
         let x = load_unit(row.u0 + u);
         let unit = unit_of(row, u);
         let z = select(neg, transform_logit(x), unit.valid);
-        add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
-        online_push(&m4, &s4, z);
+        push_unit(&m4, &s4, &shifted4, &mass4, unit.c, unit.e, z, unit.valid);
         argmax_push(&best, x, unit.c, unit.valid);
     }
-    return Sweep(team_merge(merge_lanes(m4, s4, dot4, mass4)), best);
+    return Sweep(team_merge(merge_lanes(m4, s4, shifted4, mass4)), best);
 }
 
 // The team's argmax (value bits, class) from every invocation's candidates.
@@ -166,7 +165,7 @@ fn process_row(r: u32) {
     let z_label = label_logit(row);
     let u0 = row.u0;
     let neg = vec4<f32>(neg_inf());
-    var sums: vec4<f32>;  // x: sum exp(z - m), y: dot, z: mass, for the whole row
+    var sums: vec4<f32>;  // x: sum exp(z - m), y: shifted target sum, z: its mass
     var best = argmax_none();
     let cached = row.units <= team_size() * CACHE_N;
     // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
@@ -175,10 +174,11 @@ fn process_row(r: u32) {
     var m: f32;
 
     if (cached) {
-        // Read once; max without exp.
+        // Read once; max without exp. Then, relative to the row's max, the sum of exp and the
+        // target sums.
         var m4 = vec4<f32>(NEG_BIG);
         var s4 = vec4<f32>(0.0);
-        var dot4 = vec4<f32>(0.0);
+        var shifted4 = vec4<f32>(0.0);
         var mass4 = vec4<f32>(0.0);
         for (var j = 0u; j < CACHE_N; j++) {
             if (j >= slots) {
@@ -190,7 +190,6 @@ fn process_row(r: u32) {
                 let x = load_unit(u0 + u);
                 let unit = unit_of(row, u);
                 z = select(neg, transform_logit(x), unit.valid);
-                add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
                 argmax_push(&best, x, unit.c, unit.valid);
                 m4 = max(m4, z);
             }
@@ -201,13 +200,19 @@ fn process_row(r: u32) {
             if (j >= slots) {
                 break;
             }
-            let e = exp(cache[j] - m);
+            let u = lid + j * team_size();
+            let z = cache[j];
+            if (u < row.units) {
+                let unit = unit_of(row, u);
+                add_target(&shifted4, &mass4, unit.c, unit.e, z, unit.valid, vec4<f32>(m));
+            }
+            let e = exp(z - m);
             s4 += e;
             if (!HAS_SOFTCAP) {
                 cache[j] = e;  // the gradient needs only exp(z - max): the slope is constant
             }
         }
-        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(dot4), lane_sum(mass4), 0.0));
+        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(shifted4), lane_sum(mass4), 0.0));
     } else {
         let sweep = sweep_stats(row, 0u, row.units);
         m = sweep.st.m;
@@ -306,7 +311,7 @@ fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
             let at = split_record(row.r, part);
             set_record_word(at + SPLIT_MAX, sweep.st.m);
             set_record_word(at + SPLIT_SUM_EXP, sweep.st.v.x);
-            set_record_word(at + SPLIT_DOT, sweep.st.v.y);
+            set_record_word(at + SPLIT_SHIFTED, sweep.st.v.y);
             set_record_word(at + SPLIT_MASS, sweep.st.v.z);
             atomicStore(&control[at + SPLIT_ARGMAX_VALUE], arg.x);
             atomicStore(&control[at + SPLIT_ARGMAX_CLASS], arg.y);
@@ -331,11 +336,11 @@ fn split_finish(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
         if (team_lid() == 0u) {
             // The parts in order: the same result on every run.
             let first = split_record(r, 0u);
-            var st = OnlineStats(record_word(first + SPLIT_MAX), vec4<f32>(record_word(first + SPLIT_SUM_EXP), record_word(first + SPLIT_DOT), record_word(first + SPLIT_MASS), 0.0));
+            var st = OnlineStats(record_word(first + SPLIT_MAX), vec4<f32>(record_word(first + SPLIT_SUM_EXP), record_word(first + SPLIT_SHIFTED), record_word(first + SPLIT_MASS), 0.0));
             var best = vec2<u32>(atomicLoad(&control[first + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[first + SPLIT_ARGMAX_CLASS]));
             for (var part = 1u; part < Q.split_parts; part++) {
                 let at = split_record(r, part);
-                st = merge_stats(st, OnlineStats(record_word(at + SPLIT_MAX), vec4<f32>(record_word(at + SPLIT_SUM_EXP), record_word(at + SPLIT_DOT), record_word(at + SPLIT_MASS), 0.0)));
+                st = merge_stats(st, OnlineStats(record_word(at + SPLIT_MAX), vec4<f32>(record_word(at + SPLIT_SUM_EXP), record_word(at + SPLIT_SHIFTED), record_word(at + SPLIT_MASS), 0.0)));
                 // Later parts hold later classes: only a strictly larger value replaces.
                 if (bitcast<f32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
                     best = vec2<u32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[at + SPLIT_ARGMAX_CLASS]));

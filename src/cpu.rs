@@ -9,6 +9,7 @@
 //! | [`row_statistics`] | the online max / sum-exp sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
 //! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
 //! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
+//! | the `shifted` sum of [`row_loss`] (in [`compute`]) | `add_target`, `push_unit`, `relative_to` and `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
 //! | [`compute`] (reduction) | `shaders/finalize.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
@@ -88,8 +89,9 @@ pub fn row_statistics(z: &[f64]) -> RowStatistics {
 }
 
 /// The first index of the largest raw logit, as `logits.argmax(-1)`: token accuracy compares it
-/// with the label (`argmax_push` in `shaders/common.wgsl`). NaN entries are skipped; a row of
-/// `-inf` gives 0.
+/// with the label (`argmax_push` in `shaders/common.wgsl`). A NaN never replaces an earlier
+/// entry, and no entry replaces a NaN at index 0 (no comparison with NaN is true); either way
+/// the row's loss is NaN and accuracy does not count it. A row of `-inf` gives 0.
 pub fn argmax(x: &[f64]) -> u32 {
     let mut best = 0;
     for (c, &v) in x.iter().enumerate() {
@@ -115,7 +117,6 @@ fn coefficients(
     target: RowTarget<'_>,
     a: &mut [f64],
 ) {
-    let k = a.len();
     for (c, ac) in a.iter_mut().enumerate() {
         let w = weights.map_or(1.0, |w| f64::from(w[c]));
         let off = if spec.excluded_class == Some(c as u32) {
@@ -130,7 +131,6 @@ fn coefficients(
             RowTarget::Probabilities(t) => off + (values.on - off) * t[c],
         };
     }
-    debug_assert_eq!(k, a.len());
 }
 
 #[derive(Clone, Copy)]
@@ -247,10 +247,16 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
 
 /// `sum_c a_c (max - z_c)`, with the terms the kernels include.
 ///
+/// Every term is a difference of logits, so that adding a constant to a row changes nothing
+/// (`add_target` in `shaders/common.wgsl`). The kernels sum the same terms relative to a
+/// running max where the row's max is not known yet, lifting a partial sum by its mass times
+/// the rise of the max (`push_unit`, `relative_to`): in exact arithmetic the same sum.
+///
 /// Class labels: the off-value part `off * sum_{c != excluded} w_c (max - z_c)` is skipped
 /// when the off-value is 0, so that plain cross-entropy stays finite when a non-target logit is
 /// `-inf` (PyTorch computes no smoothing term at `eps = 0`); then the label's own term is added.
-/// Probability targets: the plain sum, so `0 * -inf` gives NaN as in PyTorch.
+/// A zero coefficient adds nothing at a logit above `f32::MIN` (whatever the max), and
+/// `0 * inf = NaN` at `-inf` or NaN, as in PyTorch.
 fn shifted_dot(
     spec: &LossSpec,
     values: TargetValues,
@@ -260,8 +266,16 @@ fn shifted_dot(
     z: &[f64],
     max: f64,
 ) -> f64 {
+    // b (max - z) unless b is 0 and z above f32::MIN, where the kernels skip it.
+    let term = |b: f64, z: f64| {
+        if b == 0.0 && z >= f64::from(f32::MIN) {
+            0.0
+        } else {
+            b * (max - z)
+        }
+    };
     match target {
-        RowTarget::Probabilities(_) => a.iter().zip(z).map(|(a, z)| a * (max - z)).sum(),
+        RowTarget::Probabilities(_) => a.iter().zip(z).map(|(&a, &z)| term(a, z)).sum(),
         RowTarget::Class(y) => {
             let y = y as usize;
             let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
@@ -271,7 +285,7 @@ fn shifted_dot(
                 values.off
                     * (0..z.len())
                         .filter(|&c| spec.excluded_class != Some(c as u32))
-                        .map(|c| w(c) * (max - z[c]))
+                        .map(|c| term(w(c), z[c]))
                         .sum::<f64>()
             };
             let off_y = if spec.excluded_class == Some(y as u32) {

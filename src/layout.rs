@@ -217,9 +217,10 @@ shared_layout! {
         max: f32,
         /// `sum exp(z - max)` over the part.
         sum_exp: f32,
-        /// The part's target dot `sum a_c (max - z_c)`.
-        dot: f32,
-        /// The part's target mass `sum a_c`.
+        /// The part's target sum relative to its max, `sum_c b_c (max - z_c)` (`add_target` in
+        /// common.wgsl: `b_c = a_c`, or `w_c` at a class label's receiving classes).
+        shifted: f32,
+        /// That sum's mass `sum_c b_c`, which lifts it to the row's max when parts merge.
         mass: f32,
         /// Bits of the part's largest raw logit.
         argmax_value: u32,

@@ -5,7 +5,10 @@
 //! fused WGSL kernel, on any adapter wgpu offers (Vulkan, Metal, DX12, GL). By default it
 //! matches `torch.nn.functional.cross_entropy(logits, target, weight, ignore_index=-100,
 //! reduction="mean", label_smoothing=eps)` and its autograd gradient exactly; the other
-//! smoothing conventions real code uses are first-class too.
+//! smoothing conventions real code uses are first-class too. Where lsce deliberately differs:
+//! an ignored row's logits are never read, so NaN or infinite logits there change neither the
+//! loss nor the mean's denominator, and the row's gradient is exactly 0 (PyTorch's is NaN,
+//! its log-softmax backward multiplying the NaN by 0), which is what padding wants.
 //!
 //! Three ways in:
 //! 1. the **encode API** ([`LossKernel::plan`], [`LossPlan::encode`]) records into *your*
@@ -147,6 +150,7 @@
 //! | on-value, off-value | the smoothed target at the label and at every other receiving class ([`TargetValues`]) |
 //! | off-mass | `sum_c w_c off_c` over the receiving classes: `off * receiving` without weights |
 //! | target coefficients `a_c`, mass `A` | the weighted smoothed target of each class and their sum (see *The loss*) |
+//! | shifted target sum, lift | `sum_c a_c (m - z_c)`, kept relative to a max `m` so that no term is of the size of the logits (see *Precision*); where `m` is a running max, a partial sum is lifted by its mass times the rise of `m` |
 //! | unit | up to four consecutive logits one invocation handles at once, as the lanes of a `vec4` |
 //! | wide, narrow | f32 rows read as `vec4` units (4 logits) where the caller's buffers allow, or one logit per unit; 16-bit units are always 4 logits |
 //! | team | the invocations that reduce one row together: one subgroup, or a whole workgroup |
@@ -166,6 +170,12 @@
 //! logits' type by default or in `f32` ([`Problem::with_grad_dtype`]): a bf16 gradient keeps
 //! 8 significant bits, so small components of large rows lose relative precision
 //! (TransformerEngine PR #3193); ask for an `f32` gradient where that matters.
+//!
+//! Every term of the loss is a difference of logits: it is formed as
+//! `A ln s + sum_c a_c (max - z_c)` with `s = sum_c exp(z_c - max)`, and the gradient from
+//! `exp(z_c - max)`, so adding a constant to a row's logits changes neither beyond the
+//! rounding of those differences, for constants up to `1e30` (z-loss aside, which depends on
+//! `lse` itself). `A lse - sum_c a_c z_c` would cancel and lose `|lse| * 2^-23` of the loss.
 //!
 //! Non-finite logits behave as in PyTorch: a NaN poisons its own row only; with `eps > 0` a
 //! `-inf` on a non-target class gives loss `+inf` and a finite gradient.
