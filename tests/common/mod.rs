@@ -175,7 +175,8 @@ pub fn gpu() -> &'static Gpu {
         let (device, queue) = lsce::request_device(&DeviceOptions::default()).unwrap_or_else(|e| {
             panic!(
                 "no wgpu adapter: {e}\n  install a software Vulkan driver (Debian: \
-                 `apt-get install -y mesa-vulkan-drivers`) or run on a machine with a GPU"
+                 `apt-get install -y mesa-vulkan-drivers`, or run `.ci/setup`, which installs \
+                 every driver the tests use) or run on a machine with a GPU"
             )
         });
         let gpu = Gpu::from_device(device, queue);
@@ -188,7 +189,10 @@ pub fn gpu() -> &'static Gpu {
 pub fn device_for_backend(backend: wgpu::Backends, install: &str) -> Gpu {
     let adapters = lsce::adapters(backend);
     let adapter = adapters.into_iter().next().unwrap_or_else(|| {
-        panic!("no wgpu adapter for {backend:?}: this test needs one; on Debian install {install}")
+        panic!(
+            "no wgpu adapter for {backend:?}: this test needs one; on Debian install {install} \
+             (`.ci/setup` installs every driver the tests use)"
+        )
     });
     let (device, queue) = lsce::device_for_adapter(&adapter)
         .unwrap_or_else(|e| panic!("requesting a {backend:?} device failed: {e}"));
