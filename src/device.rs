@@ -111,3 +111,31 @@ pub(crate) fn upload(
     buffer.unmap();
     Ok(buffer)
 }
+
+/// Submits `encoder` and maps `readback` (a `MAP_READ` buffer the encoder copies into) for
+/// reading, waiting for both. A lost device or a failed map gives an `Err`.
+pub(crate) fn submit_and_map(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    encoder: wgpu::CommandEncoder,
+    readback: &wgpu::Buffer,
+) -> Result<()> {
+    let index = queue.submit([encoder.finish()]);
+    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+    readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        // The receiver lives until the poll below returns; a failed send only means the
+        // caller already gave up.
+        let _ = sender.send(r);
+    });
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+        .map_err(|e| LsceError::Readback(e.to_string()))?;
+    match pollster::block_on(receiver.receive()) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(LsceError::Readback(e.to_string())),
+        None => Err(LsceError::Readback("the map callback was dropped".into())),
+    }
+}

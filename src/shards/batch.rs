@@ -2,7 +2,7 @@
 //! GPU calls.
 
 use crate::error::{LsceError, Result};
-use crate::{Logits, Reduction, TargetKind, TargetValues, Targets, UpstreamGrad};
+use crate::{Logits, TargetKind, TargetValues, Targets, UpstreamGrad};
 
 use super::layout::ShardProblem;
 
@@ -113,20 +113,7 @@ impl<'a> ShardBatch<'a> {
                 ))
             }
         }
-        match (self.upstream, problem.spec.reduction) {
-            (UpstreamGrad::PerRow(g), Reduction::None) => check("upstream", rows, g.len())?,
-            (UpstreamGrad::PerRow(_), _) => {
-                return Err(LsceError::Unsupported(
-                    "a per-row upstream gradient needs Reduction::None",
-                ))
-            }
-            (UpstreamGrad::Scalar(_), Reduction::None) => {
-                return Err(LsceError::Unsupported(
-                    "Reduction::None needs a per-row upstream gradient (or One)",
-                ))
-            }
-            _ => {}
-        }
+        self.upstream.check(problem.spec.reduction, rows)?;
         Ok(values)
     }
 }

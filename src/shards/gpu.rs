@@ -10,7 +10,7 @@
 
 use std::mem::offset_of;
 
-use crate::device::upload;
+use crate::device::{submit_and_map, upload};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::layout::{ShardHeader, ShardMergedRow, SharedLayout, Summary};
@@ -540,26 +540,12 @@ pub(crate) fn read_back(
     for (&(source, bytes), &to) in sources.iter().zip(&at) {
         encoder.copy_buffer_to_buffer(source, 0, &readback, to, bytes);
     }
-    let index = queue.submit([encoder.finish()]);
-    let slice = readback.slice(..);
-    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = sender.send(r);
-    });
-    device
-        .poll(wgpu::PollType::Wait {
-            submission_index: Some(index),
-            timeout: None,
-        })
-        .map_err(|e| LsceError::Readback(e.to_string()))?;
+    let mapped = submit_and_map(device, queue, encoder, &readback);
     if let Some(err) = pollster::block_on(validation.pop()) {
         return Err(LsceError::Device(err.to_string()));
     }
-    match pollster::block_on(receiver.receive()) {
-        Some(Ok(())) => {}
-        Some(Err(e)) => return Err(LsceError::Readback(e.to_string())),
-        None => return Err(LsceError::Readback("the map callback was dropped".into())),
-    }
+    mapped?;
+    let slice = readback.slice(..);
     let view = slice
         .get_mapped_range()
         .map_err(|e| LsceError::Readback(e.to_string()))?;

@@ -141,26 +141,7 @@ pub fn merge(
     }
     let spec = &problem.spec;
     let classes = problem.targets == TargetKind::Classes;
-    match (upstream, spec.reduction) {
-        (UpstreamGrad::PerRow(g), Reduction::None) if g.len() != rows => {
-            return Err(LsceError::LengthMismatch {
-                what: "upstream",
-                expected: rows,
-                actual: g.len(),
-            })
-        }
-        (UpstreamGrad::PerRow(_), Reduction::Sum | Reduction::Mean) => {
-            return Err(LsceError::Unsupported(
-                "a per-row upstream gradient needs Reduction::None",
-            ))
-        }
-        (UpstreamGrad::Scalar(_), Reduction::None) => {
-            return Err(LsceError::Unsupported(
-                "Reduction::None needs a per-row upstream gradient (or One)",
-            ))
-        }
-        _ => {}
-    }
+    upstream.check(spec.reduction, rows)?;
     let z_coef = f64::from(spec.z_loss);
 
     let mut loss = vec![0.0; rows];
