@@ -1,10 +1,10 @@
 //! The label-smoothing conventions real codebases use, each on the same batch, GPU beside the
 //! CPU reference, and a table of which codebase uses which.
 //!
-//! The batches come from the seed posts, which print PyTorch's results for them: seed 002's
-//! (`F.cross_entropy` 2.1185, `label_smoothing=0.1` 2.1038) and seed 003's (its
-//! `LabelSmoothingCrossEntropy` under the three reductions), so every line marked "seed" can be
-//! checked against a real PyTorch run.
+//! The batches come from two published worked examples that print PyTorch's results for them: a
+//! 3x5 batch (`F.cross_entropy` 2.1185, `label_smoothing=0.1` 2.1038) and a 4x3 batch (a
+//! `LabelSmoothingCrossEntropy` module under the three reductions), so every line marked
+//! "PyTorch" can be checked against a real PyTorch run.
 //!
 //! ```text
 //! cargo run --release --example conventions
@@ -22,14 +22,14 @@ fn main() -> lsce::Result<()> {
     println!("adapter: {} ({:?})", info.name, info.backend);
     let kernel = LossKernel::new(&device)?;
 
-    seed_002(&kernel, &queue)?;
-    seed_003(&kernel, &queue)?;
+    batch_3x5(&kernel, &queue)?;
+    batch_4x3(&kernel, &queue)?;
     print_codebases();
     Ok(())
 }
 
-/// One batch under every convention, mean reduction as in the seed.
-fn seed_002(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
+/// One batch under every convention, mean reduction as in the published example.
+fn batch_3x5(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
     const K: u32 = 5;
     let logits = [
         1.2215, -0.9342, -0.1349, -0.5035, 0.4492, //
@@ -39,7 +39,7 @@ fn seed_002(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
     let labels = [2, 3, 2];
     let shape = Shape::matrix(3, K)?;
     let classes = Batch::classes(shape, &logits, &labels);
-    // The seed's last check: PyTorch's smoothing spelled out as probability targets,
+    // The published example's last check: PyTorch's smoothing spelled out as probability targets,
     // one_hot * (1 - eps) + eps / K, passed to plain cross-entropy.
     let smoothed: Vec<f32> = labels
         .iter()
@@ -89,14 +89,14 @@ fn seed_002(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
     ];
 
     println!(
-        "\nSeed 002's batch: 3 rows x {K} classes, labels {labels:?}, eps = {EPS}, mean over rows."
+        "\nThe 3x5 batch: 3 rows x {K} classes, labels {labels:?}, eps = {EPS}, mean over rows."
     );
     println!("q is the target distribution of the first row (label 2).\n");
     println!(
         "{:<28} {:<36} {:>6} {:>10} {:>10} {:>9} {:>9} {:>7}",
-        "convention", "q", "sum q", "GPU", "CPU (f64)", "|dloss|", "|dgrad|", "seed"
+        "convention", "q", "sum q", "GPU", "CPU (f64)", "|dloss|", "|dgrad|", "PyTorch"
     );
-    for (name, spec, batch, seed) in cases {
+    for (name, spec, batch, pytorch) in cases {
         let c = compare(kernel, queue, &spec, &batch)?;
         let q = match batch.targets {
             Targets::Probabilities(p) => p[..K as usize].iter().map(|&v| f64::from(v)).collect(),
@@ -113,7 +113,7 @@ fn seed_002(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
             c.cpu[0],
             c.loss_error,
             c.grad_error,
-            seed.unwrap_or("-"),
+            pytorch.unwrap_or("-"),
         );
     }
     println!(
@@ -123,9 +123,9 @@ fn seed_002(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
     Ok(())
 }
 
-/// Seed 003's batch under its `LabelSmoothingCrossEntropy`, which is PyTorch's convention,
+/// The 4x3 batch under its `LabelSmoothingCrossEntropy`, which is PyTorch's convention,
 /// with each reduction.
-fn seed_003(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
+fn batch_4x3(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
     // torch.arange(12, dtype=torch.float32).reshape(4, 3)
     let logits: Vec<f32> = (0..12).map(|i| i as f32).collect();
     let labels = [0, 2, 1, 2];
@@ -144,15 +144,15 @@ fn seed_003(kernel: &LossKernel, queue: &wgpu::Queue) -> lsce::Result<()> {
             "2.3076 0.5076 1.4076 0.5076",
         ),
     ];
-    println!("\nSeed 003's batch: arange(12).reshape(4, 3), labels {labels:?}.\n");
+    println!("\nThe 4x3 batch: arange(12).reshape(4, 3), labels {labels:?}.\n");
     println!(
-        "{:<26} {:<31} {:<31} {:>9} {:>9}  seed",
+        "{:<26} {:<31} {:<31} {:>9} {:>9}  pytorch",
         "spec, reduction", "GPU", "CPU (f64)", "|dloss|", "|dgrad|"
     );
-    for (name, spec, seed) in cases {
+    for (name, spec, pytorch) in cases {
         let c = compare(kernel, queue, &spec, &batch)?;
         println!(
-            "{name:<26} {:<31} {:<31} {:>9.1e} {:>9.1e}  {seed}",
+            "{name:<26} {:<31} {:<31} {:>9.1e} {:>9.1e}  {pytorch}",
             join(&c.gpu),
             join(&c.cpu),
             c.loss_error,
@@ -237,11 +237,10 @@ fn print_codebases() {
             "q_y = 1-eps+eps/K, q_k = eps/K",
             &[
                 "PyTorch cross_entropy / CrossEntropyLoss(label_smoothing=eps)",
-                "HF transformers Trainer's LabelSmoother (seed 002)",
-                "NVIDIA DeepLearningExamples LabelSmoothing (seed 000 ex. 3)",
-                "timm LabelSmoothingCrossEntropy; seed 003's LabelSmoothingCrossEntropy",
-                "Keras CategoricalCrossentropy(label_smoothing); the Inception-v3 paper's formula \
-                 (seeds 000 and 002)",
+                "HF transformers Trainer's LabelSmoother",
+                "NVIDIA DeepLearningExamples LabelSmoothing",
+                "timm LabelSmoothingCrossEntropy; published LabelSmoothingCrossEntropy modules",
+                "Keras CategoricalCrossentropy(label_smoothing); the Inception-v3 paper's formula",
             ],
         ),
         (
@@ -250,20 +249,20 @@ fn print_codebases() {
             &[
                 "Megatron-LM vocab_parallel_cross_entropy (after NeMo)",
                 "fairseq label_smoothed_nll_loss",
-                "PyTorch issue #7455 answers, PistonY torch-toolbox (seed 000 ex. 1, 2, 4, 7)",
-                "seed 001's LabelSmoothingLoss; seed 003's formula",
+                "PyTorch issue #7455 answers, PistonY torch-toolbox",
+                "LabelSmoothingLoss modules with eps/(K-1)",
             ],
         ),
         (
             "Explicit { on: 1-eps, off: eps/K }",
             "q_y = 1-eps, q_k = eps/K (mass 1 - eps/K)",
-            &["CoinCheung pytorch-loss LabelSmoothSoftmaxCEV1/V2 (seed 000 ex. 6)"],
+            &["CoinCheung pytorch-loss LabelSmoothSoftmaxCEV1/V2"],
         ),
         (
             "OffTarget(eps) + excluded_class(PAD) + ignore_index(PAD)",
             "q_y = 1-eps, q_k = eps/(K-2), q_PAD = 0",
             &[
-                "NJUNMT-pytorch NMTCriterion (seed 000 ex. 5), OpenNMT-py LabelSmoothingLoss: \
+                "NJUNMT-pytorch NMTCriterion, OpenNMT-py LabelSmoothingLoss: \
                  both minimise KLDivLoss summed over tokens, i.e. this loss minus the (constant) \
                  entropy of q, with the same gradient",
             ],

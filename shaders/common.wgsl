@@ -1,42 +1,11 @@
-// Shared by every kernel: the per-dispatch parameters (read through the private copy Q of the
-// uniform P, which each entry point makes first with load_params), the logit transform, the target
-// coefficients and the gradient scale. The bindings and element accessors (load_logit,
-// store_grad, ...) are generated in Rust (src/shader.rs) ahead of this file, together with the
-// constants WG_SIZE and CACHE_N.
+// Shared by every kernel: the switches, the logit transform, the target coefficients, the
+// online statistics and the gradient scale. Ahead of this file src/compose.rs puts the generated
+// prelude (WG_SIZE, CACHE_N, `struct Params` and the word constants of src/layout.rs, the
+// bindings, the uniform P and its private copy Q that each entry point makes first with
+// load_params) and the element accessors (load_unit, load_elem, store_unit, store_elem from
+// the load_*/store_* fragments).
 //
 // Mirrors: src/cpu.rs (transform, coefficients, row_loss, the gradient formula).
-
-// Must match `Params` in src/shader.rs field for field.
-struct Params {
-    classes: u32,
-    spatial: u32,
-    row_count: u32,      // rows in this window
-    row_begin: u32,      // global index of the window's first row
-    logits_base: u32,    // element offset of the window's first logit in `logits`
-    targets_base: u32,   // word offset of the window's first target in `targets`
-    upstream_base: u32,  // word offset of the window's first upstream value (per-row mode)
-    loss_base: u32,      // word offset of the window's first row in `row_loss`
-    lse_base: u32,       // word offset of the window's first row in `lse`
-    grad_base: u32,      // element offset of the window's first gradient value in `grad`
-    weights_base: u32,   // word offset of class 0 in `weights`
-    chunk_base: u32,     // first partial-sum slot of this window
-    chunk_count: u32,    // partial-sum slots of all windows together
-    excluded: u32,       // the class that receives no smoothing mass, or NONE_U32
-    ignore_index: i32,
-    has_ignore: u32,
-    reduction: u32,      // REDUCTION_*
-    upstream_mode: u32,  // UPSTREAM_*
-    total_rows: u32,     // rows of all windows together
-    on: f32,             // target value at the label
-    off: f32,            // target value at every other receiving class
-    off_mass: f32,       // off * (receiving classes), the off-mass of an unweighted row
-    logit_scale: f32,
-    softcap: f32,        // 0 when soft-capping is off
-    z_loss: f32,
-    split_base: u32,     // first word of the split-row records in `control`
-    split_parts: u32,    // parts per row when rows are split (rows.wgsl), else 1
-    _pad0: u32,
-}
 
 override HAS_WEIGHTS: bool = false;
 override SOFT_TARGETS: bool = false;
@@ -48,25 +17,6 @@ const NONE_U32: u32 = 0xffffffffu;
 // The most negative finite f32. Online statistics start here rather than at -inf so that
 // exp(-inf - m) is 0, not exp(NaN), for rows that begin with masked (-inf) logits.
 const NEG_BIG: f32 = -3.40282346638528859812e38;
-const REDUCTION_NONE: u32 = 0u;
-const REDUCTION_SUM: u32 = 1u;
-const REDUCTION_MEAN: u32 = 2u;
-const UPSTREAM_ONE: u32 = 0u;
-const UPSTREAM_SCALAR: u32 = 1u;
-const UPSTREAM_PER_ROW: u32 = 2u;
-
-// Layout of the `control` scratch words. Words 0..8 are the `Summary` copied to the caller.
-const CTRL_LOSS: u32 = 0u;
-const CTRL_Z_LOSS: u32 = 1u;
-const CTRL_DENOMINATOR: u32 = 2u;
-const CTRL_CORRECT: u32 = 3u;
-const CTRL_BAD_ROW: u32 = 4u;
-const CTRL_BAD_LABEL: u32 = 5u;
-const CTRL_COUNTED_ROWS: u32 = 6u;
-const CTRL_OFF_MASS: u32 = 8u;
-const CTRL_PARTIALS: u32 = 16u;
-const PARTIAL_WORDS: u32 = 4u;
-
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
@@ -165,6 +115,11 @@ fn off_mass() -> f32 {
 // The factor that multiplies (softmax * coef - a) for row r of the window: the upstream
 // gradient, divided by the denominator for the mean (NaN when every row is ignored or weighs 0).
 fn row_scale(r: u32) -> f32 {
+    return row_scale_over(r, bitcast<f32>(atomicLoad(&control[SUMMARY_DENOMINATOR])));
+}
+
+// row_scale with the mean's denominator d given.
+fn row_scale_over(r: u32, d: f32) -> f32 {
     var g = 1.0;
     if (Q.upstream_mode == UPSTREAM_SCALAR) {
         g = upstream[Q.upstream_base];
@@ -172,7 +127,6 @@ fn row_scale(r: u32) -> f32 {
         g = upstream[Q.upstream_base + r];
     }
     if (Q.reduction == REDUCTION_MEAN) {
-        let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
         return select(g / d, nan(), d == 0.0);
     }
     return g;
@@ -186,9 +140,7 @@ fn row_label(r: u32) -> i32 {
     return bitcast<i32>(targets[Q.targets_base + r]);
 }
 
-const ROW_VALID: u32 = 0u;
-const ROW_IGNORED: u32 = 1u;
-const ROW_BAD_LABEL: u32 = 2u;
+// ROW_VALID, ROW_IGNORED, ROW_BAD_LABEL: RowKind in src/layout.rs.
 
 fn classify_label(label: i32) -> u32 {
     if (SOFT_TARGETS) {
@@ -197,7 +149,7 @@ fn classify_label(label: i32) -> u32 {
     if (Q.has_ignore != 0u && label == Q.ignore_index) {
         return ROW_IGNORED;
     }
-    if (label < 0 || u32(label) >= Q.classes) {
+    if (label < 0 || u32(label) >= Q.label_classes) {
         return ROW_BAD_LABEL;
     }
     return ROW_VALID;
@@ -213,20 +165,64 @@ fn lane_sum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
-// Adds a unit's transformed logits z (classes c, elements e, lanes `valid`) to a row's
-// per-lane target sums: `dot` sum a_c z_c, `mass` sum a_c. Class labels sum only w_c z_c over
-// receiving classes, and only when the off-value is nonzero: skipping it keeps plain
-// cross-entropy finite when a non-target logit is -inf. finish_row() completes both.
-fn add_target(dot: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
+// The target sums of a row are kept relative to a shift: `shifted` = sum_c b_c (m - z_c) and
+// `mass` = sum_c b_c, with m the max of the logits summed so far (the row's max in the cached
+// path, a lane's running max in the online sweeps: push_unit, relative_to) and b_c = a_c for
+// probability targets, w_c at the receiving classes of a class label (finish_row applies the
+// off-value and adds the label's own term). Every term is then a difference of nearby logits, never of the size of the
+// logits themselves: adding a constant to a row changes no term, and with b_c >= 0 no term
+// cancels another. Class labels sum nothing when the off-value is 0: plain cross-entropy stays
+// finite when a non-target logit is -inf.
+
+// Adds a unit's transformed logits z (classes c, elements e, lanes `valid`) to the per-lane
+// target sums, relative to the lanes' max m (which must be at least z). A zero coefficient adds
+// nothing at a logit above NEG_BIG, so that the sum of a row that holds a +inf logit does not
+// depend on where it comes; at -inf or NaN it adds 0 * inf = NaN, as in PyTorch.
+fn add_target(shifted: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>, m: vec4<f32>) {
     let zero = vec4<f32>(0.0);
+    var b: vec4<f32>;
+    var take: vec4<bool>;
     if (SOFT_TARGETS) {
-        let a = target_coef(c, e, 0u);
-        *dot += select(zero, a * z, valid);
-        *mass += select(zero, a, valid);
+        b = target_coef(c, e, 0u);
+        take = valid;
     } else if (Q.off != 0.0) {
-        let receiving = valid & (c != vec4<u32>(Q.excluded));
-        *dot += select(zero, weight(c) * z, receiving);
+        b = weight(c);
+        take = valid & (c != vec4<u32>(Q.excluded));
+    } else {
+        return;
     }
+    if (HAS_WEIGHTS || SOFT_TARGETS) {
+        take = take & ((b != zero) | !(z >= vec4<f32>(NEG_BIG)));
+    }
+    *shifted += select(zero, b * (m - z), take);
+    *mass += select(zero, b, take);
+}
+
+// One unit of an online sweep, per lane: the running max m; the sum s of exp(z - m), with a
+// single exp per logit (whichever of the old max and the new value is smaller is scaled by
+// exp(-|z - m|)); and the target sums, re-expressed relative to the new max before the unit's
+// terms are added (sum_c b_c (z - z_c) = shifted + mass (z - m) where z is the new max).
+// Nothing to lift where nothing is summed yet: the max may rise from NEG_BIG by d = inf, and
+// 0 * inf is NaN. Masked lanes carry z = -inf, which changes nothing. NaN propagates through
+// the sum.
+fn push_unit(m: ptr<function, vec4<f32>>, s: ptr<function, vec4<f32>>, shifted: ptr<function, vec4<f32>>, mass: ptr<function, vec4<f32>>, c: vec4<u32>, e: vec4<u32>, z: vec4<f32>, valid: vec4<bool>) {
+    let zero = vec4<f32>(0.0);
+    let d = z - *m;
+    let scaled = exp(-abs(d));
+    let up = d > zero;
+    *s = select(*s + scaled, *s * scaled + 1.0, up);
+    *m = select(*m, z, up);
+    if (SOFT_TARGETS || Q.off != 0.0) {
+        *shifted += select(zero, *mass * d, up & (*mass != zero));
+        add_target(shifted, mass, c, e, z, valid, *m);
+    }
+}
+
+// The local class of a valid row's global label: NONE_U32 when another vocabulary shard
+// holds it (then no class of this shard matches it and its extra coefficient is 0).
+fn local_label(label: i32) -> u32 {
+    let c = u32(label) - Q.class_begin;
+    return select(NONE_U32, c, c < Q.classes);
 }
 
 // A row's results from its statistics: lse, loss, the target mass A, and 1/s.
@@ -237,24 +233,27 @@ struct RowResult {
     inv_sum: f32,
 }
 
-// Finishes a row from its max m, swept sums (x: s = sum exp(z - m), y: dot, z: mass; see
-// add_target), the label's extra coefficient and transformed logit. The loss
+// Finishes a row from its max m, swept sums relative to m (x: s = sum exp(z - m), y: shifted,
+// z: mass; see add_target), the label's extra coefficient and transformed logit. The loss
 // A lse - sum a_c z_c + z lse^2 is formed as A log s + sum a_c (m - z_c) + z lse^2: A lse and
-// sum a_c z_c are both of the size of the logits and cancel when the row is confident, while
-// log s and m - z_y are small and exact. Mirror: cpu::row_loss.
+// sum a_c z_c are both of the size of the logits and cancel, while log s and every m - z_c are
+// differences of logits: the loss does not change when a constant is added to the row (z_loss
+// aside, which depends on lse itself). Mirror: cpu::row_loss, cpu::shifted_dot.
 fn finish_row(m: f32, sums: vec4<f32>, extra: f32, z_label: f32) -> RowResult {
     let log_s = log(sums.x);
     let lse_v = m + log_s;
-    var mass: f32;
-    var shifted: f32;  // sum_c a_c (m - z_c)
+    let t = target_sums(m, sums, extra, z_label);
+    return RowResult(lse_v, t.x * log_s + t.y + Q.z_loss * lse_v * lse_v, t.x, 1.0 / sums.x);
+}
+
+// The target mass A = sum a_c and sum_c a_c (m - z_c) of a row (or of a vocabulary shard's
+// part of it) from its max m and swept sums, as finish_row uses them.
+fn target_sums(m: f32, sums: vec4<f32>, extra: f32, z_label: f32) -> vec2<f32> {
     if (SOFT_TARGETS) {
-        mass = sums.z;
-        shifted = mass * m - sums.y;
-    } else {
-        mass = off_mass() + extra;
-        shifted = select(0.0, off_mass() * m - Q.off * sums.y, Q.off != 0.0) + extra * (m - z_label);
+        return vec2<f32>(sums.z, sums.y);
     }
-    return RowResult(lse_v, mass * log_s + shifted + Q.z_loss * lse_v * lse_v, mass, 1.0 / sums.x);
+    // sums.y is 0 when the off-value is (nothing is summed).
+    return vec2<f32>(off_mass() + extra, Q.off * sums.y + extra * (m - z_label));
 }
 
 // The row's gradient constants (p_coef / s, scale * logit_scale), p_coef = A + 2 z_loss lse.
@@ -275,42 +274,37 @@ fn store_row(r: u32, loss_v: f32, lse_v: f32) {
     lse[Q.lse_base + r] = lse_v;
 }
 
-// Online softmax statistics: `m` a running max, `v.x` the sum of exp(z - m), v.yzw plain sums
-// that travel with it (the target dot product, the target mass).
+// Online softmax statistics: `m` a running max, `v.x` the sum of exp(z - m), `v.y` the target
+// sum shifted by m and `v.z` its mass (see add_target); `v.w` unused.
 struct OnlineStats {
     m: f32,
     v: vec4<f32>,
 }
 
+// The statistics' sums relative to a max m >= st.m, for merging a part into the whole: the
+// sum of exp scaled by exp(st.m - m), the shifted target sum lifted by mass (m - st.m). Both
+// unchanged when the maxima are equal, so that a row whose max is +inf keeps lse = +inf
+// (exp(inf - inf) would be NaN).
+fn relative_to(st: OnlineStats, m: f32) -> vec4<f32> {
+    let same = st.m == m;
+    let s = select(st.v.x * exp(st.m - m), st.v.x, same);
+    // As in push_unit, nothing to lift without mass (st.m may be NEG_BIG).
+    let shifted = st.v.y + select(st.v.z * (m - st.m), 0.0, same || st.v.z == 0.0);
+    return vec4<f32>(s, shifted, st.v.zw);
+}
+
 fn merge_stats(a: OnlineStats, b: OnlineStats) -> OnlineStats {
     let m = max(a.m, b.m);
-    return OnlineStats(m, vec4<f32>(a.v.x * rescale(a.m, m) + b.v.x * rescale(b.m, m), a.v.yzw + b.v.yzw));
+    return OnlineStats(m, relative_to(a, m) + relative_to(b, m));
 }
 
-// exp(m_part - m) for merging a part's sum into the whole's, 1 when the maxima are equal, so
-// that a row whose max is +inf keeps lse = +inf (exp(inf - inf) would be NaN).
-fn rescale(m_part: f32, m: f32) -> f32 {
-    return select(exp(m_part - m), 1.0, m_part == m);
-}
-
-// A unit's logits into per-lane running (max, sum-exp), with a single exp each: whichever of
-// the old max and the new value is smaller gets scaled by exp(-|z - m|). Masked lanes carry
-// z = -inf, which changes nothing. NaN propagates through the sum.
-fn online_push(m: ptr<function, vec4<f32>>, s: ptr<function, vec4<f32>>, z: vec4<f32>) {
-    let d = z - *m;
-    let e = exp(-abs(d));
-    let up = d > vec4<f32>(0.0);
-    *s = select(*s + e, *s * e + 1.0, up);
-    *m = select(*m, z, up);
-}
-
-// The four lanes' statistics as one, lane by lane in a fixed order; the lanes' target dot
-// product and mass travel along (as .y and .z).
-fn merge_lanes(m: vec4<f32>, s: vec4<f32>, dot: vec4<f32>, mass: vec4<f32>) -> OnlineStats {
-    var acc = OnlineStats(m.x, vec4<f32>(s.x, lane_sum(dot), lane_sum(mass), 0.0));
-    acc = merge_stats(acc, OnlineStats(m.y, vec4<f32>(s.y, 0.0, 0.0, 0.0)));
-    acc = merge_stats(acc, OnlineStats(m.z, vec4<f32>(s.z, 0.0, 0.0, 0.0)));
-    return merge_stats(acc, OnlineStats(m.w, vec4<f32>(s.w, 0.0, 0.0, 0.0)));
+// The four lanes' statistics as one, lane by lane in a fixed order; each lane's shifted
+// target sum and mass travel along (as .y and .z), lifted to the merged max.
+fn merge_lanes(m: vec4<f32>, s: vec4<f32>, shifted: vec4<f32>, mass: vec4<f32>) -> OnlineStats {
+    var acc = OnlineStats(m.x, vec4<f32>(s.x, shifted.x, mass.x, 0.0));
+    acc = merge_stats(acc, OnlineStats(m.y, vec4<f32>(s.y, shifted.y, mass.y, 0.0)));
+    acc = merge_stats(acc, OnlineStats(m.z, vec4<f32>(s.z, shifted.z, mass.z, 0.0)));
+    return merge_stats(acc, OnlineStats(m.w, vec4<f32>(s.w, shifted.w, mass.w, 0.0)));
 }
 
 // Token accuracy compares the label with the first argmax of the raw logits, as

@@ -4,7 +4,7 @@
 // A row is walked in units of UNIT consecutive logits (4 f32 as a vec4 where the caller's
 // buffers allow, else 1; 4 16-bit logits, two whole u32 words, so that no two invocations
 // write halves of one word of the same row), each unit's logits in the lanes of a vec4. Per row of K classes it computes
-// max and log-sum-exp, the target dot product and mass, the loss, and the gradient
+// max and log-sum-exp, the shifted target sum and its mass, the loss, and the gradient
 // (softmax * mass - a) * scale * dz/dx, in one dispatch:
 //   K <= team size * CACHE_N * UNIT ("cached"): the row is read once into registers; max
 //     first, then one exp per element whose result the gradient reuses.
@@ -78,15 +78,18 @@ fn label_row(row: ptr<function, Row>) -> u32 {
     let label_i = team_row_label((*row).r);
     let kind = classify_label(label_i);
     if (kind == ROW_VALID) {
-        (*row).label = u32(label_i);
-        (*row).extra = label_extra((*row).label);
+        // Unsharded, the label itself; a vocabulary shard not holding it gets NONE_U32.
+        (*row).label = local_label(label_i);
+        if ((*row).label != NONE_U32) {
+            (*row).extra = label_extra((*row).label);
+        }
     }
     return kind;
 }
 
 // The transformed logit of the row's label (0 for probability targets).
 fn label_logit(row: Row) -> f32 {
-    if (SOFT_TARGETS) {
+    if (SOFT_TARGETS || row.label == NONE_U32) {
         return 0.0;
     }
     return transform_logit(vec4<f32>(load_elem(row.g0 + row.label))).x;
@@ -103,18 +106,17 @@ fn sweep_stats(row: Row, u_begin: u32, u_end: u32) -> Sweep {
     let neg = vec4<f32>(neg_inf());
     var m4 = vec4<f32>(NEG_BIG);  // per-lane running max
     var s4 = vec4<f32>(0.0);      // per-lane sum of exp(z - m4)
-    var dot4 = vec4<f32>(0.0);    // per-lane target sums (see add_target)
+    var shifted4 = vec4<f32>(0.0);  // per-lane target sums relative to m4 (see add_target)
     var mass4 = vec4<f32>(0.0);
     var best = argmax_none();
     for (var u = u_begin + team_lid(); u < u_end; u += team_size()) {
         let x = load_unit(row.u0 + u);
         let unit = unit_of(row, u);
         let z = select(neg, transform_logit(x), unit.valid);
-        add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
-        online_push(&m4, &s4, z);
+        push_unit(&m4, &s4, &shifted4, &mass4, unit.c, unit.e, z, unit.valid);
         argmax_push(&best, x, unit.c, unit.valid);
     }
-    return Sweep(team_merge(merge_lanes(m4, s4, dot4, mass4)), best);
+    return Sweep(team_merge(merge_lanes(m4, s4, shifted4, mass4)), best);
 }
 
 // The team's argmax (value bits, class) from every invocation's candidates.
@@ -137,7 +139,7 @@ fn store_results(row: Row, result: RowResult, arg: u32) {
     if (team_lid() == 0u) {
         store_row(row.r, result.loss, result.lse);
         if (ACCURACY && !SOFT_TARGETS && arg == row.label && !is_nan(result.lse)) {
-            atomicAdd(&control[CTRL_CORRECT], 1u);
+            atomicAdd(&control[SUMMARY_CORRECT], 1u);
         }
     }
 }
@@ -166,7 +168,7 @@ fn process_row(r: u32) {
     let z_label = label_logit(row);
     let u0 = row.u0;
     let neg = vec4<f32>(neg_inf());
-    var sums: vec4<f32>;  // x: sum exp(z - m), y: dot, z: mass, for the whole row
+    var sums: vec4<f32>;  // x: sum exp(z - m), y: shifted target sum, z: its mass
     var best = argmax_none();
     let cached = row.units <= team_size() * CACHE_N;
     // Cache slots in use: the loops below run to the constant CACHE_N (so that the cache can
@@ -175,10 +177,11 @@ fn process_row(r: u32) {
     var m: f32;
 
     if (cached) {
-        // Read once; max without exp.
+        // Read once; max without exp. Then, relative to the row's max, the sum of exp and the
+        // target sums.
         var m4 = vec4<f32>(NEG_BIG);
         var s4 = vec4<f32>(0.0);
-        var dot4 = vec4<f32>(0.0);
+        var shifted4 = vec4<f32>(0.0);
         var mass4 = vec4<f32>(0.0);
         for (var j = 0u; j < CACHE_N; j++) {
             if (j >= slots) {
@@ -190,7 +193,6 @@ fn process_row(r: u32) {
                 let x = load_unit(u0 + u);
                 let unit = unit_of(row, u);
                 z = select(neg, transform_logit(x), unit.valid);
-                add_target(&dot4, &mass4, unit.c, unit.e, z, unit.valid);
                 argmax_push(&best, x, unit.c, unit.valid);
                 m4 = max(m4, z);
             }
@@ -201,13 +203,19 @@ fn process_row(r: u32) {
             if (j >= slots) {
                 break;
             }
-            let e = exp(cache[j] - m);
+            let u = lid + j * team_size();
+            let z = cache[j];
+            if (u < row.units) {
+                let unit = unit_of(row, u);
+                add_target(&shifted4, &mass4, unit.c, unit.e, z, unit.valid, vec4<f32>(m));
+            }
+            let e = exp(z - m);
             s4 += e;
             if (!HAS_SOFTCAP) {
                 cache[j] = e;  // the gradient needs only exp(z - max): the slope is constant
             }
         }
-        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(dot4), lane_sum(mass4), 0.0));
+        sums = team_sum4(vec4<f32>(lane_sum(s4), lane_sum(shifted4), lane_sum(mass4), 0.0));
     } else {
         let sweep = sweep_stats(row, 0u, row.units);
         m = sweep.st.m;
@@ -260,14 +268,14 @@ fn write_grad_unit(row: Row, u: u32, ez: vec4<f32>, z: vec4<f32>, k: vec2<f32>) 
 // When rows are few and long, each is cut into Q.split_parts parts, one team per part, in
 // three dispatches (the plan picks this; rows_main is not used then):
 //   split_stats:  every part's statistics over its units (one read, one exp per logit) into
-//                 the part's record (SPLIT_WORDS words of `control` from Q.split_base).
+//                 the part's record (`SplitRecord` in src/layout.rs: SPLIT_WORDS words of
+//                 `control` from Q.split_base).
 //   split_finish: per row, the parts' records merged in order: lse, loss, accuracy, and the
 //                 gradient constants written back into part 0's record.
 //   split_grad:   every part's gradient (a second read, one exp per logit).
 // Traffic as the streaming path: K logits read twice, K gradient values written, plus
 // 32 bytes per part.
 
-const SPLIT_WORDS: u32 = 8u;  // m, s, dot, mass, argmax value bits, argmax class, k.x, k.y
 
 fn split_record(r: u32, part: u32) -> u32 {
     return Q.split_base + ((Q.row_begin + r) * Q.split_parts + part) * SPLIT_WORDS;
@@ -304,12 +312,12 @@ fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         }
         if (team_lid() == 0u) {
             let at = split_record(row.r, part);
-            set_record_word(at, sweep.st.m);
-            set_record_word(at + 1u, sweep.st.v.x);
-            set_record_word(at + 2u, sweep.st.v.y);
-            set_record_word(at + 3u, sweep.st.v.z);
-            atomicStore(&control[at + 4u], arg.x);
-            atomicStore(&control[at + 5u], arg.y);
+            set_record_word(at + SPLIT_MAX, sweep.st.m);
+            set_record_word(at + SPLIT_SUM_EXP, sweep.st.v.x);
+            set_record_word(at + SPLIT_SHIFTED, sweep.st.v.y);
+            set_record_word(at + SPLIT_MASS, sweep.st.v.z);
+            atomicStore(&control[at + SPLIT_ARGMAX_VALUE], arg.x);
+            atomicStore(&control[at + SPLIT_ARGMAX_CLASS], arg.y);
         }
     }
 }
@@ -331,26 +339,26 @@ fn split_finish(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
         if (team_lid() == 0u) {
             // The parts in order: the same result on every run.
             let first = split_record(r, 0u);
-            var st = OnlineStats(record_word(first), vec4<f32>(record_word(first + 1u), record_word(first + 2u), record_word(first + 3u), 0.0));
-            var best = vec2<u32>(atomicLoad(&control[first + 4u]), atomicLoad(&control[first + 5u]));
+            var st = OnlineStats(record_word(first + SPLIT_MAX), vec4<f32>(record_word(first + SPLIT_SUM_EXP), record_word(first + SPLIT_SHIFTED), record_word(first + SPLIT_MASS), 0.0));
+            var best = vec2<u32>(atomicLoad(&control[first + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[first + SPLIT_ARGMAX_CLASS]));
             for (var part = 1u; part < Q.split_parts; part++) {
                 let at = split_record(r, part);
-                st = merge_stats(st, OnlineStats(record_word(at), vec4<f32>(record_word(at + 1u), record_word(at + 2u), record_word(at + 3u), 0.0)));
+                st = merge_stats(st, OnlineStats(record_word(at + SPLIT_MAX), vec4<f32>(record_word(at + SPLIT_SUM_EXP), record_word(at + SPLIT_SHIFTED), record_word(at + SPLIT_MASS), 0.0)));
                 // Later parts hold later classes: only a strictly larger value replaces.
-                if (bitcast<f32>(atomicLoad(&control[at + 4u])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
-                    best = vec2<u32>(atomicLoad(&control[at + 4u]), atomicLoad(&control[at + 5u]));
+                if (bitcast<f32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE])) > bitcast<f32>(best.x) || best.y == NONE_U32) {
+                    best = vec2<u32>(atomicLoad(&control[at + SPLIT_ARGMAX_VALUE]), atomicLoad(&control[at + SPLIT_ARGMAX_CLASS]));
                 }
             }
             let result = finish_row(st.m, st.v, row.extra, z_label);
             store_row(r, result.loss, result.lse);
             if (ACCURACY && !SOFT_TARGETS && best.y == row.label && !is_nan(result.lse)) {
-                atomicAdd(&control[CTRL_CORRECT], 1u);
+                atomicAdd(&control[SUMMARY_CORRECT], 1u);
             }
             if (WRITE_GRAD) {
                 let consts = grad_consts(result, row_scale(r));
-                set_record_word(first, st.m);
-                set_record_word(first + 6u, consts.x);
-                set_record_word(first + 7u, consts.y);
+                set_record_word(first + SPLIT_MAX, st.m);
+                set_record_word(first + SPLIT_GRAD_EZ_COEF, consts.x);
+                set_record_word(first + SPLIT_GRAD_SCALE, consts.y);
             }
         }
     }
@@ -370,7 +378,172 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
             continue;
         }
         let first = split_record(row.r, 0u);
-        let consts = vec2<f32>(record_word(first + 6u), record_word(first + 7u));
-        sweep_grad(row, range.x, range.y, record_word(first), consts);
+        let consts = vec2<f32>(record_word(first + SPLIT_GRAD_EZ_COEF), record_word(first + SPLIT_GRAD_SCALE));
+        sweep_grad(row, range.x, range.y, record_word(first + SPLIT_MAX), consts);
+    }
+}
+
+// ---- Vocabulary shards --------------------------------------------------------------------
+// A shard plan (src/shards/gpu.rs) runs over one shard's [rows, c1 - c0] logits, with
+// Q.class_begin = c0 and Q.label_classes = K; a label another shard holds is NONE_U32 here
+// (label_row). Its records live where split rows keep theirs (Q.split_base in `control`),
+// one `ShardRecord` (src/layout.rs) per row; the host copies them out (pass 1) or in (pass 2).
+//   shard_stats: pass 1: per row, one sweep (one read, one exp per logit) into the row's
+//                ShardRecord: m, s, sum a (m - z), sum a, argmax, label, kind and flags.
+//   shard_grad:  pass 2: per row, the gradient from the host-merged ShardMergedRow
+//                (M, coef, scale, kind; RowGrad in src/shards/merge.rs): a second read, one exp
+//                per logit.
+//   shard_merge_grad: pass 2 for shards on one device: the P record blocks (Q.split_parts of
+//                them, in rank order) are merged per row by the team's first invocation
+//                (mirror: merge() of src/shards/merge.rs), which writes the row's loss and lse
+//                and hands M and the gradient constants to the team; then the gradient as
+//                shard_grad. Reads P * 32 bytes per row more.
+// Traffic: pass 1 reads the shard's logits once and writes 32 bytes per row; pass 2 reads
+// them again and 16 bytes per row, and writes the shard's gradient.
+
+@compute @workgroup_size(WG_SIZE)
+fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        let label_i = row_label(r);
+        let kind = label_row(&row);
+        let at = Q.split_base + (Q.row_begin + r) * SHARD_RECORD_WORDS;
+        if (kind != ROW_VALID) {
+            if (team_lid() == 0u) {
+                set_record_word(at + SHARD_RECORD_MAX, NEG_BIG);
+                set_record_word(at + SHARD_RECORD_SUM_EXP, 0.0);
+                set_record_word(at + SHARD_RECORD_SHIFTED, 0.0);
+                set_record_word(at + SHARD_RECORD_MASS, 0.0);
+                set_record_word(at + SHARD_RECORD_ARGMAX_VALUE, neg_inf());
+                atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], NONE_U32);
+                atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
+                atomicStore(&control[at + SHARD_RECORD_FLAGS], kind);
+            }
+            continue;
+        }
+        let z_label = label_logit(row);
+        let sweep = sweep_stats(row, 0u, row.units);
+        var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
+        if (ACCURACY) {
+            arg = team_argmax(sweep.best);
+        }
+        let sums = target_sums(sweep.st.m, sweep.st.v, row.extra, z_label);
+        if (team_lid() == 0u) {
+            set_record_word(at + SHARD_RECORD_MAX, sweep.st.m);
+            set_record_word(at + SHARD_RECORD_SUM_EXP, sweep.st.v.x);
+            set_record_word(at + SHARD_RECORD_SHIFTED, sums.y);
+            set_record_word(at + SHARD_RECORD_MASS, sums.x);
+            atomicStore(&control[at + SHARD_RECORD_ARGMAX_VALUE], arg.x);
+            atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], select(arg.y + Q.class_begin, NONE_U32, arg.y == NONE_U32));
+            atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
+            atomicStore(&control[at + SHARD_RECORD_FLAGS], ROW_VALID | select(0u, SHARD_HOLDS_LABEL, !SOFT_TARGETS && row.label != NONE_U32));
+        }
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn shard_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        let at = Q.split_base + (Q.row_begin + r) * SHARD_MERGED_WORDS;
+        // The kind from this shard's own labels, the same as the merged one, and uniform.
+        let kind = label_row(&row);
+        if (kind != ROW_VALID) {
+            fill_units(row, 0u, row.units, unusable_value(kind));
+            continue;
+        }
+        let consts = vec2<f32>(record_word(at + SHARD_MERGED_COEF), record_word(at + SHARD_MERGED_SCALE) * Q.logit_scale);
+        sweep_grad(row, 0u, row.units, record_word(at + SHARD_MERGED_MAX), consts);
+    }
+}
+
+// The first word of shard p's block (Q.split_parts blocks of a ShardHeader and one
+// ShardRecord per row of all windows), and of its record of a row.
+fn shard_block(p: u32) -> u32 {
+    return Q.split_base + p * (SHARD_HEADER_WORDS + Q.total_rows * SHARD_RECORD_WORDS);
+}
+
+fn shard_record(p: u32, global_row: u32) -> u32 {
+    return shard_block(p) + SHARD_HEADER_WORDS + global_row * SHARD_RECORD_WORDS;
+}
+
+// The P shards' records of a row, merged in rank order.
+struct MergedRow {
+    st: OnlineStats,  // m = M; v.x = S, v.y = sum a (M - z), v.z = A
+    arg: vec2<u32>,   // first largest raw logit (bits) and its global class
+}
+
+fn merge_shard_records(global_row: u32) -> MergedRow {
+    var m = NEG_BIG;
+    for (var p = 0u; p < Q.split_parts; p++) {
+        m = max(m, record_word(shard_record(p, global_row) + SHARD_RECORD_MAX));
+    }
+    var v = vec4<f32>(0.0);
+    var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
+    for (var p = 0u; p < Q.split_parts; p++) {
+        let at = shard_record(p, global_row);
+        // The shard's sums re-expressed relative to the row's max, added in rank order.
+        let part = OnlineStats(record_word(at + SHARD_RECORD_MAX), vec4<f32>(record_word(at + SHARD_RECORD_SUM_EXP), record_word(at + SHARD_RECORD_SHIFTED), record_word(at + SHARD_RECORD_MASS), 0.0));
+        v += relative_to(part, m);
+        let value = atomicLoad(&control[at + SHARD_RECORD_ARGMAX_VALUE]);
+        // Shards are in class order: a later one replaces only when strictly larger.
+        if (arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(arg.x)) {
+            arg = vec2<u32>(value, atomicLoad(&control[at + SHARD_RECORD_ARGMAX_CLASS]));
+        }
+    }
+    return MergedRow(OnlineStats(m, v), arg);
+}
+
+// The mean's denominator: the shards' parts (header word 7) in rank order; the row count for
+// probability targets.
+fn merged_denominator() -> f32 {
+    if (SOFT_TARGETS) {
+        return f32(Q.total_rows);
+    }
+    var d = 0.0;
+    for (var p = 0u; p < Q.split_parts; p++) {
+        d += record_word(shard_block(p) + SHARD_HEADER_DENOMINATOR);
+    }
+    return d;
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    team_begin(ids, wid, nwg);
+    let d = merged_denominator();
+    if (team_first_row() == 0u && team_lid() == 0u && Q.row_begin == 0u) {
+        // For the reduction after this pass (setup_final wrote this shard's part alone).
+        atomicStore(&control[SUMMARY_DENOMINATOR], bitcast<u32>(d));
+    }
+    for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
+        var row = row_at(r);
+        let kind = label_row(&row);
+        if (kind != ROW_VALID) {
+            fill_row(row, unusable_value(kind));
+            continue;
+        }
+        // One invocation merges the row; the team reads its result through one reduction in
+        // which the others add zeros (exact), rather than each repeating the P loads.
+        var mine = vec4<f32>(0.0);
+        if (team_lid() == 0u) {
+            let merged = merge_shard_records(Q.row_begin + r);
+            let st = merged.st;
+            let log_s = log(st.v.x);
+            let lse_v = st.m + log_s;
+            store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
+            if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(row_label(r)) && !is_nan(lse_v)) {
+                atomicAdd(&control[SUMMARY_CORRECT], 1u);
+            }
+            mine = vec4<f32>(st.m, (st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x, row_scale_over(r, d) * Q.logit_scale, 0.0);
+        }
+        if (WRITE_GRAD) {
+            let k = team_sum4(mine);
+            sweep_grad(row, 0u, row.units, k.x, k.yz);
+        }
     }
 }

@@ -25,7 +25,11 @@ fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
             let label = row_label(r);
             let kind = classify_label(label);
             if (kind == ROW_VALID) {
-                sums.x += weight(vec4<u32>(u32(label))).x;
+                // A vocabulary shard counts only the weights of the labels it holds.
+                let c = local_label(label);
+                if (c != NONE_U32) {
+                    sums.x += weight(vec4<u32>(c)).x;
+                }
                 sums.y += 1.0;
             } else if (kind == ROW_BAD_LABEL) {
                 bad = min(bad, r);
@@ -36,14 +40,14 @@ fn setup_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
     let first_bad = team_min_u32(bad);
     if (lid == 0u) {
         let slot = CTRL_PARTIALS + (Q.chunk_base + chunk) * PARTIAL_WORDS;
-        atomicStore(&control[slot], bitcast<u32>(sums.x));
-        atomicStore(&control[slot + 1u], u32(sums.y));
+        atomicStore(&control[slot + SETUP_PARTIAL_DENOMINATOR], bitcast<u32>(sums.x));
+        atomicStore(&control[slot + SETUP_PARTIAL_COUNTED_ROWS], u32(sums.y));
         if (first_bad == NONE_U32) {
-            atomicStore(&control[slot + 2u], NONE_U32);
-            atomicStore(&control[slot + 3u], 0u);
+            atomicStore(&control[slot + SETUP_PARTIAL_FIRST_BAD_ROW], NONE_U32);
+            atomicStore(&control[slot + SETUP_PARTIAL_BAD_LABEL], 0u);
         } else {
-            atomicStore(&control[slot + 2u], Q.row_begin + first_bad);
-            atomicStore(&control[slot + 3u], bitcast<u32>(row_label(first_bad)));
+            atomicStore(&control[slot + SETUP_PARTIAL_FIRST_BAD_ROW], Q.row_begin + first_bad);
+            atomicStore(&control[slot + SETUP_PARTIAL_BAD_LABEL], bitcast<u32>(row_label(first_bad)));
         }
     }
 }
@@ -60,12 +64,12 @@ fn setup_final(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     let chunks = select(Q.chunk_count, 0u, SOFT_TARGETS);
     for (var i = lid; i < chunks; i += WG_SIZE) {
         let slot = CTRL_PARTIALS + i * PARTIAL_WORDS;
-        sums.x += bitcast<f32>(atomicLoad(&control[slot]));
-        sums.y += f32(atomicLoad(&control[slot + 1u]));
-        let b = atomicLoad(&control[slot + 2u]);
+        sums.x += bitcast<f32>(atomicLoad(&control[slot + SETUP_PARTIAL_DENOMINATOR]));
+        sums.y += f32(atomicLoad(&control[slot + SETUP_PARTIAL_COUNTED_ROWS]));
+        let b = atomicLoad(&control[slot + SETUP_PARTIAL_FIRST_BAD_ROW]);
         if (b < bad) {
             bad = b;
-            bad_label = atomicLoad(&control[slot + 3u]);
+            bad_label = atomicLoad(&control[slot + SETUP_PARTIAL_BAD_LABEL]);
         }
     }
     var weight_sum = 0.0;
@@ -80,7 +84,7 @@ fn setup_final(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     sums = team_sum4(sums);
     let first_bad = team_min_u32(bad);
     if (bad == first_bad && first_bad != NONE_U32) {
-        atomicStore(&control[CTRL_BAD_LABEL], bad_label);
+        atomicStore(&control[SUMMARY_BAD_LABEL], bad_label);
     }
     if (lid == 0u) {
         var denominator = sums.x;
@@ -89,16 +93,16 @@ fn setup_final(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
             denominator = f32(Q.total_rows);
             counted = Q.total_rows;
         }
-        atomicStore(&control[CTRL_LOSS], 0u);
-        atomicStore(&control[CTRL_Z_LOSS], 0u);
-        atomicStore(&control[CTRL_DENOMINATOR], bitcast<u32>(denominator));
-        atomicStore(&control[CTRL_CORRECT], 0u);
-        atomicStore(&control[CTRL_BAD_ROW], first_bad);
+        atomicStore(&control[SUMMARY_LOSS], 0u);
+        atomicStore(&control[SUMMARY_Z_LOSS], 0u);
+        atomicStore(&control[SUMMARY_DENOMINATOR], bitcast<u32>(denominator));
+        atomicStore(&control[SUMMARY_CORRECT], 0u);
+        atomicStore(&control[SUMMARY_FIRST_BAD_ROW], first_bad);
         if (first_bad == NONE_U32) {
-            atomicStore(&control[CTRL_BAD_LABEL], 0u);
+            atomicStore(&control[SUMMARY_BAD_LABEL], 0u);
         }
-        atomicStore(&control[CTRL_COUNTED_ROWS], counted);
-        atomicStore(&control[7u], 0u);
+        atomicStore(&control[SUMMARY_COUNTED_ROWS], counted);
+        atomicStore(&control[SUMMARY_RESERVED], 0u);
         atomicStore(&control[CTRL_OFF_MASS], bitcast<u32>(Q.off * sums.z));
     }
 }

@@ -67,23 +67,22 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let neg = vec4<f32>(neg_inf());
     var m4 = vec4<f32>(NEG_BIG);
     var s4 = vec4<f32>(0.0);
-    var dot4 = vec4<f32>(0.0);
+    var shifted4 = vec4<f32>(0.0);  // per-lane target sums relative to m4 (see add_target)
     var mass4 = vec4<f32>(0.0);
     var best = argmax_none();
     for (var c = 0u; c < k; c += 4u) {
         let q = quad_of(c, e0, g0);
         let x = load_quad(q);
         let z = select(neg, transform_logit(x), q.valid);
-        add_target(&dot4, &mass4, q.c, q.e, z, q.valid);
-        online_push(&m4, &s4, z);
+        push_unit(&m4, &s4, &shifted4, &mass4, q.c, q.e, z, q.valid);
         argmax_push(&best, x, q.c, q.valid);
     }
-    let st = merge_lanes(m4, s4, dot4, mass4);
+    let st = merge_lanes(m4, s4, shifted4, mass4);
     let m = st.m;
     let row = finish_row(m, st.v, extra, z_label);
     store_row(r, row.loss, row.lse);
     if (ACCURACY && !SOFT_TARGETS && argmax_lanes(best).y == label && !is_nan(row.lse)) {
-        atomicAdd(&control[CTRL_CORRECT], 1u);
+        atomicAdd(&control[SUMMARY_CORRECT], 1u);
     }
 
     if (!WRITE_GRAD) {

@@ -66,10 +66,11 @@ fn team_min_u32(v: u32) -> u32 {
 }
 
 // Merges online softmax statistics: `m` is this invocation's running max, `v.x` its sum of
-// exp(z - m); v.yzw are plain sums. Returns the workgroup's (max, sums) with v.x relative to it.
+// exp(z - m), `v.y` its target sum shifted by m, `v.z` that sum's mass (see OnlineStats).
+// Returns the workgroup's max and sums relative to it.
 fn team_merge(st: OnlineStats) -> OnlineStats {
     let sm = subgroupMax(st.m);
-    let sv = subgroupAdd(vec4<f32>(st.v.x * rescale(st.m, sm), st.v.yzw));
+    let sv = subgroupAdd(relative_to(st, sm));
     if (team_sg_lane == 0u) {
         team_m[team_sg_id] = sm;
         team_v[team_sg_id] = sv;

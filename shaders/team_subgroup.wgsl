@@ -59,8 +59,9 @@ fn team_min_u32(v: u32) -> u32 {
     return subgroupMin(v);
 }
 
-// Merges online softmax statistics; see team_workgroup.wgsl.
+// Merges the team's online softmax statistics (OnlineStats, common.wgsl); the workgroup
+// versions are in team_reduce_memory.wgsl and team_reduce_subgroups.wgsl.
 fn team_merge(st: OnlineStats) -> OnlineStats {
     let sm = subgroupMax(st.m);
-    return OnlineStats(sm, subgroupAdd(vec4<f32>(st.v.x * rescale(st.m, sm), st.v.yzw)));
+    return OnlineStats(sm, subgroupAdd(relative_to(st, sm)));
 }

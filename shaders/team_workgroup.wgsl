@@ -10,7 +10,9 @@
 //   team_first_row(), team_row_stride()  the rows this team handles: first, first + stride, ..
 //   team_row_label(r)                 row r's label, uniform across the team
 //   team_max, team_sum4, team_min_u32, team_merge   reductions over the team, same result in
-//                                     every invocation, reproducible bit for bit
+//                                     every invocation, reproducible bit for bit (for a
+//                                     workgroup team: team_reduce_memory.wgsl or
+//                                     team_reduce_subgroups.wgsl)
 
 var<private> team_lid_: u32;
 var<private> team_first: u32;

@@ -117,6 +117,23 @@ pub enum UpstreamGrad<'a> {
     PerRow(&'a [f32]),
 }
 
+impl UpstreamGrad<'_> {
+    /// Checks the upstream gradient against the reduction and the row count: one value per
+    /// row for [`Reduction::None`], a scalar (or none) otherwise.
+    pub fn check(&self, reduction: Reduction, rows: usize) -> Result<()> {
+        match (self, reduction) {
+            (UpstreamGrad::PerRow(g), Reduction::None) => check_len("upstream", rows, g.len()),
+            (UpstreamGrad::PerRow(_), _) => Err(LsceError::Unsupported(
+                "a per-row upstream gradient needs Reduction::None",
+            )),
+            (UpstreamGrad::Scalar(_), Reduction::None) => Err(LsceError::Unsupported(
+                "Reduction::None needs a per-row upstream gradient (or One)",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One batch on the host, the input of the staging API and of the [`cpu`](crate::cpu) reference.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
@@ -211,20 +228,7 @@ impl<'a> Batch<'a> {
                 return Err(LsceError::InvalidWeight { class, value });
             }
         }
-        match (self.upstream, spec.reduction) {
-            (UpstreamGrad::PerRow(g), Reduction::None) => check_len("upstream", rows, g.len())?,
-            (UpstreamGrad::PerRow(_), _) => {
-                return Err(LsceError::Unsupported(
-                    "a per-row upstream gradient needs Reduction::None",
-                ))
-            }
-            (UpstreamGrad::Scalar(_), Reduction::None) => {
-                return Err(LsceError::Unsupported(
-                    "Reduction::None needs a per-row upstream gradient (or One)",
-                ))
-            }
-            _ => {}
-        }
+        self.upstream.check(spec.reduction, rows)?;
         Ok(values)
     }
 }

@@ -9,8 +9,9 @@
 //! | [`row_statistics`] | the online max / sum-exp sweep of `shaders/rows.wgsl` and `shaders/strided.wgsl` |
 //! | [`argmax`] | `argmax_push` in `shaders/common.wgsl` (token accuracy) |
 //! | [`row_loss`] | `finish_row` in `shaders/common.wgsl` |
+//! | the `shifted` sum of [`row_loss`] (in [`compute`]) | `add_target`, `push_unit`, `relative_to` and `finish_row` in `shaders/common.wgsl` |
 //! | [`compute`] (gradient) | the gradient sweep of the row kernels |
-//! | [`compute`] (reduction) | `shaders/reduce.wgsl` and the denominator of `shaders/setup.wgsl` |
+//! | [`compute`] (reduction) | `shaders/finalize.wgsl` and the denominator of `shaders/setup.wgsl` |
 //!
 //! The formulas, for a row with transformed logits `z`, target coefficients `a_c` and
 //! `A = sum_c a_c`:
@@ -88,8 +89,9 @@ pub fn row_statistics(z: &[f64]) -> RowStatistics {
 }
 
 /// The first index of the largest raw logit, as `logits.argmax(-1)`: token accuracy compares it
-/// with the label (`argmax_push` in `shaders/common.wgsl`). NaN entries are skipped; a row of
-/// `-inf` gives 0.
+/// with the label (`argmax_push` in `shaders/common.wgsl`). A NaN never replaces an earlier
+/// entry, and no entry replaces a NaN at index 0 (no comparison with NaN is true); either way
+/// the row's loss is NaN and accuracy does not count it. A row of `-inf` gives 0.
 pub fn argmax(x: &[f64]) -> u32 {
     let mut best = 0;
     for (c, &v) in x.iter().enumerate() {
@@ -115,22 +117,46 @@ fn coefficients(
     target: RowTarget<'_>,
     a: &mut [f64],
 ) {
-    let k = a.len();
     for (c, ac) in a.iter_mut().enumerate() {
         let w = weights.map_or(1.0, |w| f64::from(w[c]));
-        let off = if spec.excluded_class == Some(c as u32) {
-            0.0
-        } else {
-            values.off
+        let target = match target {
+            RowTarget::Class(y) => ClassTarget::Label(y),
+            RowTarget::Probabilities(t) => ClassTarget::Probability(t[c]),
         };
-        // At the label the on-value itself (target_coef in shaders/common.wgsl).
-        *ac = w * match target {
-            RowTarget::Class(y) if y as usize == c => values.on,
-            RowTarget::Class(_) => off,
-            RowTarget::Probabilities(t) => off + (values.on - off) * t[c],
-        };
+        *ac = coefficient(spec, values, w, c as u32, target);
     }
-    debug_assert_eq!(k, a.len());
+}
+
+/// What a row's target says about one class.
+#[derive(Clone, Copy)]
+pub(crate) enum ClassTarget {
+    /// The row's class label.
+    Label(i32),
+    /// The class's probability target.
+    Probability(f64),
+}
+
+/// `a_c` of one class `class` with weight `w`: `w q_c` for a label (the on-value at the label,
+/// the off-value elsewhere, 0 off-value at the excluded class), `w (off_c + (on - off_c) t_c)`
+/// for a probability. Mirror: `target_coef` in `shaders/common.wgsl`.
+pub(crate) fn coefficient(
+    spec: &LossSpec,
+    values: TargetValues,
+    w: f64,
+    class: u32,
+    target: ClassTarget,
+) -> f64 {
+    let off = if spec.excluded_class == Some(class) {
+        0.0
+    } else {
+        values.off
+    };
+    // At the label the on-value itself (target_coef in shaders/common.wgsl).
+    w * match target {
+        ClassTarget::Label(y) if y as u32 == class => values.on,
+        ClassTarget::Label(_) => off,
+        ClassTarget::Probability(t) => off + (values.on - off) * t,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -204,7 +230,12 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
         let stats = row_statistics(&z);
         coefficients(spec, values, batch.weights, target, &mut a);
         let mass: f64 = a.iter().sum();
-        let shifted = shifted_dot(spec, values, batch, target, &a, &z, stats.max);
+        let label = match target {
+            RowTarget::Class(y) => Some(Some(y as u32)),
+            RowTarget::Probabilities(_) => None,
+        };
+        let weight = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
+        let shifted = shifted_dot(spec, values, 0, weight, label, &a, &z, stats.max);
         lse[row] = stats.lse;
         row_z[row] = z_coef * stats.lse * stats.lse;
         row_losses[row] = row_loss(&stats, mass, shifted, z_coef);
@@ -245,41 +276,59 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
     })
 }
 
-/// `sum_c a_c (max - z_c)`, with the terms the kernels include.
+/// `sum_c a_c (max - z_c)` over the classes `class0..class0 + z.len()` (the whole row, or one
+/// vocabulary shard), with the terms the kernels include; `weight` and `a`, `z` are indexed
+/// from `class0`.
+///
+/// `label` is `None` for probability targets, `Some(Some(y))` for a class label `y` in the
+/// range and `Some(None)` for a class label outside it (another shard holds it).
+///
+/// Every term is a difference of logits, so that adding a constant to a row changes nothing
+/// (`add_target` in `shaders/common.wgsl`). The kernels sum the same terms relative to a
+/// running max where the row's max is not known yet, lifting a partial sum by its mass times
+/// the rise of the max (`push_unit`, `relative_to`): in exact arithmetic the same sum.
 ///
 /// Class labels: the off-value part `off * sum_{c != excluded} w_c (max - z_c)` is skipped
 /// when the off-value is 0, so that plain cross-entropy stays finite when a non-target logit is
 /// `-inf` (PyTorch computes no smoothing term at `eps = 0`); then the label's own term is added.
-/// Probability targets: the plain sum, so `0 * -inf` gives NaN as in PyTorch.
-fn shifted_dot(
+/// A zero coefficient adds nothing at a logit above `f32::MIN` (whatever the max), and
+/// `0 * inf = NaN` at `-inf` or NaN, as in PyTorch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn shifted_dot(
     spec: &LossSpec,
     values: TargetValues,
-    batch: &Batch<'_>,
-    target: RowTarget<'_>,
+    class0: u32,
+    weight: impl Fn(usize) -> f64,
+    label: Option<Option<u32>>,
     a: &[f64],
     z: &[f64],
     max: f64,
 ) -> f64 {
-    match target {
-        RowTarget::Probabilities(_) => a.iter().zip(z).map(|(a, z)| a * (max - z)).sum(),
-        RowTarget::Class(y) => {
-            let y = y as usize;
-            let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
-            let off_sum = if values.off == 0.0 {
-                0.0
-            } else {
-                values.off
-                    * (0..z.len())
-                        .filter(|&c| spec.excluded_class != Some(c as u32))
-                        .map(|c| w(c) * (max - z[c]))
-                        .sum::<f64>()
-            };
-            let off_y = if spec.excluded_class == Some(y as u32) {
-                0.0
-            } else {
-                values.off
-            };
-            off_sum + w(y) * (values.on - off_y) * (max - z[y])
+    // b (max - z) unless b is 0 and z above f32::MIN, where the kernels skip it.
+    let term = |b: f64, z: f64| {
+        if b == 0.0 && z >= f64::from(f32::MIN) {
+            0.0
+        } else {
+            b * (max - z)
         }
-    }
+    };
+    let Some(label) = label else {
+        return a.iter().zip(z).map(|(&a, &z)| term(a, z)).sum();
+    };
+    let receiving = |c: usize| spec.excluded_class != Some(class0 + c as u32);
+    let off_sum = if values.off == 0.0 {
+        0.0
+    } else {
+        values.off
+            * (0..z.len())
+                .filter(|&c| receiving(c))
+                .map(|c| term(weight(c), z[c]))
+                .sum::<f64>()
+    };
+    let Some(y) = label else {
+        return off_sum;
+    };
+    let y = (y - class0) as usize;
+    let off_y = if receiving(y) { values.off } else { 0.0 };
+    off_sum + weight(y) * (values.on - off_y) * (max - z[y])
 }

@@ -85,3 +85,57 @@ pub fn device_for_adapter(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu
     }))
     .map_err(|e| LsceError::RequestDevice(e.to_string()))
 }
+
+/// A buffer initialised with `contents` (padded to 4 bytes). Unlike wgpu's
+/// `create_buffer_init`, a lost device gives an `Err` instead of a panic.
+pub(crate) fn upload(
+    device: &wgpu::Device,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
+    let size = (contents.len() as u64)
+        .next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT)
+        .max(4);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage,
+        mapped_at_creation: true,
+    });
+    buffer
+        .get_mapped_range_mut(..)
+        .map_err(|e| LsceError::Device(format!("{label}: {e}")))?
+        .slice(..contents.len())
+        .copy_from_slice(contents);
+    buffer.unmap();
+    Ok(buffer)
+}
+
+/// Submits `encoder` and maps `readback` (a `MAP_READ` buffer the encoder copies into) for
+/// reading, waiting for both. A lost device or a failed map gives an `Err`.
+pub(crate) fn submit_and_map(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    encoder: wgpu::CommandEncoder,
+    readback: &wgpu::Buffer,
+) -> Result<()> {
+    let index = queue.submit([encoder.finish()]);
+    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+    readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        // The receiver lives until the poll below returns; a failed send only means the
+        // caller already gave up.
+        let _ = sender.send(r);
+    });
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+        .map_err(|e| LsceError::Readback(e.to_string()))?;
+    match pollster::block_on(receiver.receive()) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(LsceError::Readback(e.to_string())),
+        None => Err(LsceError::Readback("the map callback was dropped".into())),
+    }
+}

@@ -119,6 +119,34 @@ pub enum LsceError {
     Device(String),
     /// Mapping a buffer for readback failed or the device was lost while waiting.
     Readback(String),
+    /// Vocabulary shards that do not tile `[0, classes)` exactly: a gap, an overlap, an empty
+    /// shard, or a last shard that does not end at `classes`.
+    ShardTiling {
+        /// The first offending shard (the shard count when the shards stop short).
+        shard: usize,
+        /// Its class range.
+        range: std::ops::Range<u32>,
+        /// Where it had to start: the end of the previous shard.
+        expected_start: u32,
+        /// The global class count.
+        classes: u32,
+    },
+    /// A collective, or a set of record blocks, with another rank count than the layout's.
+    RankCount {
+        /// Shards in the layout.
+        expected: usize,
+        /// Ranks (or blocks) given.
+        actual: usize,
+    },
+    /// Shard records that do not belong to this problem's step.
+    ForeignRecords {
+        /// The shard whose block was rejected.
+        shard: usize,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A collective transport failed.
+    Transport(String),
 }
 
 impl fmt::Display for LsceError {
@@ -197,6 +225,24 @@ impl fmt::Display for LsceError {
             Self::RequestDevice(msg) => write!(f, "requesting a device failed: {msg}"),
             Self::Device(msg) => write!(f, "device error: {msg}"),
             Self::Readback(msg) => write!(f, "readback failed: {msg}"),
+            Self::ShardTiling {
+                shard,
+                range,
+                expected_start,
+                classes,
+            } => write!(
+                f,
+                "shard {shard} covers classes {range:?} but must start at {expected_start} and \
+                 be non-empty; the shards must tile [0, {classes}) without a gap or an overlap"
+            ),
+            Self::RankCount { expected, actual } => write!(
+                f,
+                "the layout has {expected} shards but {actual} ranks (or record blocks) were given"
+            ),
+            Self::ForeignRecords { shard, reason } => {
+                write!(f, "shard {shard}'s records are rejected: {reason}")
+            }
+            Self::Transport(msg) => write!(f, "collective transport failed: {msg}"),
         }
     }
 }

@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::compose::{self, Family, ModuleKey, Team};
 use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
+use crate::layout::{Params, Slot, AUX_WG_SIZE};
+use crate::plan::RowKernel;
 use crate::problem::{Gradient, Problem};
-use crate::shader::{self, Family, ModuleKey, Params, Team, BINDINGS};
 
 /// Which switches a pipeline is specialised for (WGSL `override` constants).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -19,16 +21,25 @@ pub(crate) struct Switches {
     pub accuracy: bool,
 }
 
+/// The WGSL `override` names of [`Switches`]' fields, in field order.
+pub(crate) const SWITCH_NAMES: [&str; 5] = [
+    "HAS_WEIGHTS",
+    "SOFT_TARGETS",
+    "HAS_SOFTCAP",
+    "WRITE_GRAD",
+    "ACCURACY",
+];
+
 impl Switches {
     fn constants(&self) -> [(&'static str, f64); 5] {
-        let b = |v: bool| f64::from(u8::from(v));
-        [
-            ("HAS_WEIGHTS", b(self.weights)),
-            ("SOFT_TARGETS", b(self.soft_targets)),
-            ("HAS_SOFTCAP", b(self.softcap)),
-            ("WRITE_GRAD", b(self.write_grad)),
-            ("ACCURACY", b(self.accuracy)),
-        ]
+        let values = [
+            self.weights,
+            self.soft_targets,
+            self.softcap,
+            self.write_grad,
+            self.accuracy,
+        ];
+        std::array::from_fn(|i| (SWITCH_NAMES[i], f64::from(u8::from(values[i]))))
     }
 }
 
@@ -57,7 +68,7 @@ impl RowShape {
 }
 
 /// Logits per unit: 4 f32 in `vec4` units (`None`), 1 f32, 4 16-bit (two words).
-fn unit_of(dtype: Option<Dtype>) -> u32 {
+fn logits_per_unit(dtype: Option<Dtype>) -> u32 {
     match dtype {
         Some(Dtype::F32) => 1,
         None | Some(Dtype::F16 | Dtype::Bf16) => 4,
@@ -141,9 +152,9 @@ pub(crate) struct KernelInner {
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Bound in place of absent optional inputs (never read: the switches turn them off).
-    pub dummy_read: wgpu::Buffer,
+    pub placeholder_read: wgpu::Buffer,
     /// Bound in place of absent optional outputs (never written).
-    pub dummy_write: wgpu::Buffer,
+    pub placeholder_write: wgpu::Buffer,
 }
 
 impl std::fmt::Debug for LossKernel {
@@ -189,10 +200,10 @@ impl LossKernel {
                 expected: "in [1, 256]",
             });
         }
-        if limits.max_storage_buffers_per_shader_stage < BINDINGS.len() as u32 {
+        if limits.max_storage_buffers_per_shader_stage < Slot::ALL.len() as u32 {
             return Err(LsceError::ExceedsDeviceLimit {
                 limit: "max_storage_buffers_per_shader_stage",
-                needed: BINDINGS.len() as u64,
+                needed: Slot::ALL.len() as u64,
                 available: u64::from(limits.max_storage_buffers_per_shader_stage),
             });
         }
@@ -207,9 +218,9 @@ impl LossKernel {
                 immediate_size: 0,
             })
         });
-        let dummy = |usage| {
+        let placeholder = |usage| {
             device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("lsce dummy"),
+                label: Some("lsce placeholder"),
                 size: 256,
                 usage,
                 mapped_at_creation: false,
@@ -225,8 +236,8 @@ impl LossKernel {
                 pipeline_layouts,
                 modules: Mutex::default(),
                 pipelines: Mutex::default(),
-                dummy_read: dummy(wgpu::BufferUsages::STORAGE),
-                dummy_write: dummy(wgpu::BufferUsages::STORAGE),
+                placeholder_read: placeholder(wgpu::BufferUsages::STORAGE),
+                placeholder_write: placeholder(wgpu::BufferUsages::STORAGE),
             }),
         })
     }
@@ -273,7 +284,7 @@ impl KernelInner {
                     .clamp(1, TEAMS_PER_WORKGROUP)
                     .next_power_of_two();
                 let workgroup = (teams * subgroup).clamp(subgroup, max.max(subgroup));
-                let units = classes.div_ceil(unit_of(dtype)) + 1;
+                let units = classes.div_ceil(logits_per_unit(dtype)) + 1;
                 RowShape {
                     team: Team::Subgroup,
                     workgroup,
@@ -284,7 +295,7 @@ impl KernelInner {
                 }
             }
             subgroups => {
-                let units = classes.div_ceil(unit_of(dtype)) + 1;
+                let units = classes.div_ceil(logits_per_unit(dtype)) + 1;
                 let workgroup = units
                     .div_ceil(UNITS_PER_INVOCATION)
                     .next_power_of_two()
@@ -317,21 +328,21 @@ impl KernelInner {
             .map_or(Team::Workgroup, Team::WorkgroupSubgroups)
     }
 
-    /// The module of `family` for a plan's data: its row shape, and the problem's gradient
+    /// The module of `family` for a plan's data: its row kernel, and the problem's gradient
     /// placement, dtypes and class count; `wide` asks for f32 `vec4` units.
     pub fn module_key(
         &self,
         family: Family,
-        rows: RowShape,
+        row_kernel: RowKernel,
         problem: &Problem,
         wide: bool,
     ) -> ModuleKey {
         let dtype = problem.dtype;
-        let (wg_size, cache_n, team) = match family {
-            Family::Rows => (rows.workgroup, rows.cache, rows.team),
-            Family::Strided | Family::Setup | Family::Reduce => {
-                (shader::AUX_WG_SIZE, 1, self.workgroup_team())
+        let (wg_size, cache_n, team) = match (family, row_kernel) {
+            (Family::Rows, RowKernel::Teams { shape, .. }) => {
+                (shape.workgroup, shape.cache, shape.team)
             }
+            _ => (AUX_WG_SIZE, 1, self.workgroup_team()),
         };
         ModuleKey {
             family,
@@ -363,7 +374,7 @@ impl KernelInner {
                     self.device
                         .create_shader_module(wgpu::ShaderModuleDescriptor {
                             label: Some("lsce"),
-                            source: wgpu::ShaderSource::Wgsl(shader::compose(&key.module).into()),
+                            source: wgpu::ShaderSource::Wgsl(compose::compose(&key.module).into()),
                         })
                 })
                 .clone()
@@ -408,12 +419,12 @@ fn bind_group_layout(device: &wgpu::Device, in_place: bool) -> wgpu::BindGroupLa
         },
         count: None,
     }];
-    entries.extend((0..BINDINGS.len()).map(|i| wgpu::BindGroupLayoutEntry {
-        binding: i as u32 + 1,
+    entries.extend(Slot::ALL.map(|slot| wgpu::BindGroupLayoutEntry {
+        binding: slot.binding(),
         visibility: wgpu::ShaderStages::COMPUTE,
         ty: wgpu::BindingType::Buffer {
             ty: wgpu::BufferBindingType::Storage {
-                read_only: !shader::binding_writable(i, in_place),
+                read_only: !slot.writable(in_place),
             },
             has_dynamic_offset: false,
             min_binding_size: None,

@@ -5,7 +5,10 @@
 //! fused WGSL kernel, on any adapter wgpu offers (Vulkan, Metal, DX12, GL). By default it
 //! matches `torch.nn.functional.cross_entropy(logits, target, weight, ignore_index=-100,
 //! reduction="mean", label_smoothing=eps)` and its autograd gradient exactly; the other
-//! smoothing conventions real code uses are first-class too.
+//! smoothing conventions real code uses are first-class too. Where lsce deliberately differs:
+//! an ignored row's logits are never read, so NaN or infinite logits there change neither the
+//! loss nor the mean's denominator, and the row's gradient is exactly 0 (PyTorch's is NaN,
+//! its log-softmax backward multiplying the NaN by 0), which is what padding wants.
 //!
 //! Three ways in:
 //! 1. the **encode API** ([`LossKernel::plan`], [`LossPlan::encode`]) records into *your*
@@ -14,6 +17,10 @@
 //! 2. the **staging API** ([`LossKernel::compute`]) takes slices and returns `Vec`s;
 //! 3. the **CPU reference** ([`cpu::compute`]) computes the same thing in `f64` to validate any
 //!    backend.
+//!
+//! When a row's classes are split across buffers, devices or processes, [`shards`] computes the
+//! same loss over the global class count in one collective round per step (a 32-byte record per
+//! row and shard, merged in rank order), with the backward pass needing only the merged rows.
 //!
 //! ```
 //! use lsce::{cpu, Batch, LossKernel, LossSpec, Shape, StagingOptions};
@@ -27,7 +34,7 @@
 //! let spec = LossSpec::pytorch(0.1); // label_smoothing = 0.1, mean, ignore_index = -100
 //! let gpu = kernel.compute(&queue, &spec, &batch, &StagingOptions::default())?;
 //! let reference = cpu::compute(&spec, &batch, lsce::Gradient::Separate)?;
-//! assert!((f64::from(gpu.loss[0]) - 2.1038).abs() < 1e-4); // the seed's PyTorch value
+//! assert!((f64::from(gpu.loss[0]) - 2.1038).abs() < 1e-4); // PyTorch prints 2.1038 for this batch
 //! assert!((f64::from(gpu.loss[0]) - reference.loss[0]).abs() < 1e-6);
 //! # Ok::<(), lsce::LsceError>(())
 //! ```
@@ -60,10 +67,10 @@
 //! | HF `LabelSmoother(epsilon)` | `(1-eps) nll + eps * mean_k(-log p_k)`: the same | `LossSpec::pytorch(eps)` |
 //! | NVIDIA DeepLearningExamples `LabelSmoothing` | `confidence * nll + smoothing * mean(-log p)` | `LossSpec::pytorch(eps)` |
 //! | Megatron `vocab_parallel_cross_entropy(.., label_smoothing)` | `q_y = 1-eps`, `q_k = eps/(K-1)` | `Smoothing::OffTarget(eps)` |
-//! | seed 000 examples 1, 2, 4, 7 and the formula of seed 003 | `eps/(K-1)` on non-targets | `Smoothing::OffTarget(eps)` |
-//! | seed 000 example 6 (CoinCheung `LabelSmoothSoftmaxCEV1/V2`) | `lb_pos = 1-eps`, `lb_neg = eps/K` (mass not 1) | `Smoothing::Explicit { on: 1-eps, off: eps/K }` |
-//! | seed 000 example 5 (NJUNMT `NMTCriterion`, fairseq-style padding) | padding class gets 0, `eps/(K-2)` elsewhere, pad rows ignored | `Smoothing::OffTarget(eps)` + `excluded_class: Some(pad)` + `ignore_index: Some(pad)` |
-//! | seed 003 `LabelSmoothingCrossEntropy` (mean) | `eps/K * sum(-log p) + (1-eps) nll` | `LossSpec::pytorch(eps)` |
+//! | PyTorch issue #7455's `LabelSmoothLoss`, `smooth_one_hot` and `LabelSmoothingLoss` recipes | `eps/(K-1)` on non-targets | `Smoothing::OffTarget(eps)` |
+//! | CoinCheung `LabelSmoothSoftmaxCEV1/V2` | `lb_pos = 1-eps`, `lb_neg = eps/K` (mass not 1) | `Smoothing::Explicit { on: 1-eps, off: eps/K }` |
+//! | NJUNMT `NMTCriterion` (fairseq-style padding) | padding class gets 0, `eps/(K-2)` elsewhere, pad rows ignored | `Smoothing::OffTarget(eps)` + `excluded_class: Some(pad)` + `ignore_index: Some(pad)` |
+//! | `LabelSmoothingCrossEntropy` modules (`eps/K * sum(-log p) + (1-eps) nll`) | PyTorch's, spelled out | `LossSpec::pytorch(eps)` |
 //!
 //! Class weights combine with every convention the same way, `a_c = w_c q_c`: this is
 //! PyTorch's formula `(1-eps) w_y nll + eps/K sum_c w_c (-log p_c)` for `Uniform`, and the
@@ -136,6 +143,29 @@
 //! No temporary of size `rows x K` is ever allocated. The reduction to a scalar is a fixed-order
 //! tree without float atomics: the same input gives bitwise-identical results on every run.
 //!
+//! ## Glossary
+//!
+//! The words the kernels, their comments and this documentation use, one per concept:
+//!
+//! | word | meaning |
+//! |---|---|
+//! | row | one `(n, s)` position: the `K` logits of one prediction (a matrix row, or a pixel of `[N, C, d..]`) |
+//! | receiving classes | the classes that get smoothing mass: all `K`, or `K - 1` with an excluded class |
+//! | on-value, off-value | the smoothed target at the label and at every other receiving class ([`TargetValues`]) |
+//! | off-mass | `sum_c w_c off_c` over the receiving classes: `off * receiving` without weights |
+//! | target coefficients `a_c`, mass `A` | the weighted smoothed target of each class and their sum (see *The loss*) |
+//! | shifted target sum, lift | `sum_c a_c (m - z_c)`, kept relative to a max `m` so that no term is of the size of the logits (see *Precision*); where `m` is a running max, a partial sum is lifted by its mass times the rise of `m` |
+//! | unit | up to four consecutive logits one invocation handles at once, as the lanes of a `vec4` |
+//! | wide, narrow | f32 rows read as `vec4` units (4 logits) where the caller's buffers allow, or one logit per unit; 16-bit units are always 4 logits |
+//! | team | the invocations that reduce one row together: one subgroup, or a whole workgroup |
+//! | cached, streaming | a row that fits the team's registers is read once; a longer one twice (an online max/sum sweep, then the gradient) |
+//! | split row, part | a long row cut into parts, one team each, when rows are too few to fill the device |
+//! | window | consecutive batch items bound together, so that every binding fits `max_storage_buffer_binding_size` |
+//! | chunk, partial slot | `CHUNK_ROWS` rows, whose sum the setup and finalize passes keep in one slot of the control words |
+//! | control words | a plan's scratch: the [`Summary`], the off-mass, the partial slots and the split-row records |
+//! | family | a kernel file: rows, strided, setup, finalize |
+//! | switch | a WGSL `override` constant a pipeline is specialised by (weights, probability targets, soft-cap, gradient, accuracy) |
+//!
 //! ## Precision
 //!
 //! Accumulation is `f32` on the GPU (the CPU reference uses `f64`). Half-precision logits
@@ -145,34 +175,48 @@
 //! 8 significant bits, so small components of large rows lose relative precision
 //! (TransformerEngine PR #3193); ask for an `f32` gradient where that matters.
 //!
+//! Every term of the loss is a difference of logits: it is formed as
+//! `A ln s + sum_c a_c (max - z_c)` with `s = sum_c exp(z_c - max)`, and the gradient from
+//! `exp(z_c - max)`, so adding a constant to a row's logits changes neither beyond the
+//! rounding of those differences, for constants up to `1e30` (z-loss aside, which depends on
+//! `lse` itself). `A lse - sum_c a_c z_c` would cancel and lose `|lse| * 2^-23` of the loss.
+//!
 //! Non-finite logits behave as in PyTorch: a NaN poisons its own row only; with `eps > 0` a
 //! `-inf` on a non-target class gives loss `+inf` and a finite gradient.
 #![warn(missing_docs)]
 
 mod batch;
+mod buffers;
 #[cfg(feature = "burn")]
 pub mod burn;
+mod compose;
 pub mod cpu;
 mod device;
 mod dtype;
+mod encode;
 mod error;
 pub mod half;
 mod kernel;
+mod layout;
 mod output;
 mod plan;
 mod problem;
-mod shader;
 mod shape;
+pub mod shards;
 mod spec;
 mod staging;
+mod windows;
 
 pub use batch::{Batch, Logits, TargetKind, Targets, UpstreamGrad};
+pub use buffers::LossBuffers;
 pub use device::{adapters, device_for_adapter, request_device, DeviceOptions, OPTIONAL_FEATURES};
 pub use dtype::{Dtype, GradDtype};
+pub use encode::LossBinding;
 pub use error::{LsceError, Result};
 pub use kernel::{KernelConfig, LossKernel};
+pub use layout::Summary;
 pub use output::LossOutput;
-pub use plan::{LossBinding, LossBuffers, LossPlan, Summary};
+pub use plan::LossPlan;
 pub use problem::{Gradient, Problem};
 pub use shape::Shape;
 pub use spec::{LossSpec, Reduction, Smoothing, TargetValues};

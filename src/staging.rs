@@ -2,11 +2,13 @@
 //! submits, and reads the results back (map_async, poll, a futures-intrusive channel).
 
 use crate::batch::{Batch, Targets, UpstreamGrad};
+use crate::buffers::LossBuffers;
+use crate::device::{submit_and_map, upload};
 use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
+use crate::layout::Summary;
 use crate::output::LossOutput;
-use crate::plan::{upload, LossBuffers, Summary};
 use crate::problem::{Gradient, Problem};
 use crate::spec::{LossSpec, Reduction};
 
@@ -179,31 +181,16 @@ impl LossKernel {
         for &(buffer, at, bytes) in &sections {
             encoder.copy_buffer_to_buffer(buffer, 0, &readback, at, bytes);
         }
-        let index = queue.submit([encoder.finish()]);
-        let slice = readback.slice(..);
-        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            // The receiver lives until the poll below returns; a failed send only means the
-            // caller already gave up.
-            let _ = sender.send(r);
-        });
-        device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| LsceError::Readback(e.to_string()))?;
+        let mapped = submit_and_map(device, queue, encoder, &readback);
+        // A device error explains a failed map better than the map's own error.
         if let Some(err) = pollster::block_on(validation.pop()) {
             return Err(LsceError::Device(err.to_string()));
         }
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(LsceError::Device(err.to_string()));
         }
-        match pollster::block_on(receiver.receive()) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(LsceError::Readback(e.to_string())),
-            None => return Err(LsceError::Readback("the map callback was dropped".into())),
-        }
+        mapped?;
+        let slice = readback.slice(..);
 
         let view = slice
             .get_mapped_range()

@@ -94,8 +94,8 @@ fn probability_targets() {
 }
 
 #[test]
-fn seed002_smoothed_labels_as_probabilities() {
-    // Seed 002: F.cross_entropy(logits, labels_smoothed) with the smoothed one-hot targets
+fn smoothed_labels_as_probabilities() {
+    // The published 3x5 example: F.cross_entropy(logits, labels_smoothed) with the smoothed one-hot targets
     // [0.02 .. 0.92 ..] equals label_smoothing=0.1 on the class labels: 2.1038.
     let x = [
         1.2215, -0.9342, -0.1349, -0.5035, 0.4492, -0.1989, 0.2589, 2.1556, -0.5734, 0.8668,
@@ -108,7 +108,7 @@ fn seed002_smoothed_labels_as_probabilities() {
     }
     let shape = Shape::matrix(3, 5).unwrap();
     let out = check_every_path(
-        "seed002 soft",
+        "3x5 smoothed labels as probabilities",
         &LossSpec::default(),
         &Batch::probabilities(shape, &x, &t),
         StagingOptions::default(),

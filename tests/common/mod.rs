@@ -25,20 +25,42 @@
 //!   error of ~4 ulp of 1 (the exp's `(3 + 4|u|)` ulp damped by `2e/(e+1)^2`, two roundings) is
 //!   at most 16 ulp relative since |tanh u| >= tanh(1/4) = 0.245 there.
 //!
-//! From these, per row (`A = sum a_c` the target mass, `B = sum a_c z_c`,
-//! `S_B = sum |terms of B as the kernel adds them|`, `zerr_c` the transform error):
+//! * **the shifted target sum** `T = sum_c a_c (m - z_c)` (`add_target` in
+//!   `shaders/common.wgsl`): every term is a difference to the max `m`, of the sign of `a_c`,
+//!   so its errors are relative to `S_T = sum |terms as the kernel adds them|` (class labels:
+//!   `off sum_receiving w_c (m - z_c) + |w_y (on - off_y)| (m - z_y)`), which does not change
+//!   when a constant is added to the row. Where the max is not known yet (online sweeps, split
+//!   parts, team merges) a partial sum is kept relative to a running max and lifted by its
+//!   mass `W` (an f32 sum, relative error `n1 E`) times the rise of the max; the lifts of a
+//!   term add up to its final `m - z_c`. Per invocation: two additions per element (its lift,
+//!   its term), `n1` for the masses inside the lifts, two roundings of each product: `3 n1 + 2`.
+//!   Each merge (three of lanes, at most 16 levels of the team as for the sums above) lifts
+//!   both sides and adds them: three roundings a level, `57`. Split rows have `P <= n1 / 16`
+//!   parts of `n1 / P` elements merged in sequence (`3 (n1 / P) + 3 P <= 3 n1`). Depth
+//!   `D_T = 3 n1 + 60` for every path.
+//!
+//! From these, per row (`A = sum a_c` the target mass, `s = sum exp(z_c - m)`, `zerr_c` the
+//! transform error):
 //!
 //! ```text
-//! lse_err  = max_c zerr_c + D_exp E + 2^-21 + 3 E ln K + E |lse|
-//! loss_err = A lse_err + |lse| D E A + D E S_B + sum_c |a_c| zerr_c
-//!            + z_loss (2 |lse| lse_err + 3 E lse^2) + 3 E (|A lse| + |B| + z_loss lse^2)
+//! ls_err   = max_c zerr_c + D_exp E + 2^-21 + 3 E ln K          (ln s)
+//! lse_err  = ls_err + E |lse|                                    (lse = m + ln s)
+//! loss_err = A ls_err + |ln s| (D + 1) E A + D_T E S_T + sum_c |a_c| (zerr_c + max zerr)
+//!            + z_loss (2 |lse| lse_err + 3 E lse^2) + 3 E (|A ln s| + S_T + z_loss lse^2)
 //! p_c      = exp(z_c - m) / s, relative error (no larger than exp(z_c - lse)'s)
-//!            rho_c = zerr_c + max zerr + lse_err + (4 + 3 |z_c - lse| + 2 ln K) E + D_exp E
+//!            rho_c = zerr_c + max zerr + ls_err + (4 + 3 |z_c - lse| + 2 ln K) E + D_exp E
 //! grad_err = |s| (|dz_c| core_err + |core| slope_err) + |g| (s_rel + 3 E)
 //!   core = p_c P - a_c with P = A + 2 z_loss lse, core_err = |P| p_c rho_c + p_c P_err
 //!          + 6 E |a_c terms| + 3 E p_c |P| (p_c P is exp(z_c - m) (P (1 / s)): three roundings;
 //!          a_c's error is relative to the terms it is formed from, which may cancel),  slope_err the soft-cap slope's error (0 without a cap)
 //! ```
+//!
+//! The loss is formed as `A ln s + T + z_loss lse^2` (`finish_row`), never as `A lse - B` with
+//! `B = sum a_c z_c`: both of those are of the size of the logits and would cancel, an error
+//! of `E A |lse|` that grows with a constant added to the row. Without z-loss and with an exact
+//! transform (`logit_scale` 1, no cap) nothing above depends on such a constant: neither
+//! `ln s`, `m - z_c`, `S_T` nor `p_c` (computed from `exp(z_c - m)`, never from the rounded
+//! `lse`) changes, and `tests/offsets.rs` holds the kernels to that up to `|c| = 1e30`.
 //!
 //! `s` is the row's gradient scale (upstream, over the denominator for the mean; `s_rel` its
 //! relative error: 2E for one division, more for a weighted denominator, which is an f32 sum).
@@ -153,7 +175,8 @@ pub fn gpu() -> &'static Gpu {
         let (device, queue) = lsce::request_device(&DeviceOptions::default()).unwrap_or_else(|e| {
             panic!(
                 "no wgpu adapter: {e}\n  install a software Vulkan driver (Debian: \
-                 `apt-get install -y mesa-vulkan-drivers`) or run on a machine with a GPU"
+                 `apt-get install -y mesa-vulkan-drivers`, or run `.ci/setup`, which installs \
+                 every driver the tests use) or run on a machine with a GPU"
             )
         });
         let gpu = Gpu::from_device(device, queue);
@@ -166,7 +189,10 @@ pub fn gpu() -> &'static Gpu {
 pub fn device_for_backend(backend: wgpu::Backends, install: &str) -> Gpu {
     let adapters = lsce::adapters(backend);
     let adapter = adapters.into_iter().next().unwrap_or_else(|| {
-        panic!("no wgpu adapter for {backend:?}: this test needs one; on Debian install {install}")
+        panic!(
+            "no wgpu adapter for {backend:?}: this test needs one; on Debian install {install} \
+             (`.ci/setup` installs every driver the tests use)"
+        )
     });
     let (device, queue) = lsce::device_for_adapter(&adapter)
         .unwrap_or_else(|e| panic!("requesting a {backend:?} device failed: {e}"));
@@ -356,7 +382,10 @@ pub fn reference_for(
     let chunks = (rows as f64 / 1024.0).ceil();
     // The fewest invocations a row's sums can be split over: one subgroup (at least 4 lanes on
     // any adapter) for a subgroup team, else the smallest workgroup the kernel picks (32).
-    let team = if config.use_subgroups && k as u32 <= config.subgroup_rows_max_classes {
+    // The strided [N, C, d..] kernel is one invocation (four lanes) per row.
+    let team = if shape.spatial() > 1
+        || (config.use_subgroups && k as u32 <= config.subgroup_rows_max_classes)
+    {
         4.0
     } else {
         32.0
@@ -364,6 +393,7 @@ pub fn reference_for(
     let n1 = (k as f64 / team).ceil();
     let d_cached = n1 + 16.0;
     let d_exp = 3.0 * n1 + 20.0; // covers the streaming path's rescaling too
+    let d_shifted = 3.0 * n1 + 60.0; // the shifted target sum, lifted as its max rises
     let ln_k = (k as f64).ln();
     let scale = f64::from(spec.logit_scale);
     let cap = spec.softcap.map(f64::from);
@@ -434,45 +464,55 @@ pub fn reference_for(
             RowTarget::Class(_) => a.iter().map(|v| v.abs()).collect(),
         };
         let mass: f64 = a.iter().sum();
-        // S_B: the terms of B = sum a_c z_c as the kernel adds them.
-        let s_b = match target {
-            RowTarget::Soft(_) => (0..k)
-                .map(|c| finite_product(a[c], z[c]).abs())
-                .sum::<f64>(),
+        let m = stats.max;
+        // S_T: the terms of T = sum a_c (m - z_c) as the kernel adds them (cpu::compute's
+        // `shifted`, in absolute value).
+        let term = |b: f64, z: f64| {
+            if b == 0.0 && z >= f64::from(f32::MIN) {
+                0.0
+            } else {
+                (b * (m - z)).abs()
+            }
+        };
+        let s_t = match target {
+            RowTarget::Soft(_) => (0..k).map(|c| term(a[c], z[c])).sum::<f64>(),
             RowTarget::Class(y) => {
                 let y = y as usize;
                 let w = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
-                let m = k as u32 - u32::from(spec.excluded_class.is_some());
-                let (on, off) = on_off(spec.smoothing, m.max(1));
+                let m_receiving = k as u32 - u32::from(spec.excluded_class.is_some());
+                let (on, off) = on_off(spec.smoothing, m_receiving.max(1));
                 let off_y = if spec.excluded_class == Some(y as u32) {
                     0.0
                 } else {
                     off
                 };
-                let extra = w(y) * (on - off_y);
                 let off_sum: f64 = if off == 0.0 {
                     0.0
                 } else {
-                    (0..k)
+                    off * (0..k)
                         .filter(|&c| spec.excluded_class != Some(c as u32))
-                        .map(|c| finite_product(off * w(c), z[c]).abs())
-                        .sum()
+                        .map(|c| term(w(c), z[c]))
+                        .sum::<f64>()
                 };
-                off_sum + finite_product(extra, z[y]).abs()
+                off_sum + term(w(y) * (on - off_y), z[y])
             }
         };
-        let dot: f64 = (0..k).map(|c| finite_product(a[c], z[c])).sum();
+        let ln_s = stats.sum_exp.ln();
         let zmax_err = zerr.iter().cloned().fold(0.0, f64::max);
-        let lse_err = zmax_err + d_exp * E + 2f64.powi(-21) + 3.0 * E * ln_k + E * lse.abs();
+        let ls_err = zmax_err + d_exp * E + 2f64.powi(-21) + 3.0 * E * ln_k;
+        let lse_err = ls_err + E * lse.abs();
         let mass_err = d_cached * E * mass.abs() + E * mass.abs();
-        let b_err = d_cached * E * s_b + (0..k).map(|c| a[c].abs() * zerr[c]).sum::<f64>();
-        let loss_err = mass.abs() * lse_err
-            + lse.abs() * mass_err
-            + b_err
+        let t_err = d_shifted * E * s_t
+            + (0..k)
+                .map(|c| a[c].abs() * (zerr[c] + zmax_err))
+                .sum::<f64>();
+        let loss_err = mass.abs() * ls_err
+            + ln_s.abs() * mass_err
+            + t_err
             + z_coef * (2.0 * lse.abs() * lse_err + 3.0 * E * lse * lse)
-            + 3.0 * E * ((mass * lse).abs() + dot.abs() + z_coef * lse * lse);
+            + 3.0 * E * ((mass * ln_s).abs() + s_t + z_coef * lse * lse);
         loss_tol[row] = SAFETY * loss_err;
-        row_loss_abs[row] = (mass * lse - dot + z_coef * lse * lse).abs();
+        row_loss_abs[row] = (mass * ln_s).abs() + s_t + z_coef * lse * lse;
         row_z_abs[row] = z_coef * lse * lse;
         z_tol[row] = SAFETY * z_coef * (2.0 * lse.abs() * lse_err + 3.0 * E * lse * lse);
         lse_tol[row] = SAFETY * lse_err;
@@ -496,7 +536,7 @@ pub fn reference_for(
                 } else {
                     zerr[c]
                         + zmax_err
-                        + lse_err
+                        + ls_err
                         + (4.0 + 3.0 * (z[c] - lse).abs() + 2.0 * ln_k) * E
                         + d_exp * E
                 };
@@ -550,16 +590,6 @@ pub fn reference_for(
         grad_tol,
         denominator_tol: d_rel * denominator,
         out,
-    }
-}
-
-/// `a * z` with `0 * inf = 0` (a zero coefficient never multiplies in the kernel's sums that
-/// matter for the bound).
-fn finite_product(a: f64, z: f64) -> f64 {
-    if a == 0.0 {
-        0.0
-    } else {
-        a * z
     }
 }
 
@@ -697,9 +727,7 @@ pub fn check(
 }
 
 /// Runs a batch through every reduction path of the device ([`Gpu::kernels`]) and checks each
-/// against the CPU reference with the bounds of the module docs, plus the rounding of a
-/// half-precision gradient to its type (half an ulp of each value: 2^-11 relative for f16,
-/// with 2^-25 absolute below its normal range, 2^-8 for bf16). Returns the first path's output.
+/// against the CPU reference ([`check_paths`]). Returns the first path's output.
 pub fn check_every_path(
     what: &str,
     spec: &LossSpec,
@@ -707,31 +735,50 @@ pub fn check_every_path(
     options: StagingOptions,
 ) -> LossOutput<f32> {
     let g = gpu();
+    check_paths(what, &g.kernels(), spec, batch, &options)
+        .into_iter()
+        .next()
+        .expect("every device has a workgroup path")
+        .0
+}
 
+/// Runs a batch through each of `kernels` and checks it against the CPU reference with the
+/// bounds of the module docs, plus the rounding of a half-precision gradient to its type (half
+/// an ulp of each value: 2^-11 relative for f16, with 2^-25 absolute below its normal range,
+/// 2^-8 for bf16). Returns each path's output, reference and largest errors.
+pub fn check_paths(
+    what: &str,
+    kernels: &[(&'static str, &LossKernel)],
+    spec: &LossSpec,
+    batch: &Batch<'_>,
+    options: &StagingOptions,
+) -> Vec<(LossOutput<f32>, Reference, Errors)> {
+    let g = gpu();
     let grad_dtype = match options.gradient {
         lsce::Gradient::InPlace => batch.logits.dtype(),
         _ => options.grad_dtype.resolve(batch.logits.dtype()),
     };
-    let mut first = None;
-    for (path, kernel) in g.kernels() {
-        let out = kernel
-            .compute(&g.queue, spec, batch, &options)
-            .unwrap_or_else(|e| panic!("{what} [{path}]: {e}"));
-        let mut r = reference(spec, batch, options.gradient, kernel.config());
-        if let (Some(tol), Some(want)) = (r.grad_tol.as_mut(), r.out.grad.as_ref()) {
-            let (relative, absolute) = match grad_dtype {
-                lsce::Dtype::F32 => (0.0, 0.0),
-                lsce::Dtype::F16 => (2f64.powi(-11), 2f64.powi(-25)),
-                lsce::Dtype::Bf16 => (2f64.powi(-8), 0.0),
-            };
-            for (t, w) in tol.iter_mut().zip(want) {
-                *t += relative * w.abs() + absolute;
+    kernels
+        .iter()
+        .map(|&(path, kernel)| {
+            let out = kernel
+                .compute(&g.queue, spec, batch, options)
+                .unwrap_or_else(|e| panic!("{what} [{path}]: {e}"));
+            let mut r = reference(spec, batch, options.gradient, kernel.config());
+            if let (Some(tol), Some(want)) = (r.grad_tol.as_mut(), r.out.grad.as_ref()) {
+                let (relative, absolute) = match grad_dtype {
+                    lsce::Dtype::F32 => (0.0, 0.0),
+                    lsce::Dtype::F16 => (2f64.powi(-11), 2f64.powi(-25)),
+                    lsce::Dtype::Bf16 => (2f64.powi(-8), 0.0),
+                };
+                for (t, w) in tol.iter_mut().zip(want) {
+                    *t += relative * w.abs() + absolute;
+                }
             }
-        }
-        compare_outputs(&format!("{what} [{path}]"), &out, &r);
-        first.get_or_insert(out);
-    }
-    first.expect("every device has a workgroup path")
+            let errors = compare_outputs(&format!("{what} [{path}]"), &out, &r);
+            (out, r, errors)
+        })
+        .collect()
 }
 
 /// `n` logits drawn from N(0, std^2) with a fixed seed.

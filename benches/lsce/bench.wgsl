@@ -1,4 +1,5 @@
-// Kernels of the benchmark (benches/lsce.rs), not of the library.
+// Kernels of the benchmark (benches/lsce/), not of the library: the references the fused loss is
+// measured against (copy, read) and the unfused baseline.
 //
 // * fill_main, copy_main, read_main: streaming kernels over a flat buffer seen as vec4s of u32
 //   words (copy_main and read_main never look inside a word, so they serve every dtype, sized

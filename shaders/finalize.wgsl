@@ -28,8 +28,8 @@ fn finalize_partials(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @built
     sums = team_sum4(sums);
     if (lid == 0u) {
         let slot = CTRL_PARTIALS + (Q.chunk_base + chunk) * PARTIAL_WORDS;
-        atomicStore(&control[slot], bitcast<u32>(sums.x));
-        atomicStore(&control[slot + 1u], bitcast<u32>(sums.y));
+        atomicStore(&control[slot + FINALIZE_PARTIAL_LOSS], bitcast<u32>(sums.x));
+        atomicStore(&control[slot + FINALIZE_PARTIAL_Z_LOSS], bitcast<u32>(sums.y));
     }
 }
 
@@ -41,19 +41,19 @@ fn finalize_final(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(
     var sums = vec4<f32>(0.0);
     for (var i = lid; i < Q.chunk_count; i += WG_SIZE) {
         let slot = CTRL_PARTIALS + i * PARTIAL_WORDS;
-        sums.x += bitcast<f32>(atomicLoad(&control[slot]));
-        sums.y += bitcast<f32>(atomicLoad(&control[slot + 1u]));
+        sums.x += bitcast<f32>(atomicLoad(&control[slot + FINALIZE_PARTIAL_LOSS]));
+        sums.y += bitcast<f32>(atomicLoad(&control[slot + FINALIZE_PARTIAL_Z_LOSS]));
     }
     sums = team_sum4(sums);
     if (lid == 0u) {
         var loss_v = sums.x;
         var z_v = sums.y;
         if (Q.reduction == REDUCTION_MEAN) {
-            let d = bitcast<f32>(atomicLoad(&control[CTRL_DENOMINATOR]));
+            let d = bitcast<f32>(atomicLoad(&control[SUMMARY_DENOMINATOR]));
             loss_v = select(loss_v / d, nan(), d == 0.0);
             z_v = select(z_v / d, nan(), d == 0.0);
         }
-        atomicStore(&control[CTRL_LOSS], bitcast<u32>(loss_v));
-        atomicStore(&control[CTRL_Z_LOSS], bitcast<u32>(z_v));
+        atomicStore(&control[SUMMARY_LOSS], bitcast<u32>(loss_v));
+        atomicStore(&control[SUMMARY_Z_LOSS], bitcast<u32>(z_v));
     }
 }

@@ -1,5 +1,6 @@
-// The model half of examples/train_classifier.rs: a one-hidden-layer MLP's forward pass, its
-// backward pass from dL/dlogits (which lsce writes) and plain SGD. Matrices are row-major f32.
+// The model of examples/train_classifier (its host side is model.rs): a one-hidden-layer MLP's
+// forward pass, its backward pass from dL/dlogits (which lsce writes) and plain SGD. Matrices
+// are row-major f32.
 //
 // Every product is C = A B for an m x k matrix A and a k x n matrix B addressed through strides,
 // so the transposed products of the backward pass (X^T dH, dZ W2^T) are the same kernel with

@@ -1,0 +1,182 @@
+//! Vocabulary-parallel cross-entropy over MPI: each rank holds a slice of the vocabulary
+//! (uneven widths), computes its records on its own wgpu device, exchanges them in **one**
+//! all-gather, merges them in rank order and writes its own gradient.
+//!
+//! ```text
+//! cargo build --release --features mpi --example vocab_parallel
+//! mpirun --allow-run-as-root --oversubscribe -np 4 target/release/examples/vocab_parallel
+//! ```
+//!
+//! Rank 0 then checks the step: the loss and the gradient gathered from all ranks (a second
+//! all-gather, for the check only) must equal bitwise what one device computes over the same
+//! shards in one process, and agree with one device's unsharded `LossKernel::compute` within
+//! `1e-5 (1 + |loss|)` for the loss and `1e-6 + 1e-5 |g|` for the gradient (the suite's
+//! derived bounds, `tests/gpu_shards.rs`, are tighter per value; this is the end-to-end check).
+
+use lsce::shards::{
+    block_bytes, exchange, merge_records, Collective, MpiCollective, ShardBatch, ShardLayout,
+    ShardPlan, ShardProblem,
+};
+use lsce::{Batch, LossKernel, LossSpec, Shape, StagingOptions, UpstreamGrad};
+
+type Error = Box<dyn std::error::Error>;
+
+const ROWS: u32 = 64;
+const CLASSES: u32 = 1000;
+
+/// Uneven widths: rank r gets a share proportional to r + 1, the last takes the rest.
+fn layout(ranks: usize) -> Result<ShardLayout, Error> {
+    let total: u32 = (1..=ranks as u32).sum();
+    let mut widths: Vec<u32> = (1..=ranks as u32).map(|r| CLASSES * r / total).collect();
+    let used: u32 = widths[..ranks - 1].iter().sum();
+    widths[ranks - 1] = CLASSES - used;
+    Ok(ShardLayout::from_widths(&widths)?)
+}
+
+/// The same data on every rank: a fixed-seed generator (SplitMix64).
+fn data() -> (Vec<f32>, Vec<i32>) {
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let logits = (0..ROWS * CLASSES)
+        .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
+        .collect();
+    let labels = (0..ROWS)
+        .map(|r| {
+            if r % 9 == 4 {
+                -100
+            } else {
+                (next() % u64::from(CLASSES)) as i32
+            }
+        })
+        .collect();
+    (logits, labels)
+}
+
+/// Columns `range` of the `[ROWS, CLASSES]` logits.
+fn columns(logits: &[f32], range: std::ops::Range<u32>) -> Vec<f32> {
+    (0..ROWS as usize)
+        .flat_map(|r| {
+            let row = &logits[r * CLASSES as usize..(r + 1) * CLASSES as usize];
+            row[range.start as usize..range.end as usize].to_vec()
+        })
+        .collect()
+}
+
+fn main() -> Result<(), Error> {
+    let universe = mpi::initialize().ok_or("MPI is already initialised")?;
+    let mut collective = MpiCollective::new(universe.world());
+    let (rank, ranks) = (collective.rank(), collective.size());
+
+    let spec = LossSpec::pytorch(0.1).with_z_loss(1e-4);
+    let layout = layout(ranks)?;
+    let problem = ShardProblem::new(spec, ROWS, layout.clone());
+    let (logits, labels) = data();
+    let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())?;
+    let kernel = LossKernel::new(&device)?;
+
+    // The step: pass 1, one collective call, the merge, pass 2.
+    let plan = ShardPlan::new(&kernel, &problem, rank, Default::default())?;
+    let mine = columns(&logits, layout.range(rank));
+    let batch = ShardBatch::classes(rank, &mine, &labels);
+    let block = plan.compute_records(&queue, &batch)?;
+    let merged = exchange(&problem, &mut collective, &block, UpstreamGrad::One)?;
+    let grad = plan.compute_gradient(&queue, &batch, &merged)?;
+    println!(
+        "rank {rank}/{ranks}: classes {:?}, loss {:.7}, sent {} bytes in 1 collective call = {:.2} bytes per row ({} per row + a {}-byte header)",
+        layout.range(rank),
+        merged.output.loss[0],
+        block.len(),
+        block.len() as f64 / f64::from(ROWS),
+        lsce::shards::RECORD_BYTES,
+        block_bytes(&problem) - ROWS as usize * lsce::shards::RECORD_BYTES,
+    );
+
+    // The check: gather every rank's gradient (padded to the widest shard) to compare.
+    let widest = (0..ranks).map(|p| layout.width(p)).max().unwrap_or(0) as usize;
+    let mut padded = grad.clone();
+    padded.resize(widest * ROWS as usize, 0.0);
+    let gathered = collective.all_gather(bytemuck::cast_slice(&padded))?;
+    if rank != 0 {
+        return Ok(());
+    }
+    let gathered: Vec<f32> = bytemuck::cast_slice(&gathered).to_vec();
+    let k = CLASSES as usize;
+    let mut sharded = vec![0.0f32; ROWS as usize * k];
+    for p in 0..ranks {
+        let r = layout.range(p);
+        let w = layout.width(p) as usize;
+        for row in 0..ROWS as usize {
+            let from = p * widest * ROWS as usize + row * w;
+            sharded[row * k + r.start as usize..row * k + r.end as usize]
+                .copy_from_slice(&gathered[from..from + w]);
+        }
+    }
+
+    // One device, the same shards, merged in one process: bitwise the same.
+    let slices: Vec<Vec<f32>> = (0..ranks)
+        .map(|p| columns(&logits, layout.range(p)))
+        .collect();
+    let plans: Vec<ShardPlan> = (0..ranks)
+        .map(|p| ShardPlan::new(&kernel, &problem, p, Default::default()))
+        .collect::<Result<_, _>>()?;
+    let blocks: Vec<Vec<u8>> = (0..ranks)
+        .map(|p| plans[p].compute_records(&queue, &ShardBatch::classes(p, &slices[p], &labels)))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+    let local = merge_records(&problem, &refs, UpstreamGrad::One)?;
+    let mut local_grad = Vec::new();
+    for p in 0..ranks {
+        let g = plans[p].compute_gradient(
+            &queue,
+            &ShardBatch::classes(p, &slices[p], &labels),
+            &local,
+        )?;
+        local_grad.push(g);
+    }
+    let mut one_device = vec![0.0f32; ROWS as usize * k];
+    for (p, g) in local_grad.iter().enumerate() {
+        let r = layout.range(p);
+        let w = layout.width(p) as usize;
+        for row in 0..ROWS as usize {
+            one_device[row * k + r.start as usize..row * k + r.end as usize]
+                .copy_from_slice(&g[row * w..(row + 1) * w]);
+        }
+    }
+    if local.output.loss != merged.output.loss || one_device != sharded {
+        return Err("the MPI step differs from the same shards on one device".into());
+    }
+
+    // One device, unsharded.
+    let whole = kernel.compute(
+        &queue,
+        &spec,
+        &Batch::classes(Shape::matrix(ROWS, CLASSES)?, &logits, &labels),
+        &StagingOptions::default(),
+    )?;
+    let loss_err = (merged.output.loss[0] - f64::from(whole.loss[0])).abs();
+    let whole_grad = whole.grad.ok_or("no gradient")?;
+    let mut grad_err = 0.0f64;
+    let mut grad_ratio = 0.0f64;
+    for (&s, &w) in sharded.iter().zip(&whole_grad) {
+        let err = f64::from((s - w).abs());
+        grad_err = grad_err.max(err);
+        grad_ratio = grad_ratio.max(err / (1e-6 + 1e-5 * f64::from(w.abs())));
+    }
+    println!(
+        "rank 0: {ranks} ranks bitwise equal to the same shards on one device; vs one device unsharded: |loss diff| {loss_err:.3e}, max |grad diff| {grad_err:.3e}"
+    );
+    if loss_err > 1e-5 * (1.0 + f64::from(whole.loss[0]).abs()) || grad_ratio > 1.0 {
+        return Err(format!(
+            "the MPI step differs from one device: loss {loss_err:e}, grad {grad_err:e}"
+        )
+        .into());
+    }
+    println!("vocab_parallel: OK");
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! All shards of a step on one device, from host data: the staging form of the one-device use
+//! (P buffers, pass 1 of every shard into one record buffer, pass 2 merging on the device).
+
+use crate::device::upload;
+use crate::error::{LsceError, Result};
+use crate::kernel::LossKernel;
+use crate::output::LossOutput;
+use crate::{LossBuffers, Summary};
+use crate::{Reduction, UpstreamGrad};
+
+use super::batch::ShardBatch;
+use super::gpu::{read_back, widen, MergeOn, ShardOptions, ShardPlan};
+use super::layout::ShardProblem;
+
+/// Runs every shard of `problem` on `kernel`'s device, `batches[p]` being shard `p`'s slice
+/// (all with the same labels and upstream gradient), in one submission: pass 1 of every shard,
+/// then pass 2 with the merge on the device ([`MergeOn::Device`]). Returns the step's output,
+/// with the gradient gathered into the global `[rows, K]` layout.
+///
+/// ```
+/// use lsce::shards::{compute_on_device, ShardBatch, ShardLayout, ShardProblem};
+/// use lsce::{cpu, Batch, LossSpec, Shape};
+/// let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())?;
+/// let kernel = lsce::LossKernel::new(&device)?;
+/// let logits = [0.5f32, -1.0, 2.0, 0.0, 1.0, 3.0, 0.5, -2.0, 1.0, 0.0];
+/// let labels = [2, 0];
+/// let problem = ShardProblem::new(LossSpec::pytorch(0.1), 2, ShardLayout::from_widths(&[2, 3])?);
+/// let (left, right) = ([0.5f32, -1.0, 3.0, 0.5], [2.0f32, 0.0, 1.0, -2.0, 1.0, 0.0]);
+/// let out = compute_on_device(&kernel, &queue, &problem, &[
+///     ShardBatch::classes(0, &left, &labels),
+///     ShardBatch::classes(1, &right, &labels),
+/// ], Default::default())?;
+/// let whole = cpu::compute(&LossSpec::pytorch(0.1),
+///     &Batch::classes(Shape::matrix(2, 5)?, &logits, &labels), lsce::Gradient::Separate)?;
+/// assert!((f64::from(out.loss[0]) - whole.loss[0]).abs() < 1e-5);
+/// # Ok::<(), lsce::LsceError>(())
+/// ```
+pub fn compute_on_device(
+    kernel: &LossKernel,
+    queue: &wgpu::Queue,
+    problem: &ShardProblem,
+    batches: &[ShardBatch<'_>],
+    options: ShardOptions,
+) -> Result<LossOutput<f32>> {
+    let shards = problem.layout.shards();
+    if batches.len() != shards {
+        return Err(LsceError::RankCount {
+            expected: shards,
+            actual: batches.len(),
+        });
+    }
+    if let Some(p) = (0..shards).find(|&p| batches[p].shard != p) {
+        return Err(LsceError::ForeignRecords {
+            shard: p,
+            reason: "batches must be given in rank order",
+        });
+    }
+    let upstream = batches[0].upstream;
+    let options = ShardOptions {
+        merge: MergeOn::Device,
+        upstream_grad: !matches!(upstream, UpstreamGrad::One),
+        ..options
+    };
+    let plans: Vec<ShardPlan> = (0..shards)
+        .map(|p| ShardPlan::new(kernel, problem, p, options))
+        .collect::<Result<_>>()?;
+    let device = kernel.device();
+    let inputs: Vec<_> = plans
+        .iter()
+        .zip(batches)
+        .map(|(plan, b)| plan.upload(device, b))
+        .collect::<Result<_>>()?;
+    let rows = problem.rows as usize;
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let buffer = |label, size: u64, usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: size.max(4),
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let block = plans[0].block_bytes();
+    let records = buffer(
+        "lsce shard records",
+        block * shards as u64,
+        wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+    );
+    let upstream = match upstream {
+        UpstreamGrad::One => None,
+        UpstreamGrad::Scalar(g) => Some(upload(
+            device,
+            "lsce upstream",
+            bytemuck::bytes_of(&g),
+            storage,
+        )?),
+        UpstreamGrad::PerRow(g) => Some(upload(
+            device,
+            "lsce upstream",
+            bytemuck::cast_slice(g),
+            storage,
+        )?),
+    };
+    let per_row = problem.spec.reduction == Reduction::None;
+    let rows_bytes = rows as u64 * 4;
+    let grad_dtype = plans[0].grad_dtype();
+    let grads: Vec<_> = plans
+        .iter()
+        .map(|plan| {
+            let elements = rows as u64 * u64::from(plan.width());
+            buffer(
+                "lsce shard grad",
+                (elements * grad_dtype.bytes()).next_multiple_of(4),
+                storage,
+            )
+        })
+        .collect();
+    let outputs: Vec<_> = (0..shards)
+        .map(|_| {
+            (
+                per_row.then(|| buffer("lsce shard loss", rows_bytes, storage)),
+                buffer("lsce shard lse", rows_bytes, storage),
+                buffer(
+                    "lsce shard summary",
+                    Summary::SIZE,
+                    wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                ),
+            )
+        })
+        .collect();
+
+    let mut encoder = device.create_command_encoder(&Default::default());
+    for (p, (plan, input)) in plans.iter().zip(&inputs).enumerate() {
+        let at = p as u64 * block;
+        plan.encode_records(
+            &mut encoder,
+            &input.buffers(),
+            records.slice(at..at + block),
+        )?;
+    }
+    let with_grad = options.gradient == crate::Gradient::Separate;
+    for (p, plan) in plans.iter().enumerate() {
+        let (loss, lse, summary) = &outputs[p];
+        let b = inputs[p].buffers();
+        let buffers = LossBuffers {
+            logits: b.logits,
+            targets: b.targets,
+            weights: b.weights,
+            upstream: upstream.as_ref().map(|u| u.slice(..)),
+            loss: loss.as_ref().map(|l| l.slice(..)),
+            lse: Some(lse.slice(..)),
+            grad: with_grad.then(|| grads[p].slice(..)),
+            summary: summary.slice(..),
+        };
+        plan.encode_merged_gradient(&mut encoder, &buffers, records.slice(..))?;
+    }
+
+    // Shard 0's loss, lse and summary (every shard writes the same), every shard's gradient.
+    let (loss, lse, summary) = &outputs[0];
+    let mut sources: Vec<(&wgpu::Buffer, u64)> = vec![(summary, Summary::SIZE), (lse, rows_bytes)];
+    if let Some(loss) = loss {
+        sources.push((loss, rows_bytes));
+    }
+    let grad_sources: Vec<&wgpu::Buffer> = match options.gradient {
+        crate::Gradient::None => Vec::new(),
+        crate::Gradient::Separate => grads.iter().collect(),
+        crate::Gradient::InPlace => inputs.iter().map(|i| &i.logits).collect(),
+    };
+    for (plan, g) in plans.iter().zip(&grad_sources) {
+        let elements = rows as u64 * u64::from(plan.width());
+        sources.push((g, (elements * grad_dtype.bytes()).next_multiple_of(4)));
+    }
+    let data = read_back(device, queue, encoder, &sources)?;
+    let summary = Summary::from_bytes(&data[0]);
+    let floats = |b: &[u8]| -> Vec<f32> { bytemuck::cast_slice(b).to_vec() };
+    let lse = floats(&data[1]);
+    let z = problem.spec.z_loss;
+    let (loss, z_loss) = if per_row {
+        (floats(&data[2]), lse.iter().map(|l| z * l * l).collect())
+    } else {
+        (vec![summary.loss], vec![summary.z_loss])
+    };
+    let first_grad = if per_row { 3 } else { 2 };
+    let grad = (!grad_sources.is_empty()).then(|| {
+        let k = problem.layout.classes() as usize;
+        let mut out = vec![0.0f32; rows * k];
+        for (p, plan) in plans.iter().enumerate() {
+            let w = plan.width() as usize;
+            let c0 = problem.layout.range(p).start as usize;
+            let g = widen(&data[first_grad + p], grad_dtype, rows * w);
+            for row in 0..rows {
+                out[row * k + c0..row * k + c0 + w].copy_from_slice(&g[row * w..(row + 1) * w]);
+            }
+        }
+        out
+    });
+    // The per-row z-loss of ignored rows is 0 (their lse is 0).
+    summary.check(problem.layout.classes())?;
+    Ok(LossOutput {
+        loss,
+        z_loss,
+        lse,
+        grad,
+        denominator: summary.denominator,
+        correct: problem.accuracy.then_some(u64::from(summary.correct)),
+    })
+}
