@@ -6,7 +6,8 @@
 //! `--warmup`, timed by the wall clock from the first call to the end of `Device::sync`:
 //!
 //! * **Burn CE**: Burn's loss, `backward()`, on an autodiff device, fusion and autotune on
-//!   (Burn's defaults);
+//!   (Burn's defaults), on the device `lsce::burn::init_device` sets up (one wgpu buffer per
+//!   tensor);
 //! * **keep** / **recompute**: [`LsceLoss`] the same way, in each [`GradientMode`] (label check
 //!   off, as Burn's loss has none: the check is one 32-byte readback and a wait);
 //! * **launch**: the fused loss-and-gradient launch through Burn (fusion registration, buffer
@@ -25,6 +26,7 @@ use std::time::Instant;
 
 use burn::backend::Dispatch;
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::wgpu::MemoryConfiguration;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use lsce::burn::{GradientMode, LossOptions, LsceLossConfig, LsceOps};
 use lsce::{Gradient, LossBuffers, LossKernel, LossSpec, Problem, Shape, Summary, TargetKind};
@@ -66,7 +68,9 @@ pub struct BurnBench {
 
 impl BurnBench {
     pub fn new() -> Result<Self, String> {
+        // As `lsce::burn::init_device` sets it up, keeping the setup for the encode path.
         let (device, setup) = Device::wgpu_options()
+            .memory_config(MemoryConfiguration::ExclusivePages)
             .init_with_setup()
             .map_err(|e| format!("Burn's wgpu runtime: {e}"))?;
         lsce::burn::register_setup(&device, &setup).map_err(|e| e.to_string())?;
