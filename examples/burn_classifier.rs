@@ -25,15 +25,17 @@ use lsce::burn::LsceLossConfig;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-const CLASSES: usize = 10;
-const DIMS: usize = 24;
+/// `train_classifier`'s data set: the same noisy-label task, the same draws.
+#[allow(dead_code)] // train_classifier reads the fields this example does not
+#[path = "train_classifier/data.rs"]
+mod data;
+use data::{Data, Rng, FLIP_EVERY};
+
+const CLASSES: usize = data::CLASSES as usize;
+const DIMS: usize = data::DIMS as usize;
+const TRAIN_POINTS: usize = data::TRAIN_POINTS as usize;
+const TEST_POINTS: usize = data::TEST_POINTS as usize;
 const HIDDEN: usize = 64;
-const TRAIN_POINTS: usize = 3000;
-const TEST_POINTS: usize = 2000;
-/// Every `FLIP_EVERY`-th training label is replaced by a uniformly chosen other class: 20%.
-const FLIP_EVERY: usize = 5;
-/// Standard deviation of the class centres' coordinates, against unit noise within a class.
-const CENTRE_SPREAD: f64 = 0.55;
 const BATCH: usize = 100;
 /// The default; the first command-line argument overrides it.
 const EPOCHS: usize = 30;
@@ -87,7 +89,7 @@ fn main() -> Result<()> {
     // Burn's wgpu runtime, sharing its device and queue with lsce.
     let device = lsce::burn::init_device()?.autodiff();
     println!("device: {device:?}");
-    let mut rng = Rng(SEED);
+    let mut rng = Rng::new(SEED);
     let data = Data::generate(&mut rng);
     println!(
         "data: {CLASSES} Gaussian blobs in {DIMS} dimensions, {TRAIN_POINTS} training points \
@@ -169,81 +171,7 @@ fn train(
     })
 }
 
-/// SplitMix64: tiny and deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize
-    }
-
-    /// Standard normal (Box-Muller; `1 - u` keeps the logarithm finite).
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (1.0 - self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
-/// The synthetic data set, row-major `[points, DIMS]`.
-struct Data {
-    train_x: Vec<f32>,
-    /// The labels training sees, 20% of them wrong.
-    train_labels: Vec<i32>,
-    test_x: Vec<f32>,
-    test_labels: Vec<i32>,
-}
-
 impl Data {
-    fn generate(rng: &mut Rng) -> Self {
-        let centres: Vec<f64> = (0..CLASSES * DIMS)
-            .map(|_| CENTRE_SPREAD * rng.normal())
-            .collect();
-        let mut sample = |points: usize| {
-            let mut x = Vec::with_capacity(points * DIMS);
-            let mut labels = Vec::with_capacity(points);
-            for _ in 0..points {
-                let class = rng.below(CLASSES);
-                let centre = &centres[class * DIMS..][..DIMS];
-                x.extend(centre.iter().map(|c| (c + rng.normal()) as f32));
-                labels.push(class as i32);
-            }
-            (x, labels)
-        };
-        let (train_x, clean) = sample(TRAIN_POINTS);
-        let (test_x, test_labels) = sample(TEST_POINTS);
-        let train_labels = clean
-            .iter()
-            .enumerate()
-            .map(|(i, &y)| {
-                if i % FLIP_EVERY == 0 {
-                    (y + 1 + rng.below(CLASSES - 1) as i32) % CLASSES as i32
-                } else {
-                    y
-                }
-            })
-            .collect();
-        Self {
-            train_x,
-            train_labels,
-            test_x,
-            test_labels,
-        }
-    }
-
     fn train_batch(&self, batch: usize, device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
         let rows = batch * BATCH..(batch + 1) * BATCH;
         let x = self.train_x[rows.start * DIMS..rows.end * DIMS].to_vec();
