@@ -187,6 +187,13 @@ impl<'a> Batch<'a> {
     /// Checks lengths, weights, labels and the upstream gradient against the shape and spec.
     pub fn validate(&self, spec: &LossSpec) -> Result<TargetValues> {
         let values = self.validate_layout(spec)?;
+        self.check_labels(spec)?;
+        Ok(values)
+    }
+
+    /// `Err(LabelOutOfRange)` for the first class label outside `[0, classes)` that is not
+    /// the ignore index.
+    pub(crate) fn check_labels(&self, spec: &LossSpec) -> Result<()> {
         if let Targets::Classes(labels) = self.targets {
             let classes = self.shape.classes();
             if let Some((row, &label)) = labels
@@ -201,19 +208,30 @@ impl<'a> Batch<'a> {
                 });
             }
         }
-        Ok(values)
+        Ok(())
     }
 
     /// Everything [`Batch::validate`] checks except the label values, which the GPU checks
     /// itself (and reports through [`Summary`](crate::Summary)).
     pub fn validate_layout(&self, spec: &LossSpec) -> Result<TargetValues> {
+        let values = self.validate_targets(spec)?;
+        check_len("logits", self.elements()?, self.logits.len())?;
+        Ok(values)
+    }
+
+    fn elements(&self) -> Result<usize> {
+        usize::try_from(self.shape.elements()).map_err(|_| LsceError::ShapeTooLarge {
+            what: "elements exceed usize",
+        })
+    }
+
+    /// Everything [`Batch::validate_layout`] checks but the logits: the spec against the class
+    /// count, the targets, weights and upstream gradient against the shape. The fused linear
+    /// head's batch has no logits (it makes them).
+    pub(crate) fn validate_targets(&self, spec: &LossSpec) -> Result<TargetValues> {
         let values = spec.resolve(self.shape.classes())?;
         let rows = self.shape.rows() as usize;
-        let elements =
-            usize::try_from(self.shape.elements()).map_err(|_| LsceError::ShapeTooLarge {
-                what: "elements exceed usize",
-            })?;
-        check_len("logits", elements, self.logits.len())?;
+        let elements = self.elements()?;
         match self.targets {
             Targets::Classes(labels) => check_len("targets", rows, labels.len())?,
             Targets::Probabilities(probs) => check_len("targets", elements, probs.len())?,

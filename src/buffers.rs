@@ -262,7 +262,7 @@ fn presence<'a>(
 }
 
 /// Checks one caller buffer: usage, offset alignment, size.
-fn region<'a>(
+pub(crate) fn region<'a>(
     what: &'static str,
     s: wgpu::BufferSlice<'a>,
     elems: u64,

@@ -29,7 +29,7 @@
 //! every backend wgpu translates to, before any GPU sees it.
 
 use crate::dtype::Dtype;
-use crate::layout::{self, Slot};
+use crate::layout::{self, HeadSlot, Slot};
 
 /// The fragments, by file name.
 mod fragment {
@@ -50,6 +50,9 @@ mod fragment {
     pub const STRIDED: &str = include_str!("../shaders/strided.wgsl");
     pub const SETUP: &str = include_str!("../shaders/setup.wgsl");
     pub const FINALIZE: &str = include_str!("../shaders/finalize.wgsl");
+    pub const RECORDS: &str = include_str!("../shaders/records.wgsl");
+    pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
+    pub const LINEAR: &str = include_str!("../shaders/linear.wgsl");
 }
 
 /// The kernel families, one WGSL file each.
@@ -63,6 +66,9 @@ pub(crate) enum Family {
     Setup,
     /// `finalize.wgsl`: the per-row losses reduced to the summary (`Sum`, `Mean`).
     Finalize,
+    /// `linear.wgsl` on `matmul.wgsl`: the fused linear head (src/linear), whose logits come
+    /// from hidden states and a head weight (bind group 1) instead of a buffer.
+    Linear,
 }
 
 /// What a *team* (the invocations that reduce one row together) is, and how it reduces: a
@@ -93,6 +99,9 @@ pub(crate) struct ModuleKey {
     /// 16-bit rows never share a 32-bit word (an even class count, row kernel): words are
     /// written plainly instead of half by half with atomics.
     pub private_words: bool,
+    /// The element type of the hidden states, head and bias ([`Family::Linear`]; `F32`
+    /// otherwise). The linear family's group 0 is the loss's with f32 logits: its chunk.
+    pub head_dtype: Dtype,
 }
 
 impl ModuleKey {
@@ -191,6 +200,11 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
         _ => fragment::STORE_F32,
     });
     src.push_str(fragment::COMMON);
+    if key.family == Family::Linear {
+        src.push_str(&linear_prelude(key));
+        src.extend([fragment::RECORDS, fragment::MATMUL, fragment::LINEAR]);
+        return src;
+    }
     match key.team {
         Team::Workgroup => src.extend([fragment::TEAM_WORKGROUP, fragment::TEAM_REDUCE_MEMORY]),
         Team::WorkgroupSubgroups(_) => {
@@ -198,12 +212,49 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
         }
         Team::Subgroup => src.push_str(fragment::TEAM_SUBGROUP),
     }
+    if key.family == Family::Rows {
+        src.push_str(fragment::RECORDS);
+    }
     src.push_str(match key.family {
         Family::Rows => fragment::ROWS,
         Family::Strided => fragment::STRIDED,
         Family::Setup => fragment::SETUP,
         Family::Finalize => fragment::FINALIZE,
+        Family::Linear => unreachable!("composed above"),
     });
+    src
+}
+
+/// The linear head's bind group 1 (layout::HeadSlot) and its element accessors: `hidden_at`,
+/// `head_at`, `bias_at` by element index, in f32 whatever the inputs' type (16-bit inputs are
+/// bound as u32 words of two elements, decoded by f16.wgsl or bf16.wgsl).
+fn linear_prelude(key: &ModuleKey) -> String {
+    let sixteen = key.head_dtype != Dtype::F32;
+    let mut src = String::from("@group(1) @binding(0) var<uniform> LP: LinearParams;\n");
+    for slot in HeadSlot::ALL {
+        let (name, writable) = slot.info();
+        let (access, ty) = match (writable, sixteen) {
+            (true, _) => ("read_write", "array<f32>"),
+            (false, true) => ("read", "array<u32>"),
+            (false, false) => ("read", "array<f32>"),
+        };
+        src.push_str(&format!(
+            "@group(1) @binding({}) var<storage, {access}> {name}: {ty};\n",
+            slot.binding()
+        ));
+    }
+    src.push_str(match key.head_dtype {
+        Dtype::F32 => "",
+        Dtype::F16 => fragment::F16,
+        Dtype::Bf16 => fragment::BF16,
+    });
+    for name in ["hidden", "head", "bias"] {
+        src.push_str(&if sixteen {
+            format!("fn {name}_at(e: u32) -> f32 {{ return decode_word({name}[e >> 1u])[e & 1u]; }}\n")
+        } else {
+            format!("fn {name}_at(e: u32) -> f32 {{ return {name}[e]; }}\n")
+        });
+    }
     src
 }
 
@@ -308,6 +359,7 @@ mod tests {
                                         grad_dtype,
                                         wide,
                                         private_words,
+                                        head_dtype: Dtype::F32,
                                     });
                                 }
                             }
@@ -315,6 +367,22 @@ mod tests {
                     }
                 }
             }
+        }
+        // The linear head: group 0 is the loss's with its f32 chunk (in place), group 1 the
+        // head's inputs in each dtype.
+        for head_dtype in dtypes {
+            keys.push(ModuleKey {
+                family: Family::Linear,
+                wg_size: AUX_WG_SIZE,
+                cache_n: 1,
+                team: Team::Workgroup,
+                in_place: true,
+                dtype: Dtype::F32,
+                grad_dtype: Dtype::F32,
+                wide: false,
+                private_words: true,
+                head_dtype,
+            });
         }
         keys
     }

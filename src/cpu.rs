@@ -172,6 +172,26 @@ enum RowTarget<'a> {
 /// Validates the batch exactly as the GPU path does, so a bad input gives the same `Err`.
 pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result<LossOutput<f64>> {
     let values = batch.validate(spec)?;
+    let logits = batch.logits;
+    Ok(compute_from(
+        spec,
+        values,
+        batch,
+        &|i| logits.get(i),
+        gradient,
+    ))
+}
+
+/// [`compute`] of a validated batch whose logit `i` (row-major index into `batch.shape`) is
+/// `logit(i)` in `f64`; `batch.logits` is not read. The fused linear head's reference feeds it
+/// the `f64` logits of its matmul.
+pub(crate) fn compute_from(
+    spec: &LossSpec,
+    values: TargetValues,
+    batch: &Batch<'_>,
+    logit: &dyn Fn(usize) -> f64,
+    gradient: Gradient,
+) -> LossOutput<f64> {
     let shape = batch.shape;
     let (rows, k) = (shape.rows() as usize, shape.classes() as usize);
     let z_coef = f64::from(spec.z_loss);
@@ -222,7 +242,7 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
             }
         };
         for (c, xc) in x.iter_mut().enumerate() {
-            *xc = batch.logits.get(index(row, c));
+            *xc = logit(index(row, c));
         }
         for c in 0..k {
             (z[c], dz[c]) = transform(x[c], spec);
@@ -266,14 +286,14 @@ pub fn compute(spec: &LossSpec, batch: &Batch<'_>, gradient: Gradient) -> Result
         Reduction::Mean if denominator == 0.0 => vec![f64::NAN],
         Reduction::Mean => vec![v.iter().sum::<f64>() / denominator],
     };
-    Ok(LossOutput {
+    LossOutput {
         loss: reduce(row_losses),
         z_loss: reduce(row_z),
         lse,
         grad,
         denominator,
         correct,
-    })
+    }
 }
 
 /// `sum_c a_c (max - z_c)` over the classes `class0..class0 + z.len()` (the whole row, or one

@@ -222,7 +222,7 @@ impl LossBinding {
 }
 
 /// Dispatches `n` workgroups as a 2D grid so that no dimension exceeds 65535.
-fn dispatch(pass: &mut wgpu::ComputePass<'_>, n: u32) {
+pub(crate) fn dispatch(pass: &mut wgpu::ComputePass<'_>, n: u32) {
     const MAX: u32 = 65535;
     if n == 0 {
         return;

@@ -103,6 +103,10 @@ pub enum LsceError {
         /// The alignment required.
         alignment: u64,
     },
+    /// A buffer the problem needs was not given (named: `bias`, `d_hidden`, ..).
+    MissingBuffer(&'static str),
+    /// A buffer was given that the problem does not use (named).
+    UnexpectedBuffer(&'static str),
     /// Two caller buffer regions that must not overlap do overlap.
     AliasedBuffers {
         /// The first argument's name.
@@ -217,6 +221,13 @@ impl fmt::Display for LsceError {
             } => write!(
                 f,
                 "buffer {what} offset {offset} is not a multiple of {alignment}"
+            ),
+            Self::MissingBuffer(what) => {
+                write!(f, "the problem needs a `{what}` buffer, and none was given")
+            }
+            Self::UnexpectedBuffer(what) => write!(
+                f,
+                "a `{what}` buffer was given, but the problem does not use one"
             ),
             Self::AliasedBuffers { first, second } => {
                 write!(f, "buffers {first} and {second} overlap")

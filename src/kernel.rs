@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::compose::{self, Family, ModuleKey, Team};
 use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
-use crate::layout::{Params, Slot, AUX_WG_SIZE};
+use crate::layout::{HeadSlot, LinearParams, Params, Slot, AUX_WG_SIZE};
 use crate::plan::RowKernel;
 use crate::problem::{Gradient, Problem};
 
@@ -149,6 +149,9 @@ pub(crate) struct KernelInner {
     pub limits: wgpu::Limits,
     layouts: [wgpu::BindGroupLayout; 2],
     pipeline_layouts: [wgpu::PipelineLayout; 2],
+    /// The fused linear head's bind group 1 and its pipeline layout (group 0 is the in-place
+    /// loss layout), where the device has the storage bindings for both groups.
+    head_layouts: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Bound in place of absent optional inputs (never read: the switches turn them off).
@@ -218,6 +221,16 @@ impl LossKernel {
                 immediate_size: 0,
             })
         });
+        let head_layouts = (limits.max_storage_buffers_per_shader_stage >= head_storage_bindings())
+            .then(|| {
+                let head = head_bind_group_layout(device);
+                let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some("lsce linear head"),
+                    bind_group_layouts: &[Some(&layouts[1]), Some(&head)],
+                    immediate_size: 0,
+                });
+                (head, pipeline)
+            });
         let placeholder = |usage| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("lsce placeholder"),
@@ -234,6 +247,7 @@ impl LossKernel {
                 limits,
                 layouts,
                 pipeline_layouts,
+                head_layouts,
                 modules: Mutex::default(),
                 pipelines: Mutex::default(),
                 placeholder_read: placeholder(wgpu::BufferUsages::STORAGE),
@@ -261,6 +275,18 @@ impl LossKernel {
 impl KernelInner {
     pub fn layout(&self, in_place: bool) -> &wgpu::BindGroupLayout {
         &self.layouts[usize::from(in_place)]
+    }
+
+    /// The fused linear head's bind group 1 layout, or the limit the device lacks for it.
+    pub fn head_layout(&self) -> Result<&wgpu::BindGroupLayout> {
+        self.head_layouts
+            .as_ref()
+            .map(|(layout, _)| layout)
+            .ok_or(LsceError::ExceedsDeviceLimit {
+                limit: "max_storage_buffers_per_shader_stage",
+                needed: u64::from(head_storage_bindings()),
+                available: u64::from(self.limits.max_storage_buffers_per_shader_stage),
+            })
     }
 
     /// How the row kernel is shaped for rows of `classes` logits of `dtype`: its team and
@@ -356,6 +382,7 @@ impl KernelInner {
             // Offsets are multiples of 4 bytes, so with an even class count every row starts
             // on a word boundary. The strided kernel's neighbouring rows share words.
             private_words: family == Family::Rows && problem.shape.classes().is_multiple_of(2),
+            head_dtype: Dtype::F32,
         }
     }
 
@@ -384,7 +411,10 @@ impl KernelInner {
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(key.entry),
-                layout: Some(&self.pipeline_layouts[usize::from(key.module.in_place)]),
+                layout: Some(match (key.module.family, &self.head_layouts) {
+                    (Family::Linear, Some((_, layout))) => layout,
+                    _ => &self.pipeline_layouts[usize::from(key.module.in_place)],
+                }),
                 module: &module,
                 entry_point: Some(key.entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
@@ -406,6 +436,42 @@ impl KernelInner {
             .insert(key, pipeline.clone());
         Ok(pipeline)
     }
+}
+
+/// Storage bindings of a linear head pipeline: the loss's group 0 and the head's group 1.
+fn head_storage_bindings() -> u32 {
+    (Slot::ALL.len() + HeadSlot::ALL.len()) as u32
+}
+
+/// Bind group 1 of the fused linear head: its parameters (`LinearParams`, dynamic offset per
+/// chunk) and the slots of `HeadSlot`.
+fn head_bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout {
+    let mut entries = vec![wgpu::BindGroupLayoutEntry {
+        binding: 0,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: true,
+            min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<LinearParams>() as u64),
+        },
+        count: None,
+    }];
+    entries.extend(HeadSlot::ALL.map(|slot| wgpu::BindGroupLayoutEntry {
+        binding: slot.binding(),
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage {
+                read_only: !slot.info().1,
+            },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }));
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("lsce linear head"),
+        entries: &entries,
+    })
 }
 
 fn bind_group_layout(device: &wgpu::Device, in_place: bool) -> wgpu::BindGroupLayout {

@@ -311,6 +311,85 @@ shared_layout! {
     }
 }
 
+shared_layout! {
+    /// Per-dispatch parameters of the fused linear head (linear.wgsl, matmul.wgsl; src/linear),
+    /// the uniform `LP` of its bind group 1 (copied into the private `LQ`). Dimensions are
+    /// element counts; rows are global row indices.
+    pub(crate) struct LinearParams as "LinearParams" {
+        /// `N`: rows of the hidden states (and of the problem).
+        pub rows: u32,
+        /// `D`: the hidden size, the depth of the logits' matmul.
+        pub dim: u32,
+        /// `V`: the vocabulary (classes).
+        pub vocab: u32,
+        /// The first row this dispatch covers.
+        pub row_begin: u32,
+        /// Rows this dispatch covers.
+        pub row_count: u32,
+        /// The vocabulary range `linear_grad_hidden` walks in this dispatch: from here..
+        pub vocab_begin: u32,
+        /// ..to here.
+        pub vocab_end: u32,
+        /// The first row of the chunk whose logits `logits` holds (chunked mode).
+        pub chunk_begin: u32,
+        /// Vocabulary tiles per block: a block is one `ShardRecord` per row.
+        pub block_tiles: u32,
+        /// 1 when a bias is bound.
+        pub has_bias: u32,
+        /// 1: the gradient passes recompute the logits; 0: they read G from the chunk.
+        pub recompute: u32,
+        /// 1: `linear_stats` also writes the chunk's logits (chunked mode).
+        pub store_logits: u32,
+        /// First word of the merged rows (`ShardMergedRow`) in `control`.
+        pub merged_base: u32,
+        /// 1 when `d_bias` is written.
+        pub bias_grad: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+}
+
+/// A storage binding of the fused linear head's bind group 1 (after its uniform `LP` at
+/// binding 0), by what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeadSlot {
+    Hidden,
+    Head,
+    Bias,
+    DHidden,
+    DHead,
+    DBias,
+}
+
+impl HeadSlot {
+    /// Every slot in binding order.
+    pub const ALL: [HeadSlot; 6] = [
+        HeadSlot::Hidden,
+        HeadSlot::Head,
+        HeadSlot::Bias,
+        HeadSlot::DHidden,
+        HeadSlot::DHead,
+        HeadSlot::DBias,
+    ];
+
+    /// Its `@binding` number in group 1.
+    pub fn binding(self) -> u32 {
+        self as u32 + 1
+    }
+
+    /// The WGSL variable, and whether the kernels write it.
+    pub fn info(self) -> (&'static str, bool) {
+        match self {
+            HeadSlot::Hidden => ("hidden", false),
+            HeadSlot::Head => ("head", false),
+            HeadSlot::Bias => ("bias", false),
+            HeadSlot::DHidden => ("d_hidden", true),
+            HeadSlot::DHead => ("d_head", true),
+            HeadSlot::DBias => ("d_bias", true),
+        }
+    }
+}
+
 /// What a row is, from its label: the codes of `ROW_*` in the shaders and of a shard record's
 /// kind bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,6 +516,7 @@ fn wgsl_struct<T: SharedLayout>() -> String {
 /// The WGSL declarations of every shared layout: `struct Params` and the word constants.
 pub(crate) fn wgsl_declarations() -> String {
     let mut src = wgsl_struct::<Params>();
+    src.push_str(&wgsl_struct::<LinearParams>());
     for (name, value) in constants() {
         src.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }

@@ -198,6 +198,7 @@ mod error;
 pub mod half;
 mod kernel;
 mod layout;
+pub mod linear;
 mod output;
 mod plan;
 mod problem;

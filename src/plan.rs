@@ -423,21 +423,13 @@ impl PlanInner {
 
     /// The parameters of window `w` bound as `b`.
     pub fn params(&self, w: &Window, b: &BoundWindow<'_>) -> Params {
-        let spec = &self.problem.spec;
         let shape = self.problem.shape;
-        // A shard holds classes [c0, c0 + classes): the excluded class is local or absent.
+        // A shard holds classes [c0, c0 + classes).
         let (class_begin, label_classes) = self
             .shard
             .map_or((0, shape.classes()), |s| (s.class_begin, s.classes));
-        let excluded = spec
-            .excluded_class
-            .and_then(|c| c.checked_sub(class_begin))
-            .filter(|&c| c < shape.classes());
-        let receiving = shape.classes() - u32::from(excluded.is_some());
         let in_place = self.problem.gradient == Gradient::InPlace;
         Params {
-            classes: shape.classes(),
-            spatial: shape.spatial(),
             row_count: w.rows,
             row_begin: w.first_row as u32,
             logits_base: b.base(Slot::Logits),
@@ -450,22 +442,6 @@ impl PlanInner {
             weights_base: b.base(Slot::Weights),
             chunk_base: w.chunk_base,
             chunk_count: self.chunks,
-            excluded: excluded.unwrap_or(u32::MAX),
-            ignore_index: spec.ignore_index.unwrap_or(0),
-            has_ignore: u32::from(spec.ignore_index.is_some()),
-            reduction: reduction_code(spec.reduction),
-            upstream_mode: match (self.problem.upstream_grad, spec.reduction) {
-                (false, _) => UpstreamMode::One,
-                (true, Reduction::None) => UpstreamMode::PerRow,
-                (true, _) => UpstreamMode::Scalar,
-            } as u32,
-            total_rows: shape.rows(),
-            on: self.values.on as f32,
-            off: self.values.off as f32,
-            off_mass: (self.values.off * f64::from(receiving)) as f32,
-            logit_scale: spec.logit_scale,
-            softcap: spec.softcap.unwrap_or(0.0),
-            z_loss: spec.z_loss,
             split_base: self.record_base() as u32,
             split_parts: match self.shard {
                 Some(ShardRole {
@@ -474,11 +450,50 @@ impl PlanInner {
                 }) => shards,
                 _ => self.row_kernel.split_parts(),
             },
-            class_begin,
-            label_classes,
-            _pad0: 0,
-            _pad1: 0,
-            _pad2: 0,
+            ..spec_params(&self.problem, self.values, class_begin, label_classes)
         }
+    }
+}
+
+/// The parameters that follow from a problem's spec and shape, for its classes
+/// `[class_begin, class_begin + classes)` of `label_classes` (a vocabulary shard's, or all of
+/// them): one window of all rows from 0, no record region. The excluded class is local or absent.
+pub(crate) fn spec_params(
+    problem: &Problem,
+    values: TargetValues,
+    class_begin: u32,
+    label_classes: u32,
+) -> Params {
+    let spec = &problem.spec;
+    let shape = problem.shape;
+    let excluded = spec
+        .excluded_class
+        .and_then(|c| c.checked_sub(class_begin))
+        .filter(|&c| c < shape.classes());
+    let receiving = shape.classes() - u32::from(excluded.is_some());
+    Params {
+        classes: shape.classes(),
+        spatial: shape.spatial(),
+        row_count: shape.rows(),
+        excluded: excluded.unwrap_or(u32::MAX),
+        ignore_index: spec.ignore_index.unwrap_or(0),
+        has_ignore: u32::from(spec.ignore_index.is_some()),
+        reduction: reduction_code(spec.reduction),
+        upstream_mode: match (problem.upstream_grad, spec.reduction) {
+            (false, _) => UpstreamMode::One,
+            (true, Reduction::None) => UpstreamMode::PerRow,
+            (true, _) => UpstreamMode::Scalar,
+        } as u32,
+        total_rows: shape.rows(),
+        on: values.on as f32,
+        off: values.off as f32,
+        off_mass: (values.off * f64::from(receiving)) as f32,
+        logit_scale: spec.logit_scale,
+        softcap: spec.softcap.unwrap_or(0.0),
+        z_loss: spec.z_loss,
+        split_parts: 1,
+        class_begin,
+        label_classes,
+        ..Params::default()
     }
 }

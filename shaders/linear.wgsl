@@ -1,0 +1,404 @@
+// The fused linear head (src/linear): the loss of logits z = H W^T + b (H [rows, dim], W [vocab,
+// dim], b [vocab]) and the gradients dH = G W, dW = G^T H, db = sum_rows G, with G = dL/dz,
+// without a rows x vocab buffer. The vocabulary is cut into blocks of LQ.block_tiles tiles of
+// MM_TILE entries; a block is a vocabulary shard of one device: its per-row statistics are a
+// `ShardRecord` in the shards' block layout (records.wgsl), merged the same way.
+//
+// Passes (src/linear/plan.rs encodes them; setup and finalize are the loss's own):
+//   setup:             the mean's denominator, the weighted off-mass, the label check.
+//   linear_stats:      per (row tile, vocabulary block): the tiles' logits (matmul.wgsl), and in
+//                      the epilogue, while the tile is in workgroup memory, the block's running
+//                      max, sum of exp, target sums and argmax per row; one ShardRecord per row
+//                      and block. Chunked mode also writes the logits of its rows.
+//                      Reads H and W (2 rows x vocab x dim flops), writes 32 bytes per row and
+//                      block (+ 4 bytes per logit, chunked).
+//   linear_merge:      per row, the blocks' records merged in block order: loss, lse,
+//                      accuracy, and the row's gradient constants (a ShardMergedRow).
+//                      Reads 32 bytes per row and block, writes 24 bytes per row.
+//   finalize:          the per-row losses reduced (Sum, Mean).
+//   linear_logit_grad: chunked mode: G over the stored logits, in place. Reads and writes 4
+//                      bytes per logit of the chunk.
+//   linear_grad_hidden: per row tile, owning its rows of dH: for every vocabulary tile in
+//                      order, the tile of G (recomputed from H and W with the merged row
+//                      constants while in registers, or read from the chunk), then dH += G W.
+//                      2 (recompute) or 1 matmul-equivalents; reads and writes the tile's dH
+//                      rows once per vocabulary tile.
+//   linear_grad_head:  per vocabulary tile, owning its rows of dW and its db: for every row
+//                      tile in order, the tile of G, then dW += G^T H and db += the column sums.
+// No float atomics: every output word has one owner, which adds its terms in a fixed order.
+//
+// Mirror: src/linear/cpu.rs (z = H W^T + b, cpu::compute, then the two products).
+
+var<private> LQ: LinearParams;
+
+fn load_linear() {
+    LQ = LP;
+}
+
+// The merged row constants of row r (global): max, coefficient of exp(z - max), scale (times
+// the logit scale), kind; and the label.
+struct RowConsts {
+    m: f32,
+    coef: f32,
+    scale: f32,
+    kind: u32,
+    label: u32,
+}
+
+fn row_consts(r: u32) -> RowConsts {
+    let at = LQ.merged_base + r * SHARD_MERGED_WORDS;
+    var label = 0u;
+    if (!SOFT_TARGETS) {
+        label = u32(row_label(r));
+    }
+    return RowConsts(record_word(at + SHARD_MERGED_MAX), record_word(at + SHARD_MERGED_COEF), record_word(at + SHARD_MERGED_SCALE), atomicLoad(&control[at + SHARD_MERGED_KIND]), label);
+}
+
+// The gradient dL/dz of four logits x (raw, bias included) of row r at vocabulary entries c.
+fn logit_grad(k: RowConsts, r: u32, c: vec4<u32>, x: vec4<f32>) -> vec4<f32> {
+    let valid = c < vec4<u32>(LQ.vocab);
+    if (k.kind != ROW_VALID) {
+        return select(vec4<f32>(0.0), vec4<f32>(unusable_value(k.kind)), valid);
+    }
+    let z = transform_logit(x);
+    let ez = exp(z - vec4<f32>(k.m));
+    let g = grad_value(c, vec4<u32>(r * LQ.vocab) + c, ez, z, k.label, vec2<f32>(k.coef, k.scale));
+    return select(vec4<f32>(0.0), g, valid);
+}
+
+@compute @workgroup_size(MM_INVOCATIONS)
+fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    load_params();
+    load_linear();
+    let r0 = LQ.row_begin + wid.x * MM_TILE;
+    let block = wid.y;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    // The epilogue: invocation lid sums row lid / 4 of the tile, columns 16 (lid % 4) + [0, 16).
+    let em = lid / 4u;
+    let part = lid % 4u;
+    let r = r0 + em;
+    let in_rows = r < LQ.row_begin + LQ.row_count;
+    var kind = ROW_IGNORED;
+    var label_i = 0;
+    if (in_rows) {
+        label_i = row_label(r);
+        kind = classify_label(label_i);
+    }
+    let v_begin = block * LQ.block_tiles * MM_TILE;
+    let v_end = min(v_begin + LQ.block_tiles * MM_TILE, LQ.vocab);
+    // The label's vocabulary entry when this block holds it.
+    var label = NONE_U32;
+    if (!SOFT_TARGETS && kind == ROW_VALID && u32(label_i) >= v_begin && u32(label_i) < v_end) {
+        label = u32(label_i);
+    }
+    var m4 = vec4<f32>(NEG_BIG);
+    var s4 = vec4<f32>(0.0);
+    var shifted4 = vec4<f32>(0.0);
+    var mass4 = vec4<f32>(0.0);
+    var best = argmax_none();
+    var z_label = 0.0;
+    let neg = vec4<f32>(neg_inf());
+    for (var v0 = v_begin; v0 < v_end; v0 += MM_TILE) {
+        mm_logits(lid, r0, v0);
+        let b = bias4(vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u));
+        for (var i = 0u; i < 4u; i++) {
+            let m = ty + 16u * i;
+            let x = acc[i] + b;
+            mm_shared[m * MM_TILE + tx] = x.x;
+            mm_shared[m * MM_TILE + tx + 16u] = x.y;
+            mm_shared[m * MM_TILE + tx + 32u] = x.z;
+            mm_shared[m * MM_TILE + tx + 48u] = x.w;
+            let row = r0 + m;
+            if (LQ.store_logits != 0u && row < LQ.row_begin + LQ.row_count) {
+                // The chunk's logits, row-major [row_count, vocab], in the loss's `logits`.
+                let at = (row - LQ.chunk_begin) * LQ.vocab;
+                for (var j = 0u; j < 4u; j++) {
+                    let v = v0 + tx + 16u * j;
+                    if (v < LQ.vocab) {
+                        logits[at + v] = x[j];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+        if (in_rows && kind == ROW_VALID) {
+            for (var u = 0u; u < 4u; u++) {
+                let n = part * 16u + u * 4u;
+                let at = em * MM_TILE + n;
+                let x = vec4<f32>(mm_shared[at], mm_shared[at + 1u], mm_shared[at + 2u], mm_shared[at + 3u]);
+                let c = vec4<u32>(v0 + n) + LANES;
+                let valid = c < vec4<u32>(v_end);
+                let z = select(neg, transform_logit(x), valid);
+                push_unit(&m4, &s4, &shifted4, &mass4, c, vec4<u32>(r * LQ.vocab) + c, z, valid);
+                argmax_push(&best, x, c, valid);
+                if (label != NONE_U32 && label >= v0 + n && label < v0 + n + 4u) {
+                    z_label = z[label - v0 - n];
+                }
+            }
+        }
+    }
+    // The four parts of each row, merged in column order by the row's first invocation.
+    let st = merge_lanes(m4, s4, shifted4, mass4);
+    let arg = argmax_lanes(best);
+    workgroupBarrier();
+    let mine = lid * 8u;
+    mm_shared[mine] = st.m;
+    mm_shared[mine + 1u] = st.v.x;
+    mm_shared[mine + 2u] = st.v.y;
+    mm_shared[mine + 3u] = st.v.z;
+    mm_shared[mine + 4u] = bitcast<f32>(arg.x);
+    mm_shared[mine + 5u] = bitcast<f32>(arg.y);
+    mm_shared[mine + 6u] = z_label;
+    workgroupBarrier();
+    if (!in_rows || part != 0u) {
+        return;
+    }
+    let at = shard_record(block, r);
+    if (kind != ROW_VALID) {
+        set_record_word(at + SHARD_RECORD_MAX, NEG_BIG);
+        set_record_word(at + SHARD_RECORD_SUM_EXP, 0.0);
+        set_record_word(at + SHARD_RECORD_SHIFTED, 0.0);
+        set_record_word(at + SHARD_RECORD_MASS, 0.0);
+        set_record_word(at + SHARD_RECORD_ARGMAX_VALUE, neg_inf());
+        atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], NONE_U32);
+        atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
+        atomicStore(&control[at + SHARD_RECORD_FLAGS], kind);
+        return;
+    }
+    var all = OnlineStats(NEG_BIG, vec4<f32>(0.0));
+    var best_arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
+    var zl = 0.0;
+    for (var q = 0u; q < 4u; q++) {
+        let p = (lid + q) * 8u;
+        all = merge_stats(all, OnlineStats(mm_shared[p], vec4<f32>(mm_shared[p + 1u], mm_shared[p + 2u], mm_shared[p + 3u], 0.0)));
+        let value = bitcast<u32>(mm_shared[p + 4u]);
+        let cls = bitcast<u32>(mm_shared[p + 5u]);
+        // Parts are in column order: a later one replaces only when strictly larger.
+        if (cls != NONE_U32 && (best_arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(best_arg.x))) {
+            best_arg = vec2<u32>(value, cls);
+        }
+        if (label != NONE_U32 && (label - v_begin) % MM_TILE / 16u == q) {
+            zl = mm_shared[p + 6u];
+        }
+    }
+    // The block's target mass and sum relative to its max: for a class label the off-value
+    // times the receiving classes' (weighted) count and shifted logits swept above, plus the
+    // label's own extra coefficient where the block holds it.
+    var sums = vec2<f32>(all.v.z, all.v.y);
+    if (!SOFT_TARGETS) {
+        var extra = 0.0;
+        if (label != NONE_U32) {
+            extra = label_extra(label);
+        }
+        sums = vec2<f32>(Q.off * all.v.z + extra, Q.off * all.v.y + extra * (all.m - zl));
+    }
+    set_record_word(at + SHARD_RECORD_MAX, all.m);
+    set_record_word(at + SHARD_RECORD_SUM_EXP, all.v.x);
+    set_record_word(at + SHARD_RECORD_SHIFTED, sums.y);
+    set_record_word(at + SHARD_RECORD_MASS, sums.x);
+    atomicStore(&control[at + SHARD_RECORD_ARGMAX_VALUE], best_arg.x);
+    atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], best_arg.y);
+    atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
+    atomicStore(&control[at + SHARD_RECORD_FLAGS], ROW_VALID | select(0u, SHARD_HOLDS_LABEL, label != NONE_U32));
+}
+
+@compute @workgroup_size(MM_INVOCATIONS)
+fn linear_merge(@builtin(global_invocation_id) gid: vec3<u32>) {
+    load_params();
+    load_linear();
+    if (gid.x >= LQ.row_count) {
+        return;
+    }
+    let r = LQ.row_begin + gid.x;
+    let label_i = row_label(r);
+    let kind = classify_label(label_i);
+    let at = LQ.merged_base + r * SHARD_MERGED_WORDS;
+    atomicStore(&control[at + SHARD_MERGED_KIND], kind);
+    if (kind != ROW_VALID) {
+        store_row(r, unusable_value(kind), unusable_value(kind));
+        return;
+    }
+    let merged = merge_shard_records(r);
+    let st = merged.st;
+    let log_s = log(st.v.x);
+    let lse_v = st.m + log_s;
+    store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
+    if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(label_i) && !is_nan(lse_v)) {
+        atomicAdd(&control[SUMMARY_CORRECT], 1u);
+    }
+    set_record_word(at + SHARD_MERGED_MAX, st.m);
+    set_record_word(at + SHARD_MERGED_COEF, (st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x);
+    set_record_word(at + SHARD_MERGED_SCALE, row_scale(r) * Q.logit_scale);
+}
+
+// Chunked mode: G over the chunk's logits, in place; one invocation per four logits.
+@compute @workgroup_size(MM_INVOCATIONS)
+fn linear_logit_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    load_params();
+    load_linear();
+    let quads = (LQ.vocab + 3u) / 4u;
+    let i = gid.y * nwg.x * MM_INVOCATIONS + gid.x;
+    let rr = i / quads;
+    if (rr >= LQ.row_count) {
+        return;
+    }
+    let c = vec4<u32>((i % quads) * 4u) + LANES;
+    let at = (LQ.row_begin + rr - LQ.chunk_begin) * LQ.vocab;
+    let n = LQ.vocab - 1u;
+    let x = vec4<f32>(logits[at + min(c.x, n)], logits[at + min(c.y, n)], logits[at + min(c.z, n)], logits[at + min(c.w, n)]);
+    let g = logit_grad(row_consts(LQ.row_begin + rr), LQ.row_begin + rr, c, x);
+    for (var j = 0u; j < 4u; j++) {
+        if (c[j] < LQ.vocab) {
+            logits[at + c[j]] = g[j];
+        }
+    }
+}
+
+// The tile of G at rows [r0, r0 + MM_TILE) and vocabulary entries [v0, v0 + MM_TILE) into
+// mm_shared (row-major, gt[m * MM_TILE + n]): recomputed (the logits' tile, then the gradient
+// in registers) or read from the chunk. Rows and entries outside the problem are 0.
+fn g_tile(lid: u32, r0: u32, v0: u32) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let row_end = LQ.row_begin + LQ.row_count;
+    if (LQ.recompute != 0u) {
+        mm_logits(lid, r0, v0);
+        let c = vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
+        let b = bias4(c);
+        for (var i = 0u; i < 4u; i++) {
+            let m = ty + 16u * i;
+            var g = vec4<f32>(0.0);
+            if (r0 + m < row_end) {
+                g = logit_grad(row_consts(r0 + m), r0 + m, c, acc[i] + b);
+            }
+            mm_shared[m * MM_TILE + tx] = g.x;
+            mm_shared[m * MM_TILE + tx + 16u] = g.y;
+            mm_shared[m * MM_TILE + tx + 32u] = g.z;
+            mm_shared[m * MM_TILE + tx + 48u] = g.w;
+        }
+    } else {
+        workgroupBarrier();
+        for (var q = 0u; q < MM_TILE * MM_TILE / MM_INVOCATIONS; q++) {
+            let e = lid + q * MM_INVOCATIONS;
+            let m = e / MM_TILE;
+            let n = e % MM_TILE;
+            var g = 0.0;
+            if (r0 + m < row_end && v0 + n < LQ.vocab) {
+                g = logits[(r0 + m - LQ.chunk_begin) * LQ.vocab + v0 + n];
+            }
+            mm_shared[e] = g;
+        }
+    }
+    workgroupBarrier();
+}
+
+// The product loops below take four terms per iteration: an invocation of a CPU adapter may
+// take a bounded number of loop iterations in all (lavapipe's loop limiter stops a loop after
+// 65535 back edges of one invocation), which the plan keeps each dispatch under by cutting
+// the walks into segments (src/linear/plan.rs); fewer back edges per tile, fewer segments.
+
+@compute @workgroup_size(MM_INVOCATIONS)
+fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    load_params();
+    load_linear();
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let r0 = LQ.row_begin + wid.x * MM_TILE;
+    let row_end = LQ.row_begin + LQ.row_count;
+    // This dispatch's segment of the vocabulary, in order after the previous ones.
+    for (var v0 = LQ.vocab_begin; v0 < LQ.vocab_end; v0 += MM_TILE) {
+        g_tile(lid, r0, v0);
+        for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
+            // dH[r0 + ty + 16 i, d0 + tx + 16 j] += sum_n G[ty + 16 i, n] W[v0 + n, d0 + tx + 16 j]
+            var s: array<vec4<f32>, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                s[i] = vec4<f32>(0.0);
+            }
+            let d = vec4<u32>(d0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
+            let dd = min(d, vec4<u32>(LQ.dim - 1u));
+            for (var n0 = 0u; n0 < MM_TILE; n0 += 4u) {
+                for (var q = 0u; q < 4u; q++) {
+                    let n = n0 + q;
+                    // Entries past the vocabulary have G = 0; their W is not read (0 * inf).
+                    let v = min(v0 + n, LQ.vocab - 1u);
+                    let wr = v * LQ.dim;
+                    let w = select(vec4<f32>(0.0), vec4<f32>(head_at(wr + dd.x), head_at(wr + dd.y), head_at(wr + dd.z), head_at(wr + dd.w)), v0 + n < LQ.vocab);
+                    for (var i = 0u; i < 4u; i++) {
+                        s[i] = fma(vec4<f32>(mm_shared[(ty + 16u * i) * MM_TILE + n]), w, s[i]);
+                    }
+                }
+            }
+            for (var i = 0u; i < 4u; i++) {
+                let row = r0 + ty + 16u * i;
+                if (row < row_end) {
+                    for (var j = 0u; j < 4u; j++) {
+                        if (d[j] < LQ.dim) {
+                            let o = row * LQ.dim + d[j];
+                            d_hidden[o] = select(d_hidden[o] + s[i][j], s[i][j], v0 == 0u);
+                        }
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(MM_INVOCATIONS)
+fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    load_params();
+    load_linear();
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let v0 = wid.x * MM_TILE;
+    let row_end = LQ.row_begin + LQ.row_count;
+    // The first rows of the problem start dW and db; later chunks add to them.
+    let first = LQ.row_begin == 0u;
+    var bias_sum = 0.0;
+    for (var r0 = LQ.row_begin; r0 < row_end; r0 += MM_TILE) {
+        g_tile(lid, r0, v0);
+        let m_end = min(MM_TILE, row_end - r0);
+        if (lid < MM_TILE) {
+            for (var m = 0u; m < m_end; m++) {
+                bias_sum += mm_shared[m * MM_TILE + lid];
+            }
+        }
+        for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
+            // dW[v0 + ty + 16 i, d0 + tx + 16 j] += sum_m G[m, ty + 16 i] H[r0 + m, d0 + tx + 16 j]
+            var s: array<vec4<f32>, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                s[i] = vec4<f32>(0.0);
+            }
+            let d = vec4<u32>(d0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
+            let dd = min(d, vec4<u32>(LQ.dim - 1u));
+            for (var m0 = 0u; m0 < MM_TILE; m0 += 4u) {
+                for (var q = 0u; q < 4u; q++) {
+                    let m = m0 + q;
+                    // Rows past the segment have G = 0; their H is not read.
+                    let hr = min(r0 + m, row_end - 1u) * LQ.dim;
+                    let h = select(vec4<f32>(0.0), vec4<f32>(hidden_at(hr + dd.x), hidden_at(hr + dd.y), hidden_at(hr + dd.z), hidden_at(hr + dd.w)), m < m_end);
+                    for (var i = 0u; i < 4u; i++) {
+                        s[i] = fma(vec4<f32>(mm_shared[m * MM_TILE + ty + 16u * i]), h, s[i]);
+                    }
+                }
+            }
+            for (var i = 0u; i < 4u; i++) {
+                let v = v0 + ty + 16u * i;
+                if (v < LQ.vocab) {
+                    for (var j = 0u; j < 4u; j++) {
+                        if (d[j] < LQ.dim) {
+                            let o = v * LQ.dim + d[j];
+                            d_head[o] = select(d_head[o] + s[i][j], s[i][j], first && r0 == LQ.row_begin);
+                        }
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (LQ.bias_grad != 0u && lid < MM_TILE && v0 + lid < LQ.vocab) {
+        let o = v0 + lid;
+        d_bias[o] = select(d_bias[o] + bias_sum, bias_sum, first);
+    }
+}

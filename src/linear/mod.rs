@@ -1,0 +1,75 @@
+//! # The fused linear head: `H W^T + b` and its label-smoothed loss without the logits
+//!
+//! For a language model the logits of `N` tokens over a `V`-word vocabulary are `N x V` floats
+//! (8192 x 128256 in f32: 4.2 GB, the same again for their gradient) that the loss reads once.
+//! This module computes what lsce computes from logits `z = H W^T + b` (`H [N, D]` hidden
+//! states, `W [V, D]` in nn.Linear's layout, optional `b [V]`) — the loss, lse, summary, and the
+//! gradients `dH [N, D]`, `dW [V, D]`, `db [V]` — with no `N x V` buffer, following PyTorch's
+//! `F.linear_cross_entropy(input, linear_weight, target, linear_bias=, ..)` and every option
+//! of [`LossSpec`](crate::LossSpec) (every smoothing convention, class weights, ignore_index,
+//! z-loss, soft-cap, logit scale, reductions, upstream gradients, class labels and probability
+//! targets, token accuracy).
+//!
+//! ```text
+//! problem ─ LinearProblem::new(spec, N, D, V).with_bias(..).with_memory(..)
+//! plan    ─ LinearPlan::new(&kernel, &problem)        pipelines, scratch (scratch_bytes())
+//! bind    ─ plan.bind(&LinearBuffers::new(h, w, targets, summary).with_grads(dh, dw, db))
+//! encode  ─ binding.encode(&mut encoder)              every step, no allocation
+//! staging ─ kernel.compute_linear(&queue, &spec, &LinearBatch, &LinearOptions)
+//! f64     ─ linear::cpu::compute(&spec, &LinearBatch, HeadGradients::All)
+//! ```
+//!
+//! ## Passes, and what each moves (f32 inputs; `B = ceil(V / 512)` vocabulary blocks)
+//!
+//! | pass | owns | reads | writes | flops |
+//! |---|---|---|---|---|
+//! | setup (the loss's) | | labels, `4N` | denominator, label check | |
+//! | `linear_stats` | a 64-row tile x a block | `H`, `W` tiles (each element `V/64` resp. `N/64` times, mostly cache) | one 32-byte record per row and block: `32 N B` (chunked: + the chunk's logits, `4 N V`) | `2 N V D` |
+//! | `linear_merge` | a row | `32 B` per row | loss, lse, the row's 16-byte constants | |
+//! | finalize (the loss's) | | `8N` | summary | |
+//! | `linear_logit_grad` (chunked) | 4 logits | `4 N V` | `4 N V` (in place) | |
+//! | `linear_grad_hidden` | a 64-row tile of `dH` | `H`, `W` (+ the chunk's `G`) | `dH`, once per vocabulary tile | `2 N V D` (+ `2 N V D` recomputing `z`) |
+//! | `linear_grad_head` | a 64-entry tile of `dW`, `db` | `H`, `W` (+ `G`) | `dW` once per row tile, `db` | `2 N V D` (+ `2 N V D`) |
+//!
+//! [`Memory::Recompute`] keeps no logits: five matmul-equivalents with every gradient
+//! (three with a frozen head), scratch `32 N B + 24 N` bytes and a few hundred more, about
+//! 1/64 of the logits' `4 N V`. [`Memory::Chunked`] keeps a chunk of rows' logits within the
+//! caller's byte budget (a multiple of 64 rows) and turns them into their gradient in place:
+//! three matmul-equivalents.
+//!
+//! ## Deterministic
+//!
+//! No float atomics: every output word has one owner that adds its terms in a fixed order. A
+//! block's record is the vocabulary shards' [`record`](crate::shards::record) — inside one
+//! device the blocks are shards, merged per row in block order as the shards are merged in
+//! rank order. `dH`'s row tile is owned by the workgroup that walks every vocabulary tile in
+//! order, `dW`'s vocabulary tile (and `db`) by the one that walks every row tile in order,
+//! chunks one after another. The loss, lse, `dH`, `dW` and `db` are the same bits on every run.
+//!
+//! ## The matmul
+//!
+//! shaders/matmul.wgsl: 64 x 64 tiles per workgroup of 256 invocations, a 4 x 4 register
+//! block each, the depth in steps of 16 through workgroup memory (16 KiB, WebGPU's default
+//! limit), f32 accumulation for f32, f16 and bf16 inputs (16-bit inputs are decoded on load).
+//! The epilogue (bias, scale and soft-cap, running max, sum of exp, target sums, argmax; or
+//! the gradient coefficient) runs on the tile while it is in registers and workgroup memory.
+//! The same module runs on every backend (no subgroup operations are needed), and the naga
+//! test checks it for SPIR-V, MSL, HLSL and GLSL.
+//!
+//! ## Gradients and precision
+//!
+//! The gradients are `f32` buffers, accumulated in `f32` whatever the inputs' type. A row with
+//! an invalid label makes its loss and `G` row NaN, and so `dW` and `db` (reported in the
+//! summary; the staging call returns `LabelOutOfRange`). An ignored row contributes nothing.
+
+pub mod cpu;
+mod batch;
+mod encode;
+mod plan;
+mod problem;
+mod staging;
+
+pub use batch::{LinearBatch, LinearOptions, LinearOutput};
+pub use encode::{LinearBinding, LinearBuffers};
+pub use plan::{LinearPlan, TILE};
+pub use problem::{HeadGradients, LinearProblem, Memory};

@@ -1,0 +1,416 @@
+//! Planning a fused linear head: pipelines, the vocabulary blocks, the row chunks, scratch.
+
+use std::sync::Arc;
+
+use crate::batch::TargetKind;
+use crate::buffers::WORD;
+use crate::compose::{Family, ModuleKey, Team};
+use crate::device::upload;
+use crate::dtype::Dtype;
+use crate::error::{LsceError, Result};
+use crate::kernel::{LossKernel, PipelineKey, Switches};
+use crate::layout::{
+    LinearParams, Params, ShardHeader, ShardMergedRow, ShardRecord, SharedLayout, AUX_WG_SIZE,
+    CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS,
+};
+use crate::plan::spec_params;
+use crate::spec::Reduction;
+
+use super::problem::{HeadGradients, LinearProblem, Memory};
+
+/// Rows and vocabulary entries of one matmul tile (`MM_TILE` in shaders/matmul.wgsl).
+pub const TILE: u32 = 64;
+/// Vocabulary tiles per block: a block of `8 * 64 = 512` entries makes one 32-byte record
+/// per row, 1/64 of its f32 logits.
+const BLOCK_TILES: u32 = 8;
+/// Invocations per workgroup of every linear pass (`MM_INVOCATIONS`).
+const INVOCATIONS: u32 = 256;
+
+/// The back edges one invocation may take in a dispatch (see `segment_tiles`).
+const BACK_EDGE_BUDGET: u32 = 30_000;
+
+/// One row chunk's dispatches, by index into the plan's `LinearParams` (1-based: entry 0 of
+/// the uniforms is the loss's `Params`).
+pub(crate) struct ChunkSteps {
+    /// Rows of the chunk.
+    pub rows: u32,
+    /// Stats, merge and the logits' gradient: the chunk's rows over the whole vocabulary.
+    pub whole: u32,
+    /// `linear_grad_hidden`: the chunk's rows over one vocabulary segment each, in order.
+    pub hidden: Vec<u32>,
+    /// `linear_grad_head`: one segment of the chunk's rows each (and its row count), in order.
+    pub head: Vec<(u32, u32)>,
+}
+
+/// Tiles per segment of a gradient walk: lavapipe's loop limiter ends a loop of an invocation
+/// after 65535 back edges in all, so no dispatch may walk further than that. A tile of the
+/// walk costs the logits' depth loop (`D / 16`), the product's (`D / 64` column blocks of 16
+/// four-term steps, plus their own), and the tile's bookkeeping (a row tile of `dW` also sums
+/// `db`'s 64 rows). GPUs have no such limit; segments cost them one dispatch each.
+fn segment_tiles(dim: u32, per_tile_extra: u32) -> u32 {
+    let per_tile = dim.div_ceil(16) + dim.div_ceil(TILE) * 20 + 8 + per_tile_extra;
+    (BACK_EDGE_BUDGET / per_tile).max(1)
+}
+
+/// The compiled passes of a plan.
+pub(crate) struct Pipelines {
+    pub setup_partials: Option<wgpu::ComputePipeline>,
+    pub setup_final: wgpu::ComputePipeline,
+    pub stats: wgpu::ComputePipeline,
+    pub merge: wgpu::ComputePipeline,
+    pub finalize: Option<(wgpu::ComputePipeline, wgpu::ComputePipeline)>,
+    /// Chunked mode with gradients.
+    pub logit_grad: Option<wgpu::ComputePipeline>,
+    pub grad_hidden: Option<wgpu::ComputePipeline>,
+    pub grad_head: Option<wgpu::ComputePipeline>,
+}
+
+/// A fused linear head plan: built once per problem, bound to buffers with
+/// [`LinearPlan::bind`], encoded every step with no allocation.
+///
+/// ```
+/// use lsce::linear::{LinearPlan, LinearProblem};
+/// # let (device, _queue) = lsce::request_device(&lsce::DeviceOptions::default()).unwrap();
+/// let kernel = lsce::LossKernel::new(&device).unwrap();
+/// let problem = LinearProblem::new(lsce::LossSpec::pytorch(0.1), 256, 64, 1000).unwrap();
+/// let plan = LinearPlan::new(&kernel, &problem).unwrap();
+/// // Records and row constants only: far below the 256 x 1000 x 4 bytes of the logits.
+/// assert!(plan.scratch_bytes() < 256 * 1000 * 4 / 8);
+/// ```
+#[derive(Clone)]
+pub struct LinearPlan {
+    pub(crate) inner: Arc<PlanInner>,
+}
+
+pub(crate) struct PlanInner {
+    pub kernel: LossKernel,
+    pub problem: LinearProblem,
+    /// Row chunks (one in recompute mode) and their dispatches.
+    pub chunks: Vec<ChunkSteps>,
+    /// Vocabulary blocks (records per row).
+    pub blocks: u32,
+    /// Partial slots of the setup and reduction passes.
+    pub setup_chunks: u32,
+    pub control: wgpu::Buffer,
+    pub row_loss: wgpu::Buffer,
+    pub lse: wgpu::Buffer,
+    /// The chunk's logits and then their gradient (chunked mode).
+    pub chunk: Option<wgpu::Buffer>,
+    /// `Params` at 0, then the `LinearParams` of every step, `stride` apart.
+    pub uniforms: wgpu::Buffer,
+    pub stride: u64,
+    pub pipelines: Pipelines,
+}
+
+impl LinearPlan {
+    /// Plans `problem` on `kernel`'s device: checks it against the device's limits, compiles
+    /// (or reuses) the pipelines and allocates the scratch.
+    pub fn new(kernel: &LossKernel, problem: &LinearProblem) -> Result<Self> {
+        problem.check()?;
+        let inner = &kernel.inner;
+        let limits = &inner.limits;
+        kernel.inner.head_layout()?;
+        let loss = &problem.loss;
+        let values = loss.spec.resolve(problem.vocab())?;
+        let soft = loss.targets == TargetKind::Probabilities;
+        if soft && loss.accuracy {
+            return Err(LsceError::Unsupported("accuracy needs class-label targets"));
+        }
+        let (rows, dim, vocab) = (
+            u64::from(problem.rows()),
+            u64::from(problem.dim),
+            u64::from(problem.vocab()),
+        );
+        let element = loss.dtype.bytes();
+        let binding = limits.max_storage_buffer_binding_size;
+        let exceeds = |limit, needed: u64, available: u64| {
+            (needed > available).then_some(LsceError::ExceedsDeviceLimit {
+                limit,
+                needed,
+                available,
+            })
+        };
+        // Element indices are u32 in the kernels; workgroup counts at most 65535 per dimension.
+        let index_limit = u64::from(u32::MAX);
+        let checks = [
+            exceeds("max_storage_buffer_binding_size", rows * dim * element, binding),
+            exceeds("max_storage_buffer_binding_size", vocab * dim * element, binding),
+            exceeds("u32 element indices", vocab * dim, index_limit),
+            exceeds("u32 element indices", rows * dim, index_limit),
+            exceeds(
+                "max_compute_workgroups_per_dimension (vocabulary tiles)",
+                vocab.div_ceil(u64::from(TILE)),
+                u64::from(limits.max_compute_workgroups_per_dimension),
+            ),
+        ];
+        if let Some(err) = checks.into_iter().flatten().next() {
+            return Err(err);
+        }
+        if soft {
+            if let Some(err) = exceeds("max_storage_buffer_binding_size", rows * vocab * 4, binding)
+                .or_else(|| exceeds("u32 element indices", rows * vocab, index_limit))
+            {
+                return Err(err);
+            }
+        }
+        let gradients = problem.gradients;
+        let (ranges, chunk_bytes): (Vec<(u32, u32)>, u64) = match problem.memory {
+            Memory::Recompute => (vec![(0, problem.rows())], 0),
+            Memory::Chunked { budget_bytes } => {
+                let row_bytes = vocab * 4;
+                let usable = budget_bytes.min(binding).min(limits.max_buffer_size);
+                let chunk_rows = (usable / row_bytes) / u64::from(TILE) * u64::from(TILE);
+                if chunk_rows == 0 {
+                    return Err(LsceError::InvalidParameter {
+                        name: "budget_bytes",
+                        value: budget_bytes as f32,
+                        expected: "at least 64 rows of f32 logits (64 * vocab * 4 bytes), within the device's binding size",
+                    });
+                }
+                let chunk_rows = chunk_rows.min(rows) as u32;
+                let ranges = (0..problem.rows())
+                    .step_by(chunk_rows as usize)
+                    .map(|r| (r, chunk_rows.min(problem.rows() - r)))
+                    .collect();
+                (ranges, u64::from(chunk_rows) * row_bytes)
+            }
+        };
+        let blocks = problem.vocab().div_ceil(BLOCK_TILES * TILE);
+        let setup_chunks = problem.rows().div_ceil(CHUNK_ROWS);
+        let record_base = CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(setup_chunks);
+        let record_words =
+            u64::from(blocks) * (ShardHeader::WORDS + rows * ShardRecord::WORDS);
+        let merged_base = record_base + record_words;
+        let control_bytes = (merged_base + rows * ShardMergedRow::WORDS) * WORD;
+        if let Some(err) = exceeds("max_storage_buffer_binding_size", control_bytes, binding)
+            .or_else(|| exceeds("u32 control words", control_bytes / WORD, index_limit))
+        {
+            return Err(err);
+        }
+
+        let device = &inner.device;
+        let scratch = |label, size: u64, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(4),
+                usage: wgpu::BufferUsages::STORAGE | usage,
+                mapped_at_creation: false,
+            })
+        };
+        let control = scratch(
+            "lsce linear control",
+            control_bytes,
+            wgpu::BufferUsages::COPY_SRC,
+        );
+        let row_loss = scratch(
+            "lsce linear row losses",
+            rows * WORD,
+            wgpu::BufferUsages::empty(),
+        );
+        let lse = scratch("lsce linear lse", rows * WORD, wgpu::BufferUsages::empty());
+        let chunk = (chunk_bytes > 0)
+            .then(|| scratch("lsce linear chunk", chunk_bytes, wgpu::BufferUsages::empty()));
+
+        // The uniforms: the loss's Params (one window of all rows, the blocks as shards), then
+        // each chunk's LinearParams.
+        let mut params: Params = spec_params(&problem.loss, values, 0, problem.vocab());
+        params.chunk_count = setup_chunks;
+        params.split_base = record_base as u32;
+        params.split_parts = blocks;
+        let stride = (std::mem::size_of::<Params>() as u64)
+            .max(std::mem::size_of::<LinearParams>() as u64)
+            .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment));
+        let base = LinearParams {
+            rows: problem.rows(),
+            dim: problem.dim,
+            vocab: problem.vocab(),
+            vocab_end: problem.vocab(),
+            block_tiles: BLOCK_TILES,
+            has_bias: u32::from(problem.bias),
+            recompute: u32::from(chunk_bytes == 0),
+            store_logits: u32::from(chunk_bytes > 0),
+            merged_base: merged_base as u32,
+            bias_grad: u32::from(problem.bias && gradients == HeadGradients::All),
+            ..LinearParams::default()
+        };
+        let mut steps: Vec<LinearParams> = Vec::new();
+        let mut step = |p: LinearParams| {
+            steps.push(p);
+            steps.len() as u32
+        };
+        let vocab_segment = segment_tiles(problem.dim, 0) * TILE;
+        let row_segment = segment_tiles(problem.dim, TILE) * TILE;
+        let chunks: Vec<ChunkSteps> = ranges
+            .iter()
+            .map(|&(chunk_begin, rows)| {
+                let whole = LinearParams {
+                    row_begin: chunk_begin,
+                    row_count: rows,
+                    chunk_begin,
+                    ..base
+                };
+                ChunkSteps {
+                    rows,
+                    whole: step(whole),
+                    hidden: (0..problem.vocab())
+                        .step_by(vocab_segment as usize)
+                        .map(|v| {
+                            step(LinearParams {
+                                vocab_begin: v,
+                                vocab_end: (v + vocab_segment).min(problem.vocab()),
+                                ..whole
+                            })
+                        })
+                        .collect(),
+                    head: (chunk_begin..chunk_begin + rows)
+                        .step_by(row_segment as usize)
+                        .map(|r| {
+                            let count = row_segment.min(chunk_begin + rows - r);
+                            let entry = step(LinearParams {
+                                row_begin: r,
+                                row_count: count,
+                                ..whole
+                            });
+                            (entry, count)
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let mut bytes = vec![0u8; (stride * (1 + steps.len() as u64)) as usize];
+        bytes[..std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
+        for (i, linear) in steps.iter().enumerate() {
+            let at = (stride * (1 + i as u64)) as usize;
+            bytes[at..at + std::mem::size_of::<LinearParams>()]
+                .copy_from_slice(bytemuck::bytes_of(linear));
+        }
+        let uniforms = upload(device, "lsce linear params", &bytes, wgpu::BufferUsages::UNIFORM)?;
+
+        let switches = Switches {
+            weights: loss.weighted,
+            soft_targets: soft,
+            softcap: loss.spec.softcap.is_some(),
+            write_grad: gradients != HeadGradients::None,
+            accuracy: loss.accuracy,
+        };
+        let module = |family, team, head_dtype| ModuleKey {
+            family,
+            wg_size: AUX_WG_SIZE,
+            cache_n: 1,
+            team,
+            // Group 0 is the in-place loss layout: the chunk is read and written as `logits`.
+            in_place: true,
+            dtype: Dtype::F32,
+            grad_dtype: Dtype::F32,
+            wide: false,
+            private_words: true,
+            head_dtype,
+        };
+        let team = inner.workgroup_team();
+        let loss_pipeline = |family, entry| {
+            inner.pipeline(PipelineKey {
+                module: module(family, team, Dtype::F32),
+                entry,
+                switches,
+            })
+        };
+        let linear = |entry| {
+            inner.pipeline(PipelineKey {
+                module: module(Family::Linear, Team::Workgroup, loss.dtype),
+                entry,
+                switches,
+            })
+        };
+        let with_grad = gradients != HeadGradients::None;
+        let pipelines = Pipelines {
+            setup_partials: (!soft)
+                .then(|| loss_pipeline(Family::Setup, "setup_partials"))
+                .transpose()?,
+            setup_final: loss_pipeline(Family::Setup, "setup_final")?,
+            stats: linear("linear_stats")?,
+            merge: linear("linear_merge")?,
+            finalize: match loss.spec.reduction {
+                Reduction::None => None,
+                _ => Some((
+                    loss_pipeline(Family::Finalize, "finalize_partials")?,
+                    loss_pipeline(Family::Finalize, "finalize_final")?,
+                )),
+            },
+            logit_grad: (with_grad && chunk.is_some())
+                .then(|| linear("linear_logit_grad"))
+                .transpose()?,
+            grad_hidden: with_grad
+                .then(|| linear("linear_grad_hidden"))
+                .transpose()?,
+            grad_head: (gradients == HeadGradients::All)
+                .then(|| linear("linear_grad_head"))
+                .transpose()?,
+        };
+        Ok(Self {
+            inner: Arc::new(PlanInner {
+                kernel: kernel.clone(),
+                problem: *problem,
+                chunks,
+                blocks,
+                setup_chunks,
+                control,
+                row_loss,
+                lse,
+                chunk,
+                uniforms,
+                stride,
+                pipelines,
+            }),
+        })
+    }
+
+    /// The problem this plan was made for.
+    pub fn problem(&self) -> &LinearProblem {
+        &self.inner.problem
+    }
+
+    /// Bytes of scratch this plan allocated: the control words (summary, partial slots, one
+    /// 32-byte record per row and vocabulary block, 16 bytes of row constants per row), the
+    /// per-row losses and lse, the uniforms, and in chunked mode the chunk of logits.
+    pub fn scratch_bytes(&self) -> u64 {
+        let p = &self.inner;
+        p.control.size()
+            + p.row_loss.size()
+            + p.lse.size()
+            + p.uniforms.size()
+            + p.chunk.as_ref().map_or(0, wgpu::Buffer::size)
+    }
+
+    /// Rows per chunk (all rows in recompute mode).
+    pub fn chunk_rows(&self) -> u32 {
+        self.inner.chunks[0].rows
+    }
+
+    /// Vocabulary blocks: the records each row gets.
+    pub fn blocks(&self) -> u32 {
+        self.inner.blocks
+    }
+
+    /// `Err(LabelOutOfRange)` if a summary written by this plan reports an invalid label.
+    pub fn check(&self, summary: &crate::Summary) -> Result<()> {
+        summary.check(self.inner.problem.vocab())
+    }
+}
+
+impl PlanInner {
+    /// Workgroups of the passes over `rows` rows: row tiles, and invocations of four logits.
+    pub fn row_tiles(rows: u32) -> u32 {
+        rows.div_ceil(TILE)
+    }
+
+    /// Workgroups of one-invocation-per-row passes.
+    pub fn row_groups(rows: u32) -> u32 {
+        rows.div_ceil(INVOCATIONS)
+    }
+
+    /// Workgroups of `linear_logit_grad` over a chunk of `rows`.
+    pub fn quad_groups(&self, rows: u32) -> u32 {
+        let quads = u64::from(self.problem.vocab().div_ceil(4)) * u64::from(rows);
+        quads.div_ceil(u64::from(INVOCATIONS)) as u32
+    }
+}
