@@ -71,7 +71,7 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     load_params();
     load_linear();
     let r0 = LQ.row_begin + wid.x * MM_TILE;
-    let block = wid.y;
+    let block = LQ.block_begin + wid.y;
     let tx = lid % 16u;
     let ty = lid / 16u;
     // The epilogue: invocation lid sums row lid / 4 of the tile, columns 16 (lid % 4) + [0, 16).
@@ -321,8 +321,8 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
                 for (var q = 0u; q < 4u; q++) {
                     let n = n0 + q;
                     // Entries past the vocabulary have G = 0; their W is not read (0 * inf).
-                    let v = min(v0 + n, LQ.vocab - 1u);
-                    let wr = v * LQ.dim;
+                    let v = min(v0 + n, LQ.window_end - 1u);
+                    let wr = (v - LQ.window_begin) * LQ.dim;
                     let w = select(vec4<f32>(0.0), vec4<f32>(head_at(wr + dd.x), head_at(wr + dd.y), head_at(wr + dd.z), head_at(wr + dd.w)), v0 + n < LQ.vocab);
                     for (var i = 0u; i < 4u; i++) {
                         s[i] = fma(vec4<f32>(mm_shared[(ty + 16u * i) * MM_TILE + n]), w, s[i]);
@@ -351,7 +351,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     load_linear();
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let v0 = wid.x * MM_TILE;
+    let v0 = LQ.window_begin + wid.x * MM_TILE;
     let row_end = LQ.row_begin + LQ.row_count;
     // The first rows of the problem start dW and db; later chunks add to them.
     let first = LQ.row_begin == 0u;
@@ -388,7 +388,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
                 if (v < LQ.vocab) {
                     for (var j = 0u; j < 4u; j++) {
                         if (d[j] < LQ.dim) {
-                            let o = v * LQ.dim + d[j];
+                            let o = (v - LQ.window_begin) * LQ.dim + d[j];
                             d_head[o] = select(d_head[o] + s[i][j], s[i][j], first && r0 == LQ.row_begin);
                         }
                     }
@@ -398,7 +398,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         workgroupBarrier();
     }
     if (LQ.bias_grad != 0u && lid < MM_TILE && v0 + lid < LQ.vocab) {
-        let o = v0 + lid;
+        let o = v0 + lid - LQ.window_begin;
         d_bias[o] = select(d_bias[o] + bias_sum, bias_sum, first);
     }
 }

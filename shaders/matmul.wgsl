@@ -27,7 +27,9 @@ var<workgroup> mm_shared: array<f32, 4096>;
 var<private> acc: array<vec4<f32>, 4>;
 
 // Fills `acc` with rows [r0, r0 + MM_TILE) of H times rows [v0, v0 + MM_TILE) of W,
-// transposed. Rows past `rows`, vocabulary entries past `vocab` and depths past `dim` read as 0.
+// transposed. `head` holds the vocabulary window [window_begin, window_end) from its element
+// 0 (a head larger than one storage binding is bound window by window). Rows past the
+// dispatch's, entries past the window and depths past `dim` read as 0.
 // Every invocation of the workgroup must call it (it holds barriers).
 fn mm_logits(lid: u32, r0: u32, v0: u32) {
     let tx = lid % 16u;
@@ -49,8 +51,8 @@ fn mm_logits(lid: u32, r0: u32, v0: u32) {
                 a = hidden_at((r0 + m) * LQ.dim + kk);
             }
             var b = 0.0;
-            if (v0 + m < LQ.vocab && kk < LQ.dim) {
-                b = head_at((v0 + m) * LQ.dim + kk);
+            if (v0 + m < LQ.window_end && kk < LQ.dim) {
+                b = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
             }
             mm_shared[k * MM_TILE + m] = a;
             mm_shared[MM_AB + k * MM_TILE + m] = b;
@@ -71,12 +73,12 @@ fn mm_logits(lid: u32, r0: u32, v0: u32) {
     workgroupBarrier();
 }
 
-// The bias of vocabulary entries v (0 past `vocab` or without a bias).
+// The bias of vocabulary entries v of the window (0 past it or without a bias).
 fn bias4(v: vec4<u32>) -> vec4<f32> {
     if (LQ.has_bias == 0u) {
         return vec4<f32>(0.0);
     }
-    let n = LQ.vocab - 1u;
-    let b = vec4<f32>(bias_at(min(v.x, n)), bias_at(min(v.y, n)), bias_at(min(v.z, n)), bias_at(min(v.w, n)));
-    return select(vec4<f32>(0.0), b, v < vec4<u32>(LQ.vocab));
+    let i = min(v, vec4<u32>(LQ.window_end - 1u)) - vec4<u32>(LQ.window_begin);
+    let b = vec4<f32>(bias_at(i.x), bias_at(i.y), bias_at(i.z), bias_at(i.w));
+    return select(vec4<f32>(0.0), b, v < vec4<u32>(LQ.window_end));
 }

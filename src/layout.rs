@@ -332,6 +332,13 @@ shared_layout! {
         pub vocab_end: u32,
         /// The first row of the chunk whose logits `logits` holds (chunked mode).
         pub chunk_begin: u32,
+        /// The vocabulary window bound in group 1 (`head`, `bias`, `d_head`, `d_bias` hold its
+        /// entries from 0): its first entry..
+        pub window_begin: u32,
+        /// ..and its end.
+        pub window_end: u32,
+        /// The window's first vocabulary block (`linear_stats` runs over the window's blocks).
+        pub block_begin: u32,
         /// Vocabulary tiles per block: a block is one `ShardRecord` per row.
         pub block_tiles: u32,
         /// 1 when a bias is bound.
@@ -346,6 +353,9 @@ shared_layout! {
         pub bias_grad: u32,
         pub _pad0: u32,
         pub _pad1: u32,
+        pub _pad2: u32,
+        pub _pad3: u32,
+        pub _pad4: u32,
     }
 }
 

@@ -518,6 +518,26 @@ fn edge_sizes_one_row_all_ignored_and_a_128k_vocabulary() {
 }
 
 #[test]
+fn a_head_past_one_binding_is_bound_in_windows() {
+    let g = vulkan();
+    let mut worst = Vec::new();
+    // Windows of two 512-entry blocks (W and dW in f32), the last one short; the cap still
+    // holds a chunk of 64 rows.
+    let case = Case::new(13, 100, 200, 2600, true, true);
+    for memory in MODES_WIDE {
+        let opts = LinearOptions { max_binding_bytes: Some(2 * 512 * 200 * 4), ..options(memory) };
+        worst.push(check(&format!("windows {memory:?}"), g, &g.kernel, &LossSpec::pytorch(0.1), &case, opts));
+        let problem = LinearProblem::new(LossSpec::pytorch(0.1), 100, 200, 2600).unwrap()
+            .with_memory(memory)
+            .with_loss(lsce::Problem::new(LossSpec::pytorch(0.1), lsce::Shape::matrix(100, 2600).unwrap()).with_max_binding_bytes(opts.max_binding_bytes));
+        assert_eq!(LinearPlan::new(&g.kernel, &problem).unwrap().windows(), 3);
+    }
+    report("vocabulary windows", &worst);
+}
+
+const MODES_WIDE: [Memory; 2] = [Memory::Recompute, Memory::Chunked { budget_bytes: 64 * 2600 * 4 }];
+
+#[test]
 fn frozen_head_and_evaluation_write_only_what_they_are_asked() {
     let g = vulkan();
     let case = Case::new(11, 100, 24, 600, true, true);
@@ -590,10 +610,10 @@ fn bad_input_is_a_clear_err() {
     // A chunk budget below 64 rows.
     let tiny = LinearOptions { memory: Memory::Chunked { budget_bytes: 1000 }, ..Default::default() };
     assert!(matches!(k.compute_linear(&g.queue, &spec, &ok, &tiny), Err(LsceError::InvalidParameter { name: "budget_bytes", .. })));
-    // A vocabulary past the device's binding size.
+    // A hidden size so large that 512 rows of the head exceed one storage binding.
     let limits = g.device.limits();
-    let vocab = (u64::from(limits.max_storage_buffer_binding_size) / 4 / 64 + 1) as u32;
-    let huge = LinearProblem::new(spec, 8, 64, vocab).unwrap();
+    let dim = (u64::from(limits.max_storage_buffer_binding_size) / (512 * 4) + 1) as u32;
+    let huge = LinearProblem::new(spec, 8, dim, 1000).unwrap();
     assert!(matches!(LinearPlan::new(k, &huge), Err(LsceError::ExceedsDeviceLimit { .. })));
     // Buffers the problem needs, or does not use.
     let problem = LinearProblem::new(spec, 4, 3, 5).unwrap().with_bias(true);
@@ -609,9 +629,9 @@ fn bad_input_is_a_clear_err() {
 #[test]
 fn recompute_scratch_is_a_small_fraction_of_the_logits() {
     let g = vulkan();
-    // The bench shapes whose head fits one storage binding of lavapipe (128 MiB); the other two
-    // (1024 x 1024 x 128256, 256 x 2048 x 262144) need a head split by vocabulary windows.
-    for (rows, dim, vocab) in [(4096u32, 512u32, 32000u32), (16384, 256, 50257)] {
+    // The bench shapes; the heads of the middle two exceed one storage binding of lavapipe
+    // (128 MiB) and are bound in vocabulary windows.
+    for (rows, dim, vocab) in [(4096u32, 512u32, 32000u32), (1024, 1024, 128_256), (256, 2048, 262_144), (16384, 256, 50257)] {
         let problem = LinearProblem::new(LossSpec::pytorch(0.1), rows, dim, vocab).unwrap();
         let plan = LinearPlan::new(&g.kernel, &problem).unwrap();
         let logits = u64::from(rows) * u64::from(vocab) * 4;

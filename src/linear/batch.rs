@@ -163,6 +163,9 @@ pub struct LinearOptions {
     pub accuracy: bool,
     /// Recompute or chunked.
     pub memory: Memory,
+    /// Caps the bytes of one storage binding, as [`Problem::max_binding_bytes`](crate::Problem):
+    /// a larger head is bound in vocabulary windows.
+    pub max_binding_bytes: Option<u64>,
 }
 
 /// The results of a fused linear head: the loss as [`LossOutput`] (whose `grad`, the logits'

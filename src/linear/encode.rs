@@ -128,7 +128,10 @@ impl<'a> LinearBuffers<'a> {
 /// encoder, with no allocation, submit or wait.
 pub struct LinearBinding {
     plan: Arc<PlanInner>,
-    groups: [wgpu::BindGroup; 2],
+    /// Group 0: the loss's buffers.
+    loss: wgpu::BindGroup,
+    /// Group 1, per vocabulary window of the head.
+    heads: Vec<wgpu::BindGroup>,
     summary: (wgpu::Buffer, u64),
     /// Where the reduced loss is copied for `Sum`/`Mean` when a loss buffer was given.
     loss_copy: Option<(wgpu::Buffer, u64)>,
@@ -281,35 +284,62 @@ impl LinearPlan {
             layout: kernel.layout(true),
             entries: &entries,
         });
-        let head_resources = [
-            slice_or(Some(buffers.hidden), read),
-            slice_or(Some(buffers.head), read),
-            slice_or(buffers.bias, read),
-            slice_or(buffers.d_hidden, write),
-            slice_or(buffers.d_head, write),
-            slice_or(buffers.d_bias, write),
-        ];
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform(std::mem::size_of::<LinearParams>()),
-        }];
-        entries.extend(HeadSlot::ALL.into_iter().zip(head_resources).map(|(slot, resource)| {
-            wgpu::BindGroupEntry {
-                binding: slot.binding(),
-                resource,
-            }
-        }));
-        let head_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("lsce linear head"),
-            layout: kernel.head_layout()?,
-            entries: &entries,
-        });
+        // One group 1 per vocabulary window: the head, bias and their gradients from the
+        // window's first entry (offsets of whole 512-entry blocks, aligned for any D).
+        let part = |s: Option<wgpu::BufferSlice<'_>>, begin: u32, end: u32, bytes: u64| {
+            s.map(|s| {
+                let at = s.offset() + u64::from(begin) * bytes;
+                let size = u64::from(end - begin) * bytes;
+                (s.buffer().clone(), at, size.next_multiple_of(WORD))
+            })
+        };
+        let mut heads = Vec::new();
+        for &(begin, end) in &p.windows {
+            let parts = [
+                part(buffers.bias, begin, end, element),
+                part(buffers.d_head, begin, end, dim * WORD),
+                part(buffers.d_bias, begin, end, WORD),
+                part(Some(buffers.head), begin, end, dim * element),
+            ];
+            let bound = |i: usize, placeholder: &'_ wgpu::Buffer| match &parts[i] {
+                Some((buffer, at, size)) => (buffer.clone(), *at, Some(*size)),
+                None => (placeholder.clone(), 0, None),
+            };
+            let resources = [
+                (buffers.hidden.buffer().clone(), buffers.hidden.offset(), Some(buffers.hidden.size())),
+                bound(3, read),
+                bound(0, read),
+                buffers.d_hidden.map_or((write.clone(), 0, None), |s| (s.buffer().clone(), s.offset(), Some(s.size()))),
+                bound(1, write),
+                bound(2, write),
+            ];
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: uniform(std::mem::size_of::<LinearParams>()),
+            }];
+            entries.extend(HeadSlot::ALL.into_iter().zip(&resources).map(
+                |(slot, (buffer, offset, size))| wgpu::BindGroupEntry {
+                    binding: slot.binding(),
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: *offset,
+                        size: size.and_then(wgpu::BufferSize::new),
+                    }),
+                },
+            ));
+            heads.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("lsce linear head"),
+                layout: kernel.head_layout()?,
+                entries: &entries,
+            }));
+        }
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(LsceError::Device(err.to_string()));
         }
         Ok(LinearBinding {
             plan: Arc::clone(p),
-            groups: [loss_group, head_group],
+            loss: loss_group,
+            heads,
             summary: (buffers.summary.buffer().clone(), buffers.summary.offset()),
             loss_copy: buffers
                 .loss
@@ -330,8 +360,8 @@ impl LinearBinding {
                 label: Some("lsce linear"),
                 timestamp_writes: None,
             });
-            pass.set_bind_group(0, &self.groups[0], &[0]);
-            pass.set_bind_group(1, &self.groups[1], &[p.stride as u32]);
+            pass.set_bind_group(0, &self.loss, &[0]);
+            pass.set_bind_group(1, &self.heads[0], &[p.stride as u32]);
             if let Some(setup) = &pipelines.setup_partials {
                 pass.set_pipeline(setup);
                 dispatch(&mut pass, p.setup_chunks);
@@ -342,9 +372,12 @@ impl LinearBinding {
             // after the previous ones'.
             let entry = |i: u32| [(p.stride * u64::from(i)) as u32];
             for chunk in &p.chunks {
-                pass.set_bind_group(1, &self.groups[1], &entry(chunk.whole));
-                pass.set_pipeline(&pipelines.stats);
-                pass.dispatch_workgroups(PlanInner::row_tiles(chunk.rows), p.blocks, 1);
+                for w in &chunk.windows {
+                    pass.set_bind_group(1, &self.heads[w.window], &entry(w.stats));
+                    pass.set_pipeline(&pipelines.stats);
+                    pass.dispatch_workgroups(PlanInner::row_tiles(chunk.rows), w.blocks, 1);
+                }
+                pass.set_bind_group(1, &self.heads[0], &entry(chunk.whole));
                 pass.set_pipeline(&pipelines.merge);
                 dispatch(&mut pass, PlanInner::row_groups(chunk.rows));
                 if let Some(logit_grad) = &pipelines.logit_grad {
@@ -353,16 +386,20 @@ impl LinearBinding {
                 }
                 if let Some(grad_hidden) = &pipelines.grad_hidden {
                     pass.set_pipeline(grad_hidden);
-                    for &step in &chunk.hidden {
-                        pass.set_bind_group(1, &self.groups[1], &entry(step));
-                        dispatch(&mut pass, PlanInner::row_tiles(chunk.rows));
+                    for w in &chunk.windows {
+                        for &step in &w.hidden {
+                            pass.set_bind_group(1, &self.heads[w.window], &entry(step));
+                            dispatch(&mut pass, PlanInner::row_tiles(chunk.rows));
+                        }
                     }
                 }
                 if let Some(grad_head) = &pipelines.grad_head {
                     pass.set_pipeline(grad_head);
-                    for &(step, _) in &chunk.head {
-                        pass.set_bind_group(1, &self.groups[1], &entry(step));
-                        dispatch(&mut pass, p.problem.vocab().div_ceil(super::plan::TILE));
+                    for w in &chunk.windows {
+                        for &step in &w.head {
+                            pass.set_bind_group(1, &self.heads[w.window], &entry(step));
+                            dispatch(&mut pass, w.tiles);
+                        }
                     }
                 }
             }

@@ -14,6 +14,8 @@ use crate::layout::{
     CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS,
 };
 use crate::plan::spec_params;
+#[allow(unused_imports)] // rustdoc link
+use crate::problem::Problem;
 use crate::spec::Reduction;
 
 use super::problem::{HeadGradients, LinearProblem, Memory};
@@ -34,12 +36,24 @@ const BACK_EDGE_BUDGET: u32 = 30_000;
 pub(crate) struct ChunkSteps {
     /// Rows of the chunk.
     pub rows: u32,
-    /// Stats, merge and the logits' gradient: the chunk's rows over the whole vocabulary.
+    /// The merge and the logits' gradient: the chunk's rows (no head is read).
     pub whole: u32,
-    /// `linear_grad_hidden`: the chunk's rows over one vocabulary segment each, in order.
+    /// Per vocabulary window, in order.
+    pub windows: Vec<WindowSteps>,
+}
+
+/// The dispatches of one chunk over one vocabulary window (bind group `window`).
+pub(crate) struct WindowSteps {
+    pub window: usize,
+    /// `linear_stats` over the window's `blocks` blocks.
+    pub stats: u32,
+    pub blocks: u32,
+    /// `linear_grad_hidden`: one vocabulary segment of the window each, in order.
     pub hidden: Vec<u32>,
-    /// `linear_grad_head`: one segment of the chunk's rows each (and its row count), in order.
-    pub head: Vec<(u32, u32)>,
+    /// `linear_grad_head`: one segment of the chunk's rows each, in order, over `tiles`
+    /// vocabulary tiles.
+    pub head: Vec<u32>,
+    pub tiles: u32,
 }
 
 /// Tiles per segment of a gradient walk: lavapipe's loop limiter ends a loop of an invocation
@@ -87,6 +101,8 @@ pub(crate) struct PlanInner {
     pub problem: LinearProblem,
     /// Row chunks (one in recompute mode) and their dispatches.
     pub chunks: Vec<ChunkSteps>,
+    /// Vocabulary windows `[begin, end)` of the head (one where it fits a binding).
+    pub windows: Vec<(u32, u32)>,
     /// Vocabulary blocks (records per row).
     pub blocks: u32,
     /// Partial slots of the setup and reduction passes.
@@ -122,7 +138,13 @@ impl LinearPlan {
             u64::from(problem.vocab()),
         );
         let element = loss.dtype.bytes();
-        let binding = limits.max_storage_buffer_binding_size;
+        // The caller may cap it lower ([`Problem::max_binding_bytes`]): the head is then bound
+        // in more windows.
+        let binding = loss
+            .max_binding_bytes
+            .map_or(limits.max_storage_buffer_binding_size, |cap| {
+                cap.min(limits.max_storage_buffer_binding_size)
+            });
         let exceeds = |limit, needed: u64, available: u64| {
             (needed > available).then_some(LsceError::ExceedsDeviceLimit {
                 limit,
@@ -134,7 +156,6 @@ impl LinearPlan {
         let index_limit = u64::from(u32::MAX);
         let checks = [
             exceeds("max_storage_buffer_binding_size", rows * dim * element, binding),
-            exceeds("max_storage_buffer_binding_size", vocab * dim * element, binding),
             exceeds("u32 element indices", vocab * dim, index_limit),
             exceeds("u32 element indices", rows * dim, index_limit),
             exceeds(
@@ -176,6 +197,27 @@ impl LinearPlan {
             }
         };
         let blocks = problem.vocab().div_ceil(BLOCK_TILES * TILE);
+        // A head past one storage binding is bound in windows of whole blocks: the largest
+        // number of blocks whose W (and dW, in f32) fits one binding.
+        let block = u64::from(BLOCK_TILES * TILE);
+        let widest = if gradients == HeadGradients::All {
+            element.max(4)
+        } else {
+            element
+        };
+        let window_blocks = binding / (block * dim * widest);
+        if window_blocks == 0 {
+            return Err(LsceError::ExceedsDeviceLimit {
+                limit: "max_storage_buffer_binding_size (512 rows of the head)",
+                needed: block * dim * widest,
+                available: binding,
+            });
+        }
+        let window_vocab = (window_blocks * block).min(vocab) as u32;
+        let windows: Vec<(u32, u32)> = (0..problem.vocab())
+            .step_by(window_vocab as usize)
+            .map(|v| (v, (v + window_vocab).min(problem.vocab())))
+            .collect();
         let setup_chunks = problem.rows().div_ceil(CHUNK_ROWS);
         let record_base = CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(setup_chunks);
         let record_words =
@@ -240,6 +282,7 @@ impl LinearPlan {
         };
         let vocab_segment = segment_tiles(problem.dim, 0) * TILE;
         let row_segment = segment_tiles(problem.dim, TILE) * TILE;
+        let block_vocab = BLOCK_TILES * TILE;
         let chunks: Vec<ChunkSteps> = ranges
             .iter()
             .map(|&(chunk_begin, rows)| {
@@ -249,31 +292,51 @@ impl LinearPlan {
                     chunk_begin,
                     ..base
                 };
+                let entry = step(whole);
+                let windows = windows
+                    .iter()
+                    .enumerate()
+                    .map(|(window, &(begin, end))| {
+                        let in_window = LinearParams {
+                            window_begin: begin,
+                            window_end: end,
+                            block_begin: begin / block_vocab,
+                            vocab_begin: begin,
+                            vocab_end: end,
+                            ..whole
+                        };
+                        WindowSteps {
+                            window,
+                            stats: step(in_window),
+                            blocks: (end - begin).div_ceil(block_vocab),
+                            hidden: (begin..end)
+                                .step_by(vocab_segment as usize)
+                                .map(|v| {
+                                    step(LinearParams {
+                                        vocab_begin: v,
+                                        vocab_end: (v + vocab_segment).min(end),
+                                        ..in_window
+                                    })
+                                })
+                                .collect(),
+                            head: (chunk_begin..chunk_begin + rows)
+                                .step_by(row_segment as usize)
+                                .map(|r| {
+                                    step(LinearParams {
+                                        row_begin: r,
+                                        row_count: row_segment.min(chunk_begin + rows - r),
+                                        ..in_window
+                                    })
+                                })
+                                .collect(),
+                            tiles: (end - begin).div_ceil(TILE),
+                        }
+                    })
+                    .collect();
                 ChunkSteps {
                     rows,
-                    whole: step(whole),
-                    hidden: (0..problem.vocab())
-                        .step_by(vocab_segment as usize)
-                        .map(|v| {
-                            step(LinearParams {
-                                vocab_begin: v,
-                                vocab_end: (v + vocab_segment).min(problem.vocab()),
-                                ..whole
-                            })
-                        })
-                        .collect(),
-                    head: (chunk_begin..chunk_begin + rows)
-                        .step_by(row_segment as usize)
-                        .map(|r| {
-                            let count = row_segment.min(chunk_begin + rows - r);
-                            let entry = step(LinearParams {
-                                row_begin: r,
-                                row_count: count,
-                                ..whole
-                            });
-                            (entry, count)
-                        })
-                        .collect(),
+                    whole: entry,
+                    windows,
                 }
             })
             .collect();
@@ -351,6 +414,7 @@ impl LinearPlan {
                 kernel: kernel.clone(),
                 problem: *problem,
                 chunks,
+                windows,
                 blocks,
                 setup_chunks,
                 control,
@@ -384,6 +448,11 @@ impl LinearPlan {
     /// Rows per chunk (all rows in recompute mode).
     pub fn chunk_rows(&self) -> u32 {
         self.inner.chunks[0].rows
+    }
+
+    /// Vocabulary windows the head is bound in (1 unless it exceeds one storage binding).
+    pub fn windows(&self) -> usize {
+        self.inner.windows.len()
     }
 
     /// Vocabulary blocks: the records each row gets.

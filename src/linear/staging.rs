@@ -45,7 +45,8 @@ impl LossKernel {
         let device = &self.inner.device;
         let loss = Problem::for_batch(*spec, &batch.loss)
             .with_dtype(batch.dtype())
-            .with_accuracy(options.accuracy);
+            .with_accuracy(options.accuracy)
+            .with_max_binding_bytes(options.max_binding_bytes);
         let problem = LinearProblem::new(*spec, batch.rows(), batch.dim, batch.vocab())?
             .with_loss(loss)
             .with_bias(batch.bias.is_some())

@@ -1,0 +1,149 @@
+//! The fused linear head's modes against its forward pass, on one device.
+//!
+//! ```text
+//! cargo bench --bench linear -- [--shapes 1024x256x8192,..] [--repeats N] [--json FILE]
+//! ```
+//!
+//! For each `rows x dim x vocab` shape (f32, class labels, `LossSpec::pytorch(0.1)`, mean, a
+//! bias), each variant is one command buffer submitted alone and waited for (wall clock from
+//! submit to the end of the wait), the variants run in rotation `--repeats` times after a
+//! warm-up round so that a change of the machine's load hits all alike; the table gives
+//! medians, and ratios to the forward pass of the same round:
+//!
+//! * **forward**: `HeadGradients::None` in recompute mode: the setup, the logits' matmul with
+//!   its statistics epilogue, the merge and the reduction: one matmul-equivalent;
+//! * **recompute**: the loss, `dH`, `dW` and `db` with no logits kept (five matmul-equivalents);
+//! * **chunked**: the same with 1/4 of the logits kept (at least 64 rows): three.
+//!
+//! `scratch` is each plan's `scratch_bytes()`, `logits` the `4 N V` bytes a materialised
+//! logits buffer would take. Without `--bench` (under `cargo test --all-targets`) a small
+//! shape runs once, as a smoke test.
+
+use std::time::{Duration, Instant};
+
+use lsce::linear::{HeadGradients, LinearBuffers, LinearPlan, LinearProblem, Memory};
+use lsce::{LossKernel, LossSpec, Summary};
+use wgpu::util::DeviceExt;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("linear bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let mut shapes: Vec<(u32, u32, u32)> = if smoke {
+        vec![(64, 32, 500)]
+    } else {
+        vec![(1024, 256, 8192), (256, 512, 32000), (2048, 128, 16384)]
+    };
+    let mut repeats = if smoke { 1 } else { 5 };
+    let mut json = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--bench" => {}
+            "--repeats" => repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?,
+            "--json" => json = Some(value()?),
+            "--shapes" => {
+                shapes = value()?
+                    .split(',')
+                    .map(|s| {
+                        let v: Vec<u32> = s.split('x').map(|x| x.parse().map_err(|e| format!("{s}: {e}"))).collect::<Result<_, _>>()?;
+                        match v[..] {
+                            [n, d, v] => Ok((n, d, v)),
+                            _ => Err(format!("a shape is NxDxV, not {s}")),
+                        }
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    let (device, queue) =
+        lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
+    let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
+    let info = device.adapter_info();
+    println!("adapter: {} ({:?}); wall clock, medians of {repeats} rounds", info.name, info.backend);
+    println!(
+        "{:>18} {:>11} {:>11} {:>11} {:>10} {:>10} {:>13} {:>13} {:>12}",
+        "NxDxV", "forward ms", "recomp ms", "chunked ms", "recomp/fw", "chunk/fw", "recomp scr", "chunk scr", "logits"
+    );
+    let mut rows_json = Vec::new();
+    for &(n, d, v) in &shapes {
+        let spec = LossSpec::pytorch(0.1);
+        let base = LinearProblem::new(spec, n, d, v).map_err(|e| e.to_string())?.with_bias(true);
+        let logits_bytes = u64::from(n) * u64::from(v) * 4;
+        let budget = (logits_bytes / 4).max(64 * u64::from(v) * 4);
+        let variants = [
+            base.with_gradients(HeadGradients::None),
+            base,
+            base.with_memory(Memory::Chunked { budget_bytes: budget }),
+        ];
+        let init = |label, bytes: Vec<u8>| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            })
+        };
+        let floats = |count: u64, seed: u32| -> Vec<u8> {
+            let scale = 1.0 / (d as f32).sqrt().sqrt();
+            (0..count)
+                .flat_map(|i| ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).mul_add(scale, 0.0).to_le_bytes())
+                .collect()
+        };
+        let hidden = init("hidden", floats(u64::from(n) * u64::from(d), 1));
+        let head = init("head", floats(u64::from(v) * u64::from(d), 2));
+        let bias = init("bias", floats(u64::from(v), 3));
+        let labels = init("labels", (0..n).flat_map(|r| ((r * 7919) % v).to_le_bytes()).collect());
+        let zeros = |bytes: u64| init("out", vec![0u8; bytes as usize]);
+        let summary = zeros(Summary::SIZE);
+        let (dh, dw, db) = (zeros(u64::from(n) * u64::from(d) * 4), zeros(u64::from(v) * u64::from(d) * 4), zeros(u64::from(v) * 4));
+        let mut plans = Vec::new();
+        for problem in &variants {
+            let plan = LinearPlan::new(&kernel, problem).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
+            let mut buffers = LinearBuffers::new(hidden.slice(..), head.slice(..), labels.slice(..), summary.slice(..)).with_bias(bias.slice(..));
+            if problem.gradients == HeadGradients::All {
+                buffers = buffers.with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
+            }
+            let binding = plan.bind(&buffers).map_err(|e| e.to_string())?;
+            plans.push((plan.scratch_bytes(), binding));
+        }
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); plans.len()];
+        for round in 0..=repeats {
+            for (i, (_, binding)) in plans.iter().enumerate() {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                binding.encode(&mut encoder);
+                let start = Instant::now();
+                queue.submit([encoder.finish()]);
+                device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| e.to_string())?;
+                if round > 0 {
+                    times[i].push(start.elapsed());
+                }
+            }
+        }
+        let median = |t: &mut Vec<Duration>| {
+            t.sort();
+            t[t.len() / 2].as_secs_f64() * 1e3
+        };
+        let ms: Vec<f64> = times.iter_mut().map(median).collect();
+        println!(
+            "{:>18} {:>11.2} {:>11.2} {:>11.2} {:>10.2} {:>10.2} {:>13} {:>13} {:>12}",
+            format!("{n}x{d}x{v}"), ms[0], ms[1], ms[2], ms[1] / ms[0], ms[2] / ms[0], plans[1].0, plans[2].0, logits_bytes
+        );
+        rows_json.push(format!(
+            "{{\"shape\":[{n},{d},{v}],\"forward_ms\":{:.4},\"recompute_ms\":{:.4},\"chunked_ms\":{:.4},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
+            ms[0], ms[1], ms[2], plans[1].0, plans[2].0
+        ));
+    }
+    if let Some(path) = json {
+        let text = format!("{{\"adapter\":\"{}\",\"backend\":\"{:?}\",\"rows\":[{}]}}\n", info.name, info.backend, rows_json.join(","));
+        std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
+}
