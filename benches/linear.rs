@@ -70,8 +70,8 @@ fn run() -> Result<(), String> {
     let info = device.adapter_info();
     println!("adapter: {} ({:?}); wall clock, medians of {repeats} rounds", info.name, info.backend);
     println!(
-        "{:>18} {:>11} {:>11} {:>11} {:>10} {:>10} {:>13} {:>13} {:>12}",
-        "NxDxV", "forward ms", "recomp ms", "chunked ms", "recomp/fw", "chunk/fw", "recomp scr", "chunk scr", "logits"
+        "{:>18} {:>11} {:>11} {:>11} {:>10} {:>10} {:>13} {:>13} {:>12} {:>12}",
+        "NxDxV", "forward ms", "recomp ms", "chunked ms", "recomp/fw", "chunk/fw", "recomp scr", "chunk scr", "logits", "burn mm ms"
     );
     let mut rows_json = Vec::new();
     for &(n, d, v) in &shapes {
@@ -132,9 +132,11 @@ fn run() -> Result<(), String> {
             t[t.len() / 2].as_secs_f64() * 1e3
         };
         let ms: Vec<f64> = times.iter_mut().map(median).collect();
+        let burn = burn_matmul_ms(n, d, v, repeats);
         println!(
-            "{:>18} {:>11.2} {:>11.2} {:>11.2} {:>10.2} {:>10.2} {:>13} {:>13} {:>12}",
-            format!("{n}x{d}x{v}"), ms[0], ms[1], ms[2], ms[1] / ms[0], ms[2] / ms[0], plans[1].0, plans[2].0, logits_bytes
+            "{:>18} {:>11.2} {:>11.2} {:>11.2} {:>10.2} {:>10.2} {:>13} {:>13} {:>12} {:>12}",
+            format!("{n}x{d}x{v}"), ms[0], ms[1], ms[2], ms[1] / ms[0], ms[2] / ms[0], plans[1].0, plans[2].0, logits_bytes,
+            burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.2}"))
         );
         rows_json.push(format!(
             "{{\"shape\":[{n},{d},{v}],\"forward_ms\":{:.4},\"recompute_ms\":{:.4},\"chunked_ms\":{:.4},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
@@ -146,4 +148,34 @@ fn run() -> Result<(), String> {
         std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))?;
     }
     Ok(())
+}
+
+/// Burn's f32 matmul of the logits' shape (`H [N, D]` times `W^T`, cubecl's autotuned
+/// kernels on Burn's wgpu device), the median of `repeats` after a warm-up, wall clock to
+/// `Device::sync`.
+#[cfg(feature = "burn")]
+fn burn_matmul_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<f64, String> {
+    use burn::tensor::{Device, Tensor, TensorData};
+    let device = Device::default();
+    let values = |count: usize| (0..count).map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.1).collect::<Vec<f32>>();
+    let (n, d, v) = (n as usize, d as usize, v as usize);
+    let h = Tensor::<2>::from_data(TensorData::new(values(n * d), [n, d]), &device);
+    let w = Tensor::<2>::from_data(TensorData::new(values(v * d), [v, d]), &device);
+    let mut times = Vec::new();
+    for round in 0..=repeats {
+        let start = Instant::now();
+        let z = h.clone().matmul(w.clone().transpose());
+        device.sync().map_err(|e| e.to_string())?;
+        drop(z);
+        if round > 0 {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+#[cfg(not(feature = "burn"))]
+fn burn_matmul_ms(_: u32, _: u32, _: u32, _: usize) -> Result<f64, String> {
+    Err("no burn".into())
 }

@@ -100,11 +100,11 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     var z_label = 0.0;
     let neg = vec4<f32>(neg_inf());
     for (var v0 = v_begin; v0 < v_end; v0 += MM_TILE) {
-        mm_logits(lid, r0, v0);
+        let tile = mm_logits(lid, r0, v0);
         let b = bias4(vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u));
         for (var i = 0u; i < 4u; i++) {
             let m = ty + 16u * i;
-            let x = acc[i] + b;
+            let x = block_row(tile, i) + b;
             mm_shared[m * MM_TILE + tx] = x.x;
             mm_shared[m * MM_TILE + tx + 16u] = x.y;
             mm_shared[m * MM_TILE + tx + 32u] = x.z;
@@ -263,14 +263,14 @@ fn g_tile(lid: u32, r0: u32, v0: u32) {
     let ty = lid / 16u;
     let row_end = LQ.row_begin + LQ.row_count;
     if (LQ.recompute != 0u) {
-        mm_logits(lid, r0, v0);
+        let tile = mm_logits(lid, r0, v0);
         let c = vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
         let b = bias4(c);
         for (var i = 0u; i < 4u; i++) {
             let m = ty + 16u * i;
             var g = vec4<f32>(0.0);
             if (r0 + m < row_end) {
-                g = logit_grad(row_consts(r0 + m), r0 + m, c, acc[i] + b);
+                g = logit_grad(row_consts(r0 + m), r0 + m, c, block_row(tile, i) + b);
             }
             mm_shared[m * MM_TILE + tx] = g.x;
             mm_shared[m * MM_TILE + tx + 16u] = g.y;
@@ -325,7 +325,7 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
                     let wr = (v - LQ.window_begin) * LQ.dim;
                     let w = select(vec4<f32>(0.0), vec4<f32>(head_at(wr + dd.x), head_at(wr + dd.y), head_at(wr + dd.z), head_at(wr + dd.w)), v0 + n < LQ.vocab);
                     for (var i = 0u; i < 4u; i++) {
-                        s[i] = fma(vec4<f32>(mm_shared[(ty + 16u * i) * MM_TILE + n]), w, s[i]);
+                        s[i] += mm_shared[(ty + 16u * i) * MM_TILE + n] * w;
                     }
                 }
             }
@@ -379,7 +379,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
                     let hr = min(r0 + m, row_end - 1u) * LQ.dim;
                     let h = select(vec4<f32>(0.0), vec4<f32>(hidden_at(hr + dd.x), hidden_at(hr + dd.y), hidden_at(hr + dd.z), hidden_at(hr + dd.w)), m < m_end);
                     for (var i = 0u; i < 4u; i++) {
-                        s[i] = fma(vec4<f32>(mm_shared[m * MM_TILE + ty + 16u * i]), h, s[i]);
+                        s[i] += mm_shared[m * MM_TILE + ty + 16u * i] * h;
                     }
                 }
             }
