@@ -105,10 +105,7 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         for (var i = 0u; i < 4u; i++) {
             let m = ty + 16u * i;
             let x = block_row(tile, i) + b;
-            mm_shared[m * MM_TILE + tx] = x.x;
-            mm_shared[m * MM_TILE + tx + 16u] = x.y;
-            mm_shared[m * MM_TILE + tx + 32u] = x.z;
-            mm_shared[m * MM_TILE + tx + 48u] = x.w;
+            put_row_major(m, tx, x);
             let row = r0 + m;
             if (LQ.store_logits != 0u && row < LQ.row_begin + LQ.row_count) {
                 // The chunk's logits, row-major [row_count, vocab], in the loss's `logits`.
@@ -125,8 +122,7 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         if (in_rows && kind == ROW_VALID) {
             for (var u = 0u; u < 4u; u++) {
                 let n = part * 16u + u * 4u;
-                let at = em * MM_TILE + n;
-                let x = vec4<f32>(mm_shared[at], mm_shared[at + 1u], mm_shared[at + 2u], mm_shared[at + 3u]);
+                let x = mm_tile[em * 16u + part * 4u + u];
                 let c = vec4<u32>(v0 + n) + LANES;
                 let valid = c < vec4<u32>(v_end);
                 let z = select(neg, transform_logit(x), valid);
@@ -142,14 +138,8 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let st = merge_lanes(m4, s4, shifted4, mass4);
     let arg = argmax_lanes(best);
     workgroupBarrier();
-    let mine = lid * 8u;
-    mm_shared[mine] = st.m;
-    mm_shared[mine + 1u] = st.v.x;
-    mm_shared[mine + 2u] = st.v.y;
-    mm_shared[mine + 3u] = st.v.z;
-    mm_shared[mine + 4u] = bitcast<f32>(arg.x);
-    mm_shared[mine + 5u] = bitcast<f32>(arg.y);
-    mm_shared[mine + 6u] = z_label;
+    mm_tile[lid * 2u] = vec4<f32>(st.m, st.v.x, st.v.y, st.v.z);
+    mm_tile[lid * 2u + 1u] = vec4<f32>(bitcast<f32>(arg.x), bitcast<f32>(arg.y), z_label, 0.0);
     workgroupBarrier();
     if (!in_rows || part != 0u) {
         return;
@@ -170,16 +160,18 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     var best_arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
     var zl = 0.0;
     for (var q = 0u; q < 4u; q++) {
-        let p = (lid + q) * 8u;
-        all = merge_stats(all, OnlineStats(mm_shared[p], vec4<f32>(mm_shared[p + 1u], mm_shared[p + 2u], mm_shared[p + 3u], 0.0)));
-        let value = bitcast<u32>(mm_shared[p + 4u]);
-        let cls = bitcast<u32>(mm_shared[p + 5u]);
+        let p = (lid + q) * 2u;
+        let st_q = mm_tile[p];
+        let arg_q = mm_tile[p + 1u];
+        all = merge_stats(all, OnlineStats(st_q.x, vec4<f32>(st_q.yzw, 0.0)));
+        let value = bitcast<u32>(arg_q.x);
+        let cls = bitcast<u32>(arg_q.y);
         // Parts are in column order: a later one replaces only when strictly larger.
         if (cls != NONE_U32 && (best_arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(best_arg.x))) {
             best_arg = vec2<u32>(value, cls);
         }
         if (label != NONE_U32 && (label - v_begin) % MM_TILE / 16u == q) {
-            zl = mm_shared[p + 6u];
+            zl = arg_q.z;
         }
     }
     // The block's target mass and sum relative to its max: for a class label the off-value
@@ -255,10 +247,26 @@ fn linear_logit_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     }
 }
 
+// Puts four values of the register block into mm_tile, row-major: row m, columns
+// c, c + 16, c + 32, c + 48 (c < 16).
+fn put_row_major(m: u32, c: u32, x: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        mm_tile[m * 16u + (c >> 2u) + 4u * j][c & 3u] = x[j];
+    }
+}
+
+// The same, transposed: element (m, n) at mm_tile[n * 16 + m / 4][m % 4].
+fn put_transposed(m: u32, c: u32, x: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        mm_tile[(c + 16u * j) * 16u + (m >> 2u)][m & 3u] = x[j];
+    }
+}
+
 // The tile of G at rows [r0, r0 + MM_TILE) and vocabulary entries [v0, v0 + MM_TILE) into
-// mm_shared (row-major, gt[m * MM_TILE + n]): recomputed (the logits' tile, then the gradient
-// in registers) or read from the chunk. Rows and entries outside the problem are 0.
-fn g_tile(lid: u32, r0: u32, v0: u32) {
+// mm_tile, row-major (dH's product walks a row's entries) or transposed (dW's walks an
+// entry's rows): recomputed (the logits' tile, then the gradient in registers) or read from
+// the chunk. Rows and entries outside the dispatch are 0.
+fn g_tile(lid: u32, r0: u32, v0: u32, transposed: bool) {
     let tx = lid % 16u;
     let ty = lid / 16u;
     let row_end = LQ.row_begin + LQ.row_count;
@@ -272,31 +280,89 @@ fn g_tile(lid: u32, r0: u32, v0: u32) {
             if (r0 + m < row_end) {
                 g = logit_grad(row_consts(r0 + m), r0 + m, c, block_row(tile, i) + b);
             }
-            mm_shared[m * MM_TILE + tx] = g.x;
-            mm_shared[m * MM_TILE + tx + 16u] = g.y;
-            mm_shared[m * MM_TILE + tx + 32u] = g.z;
-            mm_shared[m * MM_TILE + tx + 48u] = g.w;
+            if (transposed) {
+                put_transposed(m, tx, g);
+            } else {
+                put_row_major(m, tx, g);
+            }
         }
     } else {
         workgroupBarrier();
-        for (var q = 0u; q < MM_TILE * MM_TILE / MM_INVOCATIONS; q++) {
-            let e = lid + q * MM_INVOCATIONS;
-            let m = e / MM_TILE;
-            let n = e % MM_TILE;
-            var g = 0.0;
-            if (r0 + m < row_end && v0 + n < LQ.vocab) {
-                g = logits[(r0 + m - LQ.chunk_begin) * LQ.vocab + v0 + n];
+        // Four consecutive entries of a row per vec4 (row-major), or four consecutive rows
+        // of an entry (transposed).
+        for (var q = 0u; q < 4u; q++) {
+            let slot = lid + q * MM_INVOCATIONS;
+            let major = slot / 16u;
+            let minor = (slot % 16u) * 4u;
+            var g = vec4<f32>(0.0);
+            for (var j = 0u; j < 4u; j++) {
+                var m = major;
+                var n = minor + j;
+                if (transposed) {
+                    m = minor + j;
+                    n = major;
+                }
+                if (r0 + m < row_end && v0 + n < LQ.vocab) {
+                    g[j] = logits[(r0 + m - LQ.chunk_begin) * LQ.vocab + v0 + n];
+                }
             }
-            mm_shared[e] = g;
+            mm_tile[slot] = g;
         }
     }
     workgroupBarrier();
 }
 
-// The product loops below take four terms per iteration: an invocation of a CPU adapter may
-// take a bounded number of loop iterations in all (lavapipe's loop limiter stops a loop after
-// 65535 back edges of one invocation), which the plan keeps each dispatch under by cutting
-// the walks into segments (src/linear/plan.rs); fewer back edges per tile, fewer segments.
+// The products below stage their second operand (32 rows of W or H at a time, columns
+// d0 + [0, 64)) in mm_ab, packed as the depth loop packs B: element (k, tx + 16 j) at
+// mm_ab[k * 16 + tx][j]. Every invocation calls it (barriers).
+fn stage_half(lid: u32, first: u32, rows_end: u32, d0: u32, is_head: bool) {
+    workgroupBarrier();
+    for (var q = 0u; q < 8u; q++) {
+        let e = lid + q * MM_INVOCATIONS;   // 32 rows x 64 columns
+        let k = e / MM_TILE;
+        let col = e % MM_TILE;
+        let row = first + k;
+        let d = d0 + col;
+        var x = 0.0;
+        if (row < rows_end && d < LQ.dim) {
+            if (is_head) {
+                x = head_at((row - LQ.window_begin) * LQ.dim + d);
+            } else {
+                x = hidden_at(row * LQ.dim + d);
+            }
+        }
+        mm_ab[k * 16u + (col & 15u)][col >> 4u] = x;
+    }
+    workgroupBarrier();
+}
+
+// Adds `s` to the f32 accumulator `out` of rows r (4 of them, one per i) and columns
+// d0 + tx + 16 j, or starts it.
+fn add_block(s: Block, row0: u32, row_end: u32, d0: u32, tx: u32, ty: u32, start: bool, into_head: bool) {
+    let d = vec4<u32>(d0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + ty + 16u * i;
+        if (row < row_end) {
+            let v = block_row(s, i);
+            for (var j = 0u; j < 4u; j++) {
+                if (d[j] < LQ.dim) {
+                    if (into_head) {
+                        let o = (row - LQ.window_begin) * LQ.dim + d[j];
+                        d_head[o] = select(d_head[o] + v[j], v[j], start);
+                    } else {
+                        let o = row * LQ.dim + d[j];
+                        d_hidden[o] = select(d_hidden[o] + v[j], v[j], start);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The product loops take four terms per iteration: an invocation of a CPU adapter may take a
+// bounded number of loop iterations in all (lavapipe's loop limiter stops a loop after 65535
+// back edges of one invocation), which the plan keeps each dispatch under by cutting the walks
+// into segments (src/linear/plan.rs); fewer back edges per tile, fewer segments.
 
 @compute @workgroup_size(MM_INVOCATIONS)
 fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -308,40 +374,30 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
     let row_end = LQ.row_begin + LQ.row_count;
     // This dispatch's segment of the vocabulary, in order after the previous ones.
     for (var v0 = LQ.vocab_begin; v0 < LQ.vocab_end; v0 += MM_TILE) {
-        g_tile(lid, r0, v0);
+        g_tile(lid, r0, v0, false);
+        let v_end = min(v0 + MM_TILE, LQ.window_end);
         for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
             // dH[r0 + ty + 16 i, d0 + tx + 16 j] += sum_n G[ty + 16 i, n] W[v0 + n, d0 + tx + 16 j]
-            var s: array<vec4<f32>, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                s[i] = vec4<f32>(0.0);
-            }
-            let d = vec4<u32>(d0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
-            let dd = min(d, vec4<u32>(LQ.dim - 1u));
-            for (var n0 = 0u; n0 < MM_TILE; n0 += 4u) {
-                for (var q = 0u; q < 4u; q++) {
-                    let n = n0 + q;
-                    // Entries past the vocabulary have G = 0; their W is not read (0 * inf).
-                    let v = min(v0 + n, LQ.window_end - 1u);
-                    let wr = (v - LQ.window_begin) * LQ.dim;
-                    let w = select(vec4<f32>(0.0), vec4<f32>(head_at(wr + dd.x), head_at(wr + dd.y), head_at(wr + dd.z), head_at(wr + dd.w)), v0 + n < LQ.vocab);
-                    for (var i = 0u; i < 4u; i++) {
-                        s[i] += mm_shared[(ty + 16u * i) * MM_TILE + n] * w;
+            var c = Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+            for (var half = 0u; half < 2u; half++) {
+                stage_half(lid, v0 + half * 32u, v_end, d0, true);
+                for (var n4 = 0u; n4 < 8u; n4++) {
+                    let at = half * 8u + n4;
+                    let g0 = mm_tile[ty * 16u + at];
+                    let g1 = mm_tile[(ty + 16u) * 16u + at];
+                    let g2 = mm_tile[(ty + 32u) * 16u + at];
+                    let g3 = mm_tile[(ty + 48u) * 16u + at];
+                    for (var q = 0u; q < 4u; q++) {
+                        let w = mm_ab[(n4 * 4u + q) * 16u + tx];
+                        c.r0 += g0[q] * w;
+                        c.r1 += g1[q] * w;
+                        c.r2 += g2[q] * w;
+                        c.r3 += g3[q] * w;
                     }
                 }
             }
-            for (var i = 0u; i < 4u; i++) {
-                let row = r0 + ty + 16u * i;
-                if (row < row_end) {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (d[j] < LQ.dim) {
-                            let o = row * LQ.dim + d[j];
-                            d_hidden[o] = select(d_hidden[o] + s[i][j], s[i][j], v0 == 0u);
-                        }
-                    }
-                }
-            }
+            add_block(c, r0, row_end, d0, tx, ty, v0 == 0u, false);
         }
-        workgroupBarrier();
     }
 }
 
@@ -352,48 +408,44 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let tx = lid % 16u;
     let ty = lid / 16u;
     let v0 = LQ.window_begin + wid.x * MM_TILE;
+    let v_end = min(v0 + MM_TILE, LQ.window_end);
     let row_end = LQ.row_begin + LQ.row_count;
-    // The first rows of the problem start dW and db; later chunks add to them.
+    // The first rows of the problem start dW and db; later segments and chunks add to them.
     let first = LQ.row_begin == 0u;
     var bias_sum = 0.0;
     for (var r0 = LQ.row_begin; r0 < row_end; r0 += MM_TILE) {
-        g_tile(lid, r0, v0);
-        let m_end = min(MM_TILE, row_end - r0);
+        g_tile(lid, r0, v0, true);
         if (lid < MM_TILE) {
-            for (var m = 0u; m < m_end; m++) {
-                bias_sum += mm_shared[m * MM_TILE + lid];
+            // Column lid of G: rows in order, four at a time.
+            for (var m4 = 0u; m4 < 16u; m4++) {
+                let g = mm_tile[lid * 16u + m4];
+                bias_sum += g.x;
+                bias_sum += g.y;
+                bias_sum += g.z;
+                bias_sum += g.w;
             }
         }
         for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
             // dW[v0 + ty + 16 i, d0 + tx + 16 j] += sum_m G[m, ty + 16 i] H[r0 + m, d0 + tx + 16 j]
-            var s: array<vec4<f32>, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                s[i] = vec4<f32>(0.0);
-            }
-            let d = vec4<u32>(d0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
-            let dd = min(d, vec4<u32>(LQ.dim - 1u));
-            for (var m0 = 0u; m0 < MM_TILE; m0 += 4u) {
-                for (var q = 0u; q < 4u; q++) {
-                    let m = m0 + q;
-                    // Rows past the segment have G = 0; their H is not read.
-                    let hr = min(r0 + m, row_end - 1u) * LQ.dim;
-                    let h = select(vec4<f32>(0.0), vec4<f32>(hidden_at(hr + dd.x), hidden_at(hr + dd.y), hidden_at(hr + dd.z), hidden_at(hr + dd.w)), m < m_end);
-                    for (var i = 0u; i < 4u; i++) {
-                        s[i] += mm_shared[m * MM_TILE + ty + 16u * i] * h;
+            var c = Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+            for (var half = 0u; half < 2u; half++) {
+                stage_half(lid, r0 + half * 32u, row_end, d0, false);
+                for (var m4 = 0u; m4 < 8u; m4++) {
+                    let at = half * 8u + m4;
+                    let g0 = mm_tile[ty * 16u + at];
+                    let g1 = mm_tile[(ty + 16u) * 16u + at];
+                    let g2 = mm_tile[(ty + 32u) * 16u + at];
+                    let g3 = mm_tile[(ty + 48u) * 16u + at];
+                    for (var q = 0u; q < 4u; q++) {
+                        let h = mm_ab[(m4 * 4u + q) * 16u + tx];
+                        c.r0 += g0[q] * h;
+                        c.r1 += g1[q] * h;
+                        c.r2 += g2[q] * h;
+                        c.r3 += g3[q] * h;
                     }
                 }
             }
-            for (var i = 0u; i < 4u; i++) {
-                let v = v0 + ty + 16u * i;
-                if (v < LQ.vocab) {
-                    for (var j = 0u; j < 4u; j++) {
-                        if (d[j] < LQ.dim) {
-                            let o = (v - LQ.window_begin) * LQ.dim + d[j];
-                            d_head[o] = select(d_head[o] + s[i][j], s[i][j], first && r0 == LQ.row_begin);
-                        }
-                    }
-                }
-            }
+            add_block(c, v0, v_end, d0, tx, ty, first && r0 == LQ.row_begin, true);
         }
         workgroupBarrier();
     }

@@ -541,6 +541,16 @@ fn a_head_past_one_binding_is_bound_in_windows() {
 const MODES_WIDE: [Memory; 2] = [Memory::Recompute, Memory::Chunked { budget_bytes: 64 * 2600 * 4 }];
 
 #[test]
+fn long_walks_are_cut_into_segments() {
+    // D = 512: a gradient walk of more than 17 tiles would pass lavapipe's loop limiter, so
+    // dH's walk over 313 vocabulary tiles and dW's over the rows are cut into segments.
+    let g = vulkan();
+    let case = Case::new(14, 70, 512, 20000, true, true);
+    let worst = vec![check("segments", g, &g.kernel, &LossSpec::pytorch(0.1), &case, options(Memory::Recompute))];
+    report("segmented walks", &worst);
+}
+
+#[test]
 fn frozen_head_and_evaluation_write_only_what_they_are_asked() {
     let g = vulkan();
     let case = Case::new(11, 100, 24, 600, true, true);
@@ -613,9 +623,10 @@ fn bad_input_is_a_clear_err() {
     // A chunk budget below 64 rows.
     let tiny = LinearOptions { memory: Memory::Chunked { budget_bytes: 1000 }, ..Default::default() };
     assert!(matches!(k.compute_linear(&g.queue, &spec, &ok, &tiny), Err(LsceError::InvalidParameter { name: "budget_bytes", .. })));
-    // A hidden size so large that 512 rows of the head exceed one storage binding.
+    // A hidden size so large that one block of the head (at least 64 rows) exceeds one
+    // storage binding.
     let limits = g.device.limits();
-    let dim = (u64::from(limits.max_storage_buffer_binding_size) / (512 * 4) + 1) as u32;
+    let dim = (u64::from(limits.max_storage_buffer_binding_size) / (64 * 4) + 1) as u32;
     let huge = LinearProblem::new(spec, 8, dim, 1000).unwrap();
     assert!(matches!(LinearPlan::new(k, &huge), Err(LsceError::ExceedsDeviceLimit { .. })));
     // Buffers the problem needs, or does not use.

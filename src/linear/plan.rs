@@ -56,13 +56,16 @@ pub(crate) struct WindowSteps {
     pub tiles: u32,
 }
 
-/// Tiles per segment of a gradient walk: lavapipe's loop limiter ends a loop of an invocation
-/// after 65535 back edges in all, so no dispatch may walk further than that. A tile of the
-/// walk costs the logits' depth loop (`D / 16`), the product's (`D / 64` column blocks of 16
-/// four-term steps, plus their own), and the tile's bookkeeping (a row tile of `dW` also sums
-/// `db`'s 64 rows). GPUs have no such limit; segments cost them one dispatch each.
-fn segment_tiles(dim: u32, per_tile_extra: u32) -> u32 {
-    let per_tile = dim.div_ceil(16) + dim.div_ceil(TILE) * 20 + 8 + per_tile_extra;
+/// Tiles per segment of a gradient walk on a CPU adapter: lavapipe's loop limiter ends a
+/// loop of an invocation after 65535 back edges in all, so no dispatch may walk further than
+/// that. Counted as if no loop were unrolled, a tile of the walk costs the logits' depth loop
+/// (`D / 16` steps of 21 back edges), the product's in the gradient passes (`D / 64` column
+/// blocks of about 118), and the tile's own bookkeeping (64). GPUs have no such limit: their walks are one segment.
+fn segment_tiles(dim: u32, cpu: bool, products: bool) -> u32 {
+    if !cpu {
+        return u32::MAX / TILE;
+    }
+    let per_tile = dim.div_ceil(16) * 21 + u32::from(products) * dim.div_ceil(TILE) * 118 + 64;
     (BACK_EDGE_BUDGET / per_tile).max(1)
 }
 
@@ -126,6 +129,15 @@ impl LinearPlan {
         let inner = &kernel.inner;
         let limits = &inner.limits;
         kernel.inner.head_layout()?;
+        // shaders/matmul.wgsl's workgroup memory: a tile and the two operand tiles.
+        const WORKGROUP_BYTES: u32 = (1024 + 512) * 16;
+        if limits.max_compute_workgroup_storage_size < WORKGROUP_BYTES {
+            return Err(LsceError::ExceedsDeviceLimit {
+                limit: "max_compute_workgroup_storage_size",
+                needed: u64::from(WORKGROUP_BYTES),
+                available: u64::from(limits.max_compute_workgroup_storage_size),
+            });
+        }
         let loss = &problem.loss;
         let values = loss.spec.resolve(problem.vocab())?;
         let soft = loss.targets == TargetKind::Probabilities;
@@ -196,10 +208,13 @@ impl LinearPlan {
                 (ranges, u64::from(chunk_rows) * row_bytes)
             }
         };
-        let blocks = problem.vocab().div_ceil(BLOCK_TILES * TILE);
+        let cpu = inner.device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        // A block's tiles are one walk of `linear_stats`: under the loop limiter too.
+        let block_tiles = segment_tiles(problem.dim, cpu, false).clamp(1, BLOCK_TILES);
+        let blocks = problem.vocab().div_ceil(block_tiles * TILE);
         // A head past one storage binding is bound in windows of whole blocks: the largest
         // number of blocks whose W (and dW, in f32) fits one binding.
-        let block = u64::from(BLOCK_TILES * TILE);
+        let block = u64::from(block_tiles * TILE);
         let widest = if gradients == HeadGradients::All {
             element.max(4)
         } else {
@@ -208,7 +223,7 @@ impl LinearPlan {
         let window_blocks = binding / (block * dim * widest);
         if window_blocks == 0 {
             return Err(LsceError::ExceedsDeviceLimit {
-                limit: "max_storage_buffer_binding_size (512 rows of the head)",
+                limit: "max_storage_buffer_binding_size (one block of rows of the head)",
                 needed: block * dim * widest,
                 available: binding,
             });
@@ -267,7 +282,7 @@ impl LinearPlan {
             dim: problem.dim,
             vocab: problem.vocab(),
             vocab_end: problem.vocab(),
-            block_tiles: BLOCK_TILES,
+            block_tiles,
             has_bias: u32::from(problem.bias),
             recompute: u32::from(chunk_bytes == 0),
             store_logits: u32::from(chunk_bytes > 0),
@@ -280,9 +295,9 @@ impl LinearPlan {
             steps.push(p);
             steps.len() as u32
         };
-        let vocab_segment = segment_tiles(problem.dim, 0) * TILE;
-        let row_segment = segment_tiles(problem.dim, TILE) * TILE;
-        let block_vocab = BLOCK_TILES * TILE;
+        let vocab_segment = segment_tiles(problem.dim, cpu, true).saturating_mul(TILE);
+        let row_segment = vocab_segment;
+        let block_vocab = block_tiles * TILE;
         let chunks: Vec<ChunkSteps> = ranges
             .iter()
             .map(|&(chunk_begin, rows)| {
