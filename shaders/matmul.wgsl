@@ -22,7 +22,6 @@
 const MM_TILE: u32 = 64u;
 const MM_DEPTH: u32 = 16u;
 const MM_INVOCATIONS: u32 = 256u;
-const MM_AB: u32 = 1024u;  // MM_TILE * MM_DEPTH: words of one operand tile
 
 // A whole tile (of logits or their gradient), 64 rows of 16 vec4s: element (m, n) is
 // mm_tile[m * 16 + n / 4][n % 4] (or transposed, where a caller says so).
@@ -69,25 +68,27 @@ fn mm_logits(lid: u32, r0: u32, v0: u32) -> Block {
     let row_end = LQ.row_begin + LQ.row_count;
     for (var k0 = 0u; k0 < LQ.dim; k0 += MM_DEPTH) {
         workgroupBarrier();
-        for (var q = 0u; q < MM_AB / MM_INVOCATIONS; q++) {
-            // Consecutive invocations read consecutive depths of one row: contiguous words.
-            let e = lid + q * MM_INVOCATIONS;
-            let m = e / MM_DEPTH;
-            let k = e % MM_DEPTH;
-            let kk = k0 + k;
-            var a = 0.0;
-            if (r0 + m < row_end && kk < LQ.dim) {
-                a = hidden_at((r0 + m) * LQ.dim + kk);
+        // Invocation (k, y) (MM_INVOCATIONS = 16 MM_DEPTH of them) loads rows y, y + 16, y + 32,
+        // y + 48 of depth k0 + k into one vec4
+        // of A and one of B; consecutive invocations read consecutive depths of a row.
+        let k = lid % MM_DEPTH;
+        let y = lid / MM_DEPTH;
+        let kk = k0 + k;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        if (kk < LQ.dim) {
+            for (var j = 0u; j < 4u; j++) {
+                let m = y + 16u * j;
+                if (r0 + m < row_end) {
+                    a[j] = hidden_at((r0 + m) * LQ.dim + kk);
+                }
+                if (v0 + m < LQ.window_end) {
+                    b[j] = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
+                }
             }
-            var b = 0.0;
-            if (v0 + m < LQ.window_end && kk < LQ.dim) {
-                b = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
-            }
-            // Rows m, m + 16, m + 32, m + 48 of depth k share one vec4: the one an invocation
-            // of those rows reads at k.
-            mm_ab[k * 16u + (m & 15u)][m >> 4u] = a;
-            mm_ab[MM_B + k * 16u + (m & 15u)][m >> 4u] = b;
         }
+        mm_ab[k * 16u + y] = a;
+        mm_ab[MM_B + k * 16u + y] = b;
         workgroupBarrier();
         for (var k = 0u; k < MM_DEPTH; k++) {
             let a = mm_ab[k * 16u + ty];
