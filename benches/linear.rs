@@ -10,13 +10,20 @@
 //! warm-up round so that a change of the machine's load hits all alike; the table gives
 //! medians, and ratios to the forward pass of the same round:
 //!
+//! * **matmul**: the logits' matmul alone (`LinearPlan::bind_logits`: `z = H W^T + b` into a
+//!   buffer);
 //! * **forward**: `HeadGradients::None` in recompute mode: the setup, the logits' matmul with
-//!   its statistics epilogue, the merge and the reduction: one matmul-equivalent;
+//!   its statistics epilogue, the merge and the reduction;
 //! * **recompute**: the loss, `dH`, `dW` and `db` with no logits kept (five matmul-equivalents);
-//! * **chunked**: the same with 1/4 of the logits kept (at least 64 rows): three.
+//! * **chunked**: the same with 1/4 of the logits kept (at least 64 rows): three;
+//! * **unfused**: the same with lsce's own kernels, unfused: the logits' matmul into a buffer,
+//!   lsce's fused loss over it with the gradient in place, the two gradient products
+//!   (`LinearPlan::bind_products`);
+//! * **burn mm** (feature `burn`): Burn's f32 matmul of the same shape (cubecl's autotuned
+//!   kernels) on Burn's own wgpu device.
 //!
 //! `scratch` is each plan's `scratch_bytes()`, `logits` the `4 N V` bytes a materialised
-//! logits buffer would take. Without `--bench` (under `cargo test --all-targets`) a small
+//! logits buffer takes (which the unfused path holds, plus its loss plan's scratch). Without `--bench` (under `cargo test --all-targets`) a small
 //! shape runs once, as a smoke test.
 
 use std::time::{Duration, Instant};
@@ -70,8 +77,8 @@ fn run() -> Result<(), String> {
     let info = device.adapter_info();
     println!("adapter: {} ({:?}); wall clock, medians of {repeats} rounds", info.name, info.backend);
     println!(
-        "{:>18} {:>11} {:>11} {:>11} {:>10} {:>10} {:>13} {:>13} {:>12} {:>12}",
-        "NxDxV", "forward ms", "recomp ms", "chunked ms", "recomp/fw", "chunk/fw", "recomp scr", "chunk scr", "logits", "burn mm ms"
+        "{:>16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10} {:>9}",
+        "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm"
     );
     let mut rows_json = Vec::new();
     for &(n, d, v) in &shapes {
@@ -104,21 +111,49 @@ fn run() -> Result<(), String> {
         let zeros = |bytes: u64| init("out", vec![0u8; bytes as usize]);
         let summary = zeros(Summary::SIZE);
         let (dh, dw, db) = (zeros(u64::from(n) * u64::from(d) * 4), zeros(u64::from(v) * u64::from(d) * 4), zeros(u64::from(v) * 4));
-        let mut plans = Vec::new();
+        let base_buffers = || {
+            LinearBuffers::new(hidden.slice(..), head.slice(..), labels.slice(..), summary.slice(..))
+                .with_bias(bias.slice(..))
+        };
+        let with_grads = || {
+            base_buffers().with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)))
+        };
+        // Encoders of each variant, in the table's order.
+        let mut variants_encode: Vec<Box<dyn Fn(&mut wgpu::CommandEncoder)>> = Vec::new();
+        let mut scratch = Vec::new();
+        let full = LinearPlan::new(&kernel, &variants[1]).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
+        let logits = zeros(logits_bytes);
+        let matmul = full.bind_logits(&with_grads(), logits.slice(..)).map_err(|e| e.to_string())?;
+        variants_encode.push(Box::new(move |e| matmul.encode(e)));
         for problem in &variants {
             let plan = LinearPlan::new(&kernel, problem).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
-            let mut buffers = LinearBuffers::new(hidden.slice(..), head.slice(..), labels.slice(..), summary.slice(..)).with_bias(bias.slice(..));
-            if problem.gradients == HeadGradients::All {
-                buffers = buffers.with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
-            }
+            let buffers = if problem.gradients == HeadGradients::All {
+                with_grads()
+            } else {
+                base_buffers()
+            };
             let binding = plan.bind(&buffers).map_err(|e| e.to_string())?;
-            plans.push((plan.scratch_bytes(), binding));
+            scratch.push(plan.scratch_bytes());
+            variants_encode.push(Box::new(move |e| binding.encode(e)));
         }
-        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); plans.len()];
+        let loss_plan = kernel
+            .plan(&lsce::Problem::new(spec, lsce::Shape::matrix(n, v).map_err(|e| e.to_string())?).with_gradient(lsce::Gradient::InPlace))
+            .map_err(|e| e.to_string())?;
+        let loss_binding = loss_plan
+            .bind(&lsce::LossBuffers::new(logits.slice(..), labels.slice(..), summary.slice(..)))
+            .map_err(|e| e.to_string())?;
+        let to_logits = full.bind_logits(&with_grads(), logits.slice(..)).map_err(|e| e.to_string())?;
+        let products = full.bind_products(&with_grads(), logits.slice(..)).map_err(|e| e.to_string())?;
+        variants_encode.push(Box::new(move |e| {
+            to_logits.encode(e);
+            loss_binding.encode(e);
+            products.encode(e);
+        }));
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); variants_encode.len()];
         for round in 0..=repeats {
-            for (i, (_, binding)) in plans.iter().enumerate() {
+            for (i, encode) in variants_encode.iter().enumerate() {
                 let mut encoder = device.create_command_encoder(&Default::default());
-                binding.encode(&mut encoder);
+                encode(&mut encoder);
                 let start = Instant::now();
                 queue.submit([encoder.finish()]);
                 device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| e.to_string())?;
@@ -133,14 +168,15 @@ fn run() -> Result<(), String> {
         };
         let ms: Vec<f64> = times.iter_mut().map(median).collect();
         let burn = burn_matmul_ms(n, d, v, repeats);
+        let [mm, fwd, rec, chk, unf] = [ms[0], ms[1], ms[2], ms[3], ms[4]];
         println!(
-            "{:>18} {:>11.2} {:>11.2} {:>11.2} {:>10.2} {:>10.2} {:>13} {:>13} {:>12} {:>12}",
-            format!("{n}x{d}x{v}"), ms[0], ms[1], ms[2], ms[1] / ms[0], ms[2] / ms[0], plans[1].0, plans[2].0, logits_bytes,
-            burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.2}"))
+            "{:>16} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>10} {:>10} {:>9}",
+            format!("{n}x{d}x{v}"), mm, fwd, rec, chk, unf, rec / mm, chk / mm, rec / unf, chk / unf, scratch[1], scratch[2], logits_bytes,
+            burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.1}"))
         );
         rows_json.push(format!(
-            "{{\"shape\":[{n},{d},{v}],\"forward_ms\":{:.4},\"recompute_ms\":{:.4},\"chunked_ms\":{:.4},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
-            ms[0], ms[1], ms[2], plans[1].0, plans[2].0
+            "{{\"shape\":[{n},{d},{v}],\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
+            burn.map_or("null".to_string(), |t| format!("{t:.4}")), scratch[1], scratch[2]
         ));
     }
     if let Some(path) = json {

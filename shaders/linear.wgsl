@@ -224,6 +224,32 @@ fn linear_merge(@builtin(global_invocation_id) gid: vec3<u32>) {
     set_record_word(at + SHARD_MERGED_SCALE, row_scale(r) * Q.logit_scale);
 }
 
+// Unfused: the logits z = H W^T + b of the dispatch's rows and the window's entries into the
+// caller's `logits` ([rows, vocab] f32), tile by tile. Reads H and W, writes 4 N V bytes.
+@compute @workgroup_size(MM_INVOCATIONS)
+fn linear_logits(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    load_params();
+    load_linear();
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let r0 = LQ.row_begin + wid.x * MM_TILE;
+    let v0 = LQ.window_begin + wid.y * MM_TILE;
+    let tile = mm_logits(lid, r0, v0);
+    let c = vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
+    let b = bias4(c);
+    for (var i = 0u; i < 4u; i++) {
+        let row = r0 + ty + 16u * i;
+        if (row < LQ.row_begin + LQ.row_count) {
+            let x = block_row(tile, i) + b;
+            for (var j = 0u; j < 4u; j++) {
+                if (c[j] < LQ.window_end) {
+                    logits[(row - LQ.chunk_begin) * LQ.vocab + c[j]] = x[j];
+                }
+            }
+        }
+    }
+}
+
 // Chunked mode: G over the chunk's logits, in place; one invocation per four logits.
 @compute @workgroup_size(MM_INVOCATIONS)
 fn linear_logit_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

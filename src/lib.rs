@@ -18,6 +18,10 @@
 //! 3. the **CPU reference** ([`cpu::compute`]) computes the same thing in `f64` to validate any
 //!    backend.
 //!
+//! For a language model's head, [`linear`] computes the same loss from hidden states and the
+//! head's weight, `z = H W^T + b`, with the gradients `dH`, `dW`, `db`, without ever holding the
+//! `rows x vocabulary` logits (PyTorch's `F.linear_cross_entropy`), deterministically.
+//!
 //! When a row's classes are split across buffers, devices or processes, [`shards`] computes the
 //! same loss over the global class count in one collective round per step (a 32-byte record per
 //! row and shard, merged in rank order), with the backward pass needing only the merged rows.
@@ -163,7 +167,11 @@
 //! | window | consecutive batch items bound together, so that every binding fits `max_storage_buffer_binding_size` |
 //! | chunk, partial slot | `CHUNK_ROWS` rows, whose sum the setup and finalize passes keep in one slot of the control words |
 //! | control words | a plan's scratch: the [`Summary`], the off-mass, the partial slots and the split-row records |
-//! | family | a kernel file: rows, strided, setup, finalize |
+//! | family | a kernel file: rows, strided, setup, finalize, linear |
+//! | block | the linear head's unit of vocabulary (512 entries; fewer on a CPU adapter for a deep head): one `ShardRecord` per row, a vocabulary shard inside one device |
+//! | logits chunk | the linear head's chunked mode: the rows whose logits are kept at once (not a partial slot's chunk) |
+//! | segment | part of a linear head's gradient walk dispatched alone, under a CPU adapter's loop limiter |
+//! | vocabulary window | the part of a linear head bound at once, when the whole head exceeds one storage binding |
 //! | switch | a WGSL `override` constant a pipeline is specialised by (weights, probability targets, soft-cap, gradient, accuracy) |
 //!
 //! ## Precision

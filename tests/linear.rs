@@ -656,3 +656,81 @@ fn recompute_scratch_is_a_small_fraction_of_the_logits() {
     }
 }
 
+
+/// Reads `bytes` bytes of `buffer` (COPY_SRC) as f32.
+fn read_f32(g: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Vec<f32> {
+    let staging = g.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+    g.queue.submit([encoder.finish()]);
+    staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    g.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let view = staging.slice(..).get_mapped_range().unwrap();
+    bytemuck::cast_slice(&view).to_vec()
+}
+
+#[test]
+fn the_unfused_ops_give_the_logits_and_the_same_gradients() {
+    use wgpu::util::DeviceExt;
+    let g = vulkan();
+    let case = Case::new(15, 90, 40, 1100, true, true);
+    let spec = LossSpec::pytorch(0.1);
+    let (rows, dim, vocab) = (case.rows as u32, case.dim as u32, case.vocab as u32);
+    let batch = case.batch(spec.reduction);
+    let reference = cpu::compute(&spec, &batch, HeadGradients::All).unwrap();
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let init = |bytes: &[u8]| g.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytes, usage });
+    let zeros = |n: u64| init(&vec![0u8; n as usize]);
+    let (h, w, b) = (init(bytemuck::cast_slice(&case.hidden)), init(bytemuck::cast_slice(&case.head)), init(bytemuck::cast_slice(case.bias.as_ref().unwrap())));
+    let t = init(bytemuck::cast_slice(&case.labels));
+    let summary = zeros(32);
+    let logits = zeros(u64::from(rows * vocab) * 4);
+    let (dh, dw, db) = (zeros(u64::from(rows * dim) * 4), zeros(u64::from(vocab * dim) * 4), zeros(u64::from(vocab) * 4));
+    let problem = LinearProblem::new(spec, rows, dim, vocab).unwrap().with_bias(true);
+    let plan = LinearPlan::new(&g.kernel, &problem).unwrap();
+    let buffers = lsce::linear::LinearBuffers::new(h.slice(..), w.slice(..), t.slice(..), summary.slice(..))
+        .with_bias(b.slice(..))
+        .with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
+    // 1. The logits, against H W^T + b in f64 (the bound of the module docs' first item).
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    plan.bind_logits(&buffers, logits.slice(..)).unwrap().encode(&mut encoder);
+    g.queue.submit([encoder.finish()]);
+    let z = read_f32(g, &logits, u64::from(rows * vocab) * 4);
+    for r in 0..case.rows {
+        for v in 0..case.vocab {
+            let (mut exact, mut abs) = (f64::from(case.bias.as_ref().unwrap()[v]), 0.0);
+            for d in 0..case.dim {
+                let p = f64::from(case.hidden[r * case.dim + d]) * f64::from(case.head[v * case.dim + d]);
+                exact += p;
+                abs += p.abs();
+            }
+            let bound = SAFETY * (case.dim as f64 + 2.0) * E * (abs + exact.abs());
+            assert!((f64::from(z[r * case.vocab + v]) - exact).abs() <= bound, "z[{r}, {v}]");
+        }
+    }
+    // 2. lsce's fused loss over them, the gradient in place; 3. the products.
+    let loss_plan = g.kernel.plan(&lsce::Problem::new(spec, lsce::Shape::matrix(rows, vocab).unwrap()).with_gradient(lsce::Gradient::InPlace)).unwrap();
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    loss_plan.encode(&mut encoder, &lsce::LossBuffers::new(logits.slice(..), t.slice(..), summary.slice(..))).unwrap();
+    plan.bind_products(&buffers, logits.slice(..)).unwrap().encode(&mut encoder);
+    g.queue.submit([encoder.finish()]);
+    let fused = g.kernel.compute_linear(&g.queue, &spec, &batch, &LinearOptions::default()).unwrap();
+    let b = bounds(&spec, &case, &reference);
+    let outputs = [
+        (read_f32(g, &dh, u64::from(rows * dim) * 4), reference.d_hidden.as_ref().unwrap(), &b.d_hidden, "dH"),
+        (read_f32(g, &dw, u64::from(vocab * dim) * 4), reference.d_head.as_ref().unwrap(), &b.d_head, "dW"),
+        (read_f32(g, &db, u64::from(vocab) * 4), reference.d_bias.as_ref().unwrap(), &b.d_bias, "db"),
+    ];
+    for (gpu, cpu, tol, name) in &outputs {
+        compare(&format!("unfused {name}"), gpu, cpu, tol);
+    }
+    // The fused head's dH within the same bound of the unfused one.
+    let dh_unfused = &outputs[0].0;
+    let diff = fused.d_hidden.unwrap().iter().zip(dh_unfused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    eprintln!("[unfused] max |fused dH - unfused dH| = {diff:e}");
+}

@@ -8,7 +8,7 @@ use crate::error::{LsceError, Result};
 use crate::layout::{HeadSlot, LinearParams, Params, Slot, Summary};
 use crate::spec::Reduction;
 
-use super::plan::{LinearPlan, PlanInner};
+use super::plan::{ChunkSteps, LinearPlan, PlanInner};
 use super::problem::HeadGradients;
 
 /// The caller's buffers of one fused linear head step. Every slice starts at a multiple of
@@ -127,6 +127,9 @@ impl<'a> LinearBuffers<'a> {
 /// A plan bound to buffers: [`LinearBinding::encode`] records the step into the caller's
 /// encoder, with no allocation, submit or wait.
 pub struct LinearBinding {
+    op: Op,
+    /// `linear_logits` for [`LinearPlan::bind_logits`].
+    unfused: Option<wgpu::ComputePipeline>,
     plan: Arc<PlanInner>,
     /// Group 0: the loss's buffers.
     loss: wgpu::BindGroup,
@@ -172,10 +175,59 @@ fn presence<'a>(
     }
 }
 
+/// What a binding encodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// The fused head: loss and gradients, no logits.
+    Fused,
+    /// Unfused step 1: the logits into the caller's buffer.
+    Logits,
+    /// Unfused step 3: `dH`, `dW`, `db` from the caller's logit gradient.
+    Products,
+}
+
 impl LinearPlan {
     /// Binds the plan to `buffers`, checking presence, usages, offsets and sizes against the
     /// problem.
     pub fn bind(&self, buffers: &LinearBuffers<'_>) -> Result<LinearBinding> {
+        self.bind_op(buffers, None, Op::Fused)
+    }
+
+    /// The head's logits alone, unfused: a binding whose encode writes `z = H W^T + b` into
+    /// `logits` (`[rows, vocab]` f32, `STORAGE`, within one storage binding) with the same
+    /// matmul, and nothing else (no loss, no summary). For evaluation that wants the logits
+    /// (sampling), and as the baseline the benchmark compares the fused head against.
+    pub fn bind_logits(
+        &self,
+        buffers: &LinearBuffers<'_>,
+        logits: wgpu::BufferSlice<'_>,
+    ) -> Result<LinearBinding> {
+        self.bind_op(buffers, Some(logits), Op::Logits)
+    }
+
+    /// The head's two gradient products alone, unfused: a binding whose encode computes `dH =
+    /// G W`, and with [`HeadGradients::All`] `dW = G^T H` and `db`, from the caller's logit
+    /// gradient `G` (`[rows, vocab]` f32, as lsce's loss writes it), with the same kernels and
+    /// owners as the fused head (deterministic), and nothing else.
+    pub fn bind_products(
+        &self,
+        buffers: &LinearBuffers<'_>,
+        grad_logits: wgpu::BufferSlice<'_>,
+    ) -> Result<LinearBinding> {
+        if self.inner.problem.gradients == HeadGradients::None {
+            return Err(LsceError::Unsupported(
+                "bind_products needs a problem with gradients",
+            ));
+        }
+        self.bind_op(buffers, Some(grad_logits), Op::Products)
+    }
+
+    fn bind_op(
+        &self,
+        buffers: &LinearBuffers<'_>,
+        logits: Option<wgpu::BufferSlice<'_>>,
+        op: Op,
+    ) -> Result<LinearBinding> {
         let p = &self.inner;
         let kernel = &p.kernel.inner;
         let device = &kernel.device;
@@ -240,6 +292,17 @@ impl LinearPlan {
             }
         }
         region("summary", buffers.summary, Summary::SIZE / WORD, WORD, wgpu::BufferUsages::COPY_DST)?;
+        if let Some(l) = logits {
+            aligned("logits", &l)?;
+            region("logits", l, rows * vocab, WORD, storage)?;
+            if rows * vocab * WORD > kernel.limits.max_storage_buffer_binding_size {
+                return Err(LsceError::ExceedsDeviceLimit {
+                    limit: "max_storage_buffer_binding_size",
+                    needed: rows * vocab * WORD,
+                    available: kernel.limits.max_storage_buffer_binding_size,
+                });
+            }
+        }
         if let Some(l) = buffers.loss.filter(|_| loss.spec.reduction != Reduction::None) {
             region("loss", l, 1, WORD, wgpu::BufferUsages::COPY_DST)?;
         }
@@ -254,7 +317,14 @@ impl LinearPlan {
             })
         };
         let group0: Vec<(Slot, wgpu::BindingResource<'_>)> = vec![
-            (Slot::Logits, p.chunk.as_ref().map_or_else(|| whole(write), whole)),
+            (
+                Slot::Logits,
+                match (logits, &p.chunk) {
+                    (Some(l), _) => slice_or(Some(l), write),
+                    (None, Some(chunk)) => whole(chunk),
+                    (None, None) => whole(write),
+                },
+            ),
             (Slot::Targets, slice_or(Some(buffers.targets), read)),
             (Slot::Weights, slice_or(buffers.weights, read)),
             (Slot::Upstream, slice_or(buffers.upstream, read)),
@@ -336,7 +406,14 @@ impl LinearPlan {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(LsceError::Device(err.to_string()));
         }
+        let unfused = match op {
+            Op::Fused => None,
+            Op::Logits => Some(p.head_pipeline("linear_logits")?),
+            Op::Products => None,
+        };
         Ok(LinearBinding {
+            op,
+            unfused,
             plan: Arc::clone(p),
             loss: loss_group,
             heads,
@@ -353,6 +430,59 @@ impl LinearBinding {
     /// Records the step into `encoder`: the loss, then the gradients the problem asks for.
     /// Nothing is submitted, read back or waited for; nothing is allocated.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        match self.op {
+            Op::Fused => self.encode_fused(encoder),
+            Op::Logits | Op::Products => self.encode_unfused(encoder),
+        }
+    }
+
+    /// The unfused ops: over all rows, the caller's logits (or their gradient) as the chunk.
+    fn encode_unfused(&self, encoder: &mut wgpu::CommandEncoder) {
+        let p = &self.plan;
+        let steps = &p.materialized;
+        let entry = |i: u32| [(p.stride * u64::from(i)) as u32];
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("lsce linear, unfused"),
+            timestamp_writes: None,
+        });
+        pass.set_bind_group(0, &self.loss, &[0]);
+        if let Some(logits) = &self.unfused {
+            pass.set_pipeline(logits);
+            for w in &steps.windows {
+                pass.set_bind_group(1, &self.heads[w.window], &entry(w.stats));
+                pass.dispatch_workgroups(PlanInner::row_tiles(steps.rows), w.tiles, 1);
+            }
+            return;
+        }
+        self.encode_products(&mut pass, steps);
+    }
+
+    /// `dH`, `dW` and `db` of one chunk's G: every window's segments in order.
+    fn encode_products(&self, pass: &mut wgpu::ComputePass<'_>, chunk: &ChunkSteps) {
+        let p = &self.plan;
+        let pipelines = &p.pipelines;
+        let entry = |i: u32| [(p.stride * u64::from(i)) as u32];
+        if let Some(grad_hidden) = &pipelines.grad_hidden {
+            pass.set_pipeline(grad_hidden);
+            for w in &chunk.windows {
+                for &step in &w.hidden {
+                    pass.set_bind_group(1, &self.heads[w.window], &entry(step));
+                    dispatch(pass, PlanInner::row_tiles(chunk.rows));
+                }
+            }
+        }
+        if let Some(grad_head) = &pipelines.grad_head {
+            pass.set_pipeline(grad_head);
+            for w in &chunk.windows {
+                for &step in &w.head {
+                    pass.set_bind_group(1, &self.heads[w.window], &entry(step));
+                    dispatch(pass, w.tiles);
+                }
+            }
+        }
+    }
+
+    fn encode_fused(&self, encoder: &mut wgpu::CommandEncoder) {
         let p = &self.plan;
         let pipelines = &p.pipelines;
         {
@@ -384,24 +514,7 @@ impl LinearBinding {
                     pass.set_pipeline(logit_grad);
                     dispatch(&mut pass, p.quad_groups(chunk.rows));
                 }
-                if let Some(grad_hidden) = &pipelines.grad_hidden {
-                    pass.set_pipeline(grad_hidden);
-                    for w in &chunk.windows {
-                        for &step in &w.hidden {
-                            pass.set_bind_group(1, &self.heads[w.window], &entry(step));
-                            dispatch(&mut pass, PlanInner::row_tiles(chunk.rows));
-                        }
-                    }
-                }
-                if let Some(grad_head) = &pipelines.grad_head {
-                    pass.set_pipeline(grad_head);
-                    for w in &chunk.windows {
-                        for &step in &w.head {
-                            pass.set_bind_group(1, &self.heads[w.window], &entry(step));
-                            dispatch(&mut pass, w.tiles);
-                        }
-                    }
-                }
+                self.encode_products(&mut pass, chunk);
             }
             if let Some((partials, last)) = &pipelines.finalize {
                 pass.set_pipeline(partials);

@@ -104,6 +104,8 @@ pub(crate) struct PlanInner {
     pub problem: LinearProblem,
     /// Row chunks (one in recompute mode) and their dispatches.
     pub chunks: Vec<ChunkSteps>,
+    /// The dispatches of the unfused ops over all rows, logits in the caller's buffer.
+    pub materialized: ChunkSteps,
     /// Vocabulary windows `[begin, end)` of the head (one where it fits a binding).
     pub windows: Vec<(u32, u32)>,
     /// Vocabulary blocks (records per row).
@@ -119,6 +121,9 @@ pub(crate) struct PlanInner {
     pub uniforms: wgpu::Buffer,
     pub stride: u64,
     pub pipelines: Pipelines,
+    /// The key of the linear module's pipelines (for those compiled on first use).
+    pub head_module: ModuleKey,
+    pub switches: Switches,
 }
 
 impl LinearPlan {
@@ -298,9 +303,7 @@ impl LinearPlan {
         let vocab_segment = segment_tiles(problem.dim, cpu, true).saturating_mul(TILE);
         let row_segment = vocab_segment;
         let block_vocab = block_tiles * TILE;
-        let chunks: Vec<ChunkSteps> = ranges
-            .iter()
-            .map(|&(chunk_begin, rows)| {
+        let mut chunk_steps = |chunk_begin: u32, rows: u32, base: LinearParams| {
                 let whole = LinearParams {
                     row_begin: chunk_begin,
                     row_count: rows,
@@ -353,8 +356,22 @@ impl LinearPlan {
                     whole: entry,
                     windows,
                 }
-            })
+        };
+        let chunks: Vec<ChunkSteps> = ranges
+            .iter()
+            .map(|&(chunk_begin, rows)| chunk_steps(chunk_begin, rows, base))
             .collect();
+        // The unfused ops (`bind_logits`, `bind_products`): all rows as one chunk of logits
+        // (or their gradient) in the caller's buffer.
+        let materialized = chunk_steps(
+            0,
+            problem.rows(),
+            LinearParams {
+                recompute: 0,
+                store_logits: 0,
+                ..base
+            },
+        );
         let mut bytes = vec![0u8; (stride * (1 + steps.len() as u64)) as usize];
         bytes[..std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
         for (i, linear) in steps.iter().enumerate() {
@@ -429,6 +446,7 @@ impl LinearPlan {
                 kernel: kernel.clone(),
                 problem: *problem,
                 chunks,
+                materialized,
                 windows,
                 blocks,
                 setup_chunks,
@@ -439,6 +457,8 @@ impl LinearPlan {
                 uniforms,
                 stride,
                 pipelines,
+                head_module: module(Family::Linear, Team::Workgroup, loss.dtype),
+                switches,
             }),
         })
     }
@@ -482,6 +502,15 @@ impl LinearPlan {
 }
 
 impl PlanInner {
+    /// A pipeline of the linear module, compiled on first use (cached by the kernel).
+    pub fn head_pipeline(&self, entry: &'static str) -> Result<wgpu::ComputePipeline> {
+        self.kernel.inner.pipeline(PipelineKey {
+            module: self.head_module,
+            entry,
+            switches: self.switches,
+        })
+    }
+
     /// Workgroups of the passes over `rows` rows: row tiles, and invocations of four logits.
     pub fn row_tiles(rows: u32) -> u32 {
         rows.div_ceil(TILE)
