@@ -20,7 +20,13 @@
 //!   lsce's fused loss over it with the gradient in place, the two gradient products
 //!   (`LinearPlan::bind_products`);
 //! * **burn mm** (feature `burn`): Burn's f32 matmul of the same shape (cubecl's autotuned
-//!   kernels) on Burn's own wgpu device.
+//!   kernels) on Burn's own wgpu device;
+//! * **burn head** (feature `burn`): Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1),
+//!   forward and `backward()` on an autodiff device, and its peak device memory: wgpu's
+//!   allocator report of Burn's device (`total_reserved_bytes`, Burn's pool after the runs).
+//!
+//! The lsce rows' device memory is the sum of the buffers the run allocates (inputs, outputs,
+//! and the plan's scratch; the unfused path's logits too): `mem` columns, in MB.
 //!
 //! `scratch` is each plan's `scratch_bytes()`, `logits` the `4 N V` bytes a materialised
 //! logits buffer takes (which the unfused path holds, plus its loss plan's scratch). Without `--bench` (under `cargo test --all-targets`) a small
@@ -77,8 +83,8 @@ fn run() -> Result<(), String> {
     let info = device.adapter_info();
     println!("adapter: {} ({:?}); wall clock, medians of {repeats} rounds", info.name, info.backend);
     println!(
-        "{:>16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10} {:>9}",
-        "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm"
+        "{:>16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
+        "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec mem", "unf mem", "burn mem"
     );
     let mut rows_json = Vec::new();
     for &(n, d, v) in &shapes {
@@ -139,6 +145,7 @@ fn run() -> Result<(), String> {
         let loss_plan = kernel
             .plan(&lsce::Problem::new(spec, lsce::Shape::matrix(n, v).map_err(|e| e.to_string())?).with_gradient(lsce::Gradient::InPlace))
             .map_err(|e| e.to_string())?;
+        let loss_scratch_bytes = loss_plan.scratch_bytes();
         let loss_binding = loss_plan
             .bind(&lsce::LossBuffers::new(logits.slice(..), labels.slice(..), summary.slice(..)))
             .map_err(|e| e.to_string())?;
@@ -168,15 +175,34 @@ fn run() -> Result<(), String> {
         };
         let ms: Vec<f64> = times.iter_mut().map(median).collect();
         let burn = burn_matmul_ms(n, d, v, repeats);
+        let burn_head = burn_head_ms(n, d, v, repeats);
         let [mm, fwd, rec, chk, unf] = [ms[0], ms[1], ms[2], ms[3], ms[4]];
+        // Inputs (H, W, b, labels, summary) and outputs (dH, dW, db) every variant holds.
+        let io = (u64::from(n) * u64::from(d) + u64::from(v) * u64::from(d) + u64::from(v)) * 4 * 2
+            + u64::from(n) * 4
+            + Summary::SIZE;
+        let loss_scratch = loss_scratch_bytes;
+        let rec_mem = io + scratch[1];
+        let unf_mem = io + logits_bytes + loss_scratch + scratch[1];
+        let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
         println!(
-            "{:>16} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>10} {:>10} {:>9}",
+            "{:>16} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
             format!("{n}x{d}x{v}"), mm, fwd, rec, chk, unf, rec / mm, chk / mm, rec / unf, chk / unf, scratch[1], scratch[2], logits_bytes,
-            burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.1}"))
+            burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.1}")),
+            burn_head.as_ref().map_or_else(|e| e.clone(), |(t, _)| format!("{t:.1}")),
+            mb(rec_mem), mb(unf_mem),
+            burn_head.as_ref().map_or_else(|e| e.clone(), |(_, m)| mb(*m)),
         );
         rows_json.push(format!(
             "{{\"shape\":[{n},{d},{v}],\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
             burn.map_or("null".to_string(), |t| format!("{t:.4}")), scratch[1], scratch[2]
+        ));
+        let last = rows_json.pop().unwrap_or_default();
+        rows_json.push(format!(
+            "{},\"recompute_device_bytes\":{rec_mem},\"unfused_device_bytes\":{unf_mem},\"burn_head_ms\":{},\"burn_head_device_bytes\":{}}}",
+            &last[..last.len() - 1],
+            burn_head.as_ref().map_or("null".to_string(), |(t, _)| format!("{t:.4}")),
+            burn_head.as_ref().map_or("null".to_string(), |(_, m)| m.to_string()),
         ));
     }
     if let Some(path) = json {
@@ -191,8 +217,8 @@ fn run() -> Result<(), String> {
 /// `Device::sync`.
 #[cfg(feature = "burn")]
 fn burn_matmul_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<f64, String> {
-    use burn::tensor::{Device, Tensor, TensorData};
-    let device = Device::default();
+    use burn::tensor::{Tensor, TensorData};
+    let device = burn_device()?.0;
     let values = |count: usize| (0..count).map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.1).collect::<Vec<f32>>();
     let (n, d, v) = (n as usize, d as usize, v as usize);
     let h = Tensor::<2>::from_data(TensorData::new(values(n * d), [n, d]), &device);
@@ -213,5 +239,65 @@ fn burn_matmul_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<f64, String>
 
 #[cfg(not(feature = "burn"))]
 fn burn_matmul_ms(_: u32, _: u32, _: u32, _: usize) -> Result<f64, String> {
+    Err("no burn".into())
+}
+
+/// Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1), forward and backward on an autodiff
+/// device: the median of `repeats` after a warm-up, and the reserved bytes of Burn's device
+/// (wgpu's allocator report) after them; an `Err` when Burn fails (out of memory).
+#[cfg(feature = "burn")]
+fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), String> {
+    use burn::nn::loss::CrossEntropyLossConfig;
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let (plain, setup) = burn_device()?;
+    let device = plain.clone().autodiff();
+    let (n, d, v) = (n as usize, d as usize, v as usize);
+    let values = (0..n * d).map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.3).collect::<Vec<f32>>();
+    let labels = (0..n).map(|r| ((r * 7919) % v) as i64).collect::<Vec<i64>>();
+    let run = || -> Result<f64, String> {
+        let linear = LinearConfig::new(d, v).init(&device);
+        let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(0.1)).init(&device);
+        let mut times = Vec::new();
+        for round in 0..=repeats {
+            let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device).require_grad();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
+            let start = Instant::now();
+            let loss = loss_fn.forward(linear.forward(x), y);
+            let grads = loss.backward();
+            drop(grads);
+            device.sync().map_err(|e| e.to_string())?;
+            if round > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let t = catch_unwind(AssertUnwindSafe(run)).map_err(|_| "Burn failed (out of memory?)".to_string())??;
+    let reserved = setup
+        .device
+        .generate_allocator_report()
+        .map_or(0, |r| r.total_reserved_bytes);
+    Ok((t, reserved))
+}
+
+/// Burn's wgpu device, made once, and its setup (for the allocator report).
+#[cfg(feature = "burn")]
+fn burn_device() -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String> {
+    use std::sync::OnceLock;
+    static DEVICE: OnceLock<Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            burn::tensor::Device::wgpu_options()
+                .init_with_setup()
+                .map_err(|e| format!("Burn's wgpu runtime: {e}"))
+        })
+        .clone()
+}
+
+#[cfg(not(feature = "burn"))]
+fn burn_head_ms(_: u32, _: u32, _: u32, _: usize) -> Result<(f64, u64), String> {
     Err("no burn".into())
 }
