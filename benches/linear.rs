@@ -38,6 +38,9 @@ use lsce::linear::{HeadGradients, LinearBuffers, LinearPlan, LinearProblem, Memo
 use lsce::{LossKernel, LossSpec, Summary};
 use wgpu::util::DeviceExt;
 
+/// Records one variant's step into an encoder.
+type Encode = Box<dyn Fn(&mut wgpu::CommandEncoder)>;
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("linear bench: {e}");
@@ -66,7 +69,10 @@ fn run() -> Result<(), String> {
                 shapes = value()?
                     .split(',')
                     .map(|s| {
-                        let v: Vec<u32> = s.split('x').map(|x| x.parse().map_err(|e| format!("{s}: {e}"))).collect::<Result<_, _>>()?;
+                        let v: Vec<u32> = s
+                            .split('x')
+                            .map(|x| x.parse().map_err(|e| format!("{s}: {e}")))
+                            .collect::<Result<_, _>>()?;
                         match v[..] {
                             [n, d, v] => Ok((n, d, v)),
                             _ => Err(format!("a shape is NxDxV, not {s}")),
@@ -81,7 +87,10 @@ fn run() -> Result<(), String> {
         lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
     let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
     let info = device.adapter_info();
-    println!("adapter: {} ({:?}); wall clock, medians of {repeats} rounds", info.name, info.backend);
+    println!(
+        "adapter: {} ({:?}); wall clock, medians of {repeats} rounds",
+        info.name, info.backend
+    );
     println!(
         "{:>16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
         "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec mem", "unf mem", "burn mem"
@@ -89,13 +98,17 @@ fn run() -> Result<(), String> {
     let mut rows_json = Vec::new();
     for &(n, d, v) in &shapes {
         let spec = LossSpec::pytorch(0.1);
-        let base = LinearProblem::new(spec, n, d, v).map_err(|e| e.to_string())?.with_bias(true);
+        let base = LinearProblem::new(spec, n, d, v)
+            .map_err(|e| e.to_string())?
+            .with_bias(true);
         let logits_bytes = u64::from(n) * u64::from(v) * 4;
         let budget = (logits_bytes / 4).max(64 * u64::from(v) * 4);
         let variants = [
             base.with_gradients(HeadGradients::None),
             base,
-            base.with_memory(Memory::Chunked { budget_bytes: budget }),
+            base.with_memory(Memory::Chunked {
+                budget_bytes: budget,
+            }),
         ];
         let init = |label, bytes: Vec<u8>| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -107,32 +120,53 @@ fn run() -> Result<(), String> {
         let floats = |count: u64, seed: u32| -> Vec<u8> {
             let scale = 1.0 / (d as f32).sqrt().sqrt();
             (0..count)
-                .flat_map(|i| ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).mul_add(scale, 0.0).to_le_bytes())
+                .flat_map(|i| {
+                    ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                        .mul_add(scale, 0.0)
+                        .to_le_bytes()
+                })
                 .collect()
         };
         let hidden = init("hidden", floats(u64::from(n) * u64::from(d), 1));
         let head = init("head", floats(u64::from(v) * u64::from(d), 2));
         let bias = init("bias", floats(u64::from(v), 3));
-        let labels = init("labels", (0..n).flat_map(|r| ((r * 7919) % v).to_le_bytes()).collect());
+        let labels = init(
+            "labels",
+            (0..n)
+                .flat_map(|r| ((r * 7919) % v).to_le_bytes())
+                .collect(),
+        );
         let zeros = |bytes: u64| init("out", vec![0u8; bytes as usize]);
         let summary = zeros(Summary::SIZE);
-        let (dh, dw, db) = (zeros(u64::from(n) * u64::from(d) * 4), zeros(u64::from(v) * u64::from(d) * 4), zeros(u64::from(v) * 4));
+        let (dh, dw, db) = (
+            zeros(u64::from(n) * u64::from(d) * 4),
+            zeros(u64::from(v) * u64::from(d) * 4),
+            zeros(u64::from(v) * 4),
+        );
         let base_buffers = || {
-            LinearBuffers::new(hidden.slice(..), head.slice(..), labels.slice(..), summary.slice(..))
-                .with_bias(bias.slice(..))
+            LinearBuffers::new(
+                hidden.slice(..),
+                head.slice(..),
+                labels.slice(..),
+                summary.slice(..),
+            )
+            .with_bias(bias.slice(..))
         };
-        let with_grads = || {
-            base_buffers().with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)))
-        };
+        let with_grads =
+            || base_buffers().with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
         // Encoders of each variant, in the table's order.
-        let mut variants_encode: Vec<Box<dyn Fn(&mut wgpu::CommandEncoder)>> = Vec::new();
+        let mut variants_encode: Vec<Encode> = Vec::new();
         let mut scratch = Vec::new();
-        let full = LinearPlan::new(&kernel, &variants[1]).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
+        let full =
+            LinearPlan::new(&kernel, &variants[1]).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
         let logits = zeros(logits_bytes);
-        let matmul = full.bind_logits(&with_grads(), logits.slice(..)).map_err(|e| e.to_string())?;
+        let matmul = full
+            .bind_logits(&with_grads(), logits.slice(..))
+            .map_err(|e| e.to_string())?;
         variants_encode.push(Box::new(move |e| matmul.encode(e)));
         for problem in &variants {
-            let plan = LinearPlan::new(&kernel, problem).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
+            let plan =
+                LinearPlan::new(&kernel, problem).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
             let buffers = if problem.gradients == HeadGradients::All {
                 with_grads()
             } else {
@@ -143,14 +177,25 @@ fn run() -> Result<(), String> {
             variants_encode.push(Box::new(move |e| binding.encode(e)));
         }
         let loss_plan = kernel
-            .plan(&lsce::Problem::new(spec, lsce::Shape::matrix(n, v).map_err(|e| e.to_string())?).with_gradient(lsce::Gradient::InPlace))
+            .plan(
+                &lsce::Problem::new(spec, lsce::Shape::matrix(n, v).map_err(|e| e.to_string())?)
+                    .with_gradient(lsce::Gradient::InPlace),
+            )
             .map_err(|e| e.to_string())?;
         let loss_scratch_bytes = loss_plan.scratch_bytes();
         let loss_binding = loss_plan
-            .bind(&lsce::LossBuffers::new(logits.slice(..), labels.slice(..), summary.slice(..)))
+            .bind(&lsce::LossBuffers::new(
+                logits.slice(..),
+                labels.slice(..),
+                summary.slice(..),
+            ))
             .map_err(|e| e.to_string())?;
-        let to_logits = full.bind_logits(&with_grads(), logits.slice(..)).map_err(|e| e.to_string())?;
-        let products = full.bind_products(&with_grads(), logits.slice(..)).map_err(|e| e.to_string())?;
+        let to_logits = full
+            .bind_logits(&with_grads(), logits.slice(..))
+            .map_err(|e| e.to_string())?;
+        let products = full
+            .bind_products(&with_grads(), logits.slice(..))
+            .map_err(|e| e.to_string())?;
         variants_encode.push(Box::new(move |e| {
             to_logits.encode(e);
             loss_binding.encode(e);
@@ -163,7 +208,9 @@ fn run() -> Result<(), String> {
                 encode(&mut encoder);
                 let start = Instant::now();
                 queue.submit([encoder.finish()]);
-                device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| e.to_string())?;
+                device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| e.to_string())?;
                 if round > 0 {
                     times[i].push(start.elapsed());
                 }
@@ -206,7 +253,12 @@ fn run() -> Result<(), String> {
         ));
     }
     if let Some(path) = json {
-        let text = format!("{{\"adapter\":\"{}\",\"backend\":\"{:?}\",\"rows\":[{}]}}\n", info.name, info.backend, rows_json.join(","));
+        let text = format!(
+            "{{\"adapter\":\"{}\",\"backend\":\"{:?}\",\"rows\":[{}]}}\n",
+            info.name,
+            info.backend,
+            rows_json.join(",")
+        );
         std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))?;
     }
     Ok(())
@@ -219,7 +271,11 @@ fn run() -> Result<(), String> {
 fn burn_matmul_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<f64, String> {
     use burn::tensor::{Tensor, TensorData};
     let device = burn_device()?.0;
-    let values = |count: usize| (0..count).map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.1).collect::<Vec<f32>>();
+    let values = |count: usize| {
+        (0..count)
+            .map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.1)
+            .collect::<Vec<f32>>()
+    };
     let (n, d, v) = (n as usize, d as usize, v as usize);
     let h = Tensor::<2>::from_data(TensorData::new(values(n * d), [n, d]), &device);
     let w = Tensor::<2>::from_data(TensorData::new(values(v * d), [v, d]), &device);
@@ -254,14 +310,21 @@ fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), St
     let (plain, setup) = burn_device()?;
     let device = plain.clone().autodiff();
     let (n, d, v) = (n as usize, d as usize, v as usize);
-    let values = (0..n * d).map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.3).collect::<Vec<f32>>();
-    let labels = (0..n).map(|r| ((r * 7919) % v) as i64).collect::<Vec<i64>>();
+    let values = (0..n * d)
+        .map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.3)
+        .collect::<Vec<f32>>();
+    let labels = (0..n)
+        .map(|r| ((r * 7919) % v) as i64)
+        .collect::<Vec<i64>>();
     let run = || -> Result<f64, String> {
         let linear = LinearConfig::new(d, v).init(&device);
-        let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(0.1)).init(&device);
+        let loss_fn = CrossEntropyLossConfig::new()
+            .with_smoothing(Some(0.1))
+            .init(&device);
         let mut times = Vec::new();
         for round in 0..=repeats {
-            let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device).require_grad();
+            let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device)
+                .require_grad();
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
             let start = Instant::now();
             let loss = loss_fn.forward(linear.forward(x), y);
@@ -275,7 +338,8 @@ fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), St
         times.sort_by(f64::total_cmp);
         Ok(times[times.len() / 2])
     };
-    let t = catch_unwind(AssertUnwindSafe(run)).map_err(|_| "Burn failed (out of memory?)".to_string())??;
+    let t = catch_unwind(AssertUnwindSafe(run))
+        .map_err(|_| "Burn failed (out of memory?)".to_string())??;
     let reserved = setup
         .device
         .generate_allocator_report()
@@ -287,7 +351,8 @@ fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), St
 #[cfg(feature = "burn")]
 fn burn_device() -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String> {
     use std::sync::OnceLock;
-    static DEVICE: OnceLock<Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String>> = OnceLock::new();
+    static DEVICE: OnceLock<Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String>> =
+        OnceLock::new();
     DEVICE
         .get_or_init(|| {
             burn::tensor::Device::wgpu_options()

@@ -250,7 +250,9 @@ fn linear_prelude(key: &ModuleKey) -> String {
     });
     for name in ["hidden", "head", "bias"] {
         src.push_str(&if sixteen {
-            format!("fn {name}_at(e: u32) -> f32 {{ return decode_word({name}[e >> 1u])[e & 1u]; }}\n")
+            format!(
+                "fn {name}_at(e: u32) -> f32 {{ return decode_word({name}[e >> 1u])[e & 1u]; }}\n"
+            )
         } else {
             format!("fn {name}_at(e: u32) -> f32 {{ return {name}[e]; }}\n")
         });

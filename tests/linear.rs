@@ -38,12 +38,9 @@ use std::sync::OnceLock;
 
 use common::{device_for_backend, Gpu, Rng, E, SAFETY};
 use lsce::linear::{
-    cpu, HeadGradients, LinearBatch, LinearOptions, LinearOutput, LinearPlan, LinearProblem,
-    Memory,
+    cpu, HeadGradients, LinearBatch, LinearOptions, LinearOutput, LinearPlan, LinearProblem, Memory,
 };
-use lsce::{
-    Dtype, Logits, LossKernel, LossSpec, LsceError, Reduction, Smoothing, UpstreamGrad,
-};
+use lsce::{Dtype, Logits, LossKernel, LossSpec, LsceError, Reduction, Smoothing, UpstreamGrad};
 
 fn vulkan() -> &'static Gpu {
     static VK: OnceLock<Gpu> = OnceLock::new();
@@ -272,7 +269,11 @@ fn bounds(spec: &LossSpec, case: &Case, reference: &LinearOutput<f64>) -> Bounds
         }
         let mass: f64 = a.iter().sum();
         let s_t: f64 = a.iter().zip(&z).map(|(av, zv)| (av * (m - zv)).abs()).sum();
-        let a_z: f64 = a.iter().zip(&zerr).map(|(av, ze)| av.abs() * (ze + zmax)).sum();
+        let a_z: f64 = a
+            .iter()
+            .zip(&zerr)
+            .map(|(av, ze)| av.abs() * (ze + zmax))
+            .sum();
         let zl = f64::from(spec.z_loss);
         let depth = 2.0 * 40.0 + 3.0 * blocks + 60.0;
         loss[r] = SAFETY
@@ -334,7 +335,8 @@ fn bounds(spec: &LossSpec, case: &Case, reference: &LinearOutput<f64>) -> Bounds
         loss: if spec.reduction == Reduction::None {
             loss
         } else {
-            let total: f64 = loss.iter().sum::<f64>() + 3.0 * E * rows as f64 * reference.loss.loss[0].abs();
+            let total: f64 =
+                loss.iter().sum::<f64>() + 3.0 * E * rows as f64 * reference.loss.loss[0].abs();
             let scale = match spec.reduction {
                 Reduction::Mean => 1.0 / reference.loss.denominator.abs().max(1e-300),
                 _ => 1.0,
@@ -369,12 +371,21 @@ fn check(
         .compute_linear(&g.queue, spec, &batch, &options)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let b = bounds(spec, case, &reference);
-    let loss = compare(&format!("{what}: loss"), &out.loss.loss, &reference.loss.loss, &b.loss);
+    let loss = compare(
+        &format!("{what}: loss"),
+        &out.loss.loss,
+        &reference.loss.loss,
+        &b.loss,
+    );
     let lse_tol: Vec<f64> = b.lse.clone();
-    compare(&format!("{what}: lse"), &out.loss.lse, &reference.loss.lse, &lse_tol);
+    compare(
+        &format!("{what}: lse"),
+        &out.loss.lse,
+        &reference.loss.lse,
+        &lse_tol,
+    );
     assert_eq!(
-        out.loss.denominator as f64,
-        reference.loss.denominator as f32 as f64,
+        out.loss.denominator as f64, reference.loss.denominator as f32 as f64,
         "{what}: denominator"
     );
     if options.accuracy {
@@ -434,21 +445,71 @@ fn every_option_against_the_reference() {
     let mut specs: Vec<(&str, LossSpec)> = vec![
         ("pytorch 0.1", LossSpec::pytorch(0.1)),
         ("eps 0", LossSpec::pytorch(0.0)),
-        ("off-target", LossSpec { smoothing: Smoothing::OffTarget(0.2), ..LossSpec::pytorch(0.0) }),
-        ("explicit", LossSpec { smoothing: Smoothing::Explicit { on: 0.85, off: 0.1 / vocab as f32 }, ..LossSpec::pytorch(0.0) }),
-        ("excluded pad", LossSpec { smoothing: Smoothing::OffTarget(0.1), excluded_class: Some(0), ignore_index: Some(0), ..LossSpec::pytorch(0.0) }),
-        ("z-loss softcap scale", LossSpec { z_loss: 1e-3, softcap: Some(3.0), logit_scale: 1.7, ..LossSpec::pytorch(0.1) }),
-        ("sum", LossSpec { reduction: Reduction::Sum, ..LossSpec::pytorch(0.1) }),
-        ("none", LossSpec { reduction: Reduction::None, ..LossSpec::pytorch(0.1) }),
+        (
+            "off-target",
+            LossSpec {
+                smoothing: Smoothing::OffTarget(0.2),
+                ..LossSpec::pytorch(0.0)
+            },
+        ),
+        (
+            "explicit",
+            LossSpec {
+                smoothing: Smoothing::Explicit {
+                    on: 0.85,
+                    off: 0.1 / vocab as f32,
+                },
+                ..LossSpec::pytorch(0.0)
+            },
+        ),
+        (
+            "excluded pad",
+            LossSpec {
+                smoothing: Smoothing::OffTarget(0.1),
+                excluded_class: Some(0),
+                ignore_index: Some(0),
+                ..LossSpec::pytorch(0.0)
+            },
+        ),
+        (
+            "z-loss softcap scale",
+            LossSpec {
+                z_loss: 1e-3,
+                softcap: Some(3.0),
+                logit_scale: 1.7,
+                ..LossSpec::pytorch(0.1)
+            },
+        ),
+        (
+            "sum",
+            LossSpec {
+                reduction: Reduction::Sum,
+                ..LossSpec::pytorch(0.1)
+            },
+        ),
+        (
+            "none",
+            LossSpec {
+                reduction: Reduction::None,
+                ..LossSpec::pytorch(0.1)
+            },
+        ),
     ];
     // The padding convention ignores class 0 instead of -100.
     let mut padded = Case::new(1, rows, dim, vocab, true, true);
     padded.labels = base.labels.iter().map(|&l| l.max(0)).collect();
     for (name, spec) in specs.drain(..) {
-        let case = if spec.ignore_index == Some(0) { &padded } else { &base };
+        let case = if spec.ignore_index == Some(0) {
+            &padded
+        } else {
+            &base
+        };
         for memory in MODES {
             let what = format!("{name} {memory:?}");
-            let opts = LinearOptions { accuracy: true, ..options(memory) };
+            let opts = LinearOptions {
+                accuracy: true,
+                ..options(memory)
+            };
             worst.push(check(&what, g, &g.kernel, &spec, case, opts));
         }
     }
@@ -463,10 +524,34 @@ fn every_option_against_the_reference() {
     let mut per_row = Case::new(4, rows, dim, vocab, true, true);
     per_row.upstream = (0..rows).map(|r| (r as f32 * 0.37).sin() * 4.0).collect();
     for memory in MODES {
-        worst.push(check("weights x65536", g, &g.kernel, &LossSpec::pytorch(0.1), &weighted, options(memory)));
-        worst.push(check("probabilities", g, &g.kernel, &LossSpec::pytorch(0.1), &soft, options(memory)));
-        let none = LossSpec { reduction: Reduction::None, ..LossSpec::pytorch(0.1) };
-        worst.push(check("per-row upstream", g, &g.kernel, &none, &per_row, options(memory)));
+        worst.push(check(
+            "weights x65536",
+            g,
+            &g.kernel,
+            &LossSpec::pytorch(0.1),
+            &weighted,
+            options(memory),
+        ));
+        worst.push(check(
+            "probabilities",
+            g,
+            &g.kernel,
+            &LossSpec::pytorch(0.1),
+            &soft,
+            options(memory),
+        ));
+        let none = LossSpec {
+            reduction: Reduction::None,
+            ..LossSpec::pytorch(0.1)
+        };
+        worst.push(check(
+            "per-row upstream",
+            g,
+            &g.kernel,
+            &none,
+            &per_row,
+            options(memory),
+        ));
     }
     report("every option, Vulkan", &worst);
 }
@@ -478,8 +563,22 @@ fn gl_without_subgroups() {
     let mut case = Case::new(5, 70, 19, 530, true, true);
     case.upstream = vec![65536.0];
     for memory in MODES {
-        for spec in [LossSpec::pytorch(0.1), LossSpec { softcap: Some(5.0), z_loss: 1e-4, ..LossSpec::pytorch(0.0) }] {
-            worst.push(check(&format!("GL {memory:?}"), g, &g.kernel, &spec, &case, options(memory)));
+        for spec in [
+            LossSpec::pytorch(0.1),
+            LossSpec {
+                softcap: Some(5.0),
+                z_loss: 1e-4,
+                ..LossSpec::pytorch(0.0)
+            },
+        ] {
+            worst.push(check(
+                &format!("GL {memory:?}"),
+                g,
+                &g.kernel,
+                &spec,
+                &case,
+                options(memory),
+            ));
         }
     }
     report("GL (llvmpipe)", &worst);
@@ -492,7 +591,14 @@ fn half_precision_inputs_accumulate_in_f32() {
     for dtype in [Dtype::F16, Dtype::Bf16] {
         let case = Case::new(6, 90, 45, 777, true, true).in_dtype(dtype);
         for memory in MODES {
-            worst.push(check(&format!("{dtype:?} {memory:?}"), g, &g.kernel, &LossSpec::pytorch(0.1), &case, options(memory)));
+            worst.push(check(
+                &format!("{dtype:?} {memory:?}"),
+                g,
+                &g.kernel,
+                &LossSpec::pytorch(0.1),
+                &case,
+                options(memory),
+            ));
         }
     }
     report("f16/bf16 inputs", &worst);
@@ -506,15 +612,55 @@ fn edge_sizes_one_row_all_ignored_and_a_128k_vocabulary() {
     let mut ignored = Case::new(9, 20, 8, 70, true, false);
     ignored.labels = vec![-100; 20];
     let large = Case::new(10, 3, 16, 128_256, true, false);
-    for memory in [Memory::Recompute, Memory::Chunked { budget_bytes: 64 * 128_256 * 4 }] {
-        worst.push(check("N = 1", g, &g.kernel, &LossSpec::pytorch(0.1), &one, options(memory)));
-        let out = check("all ignored (sum)", g, &g.kernel, &LossSpec { reduction: Reduction::Sum, ..LossSpec::pytorch(0.1) }, &ignored, options(memory));
-        assert_eq!(out[2].0, 0.0, "every gradient of an all-ignored batch is exactly 0");
-        worst.push(check("V = 128256", g, &g.kernel, &LossSpec::pytorch(0.1), &large, options(memory)));
+    for memory in [
+        Memory::Recompute,
+        Memory::Chunked {
+            budget_bytes: 64 * 128_256 * 4,
+        },
+    ] {
+        worst.push(check(
+            "N = 1",
+            g,
+            &g.kernel,
+            &LossSpec::pytorch(0.1),
+            &one,
+            options(memory),
+        ));
+        let out = check(
+            "all ignored (sum)",
+            g,
+            &g.kernel,
+            &LossSpec {
+                reduction: Reduction::Sum,
+                ..LossSpec::pytorch(0.1)
+            },
+            &ignored,
+            options(memory),
+        );
+        assert_eq!(
+            out[2].0, 0.0,
+            "every gradient of an all-ignored batch is exactly 0"
+        );
+        worst.push(check(
+            "V = 128256",
+            g,
+            &g.kernel,
+            &LossSpec::pytorch(0.1),
+            &large,
+            options(memory),
+        ));
     }
     // The mean over no row is NaN (PyTorch's 0/0), the gradients 0.
     let batch = ignored.batch(Reduction::Mean);
-    let out = g.kernel.compute_linear(&g.queue, &LossSpec::pytorch(0.1), &batch, &options(Memory::Recompute)).unwrap();
+    let out = g
+        .kernel
+        .compute_linear(
+            &g.queue,
+            &LossSpec::pytorch(0.1),
+            &batch,
+            &options(Memory::Recompute),
+        )
+        .unwrap();
     assert!(out.loss.loss[0].is_nan());
     assert!(out.d_head.unwrap().iter().all(|&v| v == 0.0));
     report("edge sizes", &worst);
@@ -528,17 +674,39 @@ fn a_head_past_one_binding_is_bound_in_windows() {
     // holds a chunk of 64 rows.
     let case = Case::new(13, 100, 200, 2600, true, true);
     for memory in MODES_WIDE {
-        let opts = LinearOptions { max_binding_bytes: Some(2 * 512 * 200 * 4), ..options(memory) };
-        worst.push(check(&format!("windows {memory:?}"), g, &g.kernel, &LossSpec::pytorch(0.1), &case, opts));
-        let problem = LinearProblem::new(LossSpec::pytorch(0.1), 100, 200, 2600).unwrap()
+        let opts = LinearOptions {
+            max_binding_bytes: Some(2 * 512 * 200 * 4),
+            ..options(memory)
+        };
+        worst.push(check(
+            &format!("windows {memory:?}"),
+            g,
+            &g.kernel,
+            &LossSpec::pytorch(0.1),
+            &case,
+            opts,
+        ));
+        let problem = LinearProblem::new(LossSpec::pytorch(0.1), 100, 200, 2600)
+            .unwrap()
             .with_memory(memory)
-            .with_loss(lsce::Problem::new(LossSpec::pytorch(0.1), lsce::Shape::matrix(100, 2600).unwrap()).with_max_binding_bytes(opts.max_binding_bytes));
+            .with_loss(
+                lsce::Problem::new(
+                    LossSpec::pytorch(0.1),
+                    lsce::Shape::matrix(100, 2600).unwrap(),
+                )
+                .with_max_binding_bytes(opts.max_binding_bytes),
+            );
         assert_eq!(LinearPlan::new(&g.kernel, &problem).unwrap().windows(), 3);
     }
     report("vocabulary windows", &worst);
 }
 
-const MODES_WIDE: [Memory; 2] = [Memory::Recompute, Memory::Chunked { budget_bytes: 64 * 2600 * 4 }];
+const MODES_WIDE: [Memory; 2] = [
+    Memory::Recompute,
+    Memory::Chunked {
+        budget_bytes: 64 * 2600 * 4,
+    },
+];
 
 #[test]
 fn long_walks_are_cut_into_segments() {
@@ -546,7 +714,14 @@ fn long_walks_are_cut_into_segments() {
     // dH's walk over 313 vocabulary tiles and dW's over the rows are cut into segments.
     let g = vulkan();
     let case = Case::new(14, 70, 512, 20000, true, true);
-    let worst = vec![check("segments", g, &g.kernel, &LossSpec::pytorch(0.1), &case, options(Memory::Recompute))];
+    let worst = vec![check(
+        "segments",
+        g,
+        &g.kernel,
+        &LossSpec::pytorch(0.1),
+        &case,
+        options(Memory::Recompute),
+    )];
     report("segmented walks", &worst);
 }
 
@@ -556,18 +731,42 @@ fn frozen_head_and_evaluation_write_only_what_they_are_asked() {
     let case = Case::new(11, 100, 24, 600, true, true);
     let spec = LossSpec::pytorch(0.1);
     let batch = case.batch(spec.reduction);
-    let full = g.kernel.compute_linear(&g.queue, &spec, &batch, &LinearOptions::default()).unwrap();
-    for (gradients, memory) in [(HeadGradients::Hidden, Memory::Recompute), (HeadGradients::None, Memory::Recompute), (HeadGradients::Hidden, MODES[1])] {
-        let opts = LinearOptions { gradients, memory, ..Default::default() };
-        check(&format!("{gradients:?} {memory:?}"), g, &g.kernel, &spec, &case, opts);
-        let out = g.kernel.compute_linear(&g.queue, &spec, &batch, &opts).unwrap();
+    let full = g
+        .kernel
+        .compute_linear(&g.queue, &spec, &batch, &LinearOptions::default())
+        .unwrap();
+    for (gradients, memory) in [
+        (HeadGradients::Hidden, Memory::Recompute),
+        (HeadGradients::None, Memory::Recompute),
+        (HeadGradients::Hidden, MODES[1]),
+    ] {
+        let opts = LinearOptions {
+            gradients,
+            memory,
+            ..Default::default()
+        };
+        check(
+            &format!("{gradients:?} {memory:?}"),
+            g,
+            &g.kernel,
+            &spec,
+            &case,
+            opts,
+        );
+        let out = g
+            .kernel
+            .compute_linear(&g.queue, &spec, &batch, &opts)
+            .unwrap();
         assert!(out.d_head.is_none() && out.d_bias.is_none());
         assert_eq!(out.d_hidden.is_some(), gradients == HeadGradients::Hidden);
         // The same loss bits as with every gradient, in the same mode.
         if memory == Memory::Recompute {
             assert_eq!(common::bits(&out.loss.loss), common::bits(&full.loss.loss));
             if let Some(dh) = &out.d_hidden {
-                assert_eq!(common::bits(dh), common::bits(full.d_hidden.as_ref().unwrap()));
+                assert_eq!(
+                    common::bits(dh),
+                    common::bits(full.d_hidden.as_ref().unwrap())
+                );
             }
         }
     }
@@ -578,15 +777,35 @@ fn twenty_runs_are_bitwise_identical_in_both_modes() {
     let g = vulkan();
     let mut case = Case::new(12, 200, 40, 900, true, true);
     case.upstream = vec![3.0];
-    let spec = LossSpec { z_loss: 1e-4, ..LossSpec::pytorch(0.1) };
+    let spec = LossSpec {
+        z_loss: 1e-4,
+        ..LossSpec::pytorch(0.1)
+    };
     let batch = case.batch(spec.reduction);
     for memory in MODES {
-        let first = g.kernel.compute_linear(&g.queue, &spec, &batch, &options(memory)).unwrap();
+        let first = g
+            .kernel
+            .compute_linear(&g.queue, &spec, &batch, &options(memory))
+            .unwrap();
         for _ in 1..20 {
-            let again = g.kernel.compute_linear(&g.queue, &spec, &batch, &options(memory)).unwrap();
-            assert_eq!(common::bits(&again.loss.loss), common::bits(&first.loss.loss));
-            for (a, b) in [(&again.d_hidden, &first.d_hidden), (&again.d_head, &first.d_head), (&again.d_bias, &first.d_bias)] {
-                assert_eq!(common::bits(a.as_ref().unwrap()), common::bits(b.as_ref().unwrap()), "{memory:?}");
+            let again = g
+                .kernel
+                .compute_linear(&g.queue, &spec, &batch, &options(memory))
+                .unwrap();
+            assert_eq!(
+                common::bits(&again.loss.loss),
+                common::bits(&first.loss.loss)
+            );
+            for (a, b) in [
+                (&again.d_hidden, &first.d_hidden),
+                (&again.d_head, &first.d_head),
+                (&again.d_bias, &first.d_bias),
+            ] {
+                assert_eq!(
+                    common::bits(a.as_ref().unwrap()),
+                    common::bits(b.as_ref().unwrap()),
+                    "{memory:?}"
+                );
             }
         }
     }
@@ -600,44 +819,119 @@ fn bad_input_is_a_clear_err() {
     let (hidden, head) = (vec![0.5f32; 4 * 3], vec![0.25f32; 5 * 3]);
     // H's length is not a multiple of D: the rows it implies do not cover it.
     let short = LinearBatch::classes(3, &hidden[..11], &head, &[0, 1, 2]).unwrap();
-    assert!(matches!(k.compute_linear(&g.queue, &spec, &short, &LinearOptions::default()), Err(LsceError::LengthMismatch { .. })));
+    assert!(matches!(
+        k.compute_linear(&g.queue, &spec, &short, &LinearOptions::default()),
+        Err(LsceError::LengthMismatch { .. })
+    ));
     // Labels for another row count.
     let wrong_rows = LinearBatch::classes(3, &hidden, &head, &[0, 1, 2]).unwrap();
-    assert!(matches!(k.compute_linear(&g.queue, &spec, &wrong_rows, &LinearOptions::default()), Err(LsceError::LengthMismatch { .. })));
+    assert!(matches!(
+        k.compute_linear(&g.queue, &spec, &wrong_rows, &LinearOptions::default()),
+        Err(LsceError::LengthMismatch { .. })
+    ));
     // A bias of the wrong length, of another dtype.
     let labels = [0, 1, 2, 4];
     let ok = LinearBatch::classes(3, &hidden, &head, &labels).unwrap();
-    assert!(matches!(k.compute_linear(&g.queue, &spec, &ok.with_bias(&[0.0f32; 4]), &LinearOptions::default()), Err(LsceError::LengthMismatch { .. })));
+    assert!(matches!(
+        k.compute_linear(
+            &g.queue,
+            &spec,
+            &ok.with_bias(&[0.0f32; 4]),
+            &LinearOptions::default()
+        ),
+        Err(LsceError::LengthMismatch { .. })
+    ));
     let bits = [0u16; 5];
-    assert!(matches!(k.compute_linear(&g.queue, &spec, &ok.with_bias(Logits::F16(&bits)), &LinearOptions::default()), Err(LsceError::Unsupported(_))));
+    assert!(matches!(
+        k.compute_linear(
+            &g.queue,
+            &spec,
+            &ok.with_bias(Logits::F16(&bits)),
+            &LinearOptions::default()
+        ),
+        Err(LsceError::Unsupported(_))
+    ));
     // Zero-sized input.
-    assert!(matches!(LinearBatch::classes(0, &hidden, &head, &labels), Err(LsceError::EmptyShape)));
-    assert!(matches!(LinearBatch::classes(3, &hidden[..0], &head, &[]), Err(LsceError::EmptyShape)));
-    assert!(matches!(LinearProblem::new(spec, 4, 0, 5), Err(LsceError::EmptyShape)));
+    assert!(matches!(
+        LinearBatch::classes(0, &hidden, &head, &labels),
+        Err(LsceError::EmptyShape)
+    ));
+    assert!(matches!(
+        LinearBatch::classes(3, &hidden[..0], &head, &[]),
+        Err(LsceError::EmptyShape)
+    ));
+    assert!(matches!(
+        LinearProblem::new(spec, 4, 0, 5),
+        Err(LsceError::EmptyShape)
+    ));
     // A label out of range, found by the GPU.
     let bad = LinearBatch::classes(3, &hidden, &head, &[0, 1, 5, 2]).unwrap();
     assert!(matches!(
         k.compute_linear(&g.queue, &spec, &bad, &LinearOptions::default()),
-        Err(LsceError::LabelOutOfRange { row: 2, label: 5, classes: 5 })
+        Err(LsceError::LabelOutOfRange {
+            row: 2,
+            label: 5,
+            classes: 5
+        })
     ));
     // A chunk budget below 64 rows.
-    let tiny = LinearOptions { memory: Memory::Chunked { budget_bytes: 1000 }, ..Default::default() };
-    assert!(matches!(k.compute_linear(&g.queue, &spec, &ok, &tiny), Err(LsceError::InvalidParameter { name: "budget_bytes", .. })));
+    let tiny = LinearOptions {
+        memory: Memory::Chunked { budget_bytes: 1000 },
+        ..Default::default()
+    };
+    assert!(matches!(
+        k.compute_linear(&g.queue, &spec, &ok, &tiny),
+        Err(LsceError::InvalidParameter {
+            name: "budget_bytes",
+            ..
+        })
+    ));
     // A hidden size so large that one block of the head (at least 64 rows) exceeds one
     // storage binding.
     let limits = g.device.limits();
-    let dim = (u64::from(limits.max_storage_buffer_binding_size) / (64 * 4) + 1) as u32;
+    let dim = (limits.max_storage_buffer_binding_size / (64 * 4) + 1) as u32;
     let huge = LinearProblem::new(spec, 8, dim, 1000).unwrap();
-    assert!(matches!(LinearPlan::new(k, &huge), Err(LsceError::ExceedsDeviceLimit { .. })));
+    assert!(matches!(
+        LinearPlan::new(k, &huge),
+        Err(LsceError::ExceedsDeviceLimit { .. })
+    ));
     // Buffers the problem needs, or does not use.
     let problem = LinearProblem::new(spec, 4, 3, 5).unwrap().with_bias(true);
     let plan = LinearPlan::new(k, &problem).unwrap();
-    let buffer = |size| g.device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
-    let (h, w, t, s, dh, dw) = (buffer(48), buffer(60), buffer(16), buffer(32), buffer(48), buffer(60));
-    let buffers = lsce::linear::LinearBuffers::new(h.slice(..), w.slice(..), t.slice(..), s.slice(..)).with_grads(dh.slice(..), Some(dw.slice(..)), None);
-    assert!(matches!(plan.bind(&buffers), Err(LsceError::MissingBuffer("bias"))));
-    let frozen = LinearPlan::new(k, &problem.with_bias(false).with_gradients(HeadGradients::Hidden)).unwrap();
-    assert!(matches!(frozen.bind(&buffers), Err(LsceError::UnexpectedBuffer("d_head"))));
+    let buffer = |size| {
+        g.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (h, w, t, s, dh, dw) = (
+        buffer(48),
+        buffer(60),
+        buffer(16),
+        buffer(32),
+        buffer(48),
+        buffer(60),
+    );
+    let buffers =
+        lsce::linear::LinearBuffers::new(h.slice(..), w.slice(..), t.slice(..), s.slice(..))
+            .with_grads(dh.slice(..), Some(dw.slice(..)), None);
+    assert!(matches!(
+        plan.bind(&buffers),
+        Err(LsceError::MissingBuffer("bias"))
+    ));
+    let frozen = LinearPlan::new(
+        k,
+        &problem
+            .with_bias(false)
+            .with_gradients(HeadGradients::Hidden),
+    )
+    .unwrap();
+    assert!(matches!(
+        frozen.bind(&buffers),
+        Err(LsceError::UnexpectedBuffer("d_head"))
+    ));
 }
 
 #[test]
@@ -645,17 +939,31 @@ fn recompute_scratch_is_a_small_fraction_of_the_logits() {
     let g = vulkan();
     // The bench shapes; the heads of the middle two exceed one storage binding of lavapipe
     // (128 MiB) and are bound in vocabulary windows.
-    for (rows, dim, vocab) in [(4096u32, 512u32, 32000u32), (1024, 1024, 128_256), (256, 2048, 262_144), (16384, 256, 50257)] {
+    for (rows, dim, vocab) in [
+        (4096u32, 512u32, 32000u32),
+        (1024, 1024, 128_256),
+        (256, 2048, 262_144),
+        (16384, 256, 50257),
+    ] {
         let problem = LinearProblem::new(LossSpec::pytorch(0.1), rows, dim, vocab).unwrap();
         let plan = LinearPlan::new(&g.kernel, &problem).unwrap();
         let logits = u64::from(rows) * u64::from(vocab) * 4;
-        assert!(plan.scratch_bytes() * 32 <= logits, "{rows}x{dim}x{vocab}: {} scratch bytes", plan.scratch_bytes());
+        assert!(
+            plan.scratch_bytes() * 32 <= logits,
+            "{rows}x{dim}x{vocab}: {} scratch bytes",
+            plan.scratch_bytes()
+        );
         let budget = 256 << 20;
-        let chunked = LinearPlan::new(&g.kernel, &problem.with_memory(Memory::Chunked { budget_bytes: budget })).unwrap();
+        let chunked = LinearPlan::new(
+            &g.kernel,
+            &problem.with_memory(Memory::Chunked {
+                budget_bytes: budget,
+            }),
+        )
+        .unwrap();
         assert!(chunked.scratch_bytes() - plan.scratch_bytes() <= budget);
     }
 }
-
 
 /// Reads `bytes` bytes of `buffer` (COPY_SRC) as f32.
 fn read_f32(g: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Vec<f32> {
@@ -668,7 +976,9 @@ fn read_f32(g: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Vec<f32> {
     let mut encoder = g.device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
     g.queue.submit([encoder.finish()]);
-    staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
     g.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
     let view = staging.slice(..).get_mapped_range().unwrap();
     bytemuck::cast_slice(&view).to_vec()
@@ -683,54 +993,116 @@ fn the_unfused_ops_give_the_logits_and_the_same_gradients() {
     let (rows, dim, vocab) = (case.rows as u32, case.dim as u32, case.vocab as u32);
     let batch = case.batch(spec.reduction);
     let reference = cpu::compute(&spec, &batch, HeadGradients::All).unwrap();
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let init = |bytes: &[u8]| g.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytes, usage });
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let init = |bytes: &[u8]| {
+        g.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytes,
+                usage,
+            })
+    };
     let zeros = |n: u64| init(&vec![0u8; n as usize]);
-    let (h, w, b) = (init(bytemuck::cast_slice(&case.hidden)), init(bytemuck::cast_slice(&case.head)), init(bytemuck::cast_slice(case.bias.as_ref().unwrap())));
+    let (h, w, b) = (
+        init(bytemuck::cast_slice(&case.hidden)),
+        init(bytemuck::cast_slice(&case.head)),
+        init(bytemuck::cast_slice(case.bias.as_ref().unwrap())),
+    );
     let t = init(bytemuck::cast_slice(&case.labels));
     let summary = zeros(32);
     let logits = zeros(u64::from(rows * vocab) * 4);
-    let (dh, dw, db) = (zeros(u64::from(rows * dim) * 4), zeros(u64::from(vocab * dim) * 4), zeros(u64::from(vocab) * 4));
-    let problem = LinearProblem::new(spec, rows, dim, vocab).unwrap().with_bias(true);
+    let (dh, dw, db) = (
+        zeros(u64::from(rows * dim) * 4),
+        zeros(u64::from(vocab * dim) * 4),
+        zeros(u64::from(vocab) * 4),
+    );
+    let problem = LinearProblem::new(spec, rows, dim, vocab)
+        .unwrap()
+        .with_bias(true);
     let plan = LinearPlan::new(&g.kernel, &problem).unwrap();
-    let buffers = lsce::linear::LinearBuffers::new(h.slice(..), w.slice(..), t.slice(..), summary.slice(..))
-        .with_bias(b.slice(..))
-        .with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
+    let buffers =
+        lsce::linear::LinearBuffers::new(h.slice(..), w.slice(..), t.slice(..), summary.slice(..))
+            .with_bias(b.slice(..))
+            .with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
     // 1. The logits, against H W^T + b in f64 (the bound of the module docs' first item).
     let mut encoder = g.device.create_command_encoder(&Default::default());
-    plan.bind_logits(&buffers, logits.slice(..)).unwrap().encode(&mut encoder);
+    plan.bind_logits(&buffers, logits.slice(..))
+        .unwrap()
+        .encode(&mut encoder);
     g.queue.submit([encoder.finish()]);
     let z = read_f32(g, &logits, u64::from(rows * vocab) * 4);
     for r in 0..case.rows {
         for v in 0..case.vocab {
             let (mut exact, mut abs) = (f64::from(case.bias.as_ref().unwrap()[v]), 0.0);
             for d in 0..case.dim {
-                let p = f64::from(case.hidden[r * case.dim + d]) * f64::from(case.head[v * case.dim + d]);
+                let p = f64::from(case.hidden[r * case.dim + d])
+                    * f64::from(case.head[v * case.dim + d]);
                 exact += p;
                 abs += p.abs();
             }
             let bound = SAFETY * (case.dim as f64 + 2.0) * E * (abs + exact.abs());
-            assert!((f64::from(z[r * case.vocab + v]) - exact).abs() <= bound, "z[{r}, {v}]");
+            assert!(
+                (f64::from(z[r * case.vocab + v]) - exact).abs() <= bound,
+                "z[{r}, {v}]"
+            );
         }
     }
     // 2. lsce's fused loss over them, the gradient in place; 3. the products.
-    let loss_plan = g.kernel.plan(&lsce::Problem::new(spec, lsce::Shape::matrix(rows, vocab).unwrap()).with_gradient(lsce::Gradient::InPlace)).unwrap();
+    let loss_plan = g
+        .kernel
+        .plan(
+            &lsce::Problem::new(spec, lsce::Shape::matrix(rows, vocab).unwrap())
+                .with_gradient(lsce::Gradient::InPlace),
+        )
+        .unwrap();
     let mut encoder = g.device.create_command_encoder(&Default::default());
-    loss_plan.encode(&mut encoder, &lsce::LossBuffers::new(logits.slice(..), t.slice(..), summary.slice(..))).unwrap();
-    plan.bind_products(&buffers, logits.slice(..)).unwrap().encode(&mut encoder);
+    loss_plan
+        .encode(
+            &mut encoder,
+            &lsce::LossBuffers::new(logits.slice(..), t.slice(..), summary.slice(..)),
+        )
+        .unwrap();
+    plan.bind_products(&buffers, logits.slice(..))
+        .unwrap()
+        .encode(&mut encoder);
     g.queue.submit([encoder.finish()]);
-    let fused = g.kernel.compute_linear(&g.queue, &spec, &batch, &LinearOptions::default()).unwrap();
+    let fused = g
+        .kernel
+        .compute_linear(&g.queue, &spec, &batch, &LinearOptions::default())
+        .unwrap();
     let b = bounds(&spec, &case, &reference);
     let outputs = [
-        (read_f32(g, &dh, u64::from(rows * dim) * 4), reference.d_hidden.as_ref().unwrap(), &b.d_hidden, "dH"),
-        (read_f32(g, &dw, u64::from(vocab * dim) * 4), reference.d_head.as_ref().unwrap(), &b.d_head, "dW"),
-        (read_f32(g, &db, u64::from(vocab) * 4), reference.d_bias.as_ref().unwrap(), &b.d_bias, "db"),
+        (
+            read_f32(g, &dh, u64::from(rows * dim) * 4),
+            reference.d_hidden.as_ref().unwrap(),
+            &b.d_hidden,
+            "dH",
+        ),
+        (
+            read_f32(g, &dw, u64::from(vocab * dim) * 4),
+            reference.d_head.as_ref().unwrap(),
+            &b.d_head,
+            "dW",
+        ),
+        (
+            read_f32(g, &db, u64::from(vocab) * 4),
+            reference.d_bias.as_ref().unwrap(),
+            &b.d_bias,
+            "db",
+        ),
     ];
     for (gpu, cpu, tol, name) in &outputs {
         compare(&format!("unfused {name}"), gpu, cpu, tol);
     }
     // The fused head's dH within the same bound of the unfused one.
     let dh_unfused = &outputs[0].0;
-    let diff = fused.d_hidden.unwrap().iter().zip(dh_unfused).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let diff = fused
+        .d_hidden
+        .unwrap()
+        .iter()
+        .zip(dh_unfused)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     eprintln!("[unfused] max |fused dH - unfused dH| = {diff:e}");
 }

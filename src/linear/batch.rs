@@ -47,12 +47,14 @@ impl<'a> LinearBatch<'a> {
         if dim == 0 || hidden.is_empty() || head.is_empty() {
             return Err(LsceError::EmptyShape);
         }
-        let rows = u32::try_from(hidden.len() / dim as usize).map_err(|_| LsceError::ShapeTooLarge {
-            what: "rows exceed u32",
-        })?;
-        let vocab = u32::try_from(head.len() / dim as usize).map_err(|_| LsceError::ShapeTooLarge {
-            what: "vocabulary exceeds u32",
-        })?;
+        let rows =
+            u32::try_from(hidden.len() / dim as usize).map_err(|_| LsceError::ShapeTooLarge {
+                what: "rows exceed u32",
+            })?;
+        let vocab =
+            u32::try_from(head.len() / dim as usize).map_err(|_| LsceError::ShapeTooLarge {
+                what: "vocabulary exceeds u32",
+            })?;
         Ok(Self {
             dim,
             hidden,
@@ -126,7 +128,11 @@ impl<'a> LinearBatch<'a> {
     /// upstream gradient against the spec (labels are checked by the GPU, or by
     /// [`Batch::check_labels`] on the CPU).
     pub(crate) fn validate_layout(&self, spec: &LossSpec) -> Result<TargetValues> {
-        let (rows, dim, vocab) = (self.rows() as usize, self.dim as usize, self.vocab() as usize);
+        let (rows, dim, vocab) = (
+            self.rows() as usize,
+            self.dim as usize,
+            self.vocab() as usize,
+        );
         let check = |what, expected: usize, actual: usize| {
             if expected == actual {
                 Ok(())

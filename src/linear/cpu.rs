@@ -27,7 +27,11 @@ pub fn compute(
 ) -> Result<LinearOutput<f64>> {
     let values = batch.validate_layout(spec)?;
     batch.loss.check_labels(spec)?;
-    let (rows, dim, vocab) = (batch.rows() as usize, batch.dim as usize, batch.vocab() as usize);
+    let (rows, dim, vocab) = (
+        batch.rows() as usize,
+        batch.dim as usize,
+        batch.vocab() as usize,
+    );
     let mut z = vec![0.0f64; rows * vocab];
     for r in 0..rows {
         for v in 0..vocab {

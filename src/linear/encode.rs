@@ -250,19 +250,71 @@ impl LinearPlan {
         };
         // (slot, what, slice, elements, element bytes)
         let inputs = [
-            (Some(Slot::Targets), "targets", Some(buffers.targets), if soft { rows * vocab } else { rows }, WORD),
-            (Some(Slot::Weights), "weights", presence("weights", buffers.weights, loss.weighted)?, vocab, WORD),
-            (Some(Slot::Upstream), "upstream", presence("upstream", buffers.upstream, loss.upstream_grad)?, upstream_len, WORD),
-            (Some(Slot::RowLoss), "loss", presence("loss", buffers.loss, buffers.loss.is_some() || loss.spec.reduction == Reduction::None)?, if loss.spec.reduction == Reduction::None { rows } else { 1 }, WORD),
+            (
+                Some(Slot::Targets),
+                "targets",
+                Some(buffers.targets),
+                if soft { rows * vocab } else { rows },
+                WORD,
+            ),
+            (
+                Some(Slot::Weights),
+                "weights",
+                presence("weights", buffers.weights, loss.weighted)?,
+                vocab,
+                WORD,
+            ),
+            (
+                Some(Slot::Upstream),
+                "upstream",
+                presence("upstream", buffers.upstream, loss.upstream_grad)?,
+                upstream_len,
+                WORD,
+            ),
+            (
+                Some(Slot::RowLoss),
+                "loss",
+                presence(
+                    "loss",
+                    buffers.loss,
+                    buffers.loss.is_some() || loss.spec.reduction == Reduction::None,
+                )?,
+                if loss.spec.reduction == Reduction::None {
+                    rows
+                } else {
+                    1
+                },
+                WORD,
+            ),
             (Some(Slot::Lse), "lse", buffers.lse, rows, WORD),
         ];
         let head_inputs = [
             (HeadSlot::Hidden, "hidden", Some(buffers.hidden), rows * dim),
             (HeadSlot::Head, "head", Some(buffers.head), vocab * dim),
-            (HeadSlot::Bias, "bias", presence("bias", buffers.bias, problem.bias)?, vocab),
-            (HeadSlot::DHidden, "d_hidden", presence("d_hidden", buffers.d_hidden, with_grad)?, rows * dim),
-            (HeadSlot::DHead, "d_head", presence("d_head", buffers.d_head, all)?, vocab * dim),
-            (HeadSlot::DBias, "d_bias", presence("d_bias", buffers.d_bias, all && problem.bias)?, vocab),
+            (
+                HeadSlot::Bias,
+                "bias",
+                presence("bias", buffers.bias, problem.bias)?,
+                vocab,
+            ),
+            (
+                HeadSlot::DHidden,
+                "d_hidden",
+                presence("d_hidden", buffers.d_hidden, with_grad)?,
+                rows * dim,
+            ),
+            (
+                HeadSlot::DHead,
+                "d_head",
+                presence("d_head", buffers.d_head, all)?,
+                vocab * dim,
+            ),
+            (
+                HeadSlot::DBias,
+                "d_bias",
+                presence("d_bias", buffers.d_bias, all && problem.bias)?,
+                vocab,
+            ),
         ];
         let aligned = |what, s: &wgpu::BufferSlice<'_>| {
             if s.offset() % alignment == 0 {
@@ -291,7 +343,13 @@ impl LinearPlan {
                 region(what, *s, *elems, bytes, storage)?;
             }
         }
-        region("summary", buffers.summary, Summary::SIZE / WORD, WORD, wgpu::BufferUsages::COPY_DST)?;
+        region(
+            "summary",
+            buffers.summary,
+            Summary::SIZE / WORD,
+            WORD,
+            wgpu::BufferUsages::COPY_DST,
+        )?;
         if let Some(l) = logits {
             aligned("logits", &l)?;
             region("logits", l, rows * vocab, WORD, storage)?;
@@ -303,7 +361,10 @@ impl LinearPlan {
                 });
             }
         }
-        if let Some(l) = buffers.loss.filter(|_| loss.spec.reduction != Reduction::None) {
+        if let Some(l) = buffers
+            .loss
+            .filter(|_| loss.spec.reduction != Reduction::None)
+        {
             region("loss", l, 1, WORD, wgpu::BufferUsages::COPY_DST)?;
         }
 
@@ -332,7 +393,9 @@ impl LinearPlan {
             (
                 Slot::RowLoss,
                 slice_or(
-                    buffers.loss.filter(|_| loss.spec.reduction == Reduction::None),
+                    buffers
+                        .loss
+                        .filter(|_| loss.spec.reduction == Reduction::None),
                     &p.row_loss,
                 ),
             ),
@@ -345,10 +408,14 @@ impl LinearPlan {
             binding: 0,
             resource: uniform(std::mem::size_of::<Params>()),
         }];
-        entries.extend(group0.into_iter().map(|(slot, resource)| wgpu::BindGroupEntry {
-            binding: slot.binding(),
-            resource,
-        }));
+        entries.extend(
+            group0
+                .into_iter()
+                .map(|(slot, resource)| wgpu::BindGroupEntry {
+                    binding: slot.binding(),
+                    resource,
+                }),
+        );
         let loss_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("lsce linear loss"),
             layout: kernel.layout(true),
@@ -376,10 +443,16 @@ impl LinearPlan {
                 None => (placeholder.clone(), 0, None),
             };
             let resources = [
-                (buffers.hidden.buffer().clone(), buffers.hidden.offset(), Some(buffers.hidden.size())),
+                (
+                    buffers.hidden.buffer().clone(),
+                    buffers.hidden.offset(),
+                    Some(buffers.hidden.size()),
+                ),
                 bound(3, read),
                 bound(0, read),
-                buffers.d_hidden.map_or((write.clone(), 0, None), |s| (s.buffer().clone(), s.offset(), Some(s.size()))),
+                buffers.d_hidden.map_or((write.clone(), 0, None), |s| {
+                    (s.buffer().clone(), s.offset(), Some(s.size()))
+                }),
                 bound(1, write),
                 bound(2, write),
             ];
@@ -523,7 +596,13 @@ impl LinearBinding {
                 pass.dispatch_workgroups(1, 1, 1);
             }
         }
-        encoder.copy_buffer_to_buffer(&p.control, 0, &self.summary.0, self.summary.1, Summary::SIZE);
+        encoder.copy_buffer_to_buffer(
+            &p.control,
+            0,
+            &self.summary.0,
+            self.summary.1,
+            Summary::SIZE,
+        );
         if let Some((buffer, at)) = &self.loss_copy {
             encoder.copy_buffer_to_buffer(&p.control, 0, buffer, *at, WORD);
         }

@@ -72,8 +72,8 @@
 //! an invalid label makes its loss and `G` row NaN, and so `dW` and `db` (reported in the
 //! summary; the staging call returns `LabelOutOfRange`). An ignored row contributes nothing.
 
-pub mod cpu;
 mod batch;
+pub mod cpu;
 mod encode;
 mod plan;
 mod problem;

@@ -172,7 +172,11 @@ impl LinearPlan {
         // Element indices are u32 in the kernels; workgroup counts at most 65535 per dimension.
         let index_limit = u64::from(u32::MAX);
         let checks = [
-            exceeds("max_storage_buffer_binding_size", rows * dim * element, binding),
+            exceeds(
+                "max_storage_buffer_binding_size",
+                rows * dim * element,
+                binding,
+            ),
             exceeds("u32 element indices", vocab * dim, index_limit),
             exceeds("u32 element indices", rows * dim, index_limit),
             exceeds(
@@ -240,8 +244,7 @@ impl LinearPlan {
             .collect();
         let setup_chunks = problem.rows().div_ceil(CHUNK_ROWS);
         let record_base = CONTROL_HEADER_WORDS + PARTIAL_WORDS * u64::from(setup_chunks);
-        let record_words =
-            u64::from(blocks) * (ShardHeader::WORDS + rows * ShardRecord::WORDS);
+        let record_words = u64::from(blocks) * (ShardHeader::WORDS + rows * ShardRecord::WORDS);
         let merged_base = record_base + record_words;
         let control_bytes = (merged_base + rows * ShardMergedRow::WORDS) * WORD;
         if let Some(err) = exceeds("max_storage_buffer_binding_size", control_bytes, binding)
@@ -270,8 +273,13 @@ impl LinearPlan {
             wgpu::BufferUsages::empty(),
         );
         let lse = scratch("lsce linear lse", rows * WORD, wgpu::BufferUsages::empty());
-        let chunk = (chunk_bytes > 0)
-            .then(|| scratch("lsce linear chunk", chunk_bytes, wgpu::BufferUsages::empty()));
+        let chunk = (chunk_bytes > 0).then(|| {
+            scratch(
+                "lsce linear chunk",
+                chunk_bytes,
+                wgpu::BufferUsages::empty(),
+            )
+        });
 
         // The uniforms: the loss's Params (one window of all rows, the blocks as shards), then
         // each chunk's LinearParams.
@@ -304,58 +312,58 @@ impl LinearPlan {
         let row_segment = vocab_segment;
         let block_vocab = block_tiles * TILE;
         let mut chunk_steps = |chunk_begin: u32, rows: u32, base: LinearParams| {
-                let whole = LinearParams {
-                    row_begin: chunk_begin,
-                    row_count: rows,
-                    chunk_begin,
-                    ..base
-                };
-                let entry = step(whole);
-                let windows = windows
-                    .iter()
-                    .enumerate()
-                    .map(|(window, &(begin, end))| {
-                        let in_window = LinearParams {
-                            window_begin: begin,
-                            window_end: end,
-                            block_begin: begin / block_vocab,
-                            vocab_begin: begin,
-                            vocab_end: end,
-                            ..whole
-                        };
-                        WindowSteps {
-                            window,
-                            stats: step(in_window),
-                            blocks: (end - begin).div_ceil(block_vocab),
-                            hidden: (begin..end)
-                                .step_by(vocab_segment as usize)
-                                .map(|v| {
-                                    step(LinearParams {
-                                        vocab_begin: v,
-                                        vocab_end: (v + vocab_segment).min(end),
-                                        ..in_window
-                                    })
+            let whole = LinearParams {
+                row_begin: chunk_begin,
+                row_count: rows,
+                chunk_begin,
+                ..base
+            };
+            let entry = step(whole);
+            let windows = windows
+                .iter()
+                .enumerate()
+                .map(|(window, &(begin, end))| {
+                    let in_window = LinearParams {
+                        window_begin: begin,
+                        window_end: end,
+                        block_begin: begin / block_vocab,
+                        vocab_begin: begin,
+                        vocab_end: end,
+                        ..whole
+                    };
+                    WindowSteps {
+                        window,
+                        stats: step(in_window),
+                        blocks: (end - begin).div_ceil(block_vocab),
+                        hidden: (begin..end)
+                            .step_by(vocab_segment as usize)
+                            .map(|v| {
+                                step(LinearParams {
+                                    vocab_begin: v,
+                                    vocab_end: (v + vocab_segment).min(end),
+                                    ..in_window
                                 })
-                                .collect(),
-                            head: (chunk_begin..chunk_begin + rows)
-                                .step_by(row_segment as usize)
-                                .map(|r| {
-                                    step(LinearParams {
-                                        row_begin: r,
-                                        row_count: row_segment.min(chunk_begin + rows - r),
-                                        ..in_window
-                                    })
+                            })
+                            .collect(),
+                        head: (chunk_begin..chunk_begin + rows)
+                            .step_by(row_segment as usize)
+                            .map(|r| {
+                                step(LinearParams {
+                                    row_begin: r,
+                                    row_count: row_segment.min(chunk_begin + rows - r),
+                                    ..in_window
                                 })
-                                .collect(),
-                            tiles: (end - begin).div_ceil(TILE),
-                        }
-                    })
-                    .collect();
-                ChunkSteps {
-                    rows,
-                    whole: entry,
-                    windows,
-                }
+                            })
+                            .collect(),
+                        tiles: (end - begin).div_ceil(TILE),
+                    }
+                })
+                .collect();
+            ChunkSteps {
+                rows,
+                whole: entry,
+                windows,
+            }
         };
         let chunks: Vec<ChunkSteps> = ranges
             .iter()
@@ -379,7 +387,12 @@ impl LinearPlan {
             bytes[at..at + std::mem::size_of::<LinearParams>()]
                 .copy_from_slice(bytemuck::bytes_of(linear));
         }
-        let uniforms = upload(device, "lsce linear params", &bytes, wgpu::BufferUsages::UNIFORM)?;
+        let uniforms = upload(
+            device,
+            "lsce linear params",
+            &bytes,
+            wgpu::BufferUsages::UNIFORM,
+        )?;
 
         let switches = Switches {
             weights: loss.weighted,

@@ -74,7 +74,10 @@ impl LossKernel {
         };
         let hidden = upload("lsce hidden", batch.hidden.bytes())?;
         let head = upload("lsce head", batch.head.bytes())?;
-        let bias = batch.bias.map(|b| upload("lsce bias", b.bytes())).transpose()?;
+        let bias = batch
+            .bias
+            .map(|b| upload("lsce bias", b.bytes()))
+            .transpose()?;
         let targets = match batch.loss.targets {
             Targets::Classes(labels) => upload("lsce targets", bytemuck::cast_slice(labels)),
             Targets::Probabilities(p) => upload("lsce targets", bytemuck::cast_slice(p)),
