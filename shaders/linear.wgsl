@@ -362,6 +362,29 @@ fn stage_half(lid: u32, first: u32, rows_end: u32, d0: u32, is_head: bool) {
     workgroupBarrier();
 }
 
+// The product of one staged half: c[i] += sum_k G[ty + 16 i, 32 half + k] S[k, tx + 16 j] for
+// the 32 staged rows k, with G in mm_tile as g_tile left it (row-major for dH, where its
+// "rows" are the tile's rows; transposed for dW, where they are its vocabulary entries) and S
+// in mm_ab as stage_half left it; k ascending.
+fn add_half_product(c: Block, half: u32, tx: u32, ty: u32) -> Block {
+    var r = c;
+    for (var k4 = 0u; k4 < 8u; k4++) {
+        let at = half * 8u + k4;
+        let g0 = mm_tile[ty * 16u + at];
+        let g1 = mm_tile[(ty + 16u) * 16u + at];
+        let g2 = mm_tile[(ty + 32u) * 16u + at];
+        let g3 = mm_tile[(ty + 48u) * 16u + at];
+        for (var q = 0u; q < 4u; q++) {
+            let x = mm_ab[(k4 * 4u + q) * 16u + tx];
+            r.r0 += g0[q] * x;
+            r.r1 += g1[q] * x;
+            r.r2 += g2[q] * x;
+            r.r3 += g3[q] * x;
+        }
+    }
+    return r;
+}
+
 // Adds `s` to the f32 accumulator `out` of rows r (4 of them, one per i) and columns
 // d0 + tx + 16 j, or starts it.
 fn add_block(s: Block, row0: u32, row_end: u32, d0: u32, tx: u32, ty: u32, start: bool, into_head: bool) {
@@ -407,20 +430,7 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
             var c = Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
             for (var half = 0u; half < 2u; half++) {
                 stage_half(lid, v0 + half * 32u, v_end, d0, true);
-                for (var n4 = 0u; n4 < 8u; n4++) {
-                    let at = half * 8u + n4;
-                    let g0 = mm_tile[ty * 16u + at];
-                    let g1 = mm_tile[(ty + 16u) * 16u + at];
-                    let g2 = mm_tile[(ty + 32u) * 16u + at];
-                    let g3 = mm_tile[(ty + 48u) * 16u + at];
-                    for (var q = 0u; q < 4u; q++) {
-                        let w = mm_ab[(n4 * 4u + q) * 16u + tx];
-                        c.r0 += g0[q] * w;
-                        c.r1 += g1[q] * w;
-                        c.r2 += g2[q] * w;
-                        c.r3 += g3[q] * w;
-                    }
-                }
+                c = add_half_product(c, half, tx, ty);
             }
             add_block(c, r0, row_end, d0, tx, ty, v0 == 0u, false);
         }
@@ -456,20 +466,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
             var c = Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
             for (var half = 0u; half < 2u; half++) {
                 stage_half(lid, r0 + half * 32u, row_end, d0, false);
-                for (var m4 = 0u; m4 < 8u; m4++) {
-                    let at = half * 8u + m4;
-                    let g0 = mm_tile[ty * 16u + at];
-                    let g1 = mm_tile[(ty + 16u) * 16u + at];
-                    let g2 = mm_tile[(ty + 32u) * 16u + at];
-                    let g3 = mm_tile[(ty + 48u) * 16u + at];
-                    for (var q = 0u; q < 4u; q++) {
-                        let h = mm_ab[(m4 * 4u + q) * 16u + tx];
-                        c.r0 += g0[q] * h;
-                        c.r1 += g1[q] * h;
-                        c.r2 += g2[q] * h;
-                        c.r3 += g3[q] * h;
-                    }
-                }
+                c = add_half_product(c, half, tx, ty);
             }
             add_block(c, v0, v_end, d0, tx, ty, first && r0 == LQ.row_begin, true);
         }

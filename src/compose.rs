@@ -29,7 +29,7 @@
 //! every backend wgpu translates to, before any GPU sees it.
 
 use crate::dtype::Dtype;
-use crate::layout::{self, HeadSlot, Slot};
+use crate::layout::{self, HeadSlot, Slot, AUX_WG_SIZE};
 
 /// The fragments, by file name.
 mod fragment {
@@ -105,6 +105,23 @@ pub(crate) struct ModuleKey {
 }
 
 impl ModuleKey {
+    /// The fused linear head's module for inputs of `head_dtype`: group 0 is the in-place loss
+    /// layout (its f32 `logits` are the head's chunk of logits), group 1 the head's.
+    pub fn linear(head_dtype: Dtype) -> Self {
+        Self {
+            family: Family::Linear,
+            wg_size: AUX_WG_SIZE,
+            cache_n: 1,
+            team: Team::Workgroup,
+            in_place: true,
+            dtype: Dtype::F32,
+            grad_dtype: Dtype::F32,
+            wide: false,
+            private_words: true,
+            head_dtype,
+        }
+    }
+
     /// Whether 32-bit words of `slot` are written by more than one invocation, so that they
     /// must be atomic: 16-bit gradient words shared by neighbouring rows (and the logits when
     /// the gradient overwrites them).
@@ -305,7 +322,6 @@ mod tests {
     //! (Vulkan), MSL (Metal), HLSL (DX12) and GLSL (GL). Needs no adapter.
 
     use super::*;
-    use crate::layout::AUX_WG_SIZE;
     use naga::back::{glsl, hlsl, msl, spv, PipelineConstants};
     use naga::valid::{Capabilities, ValidationFlags, Validator};
 
@@ -372,20 +388,7 @@ mod tests {
         }
         // The linear head: group 0 is the loss's with its f32 chunk (in place), group 1 the
         // head's inputs in each dtype.
-        for head_dtype in dtypes {
-            keys.push(ModuleKey {
-                family: Family::Linear,
-                wg_size: AUX_WG_SIZE,
-                cache_n: 1,
-                team: Team::Workgroup,
-                in_place: true,
-                dtype: Dtype::F32,
-                grad_dtype: Dtype::F32,
-                wide: false,
-                private_words: true,
-                head_dtype,
-            });
-        }
+        keys.extend(dtypes.map(ModuleKey::linear));
         keys
     }
 

@@ -112,6 +112,54 @@ pub(crate) fn upload(
     Ok(buffer)
 }
 
+/// Reads back `sections` (`(buffer, bytes)` from the start of each `COPY_SRC` buffer) after
+/// the commands already in `encoder`: one mappable buffer, one submit, one wait. `scopes` are
+/// the caller's error scopes (pushed before it made its buffers), popped last-first before the
+/// map's own error is looked at: a device error (out of memory, validation) explains a failed
+/// map better. The staging calls' one readback.
+pub(crate) fn read_sections(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    mut encoder: wgpu::CommandEncoder,
+    sections: &[(&wgpu::Buffer, u64)],
+    scopes: Vec<wgpu::ErrorScopeGuard>,
+) -> Result<Vec<Vec<u8>>> {
+    let mut at = Vec::with_capacity(sections.len());
+    let mut total = 0u64;
+    for &(_, bytes) in sections {
+        at.push(total);
+        total += bytes.next_multiple_of(wgpu::MAP_ALIGNMENT);
+    }
+    let readback = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("lsce readback"),
+        size: total.max(4),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    for (&(buffer, bytes), &to) in sections.iter().zip(&at) {
+        encoder.copy_buffer_to_buffer(buffer, 0, &readback, to, bytes);
+    }
+    let mapped = submit_and_map(device, queue, encoder, &readback);
+    for scope in scopes.into_iter().rev() {
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(LsceError::Device(err.to_string()));
+        }
+    }
+    mapped?;
+    let view = readback
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| LsceError::Readback(e.to_string()))?;
+    let out = sections
+        .iter()
+        .zip(&at)
+        .map(|(&(_, bytes), &from)| view[from as usize..(from + bytes) as usize].to_vec())
+        .collect();
+    drop(view);
+    readback.unmap();
+    Ok(out)
+}
+
 /// Submits `encoder` and maps `readback` (a `MAP_READ` buffer the encoder copies into) for
 /// reading, waiting for both. A lost device or a failed map gives an `Err`.
 pub(crate) fn submit_and_map(

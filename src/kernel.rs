@@ -444,61 +444,59 @@ fn head_storage_bindings() -> u32 {
 }
 
 /// Bind group 1 of the fused linear head: its parameters (`LinearParams`, dynamic offset per
-/// chunk) and the slots of `HeadSlot`.
+/// step) and the slots of `HeadSlot`.
 fn head_bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout {
-    let mut entries = vec![wgpu::BindGroupLayoutEntry {
-        binding: 0,
-        visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Uniform,
-            has_dynamic_offset: true,
-            min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<LinearParams>() as u64),
-        },
-        count: None,
-    }];
-    entries.extend(HeadSlot::ALL.map(|slot| wgpu::BindGroupLayoutEntry {
-        binding: slot.binding(),
-        visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage {
-                read_only: !slot.info().1,
-            },
-            has_dynamic_offset: false,
-            min_binding_size: None,
-        },
-        count: None,
-    }));
-    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some("lsce linear head"),
-        entries: &entries,
-    })
+    group_layout(
+        device,
+        "lsce linear head",
+        std::mem::size_of::<LinearParams>(),
+        HeadSlot::ALL.map(|slot| (slot.binding(), slot.info().1)),
+    )
 }
 
 fn bind_group_layout(device: &wgpu::Device, in_place: bool) -> wgpu::BindGroupLayout {
+    group_layout(
+        device,
+        if in_place { "lsce in-place" } else { "lsce" },
+        std::mem::size_of::<Params>(),
+        Slot::ALL.map(|slot| (slot.binding(), slot.writable(in_place))),
+    )
+}
+
+/// A bind group layout: a uniform of `uniform_bytes` with a dynamic offset at binding 0, then
+/// storage buffers `(binding, writable)`.
+fn group_layout<const N: usize>(
+    device: &wgpu::Device,
+    label: &str,
+    uniform_bytes: usize,
+    storage: [(u32, bool); N],
+) -> wgpu::BindGroupLayout {
     let mut entries = vec![wgpu::BindGroupLayoutEntry {
         binding: 0,
         visibility: wgpu::ShaderStages::COMPUTE,
         ty: wgpu::BindingType::Buffer {
             ty: wgpu::BufferBindingType::Uniform,
             has_dynamic_offset: true,
-            min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+            min_binding_size: wgpu::BufferSize::new(uniform_bytes as u64),
         },
         count: None,
     }];
-    entries.extend(Slot::ALL.map(|slot| wgpu::BindGroupLayoutEntry {
-        binding: slot.binding(),
-        visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage {
-                read_only: !slot.writable(in_place),
+    entries.extend(
+        storage.map(|(binding, writable)| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage {
+                    read_only: !writable,
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
             },
-            has_dynamic_offset: false,
-            min_binding_size: None,
-        },
-        count: None,
-    }));
+            count: None,
+        }),
+    );
     device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some(if in_place { "lsce in-place" } else { "lsce" }),
+        label: Some(label),
         entries: &entries,
     })
 }

@@ -3,7 +3,7 @@
 
 use crate::batch::{Batch, Targets, UpstreamGrad};
 use crate::buffers::LossBuffers;
-use crate::device::{submit_and_map, upload};
+use crate::device::{read_sections, upload};
 use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
@@ -161,61 +161,29 @@ impl LossKernel {
             Gradient::Separate => grad.as_ref(),
             Gradient::InPlace => Some(&logits),
         };
-        let mut sections: Vec<(&wgpu::Buffer, u64, u64)> = Vec::new();
-        let mut total = 0u64;
-        let mut section = |buffer, bytes: u64| {
-            let at = total;
-            sections.push((buffer, at, bytes));
-            total += bytes.next_multiple_of(wgpu::MAP_ALIGNMENT);
-            at
-        };
-        let at_summary = section(&summary, Summary::SIZE);
-        let at_lse = section(&lse, rows_bytes);
-        let at_loss = loss.as_ref().map(|b| section(b, rows_bytes));
-        let at_grad = grad_source.map(|b| section(b, grad_bytes));
-        let readback = output(
-            "lsce readback",
-            total,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        for &(buffer, at, bytes) in &sections {
-            encoder.copy_buffer_to_buffer(buffer, 0, &readback, at, bytes);
-        }
-        let mapped = submit_and_map(device, queue, encoder, &readback);
-        // A device error explains a failed map better than the map's own error.
-        if let Some(err) = pollster::block_on(validation.pop()) {
-            return Err(LsceError::Device(err.to_string()));
-        }
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(LsceError::Device(err.to_string()));
-        }
-        mapped?;
-        let slice = readback.slice(..);
-
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| LsceError::Readback(e.to_string()))?;
-        let floats = |at: u64, bytes: u64| -> Vec<f32> {
-            bytemuck::cast_slice(&view[at as usize..(at + bytes) as usize]).to_vec()
-        };
-        let summary = Summary::from_bytes(&view[at_summary as usize..]);
+        let mut sections = vec![(&summary, Summary::SIZE), (&lse, rows_bytes)];
+        sections.extend(loss.as_ref().map(|b| (b, rows_bytes)));
+        sections.extend(grad_source.map(|b| (b, grad_bytes)));
+        let read = read_sections(device, queue, encoder, &sections, vec![scope, validation])?;
+        let floats = |bytes: &[u8]| -> Vec<f32> { bytemuck::cast_slice(bytes).to_vec() };
+        let summary = Summary::from_bytes(&read[0]);
         let out = LossOutput {
-            loss: match at_loss {
-                Some(at) => floats(at, rows_bytes),
+            loss: match loss {
+                Some(_) => floats(&read[2]),
                 None => vec![summary.loss],
             },
             z_loss: if per_row_loss {
-                floats(at_lse, rows_bytes)
+                floats(&read[1])
                     .into_iter()
                     .map(|l| spec.z_loss * l * l)
                     .collect()
             } else {
                 vec![summary.z_loss]
             },
-            lse: floats(at_lse, rows_bytes),
-            grad: at_grad.map(|at| {
+            lse: floats(&read[1]),
+            grad: grad_source.map(|_| {
                 let n = shape.elements() as usize;
-                let bytes = &view[at as usize..(at + grad_bytes) as usize];
+                let bytes = &read[read.len() - 1];
                 match grad_dtype {
                     Dtype::F32 => bytemuck::cast_slice::<u8, f32>(bytes)[..n].to_vec(),
                     Dtype::F16 => bytemuck::cast_slice::<u8, u16>(bytes)[..n]
@@ -231,8 +199,6 @@ impl LossKernel {
             denominator: summary.denominator,
             correct: options.accuracy.then_some(u64::from(summary.correct)),
         };
-        drop(view);
-        readback.unmap();
         summary.check(shape.classes())?;
         Ok(out)
     }

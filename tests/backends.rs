@@ -5,34 +5,11 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
-use common::{check, device_for_backend, Errors, Gpu, Rng};
+use common::{check, gl, vulkan, Errors, Gpu, Rng};
 use lsce::{
     Batch, Gradient, KernelConfig, LossKernel, LossSpec, LsceError, Reduction, Shape,
     StagingOptions, UpstreamGrad,
 };
-
-fn gl() -> &'static Gpu {
-    static GL: OnceLock<Gpu> = OnceLock::new();
-    GL.get_or_init(|| {
-        let g = device_for_backend(
-            wgpu::Backends::GL,
-            "`libegl1 libegl-mesa0 libgl1-mesa-dri` (Mesa's llvmpipe through EGL)",
-        );
-        eprintln!("[device] {}", g.name);
-        g
-    })
-}
-
-fn vulkan() -> &'static Gpu {
-    static VK: OnceLock<Gpu> = OnceLock::new();
-    VK.get_or_init(|| {
-        let g = device_for_backend(wgpu::Backends::VULKAN, "`mesa-vulkan-drivers` (lavapipe)");
-        eprintln!("[device] {}", g.name);
-        g
-    })
-}
 
 /// The subgroup path must really run somewhere in CI: lavapipe has Features::SUBGROUP.
 #[test]

@@ -34,34 +34,11 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
-use common::{device_for_backend, Gpu, Rng, E, SAFETY};
+use common::{gl, vulkan, Gpu, Rng, E, SAFETY};
 use lsce::linear::{
     cpu, HeadGradients, LinearBatch, LinearOptions, LinearOutput, LinearPlan, LinearProblem, Memory,
 };
 use lsce::{Dtype, Logits, LossKernel, LossSpec, LsceError, Reduction, Smoothing, UpstreamGrad};
-
-fn vulkan() -> &'static Gpu {
-    static VK: OnceLock<Gpu> = OnceLock::new();
-    VK.get_or_init(|| {
-        let g = device_for_backend(wgpu::Backends::VULKAN, "`mesa-vulkan-drivers` (lavapipe)");
-        eprintln!("[device] {}", g.name);
-        g
-    })
-}
-
-fn gl() -> &'static Gpu {
-    static GL: OnceLock<Gpu> = OnceLock::new();
-    GL.get_or_init(|| {
-        let g = device_for_backend(
-            wgpu::Backends::GL,
-            "`libegl1 libegl-mesa0 libgl1-mesa-dri` (Mesa's llvmpipe through EGL)",
-        );
-        eprintln!("[device] {}", g.name);
-        g
-    })
-}
 
 /// Host data of one case: inputs as f32 (the exact values of `dtype`) and their raw form.
 struct Case {

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use crate::batch::TargetKind;
 use crate::buffers::WORD;
-use crate::compose::{Family, ModuleKey, Team};
+use crate::compose::{Family, ModuleKey};
 use crate::device::upload;
 use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
 use crate::kernel::{LossKernel, PipelineKey, Switches};
 use crate::layout::{
-    LinearParams, Params, ShardHeader, ShardMergedRow, ShardRecord, SharedLayout, AUX_WG_SIZE,
-    CHUNK_ROWS, CONTROL_HEADER_WORDS, PARTIAL_WORDS,
+    LinearParams, Params, ShardHeader, ShardMergedRow, ShardRecord, SharedLayout, CHUNK_ROWS,
+    CONTROL_HEADER_WORDS, PARTIAL_WORDS,
 };
 use crate::plan::spec_params;
 #[allow(unused_imports)] // rustdoc link
@@ -401,30 +401,23 @@ impl LinearPlan {
             write_grad: gradients != HeadGradients::None,
             accuracy: loss.accuracy,
         };
-        let module = |family, team, head_dtype| ModuleKey {
-            family,
-            wg_size: AUX_WG_SIZE,
-            cache_n: 1,
-            team,
-            // Group 0 is the in-place loss layout: the chunk is read and written as `logits`.
-            in_place: true,
-            dtype: Dtype::F32,
-            grad_dtype: Dtype::F32,
-            wide: false,
-            private_words: true,
-            head_dtype,
-        };
+        // The loss's setup and finalize, on the same group 0 as the head's module (the in-place
+        // layout: the chunk is read and written as `logits`).
         let team = inner.workgroup_team();
         let loss_pipeline = |family, entry| {
             inner.pipeline(PipelineKey {
-                module: module(family, team, Dtype::F32),
+                module: ModuleKey {
+                    family,
+                    team,
+                    ..ModuleKey::linear(Dtype::F32)
+                },
                 entry,
                 switches,
             })
         };
         let linear = |entry| {
             inner.pipeline(PipelineKey {
-                module: module(Family::Linear, Team::Workgroup, loss.dtype),
+                module: ModuleKey::linear(loss.dtype),
                 entry,
                 switches,
             })
@@ -470,7 +463,7 @@ impl LinearPlan {
                 uniforms,
                 stride,
                 pipelines,
-                head_module: module(Family::Linear, Team::Workgroup, loss.dtype),
+                head_module: ModuleKey::linear(loss.dtype),
                 switches,
             }),
         })

@@ -1,8 +1,8 @@
 //! The fused linear head's staging call: host slices in, `Vec`s out.
 
 use crate::batch::{Targets, UpstreamGrad};
-use crate::device::{submit_and_map, upload};
-use crate::error::{LsceError, Result};
+use crate::device::{read_sections, upload};
+use crate::error::Result;
 use crate::kernel::LossKernel;
 use crate::layout::Summary;
 use crate::output::LossOutput;
@@ -128,49 +128,30 @@ impl LossKernel {
         binding.encode(&mut encoder);
 
         // Everything read back goes through one mappable buffer.
-        let mut sections: Vec<(&wgpu::Buffer, u64, u64)> = Vec::new();
-        let mut total = 0u64;
-        let mut section = |buffer, bytes: u64| {
-            let at = total;
-            sections.push((buffer, at, bytes));
-            total += bytes.next_multiple_of(wgpu::MAP_ALIGNMENT);
-            at
-        };
-        let at_summary = section(&summary, Summary::SIZE);
-        let at_lse = section(&lse, rows * 4);
-        let at_loss = loss_rows.as_ref().map(|b| section(b, rows * 4));
-        let at_dh = d_hidden.as_ref().map(|b| section(b, rows * dim * 4));
-        let at_dw = d_head.as_ref().map(|b| section(b, vocab * dim * 4));
-        let at_db = d_bias.as_ref().map(|b| section(b, vocab * 4));
-        let readback = output(
-            "lsce readback",
-            total,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        for &(buffer, at, bytes) in &sections {
-            encoder.copy_buffer_to_buffer(buffer, 0, &readback, at, bytes);
-        }
-        let mapped = submit_and_map(device, queue, encoder, &readback);
-        if let Some(err) = pollster::block_on(validation.pop()) {
-            return Err(LsceError::Device(err.to_string()));
-        }
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(LsceError::Device(err.to_string()));
-        }
-        mapped?;
-        let view = readback
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| LsceError::Readback(e.to_string()))?;
-        let floats = |at: u64, bytes: u64| -> Vec<f32> {
-            bytemuck::cast_slice(&view[at as usize..(at + bytes) as usize]).to_vec()
-        };
-        let summary = Summary::from_bytes(&view[at_summary as usize..]);
-        let lse_values = floats(at_lse, rows * 4);
+        let mut sections = vec![(&summary, Summary::SIZE), (&lse, rows * 4)];
+        sections.extend(loss_rows.as_ref().map(|b| (b, rows * 4)));
+        let gradients = [
+            d_hidden.as_ref().map(|b| (b, rows * dim * 4)),
+            d_head.as_ref().map(|b| (b, vocab * dim * 4)),
+            d_bias.as_ref().map(|b| (b, vocab * 4)),
+        ];
+        sections.extend(gradients.iter().flatten().copied());
+        let read = read_sections(device, queue, encoder, &sections, vec![scope, validation])?;
+        let floats = |bytes: &[u8]| -> Vec<f32> { bytemuck::cast_slice(bytes).to_vec() };
+        let summary = Summary::from_bytes(&read[0]);
+        let lse_values = floats(&read[1]);
+        // The gradients follow the sections before them, in order.
+        let mut next = 2 + usize::from(loss_rows.is_some());
+        let [d_hidden, d_head, d_bias] = gradients.map(|g| {
+            g.map(|_| {
+                next += 1;
+                floats(&read[next - 1])
+            })
+        });
         let result = LinearOutput {
             loss: LossOutput {
-                loss: match at_loss {
-                    Some(at) => floats(at, rows * 4),
+                loss: match loss_rows {
+                    Some(_) => floats(&read[2]),
                     None => vec![summary.loss],
                 },
                 z_loss: if per_row_loss {
@@ -183,12 +164,10 @@ impl LossKernel {
                 denominator: summary.denominator,
                 correct: options.accuracy.then_some(u64::from(summary.correct)),
             },
-            d_hidden: at_dh.map(|at| floats(at, rows * dim * 4)),
-            d_head: at_dw.map(|at| floats(at, vocab * dim * 4)),
-            d_bias: at_db.map(|at| floats(at, vocab * 4)),
+            d_hidden,
+            d_head,
+            d_bias,
         };
-        drop(view);
-        readback.unmap();
         plan.check(&summary)?;
         Ok(result)
     }

@@ -185,6 +185,31 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// Vulkan's first adapter (lavapipe in CI, with `Features::SUBGROUP`), once per test binary.
+#[allow(dead_code)] // not every test binary picks a backend
+pub fn vulkan() -> &'static Gpu {
+    static VK: OnceLock<Gpu> = OnceLock::new();
+    VK.get_or_init(|| {
+        let g = device_for_backend(wgpu::Backends::VULKAN, "`mesa-vulkan-drivers` (lavapipe)");
+        eprintln!("[device] {}", g.name);
+        g
+    })
+}
+
+/// GL's first adapter (llvmpipe through EGL in CI, no subgroups), once per test binary.
+#[allow(dead_code)]
+pub fn gl() -> &'static Gpu {
+    static GL: OnceLock<Gpu> = OnceLock::new();
+    GL.get_or_init(|| {
+        let g = device_for_backend(
+            wgpu::Backends::GL,
+            "`libegl1 libegl-mesa0 libgl1-mesa-dri` (Mesa's llvmpipe through EGL)",
+        );
+        eprintln!("[device] {}", g.name);
+        g
+    })
+}
+
 /// The first adapter of `backend`, or a panic that says what to install.
 pub fn device_for_backend(backend: wgpu::Backends, install: &str) -> Gpu {
     let adapters = lsce::adapters(backend);
