@@ -17,11 +17,11 @@
 //! `load_params()` and `team_begin(..)`, the team interface of team_workgroup.wgsl, the word
 //! constants of src/layout.rs), a [`Family`] variant with its fragment here (and in
 //! `every_module_key`, so the naga test covers it), any record it keeps in `control` as a
-//! `shared_layout!` in src/layout.rs, its pipelines in src/plan.rs (a [`RowPass`] if it runs per
+//! `shared_layout!` in src/layout.rs, its pipelines in src/plan.rs (a [`RowPass`] of src/row_kernel.rs if it runs per
 //! row), its dispatch in src/encode.rs, its CPU mirror in src/cpu.rs, and a test that holds the
 //! two together.
 //!
-//! [`RowPass`]: crate::plan::RowPass
+//! [`RowPass`]: crate::row_kernel::RowPass
 //!
 //! Everything else that varies per pipeline (weights, probability targets, soft-cap, gradient,
 //! accuracy) is a WGSL `override` constant, set at pipeline creation ([`crate::kernel`]).

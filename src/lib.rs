@@ -201,6 +201,7 @@ mod layout;
 mod output;
 mod plan;
 mod problem;
+mod row_kernel;
 mod shape;
 pub mod shards;
 mod spec;

@@ -9,12 +9,13 @@ use crate::buffers::WORD;
 use crate::compose::Family;
 use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
-use crate::kernel::{LossKernel, PipelineKey, RowShape, Switches};
+use crate::kernel::{LossKernel, PipelineKey, Switches};
 use crate::layout::{
     reduction_code, Params, ShardHeader, ShardMergedRow, ShardRecord, SharedLayout, Slot,
     SplitRecord, UpstreamMode, AUX_WG_SIZE, CONTROL_HEADER_WORDS, PARTIAL_WORDS,
 };
 use crate::problem::{Gradient, Problem};
+use crate::row_kernel::{RowKernel, RowPass};
 use crate::spec::{Reduction, TargetValues};
 use crate::windows::{row_windows, BoundWindow, Window};
 
@@ -27,88 +28,6 @@ use crate::windows::{row_windows, BoundWindow, Window};
 #[derive(Clone, Debug)]
 pub struct LossPlan {
     pub(crate) inner: Arc<PlanInner>,
-}
-
-/// Which row kernel a plan runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RowKernel {
-    /// rows.wgsl: one team per row, or per part when `split_parts > 1`.
-    Teams { shape: RowShape, split_parts: u32 },
-    /// strided.wgsl: `[N, C, d..]` logits, one invocation per row.
-    Strided,
-}
-
-/// One dispatch of the row kernel (per window).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RowPass {
-    /// `rows_main`: the whole row (loss, lse, gradient) per team.
-    Main,
-    /// `split_stats`: each part's statistics into its [`SplitRecord`].
-    SplitStats,
-    /// `split_finish`: per row, the parts' records merged in order.
-    SplitFinish,
-    /// `split_grad`: each part's gradient.
-    SplitGrad,
-    /// `strided_main`: the whole row per invocation.
-    Strided,
-    /// A vocabulary shard's pass 1 (src/shards).
-    ShardStats,
-    /// A vocabulary shard's pass 2 from host-merged rows.
-    ShardGrad,
-    /// A vocabulary shard's pass 2 merging all shards' records on the device.
-    ShardMergeGrad,
-}
-
-impl RowPass {
-    pub fn entry(self) -> &'static str {
-        match self {
-            RowPass::Main => "rows_main",
-            RowPass::SplitStats => "split_stats",
-            RowPass::SplitFinish => "split_finish",
-            RowPass::SplitGrad => "split_grad",
-            RowPass::Strided => "strided_main",
-            RowPass::ShardStats => "shard_stats",
-            RowPass::ShardGrad => "shard_grad",
-            RowPass::ShardMergeGrad => "shard_merge_grad",
-        }
-    }
-
-    pub fn family(self) -> Family {
-        match self {
-            RowPass::Strided => Family::Strided,
-            _ => Family::Rows,
-        }
-    }
-
-    /// Whether it runs one team per part of a row rather than one per row.
-    pub fn per_part(self) -> bool {
-        matches!(self, RowPass::SplitStats | RowPass::SplitGrad)
-    }
-}
-
-impl RowKernel {
-    /// The row passes in dispatch order.
-    pub fn passes(self, gradient: Gradient) -> Vec<RowPass> {
-        match self {
-            RowKernel::Strided => vec![RowPass::Strided],
-            RowKernel::Teams { split_parts: 1, .. } => vec![RowPass::Main],
-            RowKernel::Teams { .. } => {
-                let mut passes = vec![RowPass::SplitStats, RowPass::SplitFinish];
-                if gradient.is_some() {
-                    passes.push(RowPass::SplitGrad);
-                }
-                passes
-            }
-        }
-    }
-
-    /// Parts per row.
-    pub fn split_parts(self) -> u32 {
-        match self {
-            RowKernel::Teams { split_parts, .. } => split_parts,
-            RowKernel::Strided => 1,
-        }
-    }
 }
 
 #[derive(Debug)]
