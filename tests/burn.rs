@@ -304,6 +304,71 @@ fn f16_logits_give_an_f16_gradient_matching_the_reference() {
     }
 }
 
+/// Issue 14, item 1: large upstream gradients (1, 1024, 65536: the usual initial loss scale of
+/// mixed-precision training, past f16's largest value 65504) and a per-row one, for f32 and
+/// f16 logits, in both modes, against the CPU reference. The upstream gradient multiplies the
+/// gradient in f32 and the product is rounded once to the logits' type, so the bound is
+/// `check_against_reference`'s (one f32 rounding of the product for `Keep`, one rounding to
+/// f16). `Mean` over 16 rows keeps every gradient below 65536 / 16 (each `|p - a| <= 1`), so
+/// all are finite in f16; the per-row upstream is below 1536 with `Reduction::None`.
+#[test]
+fn large_upstream_gradients_scale_in_f32_and_round_once() {
+    let (rows, classes) = (16usize, 33usize);
+    let logits = common::logits((rows * classes) as u64, 2.0, 37);
+    let bits: Vec<u16> = logits.iter().map(|&v| lsce::half::f32_to_f16(v)).collect();
+    let labels = common::labels(rows as u32, classes as u32, 0, 38);
+    let mut rng = Rng::new(39);
+    let row_upstream: Vec<f32> = (0..rows)
+        .map(|_| (rng.range(0.5, 1.5) * 1024.0) as f32)
+        .collect();
+    let shape = Shape::matrix(rows as u32, classes as u32).unwrap();
+    for half in [false, true] {
+        let batch_logits = if half {
+            lsce::Logits::F16(&bits)
+        } else {
+            lsce::Logits::F32(&logits)
+        };
+        for mode in [GradientMode::Keep, GradientMode::Recompute] {
+            for upstream in [Some(1.0f32), Some(1024.0), Some(65536.0), None] {
+                let (spec, upstream, batch_upstream) = match upstream {
+                    Some(g) => (
+                        LossSpec::pytorch(0.1),
+                        Upstream::Scalar(g),
+                        UpstreamGrad::Scalar(g),
+                    ),
+                    None => (
+                        LossSpec::pytorch(0.1).with_reduction(Reduction::None),
+                        Upstream::PerRow,
+                        UpstreamGrad::PerRow(&row_upstream),
+                    ),
+                };
+                let config = LsceLossConfig::new().with_spec(spec).with_gradient(mode);
+                let run = run_lsce::<2, 1>(
+                    [rows, classes],
+                    &logits,
+                    Some(&labels),
+                    None,
+                    &config,
+                    upstream,
+                    &row_upstream,
+                    half,
+                );
+                let batch =
+                    Batch::classes(shape, batch_logits, &labels).with_upstream(batch_upstream);
+                let dtype = if half { "f16" } else { "f32" };
+                check_against_reference(
+                    &format!("{dtype} {mode:?} upstream {upstream:?}"),
+                    &spec,
+                    &batch,
+                    &run,
+                    mode,
+                    half,
+                );
+            }
+        }
+    }
+}
+
 /// Burn's `CrossEntropyLoss` in f32, bounded like the kernels' arithmetic in `tests/common`:
 /// per row, its log-softmax sums `K` exponentials (`(K + 8) E` relative, with the exp and log
 /// errors of `3 + 2|x|` ulp and 3 ulp), the smoothed sum adds `K` more terms, and the mean
