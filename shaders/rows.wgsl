@@ -286,14 +286,6 @@ fn part_units(row: Row, part: u32) -> vec2<u32> {
     return vec2<u32>(row.units * part / Q.split_parts, row.units * (part + 1u) / Q.split_parts);
 }
 
-fn record_word(at: u32) -> f32 {
-    return bitcast<f32>(atomicLoad(&control[at]));
-}
-
-fn set_record_word(at: u32, v: f32) {
-    atomicStore(&control[at], bitcast<u32>(v));
-}
-
 @compute @workgroup_size(WG_SIZE)
 fn split_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     load_params();
@@ -388,6 +380,8 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
 // Q.class_begin = c0 and Q.label_classes = K; a label another shard holds is NONE_U32 here
 // (label_row). Its records live where split rows keep theirs (Q.split_base in `control`),
 // one `ShardRecord` (src/layout.rs) per row; the host copies them out (pass 1) or in (pass 2).
+// The record words and the on-device merge are in shard_records.wgsl (shared with the strided
+// shard passes of strided.wgsl).
 //   shard_stats: pass 1: per row, one sweep (one read, one exp per logit) into the row's
 //                ShardRecord: m, s, sum a (m - z), sum a, argmax, label, kind and flags.
 //   shard_grad:  pass 2: per row, the gradient from the host-merged ShardMergedRow
@@ -409,17 +403,9 @@ fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         var row = row_at(r);
         let label_i = row_label(r);
         let kind = label_row(&row);
-        let at = Q.split_base + (Q.row_begin + r) * SHARD_RECORD_WORDS;
         if (kind != ROW_VALID) {
             if (team_lid() == 0u) {
-                set_record_word(at + SHARD_RECORD_MAX, NEG_BIG);
-                set_record_word(at + SHARD_RECORD_SUM_EXP, 0.0);
-                set_record_word(at + SHARD_RECORD_SHIFTED, 0.0);
-                set_record_word(at + SHARD_RECORD_MASS, 0.0);
-                set_record_word(at + SHARD_RECORD_ARGMAX_VALUE, neg_inf());
-                atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], NONE_U32);
-                atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
-                atomicStore(&control[at + SHARD_RECORD_FLAGS], kind);
+                write_unusable_record(r, label_i, kind);
             }
             continue;
         }
@@ -431,14 +417,7 @@ fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         }
         let sums = target_sums(sweep.st.m, sweep.st.v, row.extra, z_label);
         if (team_lid() == 0u) {
-            set_record_word(at + SHARD_RECORD_MAX, sweep.st.m);
-            set_record_word(at + SHARD_RECORD_SUM_EXP, sweep.st.v.x);
-            set_record_word(at + SHARD_RECORD_SHIFTED, sums.y);
-            set_record_word(at + SHARD_RECORD_MASS, sums.x);
-            atomicStore(&control[at + SHARD_RECORD_ARGMAX_VALUE], arg.x);
-            atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], select(arg.y + Q.class_begin, NONE_U32, arg.y == NONE_U32));
-            atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
-            atomicStore(&control[at + SHARD_RECORD_FLAGS], ROW_VALID | select(0u, SHARD_HOLDS_LABEL, !SOFT_TARGETS && row.label != NONE_U32));
+            write_record(r, sweep.st, sums, arg, label_i, row.label);
         }
     }
 }
@@ -449,66 +428,15 @@ fn shard_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     team_begin(ids, wid, nwg);
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
-        let at = Q.split_base + (Q.row_begin + r) * SHARD_MERGED_WORDS;
         // The kind from this shard's own labels, the same as the merged one, and uniform.
         let kind = label_row(&row);
         if (kind != ROW_VALID) {
             fill_units(row, 0u, row.units, unusable_value(kind));
             continue;
         }
-        let consts = vec2<f32>(record_word(at + SHARD_MERGED_COEF), record_word(at + SHARD_MERGED_SCALE) * Q.logit_scale);
-        sweep_grad(row, 0u, row.units, record_word(at + SHARD_MERGED_MAX), consts);
+        let merged = merged_row(r);
+        sweep_grad(row, 0u, row.units, merged.x, merged.yz);
     }
-}
-
-// The first word of shard p's block (Q.split_parts blocks of a ShardHeader and one
-// ShardRecord per row of all windows), and of its record of a row.
-fn shard_block(p: u32) -> u32 {
-    return Q.split_base + p * (SHARD_HEADER_WORDS + Q.total_rows * SHARD_RECORD_WORDS);
-}
-
-fn shard_record(p: u32, global_row: u32) -> u32 {
-    return shard_block(p) + SHARD_HEADER_WORDS + global_row * SHARD_RECORD_WORDS;
-}
-
-// The P shards' records of a row, merged in rank order.
-struct MergedRow {
-    st: OnlineStats,  // m = M; v.x = S, v.y = sum a (M - z), v.z = A
-    arg: vec2<u32>,   // first largest raw logit (bits) and its global class
-}
-
-fn merge_shard_records(global_row: u32) -> MergedRow {
-    var m = NEG_BIG;
-    for (var p = 0u; p < Q.split_parts; p++) {
-        m = max(m, record_word(shard_record(p, global_row) + SHARD_RECORD_MAX));
-    }
-    var v = vec4<f32>(0.0);
-    var arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
-    for (var p = 0u; p < Q.split_parts; p++) {
-        let at = shard_record(p, global_row);
-        // The shard's sums re-expressed relative to the row's max, added in rank order.
-        let part = OnlineStats(record_word(at + SHARD_RECORD_MAX), vec4<f32>(record_word(at + SHARD_RECORD_SUM_EXP), record_word(at + SHARD_RECORD_SHIFTED), record_word(at + SHARD_RECORD_MASS), 0.0));
-        v += relative_to(part, m);
-        let value = atomicLoad(&control[at + SHARD_RECORD_ARGMAX_VALUE]);
-        // Shards are in class order: a later one replaces only when strictly larger.
-        if (arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(arg.x)) {
-            arg = vec2<u32>(value, atomicLoad(&control[at + SHARD_RECORD_ARGMAX_CLASS]));
-        }
-    }
-    return MergedRow(OnlineStats(m, v), arg);
-}
-
-// The mean's denominator: the shards' parts (header word 7) in rank order; the row count for
-// probability targets.
-fn merged_denominator() -> f32 {
-    if (SOFT_TARGETS) {
-        return f32(Q.total_rows);
-    }
-    var d = 0.0;
-    for (var p = 0u; p < Q.split_parts; p++) {
-        d += record_word(shard_block(p) + SHARD_HEADER_DENOMINATOR);
-    }
-    return d;
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -516,9 +444,8 @@ fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builti
     load_params();
     team_begin(ids, wid, nwg);
     let d = merged_denominator();
-    if (team_first_row() == 0u && team_lid() == 0u && Q.row_begin == 0u) {
-        // For the reduction after this pass (setup_final wrote this shard's part alone).
-        atomicStore(&control[SUMMARY_DENOMINATOR], bitcast<u32>(d));
+    if (team_first_row() == 0u && team_lid() == 0u) {
+        publish_denominator(d);
     }
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
@@ -531,15 +458,7 @@ fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builti
         // which the others add zeros (exact), rather than each repeating the P loads.
         var mine = vec4<f32>(0.0);
         if (team_lid() == 0u) {
-            let merged = merge_shard_records(Q.row_begin + r);
-            let st = merged.st;
-            let log_s = log(st.v.x);
-            let lse_v = st.m + log_s;
-            store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
-            if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(row_label(r)) && !is_nan(lse_v)) {
-                atomicAdd(&control[SUMMARY_CORRECT], 1u);
-            }
-            mine = vec4<f32>(st.m, (st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x, row_scale_over(r, d) * Q.logit_scale, 0.0);
+            mine = vec4<f32>(finish_merged_row(r, d), 0.0);
         }
         if (WRITE_GRAD) {
             let k = team_sum4(mine);

@@ -187,8 +187,14 @@ impl<'a> Batch<'a> {
     /// Checks lengths, weights, labels and the upstream gradient against the shape and spec.
     pub fn validate(&self, spec: &LossSpec) -> Result<TargetValues> {
         let values = self.validate_layout(spec)?;
+        self.check_labels(spec, self.shape.classes())?;
+        Ok(values)
+    }
+
+    /// `Err(LabelOutOfRange)` for the first class label outside `[0, classes)` that is not the
+    /// ignore index; `classes` is the shape's, or the global class count of a vocabulary shard.
+    pub(crate) fn check_labels(&self, spec: &LossSpec, classes: u32) -> Result<()> {
         if let Targets::Classes(labels) = self.targets {
-            let classes = self.shape.classes();
             if let Some((row, &label)) = labels
                 .iter()
                 .enumerate()
@@ -201,13 +207,21 @@ impl<'a> Batch<'a> {
                 });
             }
         }
-        Ok(values)
+        Ok(())
     }
 
     /// Everything [`Batch::validate`] checks except the label values, which the GPU checks
     /// itself (and reports through [`Summary`](crate::Summary)).
     pub fn validate_layout(&self, spec: &LossSpec) -> Result<TargetValues> {
         let values = spec.resolve(self.shape.classes())?;
+        self.check_inputs(spec.reduction)?;
+        Ok(values)
+    }
+
+    /// The checks of [`Batch::validate_layout`] that need no spec but the reduction: lengths
+    /// against the shape, the weights' values and the upstream gradient. A vocabulary shard's
+    /// batch (whose spec is over the global classes) is checked by this alone.
+    pub(crate) fn check_inputs(&self, reduction: Reduction) -> Result<()> {
         let rows = self.shape.rows() as usize;
         let elements =
             usize::try_from(self.shape.elements()).map_err(|_| LsceError::ShapeTooLarge {
@@ -228,8 +242,7 @@ impl<'a> Batch<'a> {
                 return Err(LsceError::InvalidWeight { class, value });
             }
         }
-        self.upstream.check(spec.reduction, rows)?;
-        Ok(values)
+        self.upstream.check(reduction, rows)
     }
 }
 

@@ -10,6 +10,7 @@
 //! accessors   load_{f32,f32x4,16bit}.wgsl, store_{f32,f32x4,16bit}.wgsl, {f16,bf16}.wgsl
 //! common.wgsl the per-logit math
 //! team        team_subgroup.wgsl | team_workgroup.wgsl + team_reduce_{memory,subgroups}.wgsl
+//! records     shard_records.wgsl (the row families: vocabulary shards' records)
 //! family      rows.wgsl | strided.wgsl | setup.wgsl | finalize.wgsl
 //! ```
 //!
@@ -48,6 +49,7 @@ mod fragment {
     pub const TEAM_SUBGROUP: &str = include_str!("../shaders/team_subgroup.wgsl");
     pub const ROWS: &str = include_str!("../shaders/rows.wgsl");
     pub const STRIDED: &str = include_str!("../shaders/strided.wgsl");
+    pub const SHARD_RECORDS: &str = include_str!("../shaders/shard_records.wgsl");
     pub const SETUP: &str = include_str!("../shaders/setup.wgsl");
     pub const FINALIZE: &str = include_str!("../shaders/finalize.wgsl");
 }
@@ -197,6 +199,10 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
             src.extend([fragment::TEAM_WORKGROUP, fragment::TEAM_REDUCE_SUBGROUPS])
         }
         Team::Subgroup => src.push_str(fragment::TEAM_SUBGROUP),
+    }
+    // The vocabulary shards' records, for the shard passes of both row families.
+    if matches!(key.family, Family::Rows | Family::Strided) {
+        src.push_str(fragment::SHARD_RECORDS);
     }
     src.push_str(match key.family {
         Family::Rows => fragment::ROWS,

@@ -70,7 +70,7 @@ pub(crate) struct Pipelines {
 }
 
 /// A plan over one vocabulary shard (src/shards): `problem.shape` is the shard's
-/// `[rows, c1 - c0]`, the spec is the global one.
+/// `[rows, c1 - c0]` or `[N, c1 - c0, d..]`, the spec is the global one.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct ShardRole {
     /// `c0`: the shard's first global class.
@@ -97,11 +97,17 @@ pub(crate) enum ShardPass {
 }
 
 impl ShardPass {
-    fn row_pass(self) -> RowPass {
-        match self {
-            ShardPass::Stats => RowPass::ShardStats,
-            ShardPass::Grad => RowPass::ShardGrad,
-            ShardPass::MergeGrad { .. } => RowPass::ShardMergeGrad,
+    /// The pass's entry point in the family of `row_kernel`: rows.wgsl for `[rows, C]`,
+    /// strided.wgsl for `[N, C, d..]`.
+    fn row_pass(self, row_kernel: RowKernel) -> RowPass {
+        let strided = row_kernel == RowKernel::Strided;
+        match (self, strided) {
+            (ShardPass::Stats, false) => RowPass::ShardStats,
+            (ShardPass::Grad, false) => RowPass::ShardGrad,
+            (ShardPass::MergeGrad { .. }, false) => RowPass::ShardMergeGrad,
+            (ShardPass::Stats, true) => RowPass::StridedShardStats,
+            (ShardPass::Grad, true) => RowPass::StridedShardGrad,
+            (ShardPass::MergeGrad { .. }, true) => RowPass::StridedShardMergeGrad,
         }
     }
 
@@ -243,7 +249,7 @@ impl LossPlan {
         };
         let pipeline = |family, entry| inner.pipeline(key(family, entry, false));
         let passes = match shard {
-            Some(role) => vec![role.pass.row_pass()],
+            Some(role) => vec![role.pass.row_pass(row_kernel)],
             None => row_kernel.passes(problem.gradient),
         };
         // Only a device-merging shard pass 2 has a loss to reduce.

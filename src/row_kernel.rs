@@ -58,6 +58,12 @@ pub(crate) enum RowPass {
     ShardGrad,
     /// A vocabulary shard's pass 2 merging all shards' records on the device.
     ShardMergeGrad,
+    /// [`RowPass::ShardStats`] of `[N, C, d..]` logits (strided.wgsl).
+    StridedShardStats,
+    /// [`RowPass::ShardGrad`] of `[N, C, d..]` logits.
+    StridedShardGrad,
+    /// [`RowPass::ShardMergeGrad`] of `[N, C, d..]` logits.
+    StridedShardMergeGrad,
 }
 
 impl RowPass {
@@ -71,12 +77,18 @@ impl RowPass {
             RowPass::ShardStats => "shard_stats",
             RowPass::ShardGrad => "shard_grad",
             RowPass::ShardMergeGrad => "shard_merge_grad",
+            RowPass::StridedShardStats => "strided_shard_stats",
+            RowPass::StridedShardGrad => "strided_shard_grad",
+            RowPass::StridedShardMergeGrad => "strided_shard_merge_grad",
         }
     }
 
     pub fn family(self) -> Family {
         match self {
-            RowPass::Strided => Family::Strided,
+            RowPass::Strided
+            | RowPass::StridedShardStats
+            | RowPass::StridedShardGrad
+            | RowPass::StridedShardMergeGrad => Family::Strided,
             _ => Family::Rows,
         }
     }
