@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, DeviceKind, FloatDType, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, DeviceKind, FloatDType, Int, IntDType, Tensor, TensorData};
 use common::{assert_close, Rng, E, SAFETY};
 use lsce::burn::{BurnError, GradientMode, LsceLossConfig};
 use lsce::{Batch, KernelConfig, LossSpec, Reduction, Shape, Smoothing, UpstreamGrad};
@@ -365,6 +365,31 @@ fn large_upstream_gradients_scale_in_f32_and_round_once() {
                     half,
                 );
             }
+        }
+    }
+}
+
+/// Issue 14: bf16 logits on a device without bf16 (`Device::supports_dtype`) are an `Err` from
+/// `try_forward`, not a panic on cubecl's device thread. The logits are uploaded as bf16 bytes
+/// (no kernel runs on them); lsce refuses them before recording anything. On a device with bf16
+/// the same call must succeed.
+#[test]
+fn bf16_logits_are_an_err_where_the_device_lacks_bf16() {
+    let device = device();
+    let values: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let logits = Tensor::<2>::from_data(TensorData::new(values, [3, 4]), (&device, DType::BF16));
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32, 3, 1], [3]), &device);
+    let loss = LsceLossConfig::new().init(&device).expect("init");
+    let result = loss.try_forward(logits, targets);
+    if device.supports_dtype(DType::BF16) {
+        eprintln!("[burn bf16] the device supports bf16: the loss runs");
+        assert!(result.is_ok(), "{result:?}");
+    } else {
+        match result {
+            Err(BurnError::DtypeNotOnDevice { what, dtype, .. }) => {
+                assert_eq!((what, dtype.as_str()), ("the logits", "BF16"));
+            }
+            other => panic!("bf16 logits on a device without bf16: {other:?}"),
         }
     }
 }
