@@ -63,6 +63,22 @@ fn run_on_one_device(
     to_f32(&merged.output, c.gather(layout, &grads))
 }
 
+/// Runs every shard of `c` over `layout` on one device in one submission, merged on the device
+/// ([`compute_on_device`]).
+fn run_device_merge(
+    kernel: &LossKernel,
+    queue: &wgpu::Queue,
+    c: &Case,
+    layout: &ShardLayout,
+    options: ShardOptions,
+) -> LossOutput<f32> {
+    let problem = c.problem(layout);
+    let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(layout, p)).collect();
+    let batches: Vec<_> = data.iter().map(|d| d.batch(c)).collect();
+    compute_on_device(kernel, queue, &problem, &batches, options)
+        .unwrap_or_else(|e| panic!("{} P={}: {e}", c.name, layout.shards()))
+}
+
 fn to_f32(out: &LossOutput<f64>, grad: Vec<f32>) -> LossOutput<f32> {
     let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
     LossOutput {
@@ -105,12 +121,7 @@ fn one_device_merged_on_the_device_matches_unsharded() {
         for c in cases(10, classes) {
             for layout in layouts(classes) {
                 let what = format!("{} K={classes} P={} device merge", c.name, layout.shards());
-                let problem = c.problem(&layout);
-                let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(&layout, p)).collect();
-                let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
-                let got =
-                    compute_on_device(&g.kernel, &g.queue, &problem, &batches, Default::default())
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = run_device_merge(&g.kernel, &g.queue, &c, &layout, Default::default());
                 errors.merge(check(&what, &g.kernel, &c, &got));
             }
         }
@@ -133,12 +144,7 @@ fn class_dim1_logits_split_along_dim_1_match_unsharded() {
                 let what = format!("{} K={classes} P={}", c.name, layout.shards());
                 let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, Default::default());
                 errors.merge(check(&format!("{what} host merge"), &g.kernel, &c, &got));
-                let problem = c.problem(&layout);
-                let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(&layout, p)).collect();
-                let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
-                let got =
-                    compute_on_device(&g.kernel, &g.queue, &problem, &batches, Default::default())
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = run_device_merge(&g.kernel, &g.queue, &c, &layout, Default::default());
                 errors.merge(check(&format!("{what} device merge"), &g.kernel, &c, &got));
             }
         }
@@ -172,9 +178,7 @@ fn row_windows_and_in_place_gradients() {
             &c,
             &got,
         );
-        let data: Vec<_> = (0..3).map(|p| c.slices(&layout, p)).collect();
-        let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
-        let got = compute_on_device(&g.kernel, &g.queue, &problem, &batches, windowed).unwrap();
+        let got = run_device_merge(&g.kernel, &g.queue, &c, &layout, windowed);
         check(
             &format!("{} windows, device merge", c.name),
             &g.kernel,
