@@ -119,19 +119,27 @@ fn strided_label_extra(label: u32) -> f32 {
     return label_extra(label);
 }
 
+// Writes `value` as the gradient, loss and lse of an unusable row (ignored: 0, bad label: NaN).
+fn strided_unusable(r: u32, o: vec2<u32>, kind: u32) {
+    let value = unusable_value(kind);
+    strided_fill(o, value);
+    store_row(r, value, value);
+}
+
 @compute @workgroup_size(WG_SIZE)
 fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     load_params();
     let r = strided_row(lid, wid, nwg);
-    if (r >= Q.row_count) {
-        return;
+    if (r < Q.row_count) {
+        main_row(r, strided_at(r));
     }
-    let at = strided_at(r);
+}
+
+// Everything about row r of the window.
+fn main_row(r: u32, at: StridedRow) {
     let o = at.o;
     if (at.kind != ROW_VALID) {
-        let value = unusable_value(at.kind);
-        strided_fill(o, value);
-        store_row(r, value, value);
+        strided_unusable(r, o, at.kind);
         return;
     }
     let label = u32(at.label_i);
@@ -159,18 +167,20 @@ fn strided_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
 fn strided_shard_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     load_params();
     let r = strided_row(lid, wid, nwg);
-    if (r >= Q.row_count) {
-        return;
+    if (r < Q.row_count) {
+        shard_stats_row(r, strided_at(r));
     }
-    let at = strided_at(r);
-    let o = at.o;
+}
+
+// Pass 1 of row r: its record.
+fn shard_stats_row(r: u32, at: StridedRow) {
     if (at.kind != ROW_VALID) {
         write_unusable_record(r, at.label_i, at.kind);
         return;
     }
     let label = local_label(at.label_i);
-    let sweep = strided_sweep(o);
-    let sums = target_sums(sweep.st.m, sweep.st.v, strided_label_extra(label), strided_label_logit(o, label));
+    let sweep = strided_sweep(at.o);
+    let sums = target_sums(sweep.st.m, sweep.st.v, strided_label_extra(label), strided_label_logit(at.o, label));
     write_record(r, sweep.st, sums, sweep.arg, at.label_i, label);
 }
 
@@ -178,17 +188,19 @@ fn strided_shard_stats(@builtin(local_invocation_index) lid: u32, @builtin(workg
 fn strided_shard_grad(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     load_params();
     let r = strided_row(lid, wid, nwg);
-    if (r >= Q.row_count) {
-        return;
+    if (r < Q.row_count) {
+        shard_grad_row(r, strided_at(r));
     }
-    let at = strided_at(r);
-    let o = at.o;
+}
+
+// Pass 2 of row r from its host-merged constants.
+fn shard_grad_row(r: u32, at: StridedRow) {
     if (at.kind != ROW_VALID) {
-        strided_fill(o, unusable_value(at.kind));
+        strided_fill(at.o, unusable_value(at.kind));
         return;
     }
     let merged = merged_row(r);
-    strided_grad(o, merged.x, local_label(at.label_i), merged.yz);
+    strided_grad(at.o, merged.x, local_label(at.label_i), merged.yz);
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -199,19 +211,19 @@ fn strided_shard_merge_grad(@builtin(local_invocation_index) lid: u32, @builtin(
     if (r == 0u) {
         publish_denominator(d);
     }
-    if (r >= Q.row_count) {
-        return;
+    if (r < Q.row_count) {
+        shard_merge_grad_row(r, strided_at(r), d);
     }
-    let at = strided_at(r);
-    let o = at.o;
+}
+
+// Pass 2 of row r merging all shards' records itself, d the mean's denominator.
+fn shard_merge_grad_row(r: u32, at: StridedRow, d: f32) {
     if (at.kind != ROW_VALID) {
-        let value = unusable_value(at.kind);
-        strided_fill(o, value);
-        store_row(r, value, value);
+        strided_unusable(r, at.o, at.kind);
         return;
     }
     let merged = finish_merged_row(r, d);
     if (WRITE_GRAD) {
-        strided_grad(o, merged.x, local_label(at.label_i), merged.yz);
+        strided_grad(at.o, merged.x, local_label(at.label_i), merged.yz);
     }
 }

@@ -15,12 +15,20 @@
 mod shard_cases;
 
 use lsce::shards::{
-    compute_on_device, exchange, merge_records, Collective, ShardBatch, ShardLayout, ShardOptions,
-    ShardPlan, ThreadCollective,
+    compute_on_device, exchange, merge_records, Collective, MergeOn, ShardBatch, ShardLayout,
+    ShardOptions, ShardPlan, ThreadCollective,
 };
 use lsce::{Batch, Dtype, KernelConfig, LossKernel, LossOutput, LossSpec, StagingOptions};
 use shard_cases::common::{self, compare_outputs, reference_for, Errors};
 use shard_cases::{cases, layouts, Case};
+
+/// Default options with the merge on the device.
+fn device_merge() -> ShardOptions {
+    ShardOptions {
+        merge: MergeOn::Device,
+        ..Default::default()
+    }
+}
 
 /// The loosest bound: a subgroup of 4 lanes per row.
 fn loosest(kernel: &LossKernel) -> KernelConfig {
@@ -31,8 +39,9 @@ fn loosest(kernel: &LossKernel) -> KernelConfig {
     }
 }
 
-/// Runs every shard of `c` over `layout` on one device (P plans, P buffers), merges on the
-/// host and returns the step's output with the gathered gradient.
+/// Runs every shard of `c` over `layout` on one device and returns the step's output with the
+/// gathered gradient: P plans and buffers merged on the host ([`MergeOn::Host`]), or in one
+/// submission merged on the device ([`compute_on_device`], [`MergeOn::Device`]).
 fn run_on_one_device(
     kernel: &LossKernel,
     queue: &wgpu::Queue,
@@ -42,6 +51,11 @@ fn run_on_one_device(
 ) -> LossOutput<f32> {
     let problem = c.problem(layout);
     let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(layout, p)).collect();
+    if options.merge == MergeOn::Device {
+        let batches: Vec<_> = data.iter().map(|d| d.batch(c)).collect();
+        return compute_on_device(kernel, queue, &problem, &batches, options)
+            .unwrap_or_else(|e| panic!("{} P={}: {e}", c.name, layout.shards()));
+    }
     let plans: Vec<_> = (0..layout.shards())
         .map(|p| ShardPlan::new(kernel, &problem, p, options).expect("shard plan"))
         .collect();
@@ -61,22 +75,6 @@ fn run_on_one_device(
         })
         .collect();
     to_f32(&merged.output, c.gather(layout, &grads))
-}
-
-/// Runs every shard of `c` over `layout` on one device in one submission, merged on the device
-/// ([`compute_on_device`]).
-fn run_device_merge(
-    kernel: &LossKernel,
-    queue: &wgpu::Queue,
-    c: &Case,
-    layout: &ShardLayout,
-    options: ShardOptions,
-) -> LossOutput<f32> {
-    let problem = c.problem(layout);
-    let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(layout, p)).collect();
-    let batches: Vec<_> = data.iter().map(|d| d.batch(c)).collect();
-    compute_on_device(kernel, queue, &problem, &batches, options)
-        .unwrap_or_else(|e| panic!("{} P={}: {e}", c.name, layout.shards()))
 }
 
 fn to_f32(out: &LossOutput<f64>, grad: Vec<f32>) -> LossOutput<f32> {
@@ -121,7 +119,7 @@ fn one_device_merged_on_the_device_matches_unsharded() {
         for c in cases(10, classes) {
             for layout in layouts(classes) {
                 let what = format!("{} K={classes} P={} device merge", c.name, layout.shards());
-                let got = run_device_merge(&g.kernel, &g.queue, &c, &layout, Default::default());
+                let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, device_merge());
                 errors.merge(check(&what, &g.kernel, &c, &got));
             }
         }
@@ -144,7 +142,7 @@ fn class_dim1_logits_split_along_dim_1_match_unsharded() {
                 let what = format!("{} K={classes} P={}", c.name, layout.shards());
                 let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, Default::default());
                 errors.merge(check(&format!("{what} host merge"), &g.kernel, &c, &got));
-                let got = run_device_merge(&g.kernel, &g.queue, &c, &layout, Default::default());
+                let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, device_merge());
                 errors.merge(check(&format!("{what} device merge"), &g.kernel, &c, &got));
             }
         }
@@ -178,7 +176,11 @@ fn row_windows_and_in_place_gradients() {
             &c,
             &got,
         );
-        let got = run_device_merge(&g.kernel, &g.queue, &c, &layout, windowed);
+        let device_merge = ShardOptions {
+            merge: MergeOn::Device,
+            ..windowed
+        };
+        let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, device_merge);
         check(
             &format!("{} windows, device merge", c.name),
             &g.kernel,
