@@ -7,11 +7,22 @@
 //! mpirun --allow-run-as-root --oversubscribe -np 4 target/release/examples/vocab_parallel
 //! ```
 //!
-//! Rank 0 then checks the step: the loss and the gradient gathered from all ranks (a second
+//! With `--fail KIND RANK` (`KIND`: `bad-label`, `short-block` or `fingerprint`), rank `RANK`
+//! fails its step (a label outside `[0, K)`, a block cut short, another problem) and every
+//! rank prints the `Err` its exchange returned, naming the failed rank, and how long it took:
+//! no rank waits for the failed one's records.
+//!
+//! ```text
+//! mpirun --allow-run-as-root --oversubscribe -np 4 target/release/examples/vocab_parallel --fail bad-label 2
+//! ```
+//!
+//! Without it, rank 0 then checks the step: the loss and the gradient gathered from all ranks (a second
 //! all-gather, for the check only) must equal bitwise what one device computes over the same
 //! shards in one process, and agree with one device's unsharded `LossKernel::compute` within
 //! `1e-5 (1 + |loss|)` for the loss and `1e-6 + 1e-5 |g|` for the gradient (the suite's
 //! derived bounds, `tests/gpu_shards.rs`, are tighter per value; this is the end-to-end check).
+
+use std::time::Instant;
 
 use lsce::shards::{
     block_bytes, exchange, merge_records, Collective, MpiCollective, ShardBatch, ShardLayout,
@@ -68,7 +79,72 @@ fn columns(logits: &[f32], range: std::ops::Range<u32>) -> Vec<f32> {
         .collect()
 }
 
+/// The failure `--fail KIND RANK` asks for, if any.
+struct Fault {
+    kind: String,
+    rank: usize,
+}
+
+fn fault() -> Result<Option<Fault>, Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok(None),
+        [flag, kind, rank] if flag == "--fail" => Ok(Some(Fault {
+            kind: kind.clone(),
+            rank: rank.parse()?,
+        })),
+        _ => Err("usage: vocab_parallel [--fail bad-label|short-block|fingerprint RANK]".into()),
+    }
+}
+
+/// One step with `fault` injected on its rank: every rank must get an `Err` from its
+/// exchange; prints it and the time from the start of pass 1.
+#[allow(clippy::too_many_arguments)]
+fn failing_step(
+    fault: &Fault,
+    collective: &mut dyn Collective,
+    kernel: &LossKernel,
+    queue: &wgpu::Queue,
+    problem: &ShardProblem,
+    logits: &[f32],
+    labels: &[i32],
+) -> Result<(), Error> {
+    let (rank, ranks) = (collective.rank(), collective.size());
+    let mine = rank == fault.rank;
+    let mut labels = labels.to_vec();
+    let mut problem = problem.clone();
+    match fault.kind.as_str() {
+        "bad-label" if mine => labels[3] = CLASSES as i32,
+        "fingerprint" if mine => problem.spec = problem.spec.with_z_loss(2e-4),
+        "bad-label" | "fingerprint" | "short-block" => {}
+        other => return Err(format!("unknown failure kind {other}").into()),
+    }
+    let start = Instant::now();
+    let outcome = ShardPlan::new(kernel, &problem, rank, Default::default()).and_then(|plan| {
+        let part = columns(logits, problem.layout.range(rank));
+        let shape = problem.shard_shape(rank)?;
+        let mut block = plan.compute_records(
+            queue,
+            &ShardBatch::new(rank, Batch::classes(shape, &part, &labels)),
+        )?;
+        if mine && fault.kind == "short-block" {
+            block.truncate(block.len() - 32);
+        }
+        Ok(block)
+    });
+    let result = exchange(&problem, collective, outcome.as_deref(), UpstreamGrad::One);
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    match result {
+        Err(err) => {
+            println!("rank {rank}/{ranks}: Err after {ms:.0} ms: {err}");
+            Ok(())
+        }
+        Ok(_) => Err(format!("rank {rank}: the step with a failed rank returned Ok").into()),
+    }
+}
+
 fn main() -> Result<(), Error> {
+    let fault = fault()?;
     let universe = mpi::initialize().ok_or("MPI is already initialised")?;
     let mut collective = MpiCollective::new(universe.world());
     let (rank, ranks) = (collective.rank(), collective.size());
@@ -80,21 +156,45 @@ fn main() -> Result<(), Error> {
     let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())?;
     let kernel = LossKernel::new(&device)?;
 
-    // The step: pass 1, one collective call, the merge, pass 2.
+    if let Some(fault) = &fault {
+        return failing_step(
+            fault,
+            &mut collective,
+            &kernel,
+            &queue,
+            &problem,
+            &logits,
+            &labels,
+        );
+    }
+
+    // The step: pass 1, the exchange (a status all-gather, then the records'), the merge,
+    // pass 2. Pass 1's outcome goes to the exchange even when it failed, so that the other
+    // ranks learn of it instead of waiting.
     let plan = ShardPlan::new(&kernel, &problem, rank, Default::default())?;
     let mine = columns(&logits, layout.range(rank));
-    let batch = ShardBatch::classes(rank, &mine, &labels);
-    let block = plan.compute_records(&queue, &batch)?;
-    let merged = exchange(&problem, &mut collective, &block, UpstreamGrad::One)?;
+    let batch = ShardBatch::new(
+        rank,
+        Batch::classes(problem.shard_shape(rank)?, &mine, &labels),
+    );
+    let block = plan.compute_records(&queue, &batch);
+    let merged = exchange(
+        &problem,
+        &mut collective,
+        block.as_deref(),
+        UpstreamGrad::One,
+    )?;
+    let block = block?;
     let grad = plan.compute_gradient(&queue, &batch, &merged)?;
     println!(
-        "rank {rank}/{ranks}: classes {:?}, loss {:.7}, sent {} bytes in 1 collective call = {:.2} bytes per row ({} per row + a {}-byte header)",
+        "rank {rank}/{ranks}: classes {:?}, loss {:.7}, sent {} bytes of records in 1 exchange = {:.2} bytes per row ({} per row + a {}-byte header; plus a {}-byte status)",
         layout.range(rank),
         merged.output.loss[0],
         block.len(),
         block.len() as f64 / f64::from(ROWS),
         lsce::shards::RECORD_BYTES,
         block_bytes(&problem) - ROWS as usize * lsce::shards::RECORD_BYTES,
+        lsce::shards::STATUS_BYTES,
     );
 
     // The check: gather every rank's gradient (padded to the widest shard) to compare.
@@ -125,20 +225,23 @@ fn main() -> Result<(), Error> {
     let plans: Vec<ShardPlan> = (0..ranks)
         .map(|p| ShardPlan::new(&kernel, &problem, p, Default::default()))
         .collect::<Result<_, _>>()?;
+    let part = |p: usize| -> Result<ShardBatch<'_>, lsce::LsceError> {
+        let shape = problem.shard_shape(p)?;
+        Ok(ShardBatch::new(
+            p,
+            Batch::classes(shape, &slices[p], &labels),
+        ))
+    };
     let blocks: Vec<Vec<u8>> = (0..ranks)
-        .map(|p| plans[p].compute_records(&queue, &ShardBatch::classes(p, &slices[p], &labels)))
+        .map(|p| plans[p].compute_records(&queue, &part(p)?))
         .collect::<Result<_, _>>()?;
     let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
     let local = merge_records(&problem, &refs, UpstreamGrad::One)?;
-    let mut local_grad = Vec::new();
-    for p in 0..ranks {
-        let g = plans[p].compute_gradient(
-            &queue,
-            &ShardBatch::classes(p, &slices[p], &labels),
-            &local,
-        )?;
-        local_grad.push(g);
-    }
+    let local_grad: Vec<Vec<f32>> = plans
+        .iter()
+        .enumerate()
+        .map(|(p, plan)| plan.compute_gradient(&queue, &part(p)?, &local))
+        .collect::<Result<_, _>>()?;
     let mut one_device = vec![0.0f32; ROWS as usize * k];
     for (p, g) in local_grad.iter().enumerate() {
         let r = layout.range(p);

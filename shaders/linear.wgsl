@@ -146,14 +146,7 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     }
     let at = shard_record(block, r);
     if (kind != ROW_VALID) {
-        set_record_word(at + SHARD_RECORD_MAX, NEG_BIG);
-        set_record_word(at + SHARD_RECORD_SUM_EXP, 0.0);
-        set_record_word(at + SHARD_RECORD_SHIFTED, 0.0);
-        set_record_word(at + SHARD_RECORD_MASS, 0.0);
-        set_record_word(at + SHARD_RECORD_ARGMAX_VALUE, neg_inf());
-        atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], NONE_U32);
-        atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
-        atomicStore(&control[at + SHARD_RECORD_FLAGS], kind);
+        write_unusable_record(at, label_i, kind);
         return;
     }
     var all = OnlineStats(NEG_BIG, vec4<f32>(0.0));
@@ -185,14 +178,8 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         }
         sums = vec2<f32>(Q.off * all.v.z + extra, Q.off * all.v.y + extra * (all.m - zl));
     }
-    set_record_word(at + SHARD_RECORD_MAX, all.m);
-    set_record_word(at + SHARD_RECORD_SUM_EXP, all.v.x);
-    set_record_word(at + SHARD_RECORD_SHIFTED, sums.y);
-    set_record_word(at + SHARD_RECORD_MASS, sums.x);
-    atomicStore(&control[at + SHARD_RECORD_ARGMAX_VALUE], best_arg.x);
-    atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], best_arg.y);
-    atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
-    atomicStore(&control[at + SHARD_RECORD_FLAGS], ROW_VALID | select(0u, SHARD_HOLDS_LABEL, label != NONE_U32));
+    // Classes are global here (class_begin = 0); `label` is the label where the block holds it.
+    write_record(at, all, sums, best_arg, label_i, label);
 }
 
 @compute @workgroup_size(MM_INVOCATIONS)
@@ -211,17 +198,10 @@ fn linear_merge(@builtin(global_invocation_id) gid: vec3<u32>) {
         store_row(r, unusable_value(kind), unusable_value(kind));
         return;
     }
-    let merged = merge_shard_records(r);
-    let st = merged.st;
-    let log_s = log(st.v.x);
-    let lse_v = st.m + log_s;
-    store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
-    if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(label_i) && !is_nan(lse_v)) {
-        atomicAdd(&control[SUMMARY_CORRECT], 1u);
-    }
-    set_record_word(at + SHARD_MERGED_MAX, st.m);
-    set_record_word(at + SHARD_MERGED_COEF, (st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x);
-    set_record_word(at + SHARD_MERGED_SCALE, row_scale(r) * Q.logit_scale);
+    let k = finish_merged_row(r, bitcast<f32>(atomicLoad(&control[SUMMARY_DENOMINATOR])));
+    set_record_word(at + SHARD_MERGED_MAX, k.x);
+    set_record_word(at + SHARD_MERGED_COEF, k.y);
+    set_record_word(at + SHARD_MERGED_SCALE, k.z);
 }
 
 // Unfused: the logits z = H W^T + b of the dispatch's rows and the window's entries into the

@@ -380,6 +380,8 @@ fn split_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
 // Q.class_begin = c0 and Q.label_classes = K; a label another shard holds is NONE_U32 here
 // (label_row). Its records live where split rows keep theirs (Q.split_base in `control`),
 // one `ShardRecord` (src/layout.rs) per row; the host copies them out (pass 1) or in (pass 2).
+// The record words and the on-device merge are in shard_records.wgsl (shared with the strided
+// shard passes of strided.wgsl).
 //   shard_stats: pass 1: per row, one sweep (one read, one exp per logit) into the row's
 //                ShardRecord: m, s, sum a (m - z), sum a, argmax, label, kind and flags.
 //   shard_grad:  pass 2: per row, the gradient from the host-merged ShardMergedRow
@@ -401,17 +403,9 @@ fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         var row = row_at(r);
         let label_i = row_label(r);
         let kind = label_row(&row);
-        let at = Q.split_base + (Q.row_begin + r) * SHARD_RECORD_WORDS;
         if (kind != ROW_VALID) {
             if (team_lid() == 0u) {
-                set_record_word(at + SHARD_RECORD_MAX, NEG_BIG);
-                set_record_word(at + SHARD_RECORD_SUM_EXP, 0.0);
-                set_record_word(at + SHARD_RECORD_SHIFTED, 0.0);
-                set_record_word(at + SHARD_RECORD_MASS, 0.0);
-                set_record_word(at + SHARD_RECORD_ARGMAX_VALUE, neg_inf());
-                atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], NONE_U32);
-                atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
-                atomicStore(&control[at + SHARD_RECORD_FLAGS], kind);
+                write_unusable_record(record_of(r), label_i, kind);
             }
             continue;
         }
@@ -423,14 +417,7 @@ fn shard_stats(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         }
         let sums = target_sums(sweep.st.m, sweep.st.v, row.extra, z_label);
         if (team_lid() == 0u) {
-            set_record_word(at + SHARD_RECORD_MAX, sweep.st.m);
-            set_record_word(at + SHARD_RECORD_SUM_EXP, sweep.st.v.x);
-            set_record_word(at + SHARD_RECORD_SHIFTED, sums.y);
-            set_record_word(at + SHARD_RECORD_MASS, sums.x);
-            atomicStore(&control[at + SHARD_RECORD_ARGMAX_VALUE], arg.x);
-            atomicStore(&control[at + SHARD_RECORD_ARGMAX_CLASS], select(arg.y + Q.class_begin, NONE_U32, arg.y == NONE_U32));
-            atomicStore(&control[at + SHARD_RECORD_LABEL], bitcast<u32>(label_i));
-            atomicStore(&control[at + SHARD_RECORD_FLAGS], ROW_VALID | select(0u, SHARD_HOLDS_LABEL, !SOFT_TARGETS && row.label != NONE_U32));
+            write_record(record_of(r), sweep.st, sums, arg, label_i, row.label);
         }
     }
 }
@@ -441,29 +428,15 @@ fn shard_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     team_begin(ids, wid, nwg);
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
-        let at = Q.split_base + (Q.row_begin + r) * SHARD_MERGED_WORDS;
         // The kind from this shard's own labels, the same as the merged one, and uniform.
         let kind = label_row(&row);
         if (kind != ROW_VALID) {
             fill_units(row, 0u, row.units, unusable_value(kind));
             continue;
         }
-        let consts = vec2<f32>(record_word(at + SHARD_MERGED_COEF), record_word(at + SHARD_MERGED_SCALE) * Q.logit_scale);
-        sweep_grad(row, 0u, row.units, record_word(at + SHARD_MERGED_MAX), consts);
+        let merged = merged_row(r);
+        sweep_grad(row, 0u, row.units, merged.x, merged.yz);
     }
-}
-
-// The mean's denominator: the shards' parts (header word 7) in rank order; the row count for
-// probability targets.
-fn merged_denominator() -> f32 {
-    if (SOFT_TARGETS) {
-        return f32(Q.total_rows);
-    }
-    var d = 0.0;
-    for (var p = 0u; p < Q.split_parts; p++) {
-        d += record_word(shard_block(p) + SHARD_HEADER_DENOMINATOR);
-    }
-    return d;
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -471,9 +444,8 @@ fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builti
     load_params();
     team_begin(ids, wid, nwg);
     let d = merged_denominator();
-    if (team_first_row() == 0u && team_lid() == 0u && Q.row_begin == 0u) {
-        // For the reduction after this pass (setup_final wrote this shard's part alone).
-        atomicStore(&control[SUMMARY_DENOMINATOR], bitcast<u32>(d));
+    if (team_first_row() == 0u && team_lid() == 0u) {
+        publish_denominator(d);
     }
     for (var r = team_first_row(); r < Q.row_count; r += team_row_stride()) {
         var row = row_at(r);
@@ -486,15 +458,7 @@ fn shard_merge_grad(ids: TeamIds, @builtin(workgroup_id) wid: vec3<u32>, @builti
         // which the others add zeros (exact), rather than each repeating the P loads.
         var mine = vec4<f32>(0.0);
         if (team_lid() == 0u) {
-            let merged = merge_shard_records(Q.row_begin + r);
-            let st = merged.st;
-            let log_s = log(st.v.x);
-            let lse_v = st.m + log_s;
-            store_row(r, st.v.z * log_s + st.v.y + Q.z_loss * lse_v * lse_v, lse_v);
-            if (ACCURACY && !SOFT_TARGETS && merged.arg.y == u32(row_label(r)) && !is_nan(lse_v)) {
-                atomicAdd(&control[SUMMARY_CORRECT], 1u);
-            }
-            mine = vec4<f32>(st.m, (st.v.z + 2.0 * Q.z_loss * lse_v) / st.v.x, row_scale_over(r, d) * Q.logit_scale, 0.0);
+            mine = vec4<f32>(finish_merged_row(r, d), 0.0);
         }
         if (WRITE_GRAD) {
             let k = team_sum4(mine);

@@ -187,15 +187,14 @@ impl<'a> Batch<'a> {
     /// Checks lengths, weights, labels and the upstream gradient against the shape and spec.
     pub fn validate(&self, spec: &LossSpec) -> Result<TargetValues> {
         let values = self.validate_layout(spec)?;
-        self.check_labels(spec)?;
+        self.check_labels(spec, self.shape.classes())?;
         Ok(values)
     }
 
-    /// `Err(LabelOutOfRange)` for the first class label outside `[0, classes)` that is not
-    /// the ignore index.
-    pub(crate) fn check_labels(&self, spec: &LossSpec) -> Result<()> {
+    /// `Err(LabelOutOfRange)` for the first class label outside `[0, classes)` that is not the
+    /// ignore index; `classes` is the shape's, or the global class count of a vocabulary shard.
+    pub(crate) fn check_labels(&self, spec: &LossSpec, classes: u32) -> Result<()> {
         if let Targets::Classes(labels) = self.targets {
-            let classes = self.shape.classes();
             if let Some((row, &label)) = labels
                 .iter()
                 .enumerate()
@@ -214,8 +213,8 @@ impl<'a> Batch<'a> {
     /// Everything [`Batch::validate`] checks except the label values, which the GPU checks
     /// itself (and reports through [`Summary`](crate::Summary)).
     pub fn validate_layout(&self, spec: &LossSpec) -> Result<TargetValues> {
-        let values = self.validate_targets(spec)?;
-        check_len("logits", self.elements()?, self.logits.len())?;
+        let values = spec.resolve(self.shape.classes())?;
+        self.check_inputs(spec.reduction)?;
         Ok(values)
     }
 
@@ -230,6 +229,20 @@ impl<'a> Batch<'a> {
     /// head's batch has no logits (it makes them).
     pub(crate) fn validate_targets(&self, spec: &LossSpec) -> Result<TargetValues> {
         let values = spec.resolve(self.shape.classes())?;
+        self.check_targets(spec.reduction)?;
+        Ok(values)
+    }
+
+    /// The checks of [`Batch::validate_layout`] that need no spec but the reduction: lengths
+    /// against the shape, the weights' values and the upstream gradient. A vocabulary shard's
+    /// batch (whose spec is over the global classes) is checked by this alone.
+    pub(crate) fn check_inputs(&self, reduction: Reduction) -> Result<()> {
+        check_len("logits", self.elements()?, self.logits.len())?;
+        self.check_targets(reduction)
+    }
+
+    /// [`Batch::check_inputs`] but the logits.
+    fn check_targets(&self, reduction: Reduction) -> Result<()> {
         let rows = self.shape.rows() as usize;
         let elements = self.elements()?;
         match self.targets {
@@ -246,12 +259,12 @@ impl<'a> Batch<'a> {
                 return Err(LsceError::InvalidWeight { class, value });
             }
         }
-        self.upstream.check(spec.reduction, rows)?;
-        Ok(values)
+        self.upstream.check(reduction, rows)
     }
 }
 
-fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+/// `Err(LengthMismatch)` naming `what` unless `actual == expected`.
+pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
     if expected != actual {
         return Err(LsceError::LengthMismatch {
             what,

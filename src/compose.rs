@@ -10,6 +10,7 @@
 //! accessors   load_{f32,f32x4,16bit}.wgsl, store_{f32,f32x4,16bit}.wgsl, {f16,bf16}.wgsl
 //! common.wgsl the per-logit math
 //! team        team_subgroup.wgsl | team_workgroup.wgsl + team_reduce_{memory,subgroups}.wgsl
+//! records     shard_records.wgsl (the row families: vocabulary shards' records)
 //! family      rows.wgsl | strided.wgsl | setup.wgsl | finalize.wgsl
 //! ```
 //!
@@ -17,11 +18,11 @@
 //! `load_params()` and `team_begin(..)`, the team interface of team_workgroup.wgsl, the word
 //! constants of src/layout.rs), a [`Family`] variant with its fragment here (and in
 //! `every_module_key`, so the naga test covers it), any record it keeps in `control` as a
-//! `shared_layout!` in src/layout.rs, its pipelines in src/plan.rs (a [`RowPass`] if it runs per
+//! `shared_layout!` in src/layout.rs, its pipelines in src/plan.rs (a [`RowPass`] of src/row_kernel.rs if it runs per
 //! row), its dispatch in src/encode.rs, its CPU mirror in src/cpu.rs, and a test that holds the
 //! two together.
 //!
-//! [`RowPass`]: crate::plan::RowPass
+//! [`RowPass`]: crate::row_kernel::RowPass
 //!
 //! Everything else that varies per pipeline (weights, probability targets, soft-cap, gradient,
 //! accuracy) is a WGSL `override` constant, set at pipeline creation ([`crate::kernel`]).
@@ -48,9 +49,9 @@ mod fragment {
     pub const TEAM_SUBGROUP: &str = include_str!("../shaders/team_subgroup.wgsl");
     pub const ROWS: &str = include_str!("../shaders/rows.wgsl");
     pub const STRIDED: &str = include_str!("../shaders/strided.wgsl");
+    pub const SHARD_RECORDS: &str = include_str!("../shaders/shard_records.wgsl");
     pub const SETUP: &str = include_str!("../shaders/setup.wgsl");
     pub const FINALIZE: &str = include_str!("../shaders/finalize.wgsl");
-    pub const RECORDS: &str = include_str!("../shaders/records.wgsl");
     pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
     pub const LINEAR: &str = include_str!("../shaders/linear.wgsl");
 }
@@ -219,7 +220,7 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
     src.push_str(fragment::COMMON);
     if key.family == Family::Linear {
         src.push_str(&linear_prelude(key));
-        src.extend([fragment::RECORDS, fragment::MATMUL, fragment::LINEAR]);
+        src.extend([fragment::SHARD_RECORDS, fragment::MATMUL, fragment::LINEAR]);
         return src;
     }
     match key.team {
@@ -229,8 +230,9 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
         }
         Team::Subgroup => src.push_str(fragment::TEAM_SUBGROUP),
     }
-    if key.family == Family::Rows {
-        src.push_str(fragment::RECORDS);
+    // The vocabulary shards' records, for the shard passes of both row families.
+    if matches!(key.family, Family::Rows | Family::Strided) {
+        src.push_str(fragment::SHARD_RECORDS);
     }
     src.push_str(match key.family {
         Family::Rows => fragment::ROWS,

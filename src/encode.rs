@@ -7,8 +7,9 @@ use crate::buffers::{LossBuffers, Regions, Scratch, WORD};
 use crate::device::upload;
 use crate::error::{LsceError, Result};
 use crate::layout::{Params, Slot, Summary};
-use crate::plan::{LossPlan, PlanInner, RowPass};
+use crate::plan::{LossPlan, PlanInner};
 use crate::problem::Gradient;
+use crate::row_kernel::RowPass;
 use crate::spec::Reduction;
 use crate::windows::{Placeholders, Window};
 

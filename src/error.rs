@@ -151,6 +151,25 @@ pub enum LsceError {
     },
     /// A collective transport failed.
     Transport(String),
+    /// A rank of a sharded step failed before the records moved, so the step fails on every
+    /// rank: the exchange's status round tells each rank which one failed and why, instead of
+    /// leaving them waiting for its records.
+    RankFailed {
+        /// The first failed rank.
+        rank: usize,
+        /// Its error, as it displays.
+        reason: String,
+    },
+    /// A shard's batch whose shape is not the shard's part of the problem. Shapes are
+    /// `[N, classes, spatial]`: the shard's part is `[N, c1 - c0, d1 * .. * dk]`.
+    ShardShape {
+        /// The shard.
+        shard: usize,
+        /// The shape its part of the problem has.
+        expected: [u32; 3],
+        /// The batch's shape.
+        actual: [u32; 3],
+    },
 }
 
 impl fmt::Display for LsceError {
@@ -254,6 +273,18 @@ impl fmt::Display for LsceError {
                 write!(f, "shard {shard}'s records are rejected: {reason}")
             }
             Self::Transport(msg) => write!(f, "collective transport failed: {msg}"),
+            Self::RankFailed { rank, reason } => {
+                write!(f, "rank {rank} failed before the exchange: {reason}")
+            }
+            Self::ShardShape {
+                shard,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "shard {shard}'s batch has shape [N, classes, spatial] = {actual:?} but its part of \
+                 the problem is {expected:?}"
+            ),
         }
     }
 }

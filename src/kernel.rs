@@ -8,8 +8,8 @@ use crate::compose::{self, Family, ModuleKey, Team};
 use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
 use crate::layout::{HeadSlot, LinearParams, Params, Slot, AUX_WG_SIZE};
-use crate::plan::RowKernel;
 use crate::problem::{Gradient, Problem};
+use crate::row_kernel::{RowKernel, RowShape};
 
 /// Which switches a pipeline is specialised for (WGSL `override` constants).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -40,30 +40,6 @@ impl Switches {
             self.accuracy,
         ];
         std::array::from_fn(|i| (SWITCH_NAMES[i], f64::from(u8::from(values[i]))))
-    }
-}
-
-/// The row kernel's shape for one plan (see `KernelInner::row_shape`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct RowShape {
-    pub team: Team,
-    pub workgroup: u32,
-    pub rows_per_workgroup: u32,
-    /// `CACHE_N`: register slots per invocation.
-    pub cache: u32,
-    /// Invocations in one team (the adapter's smallest subgroup, or the workgroup).
-    pub team_size: u32,
-    /// Units per row.
-    pub units: u32,
-}
-
-impl RowShape {
-    /// Parts to split each of `rows` rows into (see [`KernelConfig::min_row_teams`]): enough
-    /// for about `min_teams` teams, while every invocation keeps at least 16 units per part.
-    pub fn split_parts(&self, rows: u32, min_teams: u32) -> u32 {
-        const MIN_UNITS_PER_INVOCATION: u32 = 16;
-        let most = self.units / (self.team_size * MIN_UNITS_PER_INVOCATION);
-        min_teams.div_ceil(rows).min(most).max(1)
     }
 }
 

@@ -23,8 +23,9 @@
 //! `rows x vocabulary` logits (PyTorch's `F.linear_cross_entropy`), deterministically.
 //!
 //! When a row's classes are split across buffers, devices or processes, [`shards`] computes the
-//! same loss over the global class count in one collective round per step (a 32-byte record per
-//! row and shard, merged in rank order), with the backward pass needing only the merged rows.
+//! same loss over the global class count in one exchange per step (a status word per rank, then
+//! a 32-byte record per row and shard, merged in rank order; a rank that fails fails every rank
+//! with an `Err` naming it), with the backward pass needing only the merged rows.
 //!
 //! ```
 //! use lsce::{cpu, Batch, LossKernel, LossSpec, Shape, StagingOptions};
@@ -210,6 +211,7 @@ pub mod linear;
 mod output;
 mod plan;
 mod problem;
+mod row_kernel;
 mod shape;
 pub mod shards;
 mod spec;

@@ -9,12 +9,13 @@ use crate::buffers::WORD;
 use crate::compose::Family;
 use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
-use crate::kernel::{LossKernel, PipelineKey, RowShape, Switches};
+use crate::kernel::{LossKernel, PipelineKey, Switches};
 use crate::layout::{
     reduction_code, Params, ShardHeader, ShardMergedRow, ShardRecord, SharedLayout, Slot,
     SplitRecord, UpstreamMode, AUX_WG_SIZE, CONTROL_HEADER_WORDS, PARTIAL_WORDS,
 };
 use crate::problem::{Gradient, Problem};
+use crate::row_kernel::{RowKernel, RowPass};
 use crate::spec::{Reduction, TargetValues};
 use crate::windows::{row_windows, BoundWindow, Window};
 
@@ -27,88 +28,6 @@ use crate::windows::{row_windows, BoundWindow, Window};
 #[derive(Clone, Debug)]
 pub struct LossPlan {
     pub(crate) inner: Arc<PlanInner>,
-}
-
-/// Which row kernel a plan runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RowKernel {
-    /// rows.wgsl: one team per row, or per part when `split_parts > 1`.
-    Teams { shape: RowShape, split_parts: u32 },
-    /// strided.wgsl: `[N, C, d..]` logits, one invocation per row.
-    Strided,
-}
-
-/// One dispatch of the row kernel (per window).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RowPass {
-    /// `rows_main`: the whole row (loss, lse, gradient) per team.
-    Main,
-    /// `split_stats`: each part's statistics into its [`SplitRecord`].
-    SplitStats,
-    /// `split_finish`: per row, the parts' records merged in order.
-    SplitFinish,
-    /// `split_grad`: each part's gradient.
-    SplitGrad,
-    /// `strided_main`: the whole row per invocation.
-    Strided,
-    /// A vocabulary shard's pass 1 (src/shards).
-    ShardStats,
-    /// A vocabulary shard's pass 2 from host-merged rows.
-    ShardGrad,
-    /// A vocabulary shard's pass 2 merging all shards' records on the device.
-    ShardMergeGrad,
-}
-
-impl RowPass {
-    pub fn entry(self) -> &'static str {
-        match self {
-            RowPass::Main => "rows_main",
-            RowPass::SplitStats => "split_stats",
-            RowPass::SplitFinish => "split_finish",
-            RowPass::SplitGrad => "split_grad",
-            RowPass::Strided => "strided_main",
-            RowPass::ShardStats => "shard_stats",
-            RowPass::ShardGrad => "shard_grad",
-            RowPass::ShardMergeGrad => "shard_merge_grad",
-        }
-    }
-
-    pub fn family(self) -> Family {
-        match self {
-            RowPass::Strided => Family::Strided,
-            _ => Family::Rows,
-        }
-    }
-
-    /// Whether it runs one team per part of a row rather than one per row.
-    pub fn per_part(self) -> bool {
-        matches!(self, RowPass::SplitStats | RowPass::SplitGrad)
-    }
-}
-
-impl RowKernel {
-    /// The row passes in dispatch order.
-    pub fn passes(self, gradient: Gradient) -> Vec<RowPass> {
-        match self {
-            RowKernel::Strided => vec![RowPass::Strided],
-            RowKernel::Teams { split_parts: 1, .. } => vec![RowPass::Main],
-            RowKernel::Teams { .. } => {
-                let mut passes = vec![RowPass::SplitStats, RowPass::SplitFinish];
-                if gradient.is_some() {
-                    passes.push(RowPass::SplitGrad);
-                }
-                passes
-            }
-        }
-    }
-
-    /// Parts per row.
-    pub fn split_parts(self) -> u32 {
-        match self {
-            RowKernel::Teams { split_parts, .. } => split_parts,
-            RowKernel::Strided => 1,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -151,7 +70,7 @@ pub(crate) struct Pipelines {
 }
 
 /// A plan over one vocabulary shard (src/shards): `problem.shape` is the shard's
-/// `[rows, c1 - c0]`, the spec is the global one.
+/// `[rows, c1 - c0]` or `[N, c1 - c0, d..]`, the spec is the global one.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct ShardRole {
     /// `c0`: the shard's first global class.
@@ -178,11 +97,17 @@ pub(crate) enum ShardPass {
 }
 
 impl ShardPass {
-    fn row_pass(self) -> RowPass {
-        match self {
-            ShardPass::Stats => RowPass::ShardStats,
-            ShardPass::Grad => RowPass::ShardGrad,
-            ShardPass::MergeGrad { .. } => RowPass::ShardMergeGrad,
+    /// The pass's entry point in the family of `row_kernel`: rows.wgsl for `[rows, C]`,
+    /// strided.wgsl for `[N, C, d..]`.
+    fn row_pass(self, row_kernel: RowKernel) -> RowPass {
+        let strided = row_kernel == RowKernel::Strided;
+        match (self, strided) {
+            (ShardPass::Stats, false) => RowPass::ShardStats,
+            (ShardPass::Grad, false) => RowPass::ShardGrad,
+            (ShardPass::MergeGrad { .. }, false) => RowPass::ShardMergeGrad,
+            (ShardPass::Stats, true) => RowPass::StridedShardStats,
+            (ShardPass::Grad, true) => RowPass::StridedShardGrad,
+            (ShardPass::MergeGrad { .. }, true) => RowPass::StridedShardMergeGrad,
         }
     }
 
@@ -324,7 +249,7 @@ impl LossPlan {
         };
         let pipeline = |family, entry| inner.pipeline(key(family, entry, false));
         let passes = match shard {
-            Some(role) => vec![role.pass.row_pass()],
+            Some(role) => vec![role.pass.row_pass(row_kernel)],
             None => row_kernel.passes(problem.gradient),
         };
         // Only a device-merging shard pass 2 has a loss to reduce.

@@ -39,8 +39,8 @@ impl Default for StagingOptions {
 }
 
 impl StagingOptions {
-    /// `problem` with these options.
-    fn apply(&self, problem: Problem) -> Problem {
+    /// `problem` with these options (also a vocabulary shard's plan, src/shards/gpu.rs).
+    pub(crate) fn apply(&self, problem: Problem) -> Problem {
         problem
             .with_gradient(self.gradient)
             .with_accuracy(self.accuracy)

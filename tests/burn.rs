@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, DeviceKind, FloatDType, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, DeviceKind, FloatDType, Int, IntDType, Tensor, TensorData};
 use common::{assert_close, Rng, E, SAFETY};
 use lsce::burn::{BurnError, GradientMode, LsceLossConfig};
 use lsce::{Batch, KernelConfig, LossSpec, Reduction, Shape, Smoothing, UpstreamGrad};
@@ -301,6 +301,96 @@ fn f16_logits_give_an_f16_gradient_matching_the_reference() {
         );
         let batch = Batch::classes(shape, lsce::Logits::F16(&bits), &labels);
         check_against_reference(&format!("f16 {mode:?}"), &spec, &batch, &run, mode, true);
+    }
+}
+
+/// Issue 14, item 1: large upstream gradients (1, 1024, 65536: the usual initial loss scale of
+/// mixed-precision training, past f16's largest value 65504) and a per-row one, for f32 and
+/// f16 logits, in both modes, against the CPU reference. The upstream gradient multiplies the
+/// gradient in f32 and the product is rounded once to the logits' type, so the bound is
+/// `check_against_reference`'s (one f32 rounding of the product for `Keep`, one rounding to
+/// f16). `Mean` over 16 rows keeps every gradient below 65536 / 16 (each `|p - a| <= 1`), so
+/// all are finite in f16; the per-row upstream is below 1536 with `Reduction::None`.
+#[test]
+fn large_upstream_gradients_scale_in_f32_and_round_once() {
+    let (rows, classes) = (16usize, 33usize);
+    let logits = common::logits((rows * classes) as u64, 2.0, 37);
+    let bits: Vec<u16> = logits.iter().map(|&v| lsce::half::f32_to_f16(v)).collect();
+    let labels = common::labels(rows as u32, classes as u32, 0, 38);
+    let mut rng = Rng::new(39);
+    let row_upstream: Vec<f32> = (0..rows)
+        .map(|_| (rng.range(0.5, 1.5) * 1024.0) as f32)
+        .collect();
+    let shape = Shape::matrix(rows as u32, classes as u32).unwrap();
+    for half in [false, true] {
+        let batch_logits = if half {
+            lsce::Logits::F16(&bits)
+        } else {
+            lsce::Logits::F32(&logits)
+        };
+        for mode in [GradientMode::Keep, GradientMode::Recompute] {
+            for upstream in [Some(1.0f32), Some(1024.0), Some(65536.0), None] {
+                let (spec, upstream, batch_upstream) = match upstream {
+                    Some(g) => (
+                        LossSpec::pytorch(0.1),
+                        Upstream::Scalar(g),
+                        UpstreamGrad::Scalar(g),
+                    ),
+                    None => (
+                        LossSpec::pytorch(0.1).with_reduction(Reduction::None),
+                        Upstream::PerRow,
+                        UpstreamGrad::PerRow(&row_upstream),
+                    ),
+                };
+                let config = LsceLossConfig::new().with_spec(spec).with_gradient(mode);
+                let run = run_lsce::<2, 1>(
+                    [rows, classes],
+                    &logits,
+                    Some(&labels),
+                    None,
+                    &config,
+                    upstream,
+                    &row_upstream,
+                    half,
+                );
+                let batch =
+                    Batch::classes(shape, batch_logits, &labels).with_upstream(batch_upstream);
+                let dtype = if half { "f16" } else { "f32" };
+                check_against_reference(
+                    &format!("{dtype} {mode:?} upstream {upstream:?}"),
+                    &spec,
+                    &batch,
+                    &run,
+                    mode,
+                    half,
+                );
+            }
+        }
+    }
+}
+
+/// Issue 14: bf16 logits on a device without bf16 (`Device::supports_dtype`) are an `Err` from
+/// `try_forward`, not a panic on cubecl's device thread. The logits are uploaded as bf16 bytes
+/// (no kernel runs on them); lsce refuses them before recording anything. On a device with bf16
+/// the same call must succeed.
+#[test]
+fn bf16_logits_are_an_err_where_the_device_lacks_bf16() {
+    let device = device();
+    let values: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let logits = Tensor::<2>::from_data(TensorData::new(values, [3, 4]), (&device, DType::BF16));
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32, 3, 1], [3]), &device);
+    let loss = LsceLossConfig::new().init(&device).expect("init");
+    let result = loss.try_forward(logits, targets);
+    if device.supports_dtype(DType::BF16) {
+        eprintln!("[burn bf16] the device supports bf16: the loss runs");
+        assert!(result.is_ok(), "{result:?}");
+    } else {
+        match result {
+            Err(BurnError::DtypeNotOnDevice { what, dtype, .. }) => {
+                assert_eq!((what, dtype.as_str()), ("the logits", "BF16"));
+            }
+            other => panic!("bf16 logits on a device without bf16: {other:?}"),
+        }
     }
 }
 

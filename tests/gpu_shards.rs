@@ -15,12 +15,20 @@
 mod shard_cases;
 
 use lsce::shards::{
-    compute_on_device, exchange, merge_records, Collective, ShardLayout, ShardOptions, ShardPlan,
-    ThreadCollective,
+    compute_on_device, exchange, merge_records, Collective, MergeOn, ShardBatch, ShardLayout,
+    ShardOptions, ShardPlan, ThreadCollective,
 };
-use lsce::{Dtype, KernelConfig, LossKernel, LossOutput, LossSpec};
+use lsce::{Batch, Dtype, KernelConfig, LossKernel, LossOutput, LossSpec, StagingOptions};
 use shard_cases::common::{self, compare_outputs, reference_for, Errors};
 use shard_cases::{cases, layouts, Case};
+
+/// Default options with the merge on the device.
+fn device_merge() -> ShardOptions {
+    ShardOptions {
+        merge: MergeOn::Device,
+        ..Default::default()
+    }
+}
 
 /// The loosest bound: a subgroup of 4 lanes per row.
 fn loosest(kernel: &LossKernel) -> KernelConfig {
@@ -31,8 +39,9 @@ fn loosest(kernel: &LossKernel) -> KernelConfig {
     }
 }
 
-/// Runs every shard of `c` over `layout` on one device (P plans, P buffers), merges on the
-/// host and returns the step's output with the gathered gradient.
+/// Runs every shard of `c` over `layout` on one device and returns the step's output with the
+/// gathered gradient: P plans and buffers merged on the host ([`MergeOn::Host`]), or in one
+/// submission merged on the device ([`compute_on_device`], [`MergeOn::Device`]).
 fn run_on_one_device(
     kernel: &LossKernel,
     queue: &wgpu::Queue,
@@ -42,6 +51,11 @@ fn run_on_one_device(
 ) -> LossOutput<f32> {
     let problem = c.problem(layout);
     let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(layout, p)).collect();
+    if options.merge == MergeOn::Device {
+        let batches: Vec<_> = data.iter().map(|d| d.batch(c)).collect();
+        return compute_on_device(kernel, queue, &problem, &batches, options)
+            .unwrap_or_else(|e| panic!("{} P={}: {e}", c.name, layout.shards()));
+    }
     let plans: Vec<_> = (0..layout.shards())
         .map(|p| ShardPlan::new(kernel, &problem, p, options).expect("shard plan"))
         .collect();
@@ -105,16 +119,34 @@ fn one_device_merged_on_the_device_matches_unsharded() {
         for c in cases(10, classes) {
             for layout in layouts(classes) {
                 let what = format!("{} K={classes} P={} device merge", c.name, layout.shards());
-                let problem = c.problem(&layout);
-                let data: Vec<_> = (0..layout.shards()).map(|p| c.slices(&layout, p)).collect();
-                let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
-                let got =
-                    compute_on_device(&g.kernel, &g.queue, &problem, &batches, Default::default())
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, device_merge());
                 errors.merge(check(&what, &g.kernel, &c, &got));
             }
         }
         errors.report(&format!("shards device merge K={classes}"));
+    }
+}
+
+/// Issue 14, item 3: PyTorch's `[N, K, d1..dk]` logits split along dimension 1, each shard's
+/// part `[N, c1 - c0, d..]` read in place by the strided shard passes, with both merges, P = 1..8
+/// uneven shards, against the unsharded result and its bound (the strided kernel's: one
+/// invocation of four lanes per row, `tests/common`).
+#[test]
+fn class_dim1_logits_split_along_dim_1_match_unsharded() {
+    let g = common::gpu();
+    for (rows, classes, spatial) in [(12u32, 37u32, 4u32), (6, 300, 3)] {
+        let mut errors = Errors::default();
+        for c in cases(rows, classes) {
+            let c = c.with_spatial(spatial);
+            for layout in layouts(classes) {
+                let what = format!("{} K={classes} P={}", c.name, layout.shards());
+                let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, Default::default());
+                errors.merge(check(&format!("{what} host merge"), &g.kernel, &c, &got));
+                let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, device_merge());
+                errors.merge(check(&format!("{what} device merge"), &g.kernel, &c, &got));
+            }
+        }
+        errors.report(&format!("shards [N, {classes}, {spatial}]"));
     }
 }
 
@@ -126,10 +158,10 @@ fn row_windows_and_in_place_gradients() {
     let layout = ShardLayout::from_widths(&[70, 1, 229]).unwrap();
     for c in cases(40, 300).into_iter().step_by(2) {
         let problem = c.problem(&layout);
-        let windowed = ShardOptions {
+        let windowed = ShardOptions::default().with_staging(StagingOptions {
             max_binding_bytes: Some(4096),
             ..Default::default()
-        };
+        });
         let plans: Vec<_> = (0..3)
             .map(|p| ShardPlan::new(&g.kernel, &problem, p, windowed).unwrap())
             .collect();
@@ -144,19 +176,21 @@ fn row_windows_and_in_place_gradients() {
             &c,
             &got,
         );
-        let data: Vec<_> = (0..3).map(|p| c.slices(&layout, p)).collect();
-        let batches: Vec<_> = data.iter().map(|d| d.batch(&c)).collect();
-        let got = compute_on_device(&g.kernel, &g.queue, &problem, &batches, windowed).unwrap();
+        let device_merge = ShardOptions {
+            merge: MergeOn::Device,
+            ..windowed
+        };
+        let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, device_merge);
         check(
             &format!("{} windows, device merge", c.name),
             &g.kernel,
             &c,
             &got,
         );
-        let in_place = ShardOptions {
+        let in_place = ShardOptions::default().with_staging(StagingOptions {
             gradient: lsce::Gradient::InPlace,
             ..Default::default()
-        };
+        });
         let got = run_on_one_device(&g.kernel, &g.queue, &c, &layout, in_place);
         check(&format!("{} in place", c.name), &g.kernel, &c, &got);
     }
@@ -192,11 +226,7 @@ fn half_precision_logits() {
         }
         let layout = ShardLayout::from_widths(&[33, 1, 67]).unwrap();
         let problem = c.problem(&layout);
-        let options = ShardOptions {
-            dtype,
-            grad_dtype: lsce::GradDtype::AsLogits,
-            ..Default::default()
-        };
+        let options = ShardOptions::default().with_dtype(dtype);
         let mut blocks = Vec::new();
         let mut plans = Vec::new();
         let mut bits = Vec::new();
@@ -206,13 +236,15 @@ fn half_precision_logits() {
             plans.push(ShardPlan::new(&g.kernel, &problem, p, options).unwrap());
         }
         let batch = |p: usize| {
-            let mut b = lsce::shards::ShardBatch::classes(p, &[][..], &c.labels)
-                .with_upstream(c.upstream());
-            b.logits = match dtype {
+            let logits = match dtype {
                 Dtype::F16 => lsce::Logits::F16(&bits[p]),
                 _ => lsce::Logits::Bf16(&bits[p]),
             };
-            b
+            let shape = problem.shard_shape(p).unwrap();
+            ShardBatch::new(
+                p,
+                Batch::classes(shape, logits, &c.labels).with_upstream(c.upstream()),
+            )
         };
         for (p, plan) in plans.iter().enumerate() {
             blocks.push(plan.compute_records(&g.queue, &batch(p)).unwrap());
@@ -266,7 +298,9 @@ fn two_devices_on_two_threads_merge_through_the_host() {
                         let plan = ShardPlan::new(&kernel, problem, p, Default::default()).unwrap();
                         let d = c.slices(layout, p);
                         let block = plan.compute_records(queue, &d.batch(c)).unwrap();
-                        let merged = exchange(problem, &mut col, &block, c.upstream()).unwrap();
+                        let merged =
+                            exchange(problem, &mut col, Ok(block.as_slice()), c.upstream())
+                                .unwrap();
                         let grad = plan.compute_gradient(queue, &d.batch(c), &merged).unwrap();
                         (merged, grad)
                     })
@@ -300,11 +334,25 @@ fn plan_errors() {
     let logits = vec![0.0f32; 40];
     let labels = [1, 2, 3, 4];
     // Another shard's batch, and a batch of another row count.
-    let other = lsce::shards::ShardBatch::classes(1, &logits, &labels);
+    let shape = problem.shard_shape(0).unwrap();
+    let other = ShardBatch::new(1, Batch::classes(shape, &logits, &labels));
     assert!(plan.compute_records(&g.queue, &other).is_err());
-    let short = lsce::shards::ShardBatch::classes(0, &logits[..30], &labels);
+    let short = ShardBatch::new(0, Batch::classes(shape, &logits[..30], &labels));
     assert!(matches!(
         plan.compute_records(&g.queue, &short),
         Err(lsce::LsceError::LengthMismatch { .. })
     ));
+    // A label outside [0, K) (K = 20, not the shard's 10 classes): an Err on the host.
+    let bad = [1, 2, 20, 4];
+    assert_eq!(
+        plan.compute_records(
+            &g.queue,
+            &ShardBatch::new(0, Batch::classes(shape, &logits, &bad))
+        ),
+        Err(lsce::LsceError::LabelOutOfRange {
+            row: 2,
+            label: 20,
+            classes: 20
+        })
+    );
 }

@@ -1,10 +1,19 @@
 //! The third use of vocabulary shards: MPI processes. Runs `examples/vocab_parallel.rs` under
 //! `mpirun -np 2` and `-np 4` (as root: `--allow-run-as-root --oversubscribe`); the example
-//! checks the loss and the gathered gradient against one device and fails otherwise.
+//! checks the loss and the gathered gradient against one device and fails otherwise. Then,
+//! with `--fail KIND RANK`, one rank fails its step (issue 14, item 2): every rank must print
+//! the `Err` its exchange returned, naming the failed rank, and mpirun must end well within
+//! `DEADLINE` instead of hanging.
 #![cfg(feature = "mpi")]
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one `mpirun` may take: process start-up and a device per rank take a few seconds
+/// on a CPU adapter; a rank left waiting for a failed one would take forever.
+const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Builds the example (a no-op when fresh) and returns its path.
 fn example() -> PathBuf {
@@ -33,40 +42,110 @@ fn example() -> PathBuf {
         .expect("the target directory")
 }
 
-fn run(ranks: u32) {
-    let example = example();
-    let out = Command::new("mpirun")
+/// Runs the example on `ranks` processes with `args`; kills it at the deadline. Returns its
+/// stdout, or panics with what it printed.
+fn mpirun(example: &Path, ranks: u32, args: &[&str]) -> String {
+    let mut child = Command::new("mpirun")
         .args([
             "--allow-run-as-root",
             "--oversubscribe",
             "-np",
             &ranks.to_string(),
         ])
-        .arg(&example)
-        .output()
+        .arg(example)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| {
             panic!("mpirun not found ({e}): install Open MPI (Debian: openmpi-bin libopenmpi-dev)")
         });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "mpirun -np {ranks} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for mpirun") {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            // The child is mpirun, which this test started; it takes its ranks down with it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mpirun -np {ranks} {args:?} still running after {DEADLINE:?}: a rank hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)
+        .expect("stdout");
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    eprintln!(
+        "mpirun -np {ranks} {args:?}: {:.1} s\n{stdout}",
+        start.elapsed().as_secs_f64()
     );
     assert!(
-        stdout.contains("vocab_parallel: OK"),
-        "rank 0 did not confirm the check"
+        status.success(),
+        "mpirun -np {ranks} {args:?} failed:\n{stdout}\n{stderr}"
     );
-    assert_eq!(
-        stdout.matches("in 1 collective call").count(),
-        ranks as usize,
-        "every rank reports its one collective call"
-    );
+    stdout
 }
 
 #[test]
 fn mpirun_two_and_four_ranks_match_one_device() {
-    run(2);
-    run(4);
+    let example = example();
+    for ranks in [2, 4] {
+        let stdout = mpirun(&example, ranks, &[]);
+        assert!(
+            stdout.contains("vocab_parallel: OK"),
+            "rank 0 did not confirm the check"
+        );
+        assert_eq!(
+            stdout.matches("in 1 exchange").count(),
+            ranks as usize,
+            "every rank reports its one exchange"
+        );
+    }
+}
+
+#[test]
+fn mpirun_a_failed_rank_fails_every_rank_within_seconds() {
+    let example = example();
+    for ranks in [2u32, 4] {
+        for kind in ["bad-label", "short-block", "fingerprint"] {
+            let failed = ranks - 1;
+            let stdout = mpirun(&example, ranks, &["--fail", kind, &failed.to_string()]);
+            for rank in 0..ranks {
+                let prefix = format!("rank {rank}/{ranks}: Err after ");
+                let line = stdout
+                    .lines()
+                    .find(|l| l.starts_with(&prefix))
+                    .unwrap_or_else(|| panic!("{kind}: rank {rank} printed no Err:\n{stdout}"));
+                let ms: f64 = line[prefix.len()..]
+                    .split(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no time in {line:?}"));
+                assert!(ms < 5000.0, "{kind}: rank {rank} took {ms} ms: {line}");
+                // Every rank names the failed one: by its own error (bad label, short block),
+                // in RankFailed, or as the rank whose problem differs.
+                let named = match (kind, rank == failed) {
+                    ("bad-label", true) => line.contains("has label 1000"),
+                    ("short-block", true) => line.contains(&format!("shard {failed}'s records")),
+                    ("fingerprint", _) => line.contains(&format!("shard {failed}'s records")),
+                    _ => line.contains(&format!("rank {failed} failed")),
+                };
+                assert!(
+                    named,
+                    "{kind}: rank {rank} does not name rank {failed}: {line}"
+                );
+            }
+        }
+    }
 }

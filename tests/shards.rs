@@ -11,10 +11,10 @@
 mod shard_cases;
 
 use lsce::shards::{
-    self, block_bytes, exchange, merge, merge_records, record, reference, Collective, ShardLayout,
-    ShardProblem, ThreadCollective,
+    self, block_bytes, exchange, merge, merge_records, record, reference, Collective, ShardBatch,
+    ShardLayout, ShardProblem, ThreadCollective,
 };
-use lsce::{LossSpec, LsceError, Reduction, UpstreamGrad};
+use lsce::{Batch, LossSpec, LsceError, Reduction, UpstreamGrad};
 use shard_cases::common::E;
 use shard_cases::{case, cases, close, layouts, Case};
 
@@ -66,6 +66,18 @@ fn check_reference(c: &Case, layout: &ShardLayout) -> f64 {
     worst.max(close(&format!("{what} grad"), &grad, &want_grad, |i| {
         f64_bound(k, p, want_grad[i])
     }))
+}
+
+/// Issue 14, item 3: `[N, K, d]` logits split along dimension 1, each shard's part
+/// `[N, c1 - c0, d]`, through the shard reference, against the unsharded `cpu::compute`.
+#[test]
+fn reference_matches_unsharded_for_class_dim1_logits() {
+    for c in cases(12, 23) {
+        let c = c.with_spatial(3);
+        for layout in layouts(23) {
+            assert!(check_reference(&c, &layout) <= 1.0);
+        }
+    }
 }
 
 #[test]
@@ -243,7 +255,8 @@ fn threads_exchange_once_and_agree_bitwise() {
                     let d = c.slices(layout, col.rank());
                     let parts = reference::partials(problem, &d.batch(c)).unwrap();
                     let block = record::encode(problem, col.rank(), &parts).unwrap();
-                    let merged = exchange(problem, &mut col, &block, c.upstream()).unwrap();
+                    let merged =
+                        exchange(problem, &mut col, Ok(block.as_slice()), c.upstream()).unwrap();
                     let grad = reference::gradient(problem, &d.batch(c), &merged).unwrap();
                     (merged, grad)
                 })
@@ -346,7 +359,7 @@ fn bad_input_is_an_err() {
     labels[0] = if labels[0] == 2 { 3 } else { 2 };
     let other = reference::partials(
         &problem,
-        &lsce::shards::ShardBatch::classes(1, &d[1].logits, &labels),
+        &ShardBatch::new(1, Batch::classes(d[1].shape, &d[1].logits, &labels)),
     )
     .unwrap();
     let mixed = [parts[0].clone(), other];
@@ -361,32 +374,61 @@ fn bad_input_is_an_err() {
             actual: 1
         })
     ));
-    let mut three = ThreadCollective::group(3);
-    assert!(matches!(
-        exchange(&problem, &mut three[0], &blocks[0], UpstreamGrad::One),
-        Err(LsceError::RankCount {
-            expected: 2,
-            actual: 3
-        })
-    ));
-    assert!(three[0].size() == 3);
+    // Every rank of the group of 3 takes part in the exchange and gets the error.
+    let three = ThreadCollective::group(3);
+    assert_eq!(three[0].size(), 3);
+    let counts: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = three
+            .into_iter()
+            .map(|mut col| {
+                let (problem, block) = (&problem, &blocks[0]);
+                s.spawn(move || {
+                    exchange(problem, &mut col, Ok(block.as_slice()), UpstreamGrad::One)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for count in counts {
+        assert_eq!(
+            count,
+            Err(LsceError::RankCount {
+                expected: 2,
+                actual: 3
+            })
+        );
+    }
 
     // Mismatched rows: a shard's logits of another row count; a shard index past the layout.
     let short_logits = &d[0].logits[..25];
     assert!(matches!(
         reference::partials(
             &problem,
-            &lsce::shards::ShardBatch::classes(0, short_logits, &c.labels)
+            &ShardBatch::new(0, Batch::classes(d[0].shape, short_logits, &c.labels))
         ),
         Err(LsceError::LengthMismatch { .. })
     ));
     assert!(reference::partials(
         &problem,
-        &lsce::shards::ShardBatch::classes(2, &d[0].logits, &c.labels)
+        &ShardBatch::new(2, Batch::classes(d[0].shape, &d[0].logits, &c.labels))
     )
     .is_err());
+    // A part of another shard's shape.
+    assert!(matches!(
+        reference::partials(
+            &problem,
+            &ShardBatch::new(1, Batch::classes(d[0].shape, &d[0].logits, &c.labels))
+        ),
+        Err(LsceError::ShardShape { shard: 1, .. })
+    ));
+}
 
-    // A bad label: the merge reports it, its row is NaN.
+/// Issue 14, item 4: with the host merge, a bad label is the `Err` the unsharded loss returns
+/// (`LabelOutOfRange`, row and value), from the calls that produce the result (`merge`,
+/// `merge_records`, `exchange` on every rank), not a loss with a NaN row to be checked after.
+#[test]
+fn host_merge_returns_a_bad_label_as_label_out_of_range() {
+    let layout = ShardLayout::from_widths(&[5, 15]).unwrap();
     let mut bad = case(
         "bad label",
         LossSpec::default().with_reduction(Reduction::None),
@@ -395,18 +437,34 @@ fn bad_input_is_an_err() {
         1,
     );
     bad.labels[4] = 20;
+    bad.labels[5] = -7;
+    let want = Err(LsceError::LabelOutOfRange {
+        row: 4,
+        label: 20,
+        classes: 20,
+    });
     let problem = bad.problem(&layout);
     let parts: Vec<_> = (0..2)
         .map(|p| reference::partials(&problem, &bad.slices(&layout, p).batch(&bad)).unwrap())
         .collect();
-    let merged = merge(&problem, &parts, bad.upstream()).unwrap();
-    assert!(merged.output.loss[4].is_nan());
-    assert_eq!(
-        merged.check(20),
-        Err(LsceError::LabelOutOfRange {
-            row: 4,
-            label: 20,
-            classes: 20
-        })
-    );
+    assert_eq!(merge(&problem, &parts, bad.upstream()), want);
+    let blocks: Vec<Vec<u8>> = (0..2)
+        .map(|p| record::encode(&problem, p, &parts[p]).unwrap())
+        .collect();
+    let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+    assert_eq!(merge_records(&problem, &refs, bad.upstream()), want);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadCollective::group(2)
+            .into_iter()
+            .map(|mut col| {
+                let (problem, blocks, bad) = (&problem, &blocks, &bad);
+                s.spawn(move || {
+                    let block = &blocks[col.rank()];
+                    exchange(problem, &mut col, Ok(block.as_slice()), bad.upstream())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results, vec![want.clone(), want]);
 }

@@ -8,10 +8,10 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata};
-use burn::tensor::Shape as BurnShape;
+use burn::tensor::{DType, Shape as BurnShape};
 
 use super::ops::{GradientMode, LossOptions, LsceOps};
-use crate::Reduction;
+use crate::{GradDtype, Reduction};
 
 /// The autodiff node of one loss.
 #[derive(Debug)]
@@ -20,8 +20,13 @@ struct LossBackward;
 /// What the backward pass needs (see [`GradientMode`] for what each costs).
 #[derive(Clone, Debug)]
 enum State<F, I> {
-    /// The gradient of the loss itself, from the fused forward pass.
-    Keep { grad: F, reduction: Reduction },
+    /// The gradient of the loss itself, from the fused forward pass, in f32; `dtype` is the
+    /// logits' (and so the returned gradient's).
+    Keep {
+        grad: F,
+        reduction: Reduction,
+        dtype: DType,
+    },
     /// Everything to run the fused pass again, now with the upstream gradient.
     Recompute {
         logits: F,
@@ -38,7 +43,11 @@ impl<B: Backend + LsceOps> Backward<B, 1> for LossBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let state = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |upstream| match state {
-            State::Keep { grad, reduction } => scale::<B>(grad, upstream, reduction),
+            State::Keep {
+                grad,
+                reduction,
+                dtype,
+            } => scale::<B>(grad, upstream, reduction, dtype),
             State::Recompute {
                 logits,
                 labels,
@@ -58,13 +67,16 @@ impl<B: Backend + LsceOps> Backward<B, 1> for LossBackward {
     }
 }
 
-/// `grad * upstream`, the upstream gradient (`[1]`, or one per row for `Reduction::None`)
-/// broadcast over the classes: Burn's own elementwise kernel, one read and one write of the
-/// gradient.
+/// `grad * upstream` in f32, rounded once to `dtype` (the logits'): the upstream gradient
+/// (`[1]`, or one per row for `Reduction::None`) broadcast over the classes. Burn's own
+/// elementwise kernels: one read and one write of the f32 gradient, and for 16-bit logits one
+/// cast. Multiplying in the logits' type instead would round the gradient twice and turn an
+/// upstream gradient past 65504 (f16's largest value) into `inf`.
 fn scale<B: Backend>(
     grad: FloatTensor<B>,
     upstream: FloatTensor<B>,
     reduction: Reduction,
+    dtype: DType,
 ) -> FloatTensor<B> {
     let dims = grad.shape().to_vec();
     let mut broadcast = vec![1; dims.len()];
@@ -77,7 +89,12 @@ fn scale<B: Backend>(
     if upstream.dtype() != grad.dtype() {
         upstream = B::float_cast(upstream, grad.dtype().into());
     }
-    B::float_mul(grad, upstream)
+    let product = B::float_mul(grad, upstream);
+    if product.dtype() == dtype {
+        product
+    } else {
+        B::float_cast(product, dtype.into())
+    }
 }
 
 impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
@@ -99,8 +116,13 @@ impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
             OpsKind::Tracked(prep) => match options.mode {
                 GradientMode::Keep => {
                     // No upstream gradient yet: the weights (or their placeholder) stand in
-                    // for it, unread.
+                    // for it, unread. The gradient is kept in f32 (see `scale`).
                     let upstream = weights.clone();
+                    let dtype = logits.dtype();
+                    let options = LossOptions {
+                        grad_dtype: GradDtype::F32,
+                        ..options
+                    };
                     let (loss, grad, summary) = B::lsce_loss_grad(
                         logits,
                         labels,
@@ -112,6 +134,7 @@ impl<B: Backend + LsceOps, C: CheckpointStrategy> LsceOps for Autodiff<B, C> {
                     let state = State::Keep {
                         grad,
                         reduction: options.spec.reduction,
+                        dtype,
                     };
                     (prep.finish(state, loss), summary)
                 }

@@ -108,7 +108,7 @@ fn launch(logits: CubeTensor, inputs: Inputs, options: LossOptions, gradient: bo
     let client = logits.client.clone();
     let loss_dims = ops::loss_dims(&options.spec, &shape);
     let loss = client.empty(4 * loss_dims[0]);
-    let grad_bytes = shape.elements() * dtype.bytes();
+    let grad_bytes = shape.elements() * problem.grad_dtype().bytes();
     let grad = gradient.then(|| client.empty(round4(grad_bytes) as usize));
     let summary = client.empty(Summary::SIZE as usize);
 
@@ -183,7 +183,7 @@ fn launch(logits: CubeTensor, inputs: Inputs, options: LossOptions, gradient: bo
     };
     Launched {
         loss: tensor(loss, &loss_dims, DType::F32),
-        grad: grad.map(|g| tensor(g, &dims, logits.dtype)),
+        grad: grad.map(|g| tensor(g, &dims, ops::grad_burn_dtype(&options, logits.dtype))),
         summary: tensor(summary, &ops::SUMMARY_DIMS, DType::I32),
     }
 }

@@ -53,6 +53,17 @@ pub enum BurnError {
         /// Its dtype, as Burn prints it.
         dtype: String,
     },
+    /// An element type lsce reads but Burn's device does not support (bf16 on most Vulkan and
+    /// Metal adapters: see Burn's `Device::supports_dtype`). Checked before anything runs,
+    /// because a tensor of that type fails on cubecl's device thread, out of the caller's reach.
+    DtypeNotOnDevice {
+        /// Which argument.
+        what: &'static str,
+        /// Its dtype, as Burn prints it.
+        dtype: String,
+        /// The device, as Burn prints it.
+        device: String,
+    },
     /// Burn's wgpu runtime could not be initialised or the setup registered.
     Init(String),
     /// Burn reported an error while running the work or reading the kernel's summary back.
@@ -92,6 +103,15 @@ impl fmt::Display for BurnError {
             Self::UnsupportedDtype { what, dtype } => write!(
                 f,
                 "lsce: {what} has dtype {dtype}; logits must be f32, f16 or bf16"
+            ),
+            Self::DtypeNotOnDevice {
+                what,
+                dtype,
+                device,
+            } => write!(
+                f,
+                "lsce: {what} has dtype {dtype}, which Burn's device {device} does not support \
+                 (Device::supports_dtype); use f32 or f16 logits there"
             ),
             Self::Init(msg) => write!(f, "lsce: initialising Burn's wgpu runtime failed: {msg}"),
             Self::Execution(msg) => write!(f, "lsce: Burn reported an execution error: {msg}"),

@@ -129,7 +129,7 @@ fn register<B: FusionBackend + LsceOps>(
     };
     let mut outputs = vec![output(&ops::loss_dims(&options.spec, &shape), DType::F32)];
     if id == LOSS_GRAD {
-        outputs.push(output(&dims, logits_dtype));
+        outputs.push(output(&dims, ops::grad_burn_dtype(&options, logits_dtype)));
     }
     outputs.push(output(&ops::SUMMARY_DIMS, DType::I32));
 

@@ -6,7 +6,7 @@ use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData}
 use super::error::BurnError;
 use super::ops::{self, GradientMode, LossOptions, LsceOps};
 use super::registry::{self, Shared};
-use crate::{LossSpec, Smoothing, Summary, TargetKind};
+use crate::{GradDtype, LossSpec, Smoothing, Summary, TargetKind};
 
 /// Configuration of an [`LsceLoss`], in the style of Burn's `CrossEntropyLossConfig`.
 ///
@@ -210,6 +210,15 @@ impl LsceLoss {
             .into());
         }
         let dtype = ops::lsce_dtype("the logits", logits.dtype())?;
+        // A dtype the device lacks (bf16 on most wgpu adapters) fails on cubecl's device
+        // thread, where no caller can catch it: refuse it here.
+        if !device.supports_dtype(logits.dtype()) {
+            return Err(BurnError::DtypeNotOnDevice {
+                what: "the logits",
+                dtype: format!("{:?}", logits.dtype()),
+                device: format!("{device:?}"),
+            });
+        }
         same_device("the targets", &device, &target_device)?;
         let weights = match &self.weights {
             Some(weights) => {
@@ -228,6 +237,7 @@ impl LsceLoss {
             },
             weighted: weights.is_some(),
             upstream_grad: false,
+            grad_dtype: GradDtype::AsLogits,
         };
         self.plan_all(&shared, &dims, dtype, options, device.is_autodiff())?;
 
@@ -270,9 +280,17 @@ impl LsceLoss {
     ) -> Result<(), BurnError> {
         shared.plan(&ops::problem(&options, dims, dtype, false)?)?;
         if autodiff {
-            let backward = LossOptions {
-                upstream_grad: self.gradient == GradientMode::Recompute,
-                ..options
+            // As the autodiff node launches it: `Keep` writes an f32 gradient in the forward
+            // pass, `Recompute` one of the logits' dtype with the upstream gradient.
+            let backward = match self.gradient {
+                GradientMode::Keep => LossOptions {
+                    grad_dtype: GradDtype::F32,
+                    ..options
+                },
+                GradientMode::Recompute => LossOptions {
+                    upstream_grad: true,
+                    ..options
+                },
             };
             shared.plan(&ops::problem(&backward, dims, dtype, true)?)?;
         }

@@ -31,6 +31,14 @@
 //! zero class weights are allowed, and long rows (256 x 128256, 64 x 262144) are right where
 //! Burn's loss, measured by the bench on lavapipe, is not. [`init_device`] sets Burn's
 //! allocator to one wgpu buffer per tensor (see [`register_setup`] for why).
+//!
+//! Logits may be f32, f16 or bf16, as far as Burn's device supports the type: bf16 depends on
+//! the device (Burn's `Device::supports_dtype`; most Vulkan and Metal adapters lack it), and a
+//! `cast` to it on a device without it fails on cubecl's device thread, beyond any
+//! `catch_unwind` of the caller. [`LsceLoss::try_forward`] checks the logits' dtype against the
+//! device and returns [`BurnError::DtypeNotOnDevice`] instead. With 16-bit logits the upstream
+//! gradient (a loss scale of 65536 included) multiplies the f32 gradient before its one
+//! rounding to 16 bits, in either [`GradientMode`].
 
 mod autodiff;
 mod cube;

@@ -6,16 +6,16 @@ use burn::backend::{backend_extension, Backend};
 use burn::tensor::DType;
 
 use super::error::BurnError;
-use crate::{Dtype, Gradient, LossSpec, Problem, Reduction, Shape, Summary, TargetKind};
+use crate::{Dtype, GradDtype, Gradient, LossSpec, Problem, Reduction, Shape, Summary, TargetKind};
 
 /// How the gradient reaches Burn's backward pass.
 ///
-/// Both cost one `rows x classes` tensor (the logits' dtype) between forward and backward;
-/// they differ in when it is made and in the work done:
+/// Both keep one `rows x classes` tensor between forward and backward; they differ in when it
+/// is made and in the work done:
 ///
 /// | mode | forward | kept until backward | backward |
 /// |---|---|---|---|
-/// | `Keep` | one fused pass: loss and gradient | the gradient | multiplies it by the upstream gradient (Burn's elementwise kernel) |
+/// | `Keep` | one fused pass: loss and gradient | the gradient, in f32 | multiplies it by the upstream gradient in f32 and rounds the product once to the logits' dtype (Burn's elementwise kernels) |
 /// | `Recompute` | loss only (no gradient written) | the logits | the fused pass again, the upstream gradient folded in |
 ///
 /// `Keep` (Liger's choice) holds the logits *and* the gradient during the forward pass, two
@@ -24,6 +24,12 @@ use crate::{Dtype, Gradient, LossSpec, Problem, Reduction, Shape, Summary, Targe
 /// nothing else keeps the logits (the usual case: a linear layer's backward needs its input and
 /// weight, not its output), `Keep` frees them after the forward pass, so between the passes each
 /// mode keeps exactly one `rows x classes` tensor.
+///
+/// With f16 or bf16 logits, `Keep` keeps the gradient in f32 (twice the logits' bytes), so that
+/// the upstream gradient scales it before its one rounding to 16 bits: a 16-bit copy would be
+/// rounded twice, and an upstream of 65536 (a usual initial loss scale of mixed-precision
+/// training) cast to f16 is `inf`. `Recompute` folds the upstream gradient into the kernel,
+/// which also rounds once, and keeps only the 16-bit logits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum GradientMode {
     /// Compute the gradient in the forward pass and keep it.
@@ -48,6 +54,9 @@ pub struct LossOptions {
     pub weighted: bool,
     /// Whether `upstream` holds the upstream gradient ([`LsceOps::lsce_loss_grad`]).
     pub upstream_grad: bool,
+    /// The gradient's element type ([`LsceOps::lsce_loss_grad`]): the logits' (`AsLogits`), or
+    /// `F32`, which [`GradientMode::Keep`] keeps so that the upstream multiply rounds once.
+    pub grad_dtype: GradDtype,
 }
 
 /// The loss on a Burn backend: implemented by Burn's cube backend (the kernel), by fusion (a
@@ -67,8 +76,8 @@ pub trait LsceOps: Backend {
         options: LossOptions,
     ) -> (FloatTensor<Self>, IntTensor<Self>);
 
-    /// [`LsceOps::lsce_loss`] and the gradient with respect to the logits (the logits' shape
-    /// and dtype), scaled by `upstream` (`[1]` or `[rows]` f32) when `options.upstream_grad`.
+    /// [`LsceOps::lsce_loss`] and the gradient with respect to the logits (the logits' shape,
+    /// of the dtype `options.grad_dtype` names), scaled by `upstream` (`[1]` or `[rows]` f32) when `options.upstream_grad`.
     /// Not differentiable itself.
     fn lsce_loss_grad(
         logits: FloatTensor<Self>,
@@ -108,11 +117,20 @@ pub(crate) fn problem(
         .with_targets(options.targets)
         .with_weighted(options.weighted)
         .with_upstream_grad(options.upstream_grad)
+        .with_grad_dtype(options.grad_dtype)
         .with_gradient(if gradient {
             Gradient::Separate
         } else {
             Gradient::None
         }))
+}
+
+/// The Burn dtype of the gradient a launch writes for logits of `logits`.
+pub(crate) fn grad_burn_dtype(options: &LossOptions, logits: DType) -> DType {
+    match options.grad_dtype {
+        GradDtype::F32 => DType::F32,
+        GradDtype::AsLogits => logits,
+    }
 }
 
 /// The loss tensor's dims: one value per row for `Reduction::None`, else one.

@@ -1,7 +1,7 @@
 //! A fused linear head's batch on the host (the input of its staging call and CPU reference),
 //! the options of a staging call, and what both return.
 
-use crate::batch::{Batch, Logits, Targets, UpstreamGrad};
+use crate::batch::{check_len, Batch, Logits, Targets, UpstreamGrad};
 use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
 use crate::output::LossOutput;
@@ -133,21 +133,10 @@ impl<'a> LinearBatch<'a> {
             self.dim as usize,
             self.vocab() as usize,
         );
-        let check = |what, expected: usize, actual: usize| {
-            if expected == actual {
-                Ok(())
-            } else {
-                Err(LsceError::LengthMismatch {
-                    what,
-                    expected,
-                    actual,
-                })
-            }
-        };
-        check("hidden (rows x dim)", rows * dim, self.hidden.len())?;
-        check("head (vocab x dim)", vocab * dim, self.head.len())?;
+        check_len("hidden (rows x dim)", rows * dim, self.hidden.len())?;
+        check_len("head (vocab x dim)", vocab * dim, self.head.len())?;
         if let Some(bias) = self.bias {
-            check("bias (vocab)", vocab, bias.len())?;
+            check_len("bias (vocab)", vocab, bias.len())?;
         }
         let same = self.head.dtype() == self.dtype()
             && self.bias.is_none_or(|b| b.dtype() == self.dtype());

@@ -26,7 +26,7 @@ pub fn compute(
     gradients: HeadGradients,
 ) -> Result<LinearOutput<f64>> {
     let values = batch.validate_layout(spec)?;
-    batch.loss.check_labels(spec)?;
+    batch.loss.check_labels(spec, batch.vocab())?;
     let (rows, dim, vocab) = (
         batch.rows() as usize,
         batch.dim as usize,

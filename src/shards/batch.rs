@@ -1,119 +1,96 @@
-//! One shard's inputs on the host: the input of the shard CPU reference and of the staging-style
-//! GPU calls.
+//! One shard's inputs on the host: a [`Batch`] of the shard's part of the logits, and the shard
+//! it is. The input of the shard CPU reference and of the staging-style GPU calls.
 
 use crate::error::{LsceError, Result};
-use crate::{Logits, TargetKind, TargetValues, Targets, UpstreamGrad};
+use crate::{Batch, Shape, TargetKind, TargetValues, Targets};
 
 use super::layout::ShardProblem;
 
-/// Shard `shard`'s slice of a batch.
+/// Shard `shard`'s part of a step: a [`Batch`] whose shape is the shard's
+/// ([`ShardProblem::shard_shape`]: `[N, c1 - c0, d..]`, `[rows, c1 - c0]` for a matrix).
 ///
-/// - `logits`: `[rows, c1 - c0]`, row-major: columns `c0..c1` of the global `[rows, K]` logits;
-/// - `targets`: class labels, **all** `rows` of them, global class indices (every rank holds
-///   them); or probabilities `[rows, c1 - c0]`, the same columns of the global targets;
-/// - `weights`: the shard's `c1 - c0` class weights (`weights[c0..c1]` of the global ones);
-/// - `upstream`: the upstream gradient, the same on every rank.
+/// - `batch.logits`: the columns `c0..c1` of the global logits, in the shard's shape;
+/// - `batch.targets`: class labels, **all** `rows` of them, global class indices (every rank
+///   holds them); or probabilities in the shard's shape, the same columns of the global ones;
+/// - `batch.weights`: the shard's `c1 - c0` class weights (`weights[c0..c1]` of the global ones);
+/// - `batch.upstream`: the upstream gradient, the same on every rank.
+///
+/// ```
+/// use lsce::shards::{ShardBatch, ShardLayout, ShardProblem};
+/// use lsce::{Batch, LossSpec};
+/// let problem = ShardProblem::new(LossSpec::pytorch(0.1), 2, ShardLayout::from_widths(&[2, 3])?);
+/// let (right, labels) = ([2.0f32, 0.0, 1.0, -2.0, 1.0, 0.0], [2, 0]);
+/// let batch = ShardBatch::new(1, Batch::classes(problem.shard_shape(1)?, &right, &labels));
+/// batch.validate(&problem)?;
+/// # Ok::<(), lsce::LsceError>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct ShardBatch<'a> {
     /// The shard's index (rank) `p`.
     pub shard: usize,
-    /// `[rows, c1 - c0]` logits.
-    pub logits: Logits<'a>,
-    /// Global labels or the shard's probability columns.
-    pub targets: Targets<'a>,
-    /// The shard's class weights.
-    pub weights: Option<&'a [f32]>,
-    /// The upstream gradient.
-    pub upstream: UpstreamGrad<'a>,
+    /// The shard's part of the batch, in the shard's shape.
+    pub batch: Batch<'a>,
 }
 
 impl<'a> ShardBatch<'a> {
-    /// Shard `shard` with class labels, no weights, upstream gradient 1.
-    pub fn classes(shard: usize, logits: impl Into<Logits<'a>>, labels: &'a [i32]) -> Self {
-        Self {
-            shard,
-            logits: logits.into(),
-            targets: Targets::Classes(labels),
-            weights: None,
-            upstream: UpstreamGrad::One,
-        }
+    /// Shard `shard`'s part `batch`.
+    pub fn new(shard: usize, batch: Batch<'a>) -> Self {
+        Self { shard, batch }
     }
 
-    /// Shard `shard` with probability targets (its columns), no weights, upstream gradient 1.
-    pub fn probabilities(shard: usize, logits: impl Into<Logits<'a>>, targets: &'a [f32]) -> Self {
-        Self {
-            shard,
-            logits: logits.into(),
-            targets: Targets::Probabilities(targets),
-            weights: None,
-            upstream: UpstreamGrad::One,
-        }
-    }
-
-    /// Sets [`ShardBatch::weights`].
-    pub fn with_weights(mut self, weights: &'a [f32]) -> Self {
-        self.weights = Some(weights);
-        self
-    }
-
-    /// Sets [`ShardBatch::upstream`].
-    pub fn with_upstream(mut self, upstream: UpstreamGrad<'a>) -> Self {
-        self.upstream = upstream;
-        self
-    }
-
-    /// Checks the slice against the problem: shard index, lengths, weights, target kind and
-    /// the upstream gradient (labels are checked by the merge, which reports the first bad one).
+    /// Checks the part against the problem: shard index, shape, lengths, weights, target kind
+    /// and the upstream gradient. Label values are not read: the kernel (and the reference)
+    /// classify them as the unsharded loss does, and the merge reports the first bad one.
     pub fn validate(&self, problem: &ShardProblem) -> Result<TargetValues> {
         let values = problem.validate()?;
-        problem.layout.check_shard(self.shard)?;
-        let rows = problem.rows as usize;
-        let width = problem.layout.width(self.shard) as usize;
-        let check = |what, expected: usize, actual: usize| {
-            if expected == actual {
-                Ok(())
-            } else {
-                Err(LsceError::LengthMismatch {
-                    what,
-                    expected,
-                    actual,
-                })
-            }
+        let expected = problem.shard_shape(self.shard)?;
+        let actual = self.batch.shape;
+        if actual != expected {
+            return Err(LsceError::ShardShape {
+                shard: self.shard,
+                expected: dims(expected),
+                actual: dims(actual),
+            });
+        }
+        let kind = match self.batch.targets {
+            Targets::Classes(_) => TargetKind::Classes,
+            Targets::Probabilities(_) => TargetKind::Probabilities,
         };
-        check("shard logits", rows * width, self.logits.len())?;
-        match (self.targets, problem.targets) {
-            (Targets::Classes(l), TargetKind::Classes) => check("labels", rows, l.len())?,
-            (Targets::Probabilities(t), TargetKind::Probabilities) => {
-                check("shard targets", rows * width, t.len())?
-            }
-            _ => {
-                return Err(LsceError::Unsupported(
-                    "the shard's targets are not of the problem's target kind",
-                ))
-            }
+        if kind != problem.targets {
+            return Err(LsceError::Unsupported(
+                "the shard's targets are not of the problem's target kind",
+            ));
         }
-        match (self.weights, problem.weighted) {
-            (Some(w), true) => {
-                check("shard weights", width, w.len())?;
-                if let Some((i, &value)) = w
-                    .iter()
-                    .enumerate()
-                    .find(|(_, w)| !w.is_finite() || **w < 0.0)
-                {
-                    return Err(LsceError::InvalidWeight {
-                        class: problem.layout.range(self.shard).start as usize + i,
-                        value,
-                    });
-                }
-            }
-            (None, false) => {}
-            _ => {
-                return Err(LsceError::Unsupported(
-                    "shard weights must be given exactly when the problem is weighted",
-                ))
-            }
+        if self.batch.weights.is_some() != problem.weighted {
+            return Err(LsceError::Unsupported(
+                "shard weights must be given exactly when the problem is weighted",
+            ));
         }
-        self.upstream.check(problem.spec.reduction, rows)?;
+        let c0 = problem.layout.range(self.shard).start as usize;
+        self.batch
+            .check_inputs(problem.spec.reduction)
+            .map_err(|err| match err {
+                // The global class, as the unsharded loss names it.
+                LsceError::InvalidWeight { class, value } => LsceError::InvalidWeight {
+                    class: c0 + class,
+                    value,
+                },
+                other => other,
+            })?;
         Ok(values)
     }
+
+    /// [`ShardBatch::validate`], and the label values against the global class count: a bad
+    /// label is an `Err` here, on the host, before any device work or exchange.
+    pub fn validate_labels(&self, problem: &ShardProblem) -> Result<TargetValues> {
+        let values = self.validate(problem)?;
+        self.batch
+            .check_labels(&problem.spec, problem.layout.classes())?;
+        Ok(values)
+    }
+}
+
+/// `[N, classes, spatial]` of a shape, as [`LsceError::ShardShape`] reports it.
+fn dims(shape: Shape) -> [u32; 3] {
+    [shape.batch(), shape.classes(), shape.spatial()]
 }

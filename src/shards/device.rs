@@ -5,7 +5,7 @@ use crate::device::upload;
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::output::LossOutput;
-use crate::{LossBuffers, Summary};
+use crate::{LossBuffers, Shape, Summary};
 use crate::{Reduction, UpstreamGrad};
 
 use super::batch::ShardBatch;
@@ -15,7 +15,7 @@ use super::layout::ShardProblem;
 /// Runs every shard of `problem` on `kernel`'s device, `batches[p]` being shard `p`'s slice
 /// (all with the same labels and upstream gradient), in one submission: pass 1 of every shard,
 /// then pass 2 with the merge on the device ([`MergeOn::Device`]). Returns the step's output,
-/// with the gradient gathered into the global `[rows, K]` layout.
+/// with the gradient gathered into the global layout (`[rows, K]`, or `[N, K, d..]`).
 ///
 /// ```
 /// use lsce::shards::{compute_on_device, ShardBatch, ShardLayout, ShardProblem};
@@ -27,8 +27,8 @@ use super::layout::ShardProblem;
 /// let problem = ShardProblem::new(LossSpec::pytorch(0.1), 2, ShardLayout::from_widths(&[2, 3])?);
 /// let (left, right) = ([0.5f32, -1.0, 3.0, 0.5], [2.0f32, 0.0, 1.0, -2.0, 1.0, 0.0]);
 /// let out = compute_on_device(&kernel, &queue, &problem, &[
-///     ShardBatch::classes(0, &left, &labels),
-///     ShardBatch::classes(1, &right, &labels),
+///     ShardBatch::new(0, Batch::classes(problem.shard_shape(0)?, &left, &labels)),
+///     ShardBatch::new(1, Batch::classes(problem.shard_shape(1)?, &right, &labels)),
 /// ], Default::default())?;
 /// let whole = cpu::compute(&LossSpec::pytorch(0.1),
 ///     &Batch::classes(Shape::matrix(2, 5)?, &logits, &labels), lsce::Gradient::Separate)?;
@@ -55,7 +55,7 @@ pub fn compute_on_device(
             reason: "batches must be given in rank order",
         });
     }
-    let upstream = batches[0].upstream;
+    let upstream = batches[0].batch.upstream;
     let options = ShardOptions {
         merge: MergeOn::Device,
         upstream_grad: !matches!(upstream, UpstreamGrad::One),
@@ -71,6 +71,11 @@ pub fn compute_on_device(
         .map(|(plan, b)| plan.upload(device, b))
         .collect::<Result<_>>()?;
     let rows = problem.rows as usize;
+    let global = Shape::new(
+        problem.rows / problem.spatial,
+        problem.layout.classes(),
+        problem.spatial,
+    )?;
     let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
     let buffer = |label, size: u64, usage| {
         device.create_buffer(&wgpu::BufferDescriptor {
@@ -107,7 +112,7 @@ pub fn compute_on_device(
     let grads: Vec<_> = plans
         .iter()
         .map(|plan| {
-            let elements = rows as u64 * u64::from(plan.width());
+            let elements = plan.shape().elements();
             buffer(
                 "lsce shard grad",
                 (elements * grad_dtype.bytes()).next_multiple_of(4),
@@ -138,7 +143,7 @@ pub fn compute_on_device(
             records.slice(at..at + block),
         )?;
     }
-    let with_grad = options.gradient == crate::Gradient::Separate;
+    let with_grad = options.staging.gradient == crate::Gradient::Separate;
     for (p, plan) in plans.iter().enumerate() {
         let (loss, lse, summary) = &outputs[p];
         let b = inputs[p].buffers();
@@ -161,13 +166,13 @@ pub fn compute_on_device(
     if let Some(loss) = loss {
         sources.push((loss, rows_bytes));
     }
-    let grad_sources: Vec<&wgpu::Buffer> = match options.gradient {
+    let grad_sources: Vec<&wgpu::Buffer> = match options.staging.gradient {
         crate::Gradient::None => Vec::new(),
         crate::Gradient::Separate => grads.iter().collect(),
         crate::Gradient::InPlace => inputs.iter().map(|i| &i.logits).collect(),
     };
     for (plan, g) in plans.iter().zip(&grad_sources) {
-        let elements = rows as u64 * u64::from(plan.width());
+        let elements = plan.shape().elements();
         sources.push((g, (elements * grad_dtype.bytes()).next_multiple_of(4)));
     }
     let data = read_back(device, queue, encoder, &sources)?;
@@ -182,14 +187,15 @@ pub fn compute_on_device(
     };
     let first_grad = if per_row { 3 } else { 2 };
     let grad = (!grad_sources.is_empty()).then(|| {
-        let k = problem.layout.classes() as usize;
-        let mut out = vec![0.0f32; rows * k];
+        let mut out = vec![0.0f32; global.elements() as usize];
         for (p, plan) in plans.iter().enumerate() {
-            let w = plan.width() as usize;
-            let c0 = problem.layout.range(p).start as usize;
-            let g = widen(&data[first_grad + p], grad_dtype, rows * w);
-            for row in 0..rows {
-                out[row * k + c0..row * k + c0 + w].copy_from_slice(&g[row * w..(row + 1) * w]);
+            let shape = plan.shape();
+            let c0 = problem.layout.range(p).start;
+            let g = widen(&data[first_grad + p], grad_dtype, shape.elements() as usize);
+            for row in 0..rows as u32 {
+                for c in 0..shape.classes() {
+                    out[global.index(row, c0 + c) as usize] = g[shape.index(row, c) as usize];
+                }
             }
         }
         out

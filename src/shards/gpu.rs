@@ -16,7 +16,7 @@ use crate::kernel::LossKernel;
 use crate::layout::{ShardHeader, ShardMergedRow, SharedLayout, Summary};
 use crate::plan::{LossPlan, ShardPass, ShardRole};
 use crate::LossBuffers;
-use crate::{Dtype, GradDtype, Gradient, Problem, Shape, Targets};
+use crate::{Dtype, GradDtype, Gradient, Problem, Shape, StagingOptions, Targets};
 
 use super::batch::ShardBatch;
 use super::layout::ShardProblem;
@@ -40,35 +40,37 @@ pub enum MergeOn {
     Device,
 }
 
-/// What a shard plan reads and writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a shard plan reads and writes: the one-device [`StagingOptions`] (the gradient, its
+/// element type and the binding cap, as for one device), plus what only a shard has.
+///
+/// Accuracy is the problem's ([`ShardProblem::accuracy`](super::ShardProblem::accuracy)),
+/// which every shard must agree on: `staging.accuracy` may be left `false`, and `true` needs
+/// the problem to count it too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardOptions {
+    /// `gradient` (`Separate`, `InPlace` over the shard's logits, or `None`), `grad_dtype` and
+    /// `max_binding_bytes` (larger shards are processed in row windows).
+    pub staging: StagingOptions,
     /// The logits' element type.
     pub dtype: Dtype,
-    /// The gradient's element type.
-    pub grad_dtype: GradDtype,
-    /// `Separate`, `InPlace` (over the shard's logits) or `None`.
-    pub gradient: Gradient,
     /// Where the records are merged.
     pub merge: MergeOn,
     /// Whether an upstream-gradient buffer is bound in pass 2 ([`MergeOn::Device`]; the host
     /// merge takes it as an argument).
     pub upstream_grad: bool,
-    /// Caps the bytes of one storage binding, as [`Problem::max_binding_bytes`]: larger shards
-    /// are processed in row windows.
-    pub max_binding_bytes: Option<u64>,
 }
 
-impl Default for ShardOptions {
-    fn default() -> Self {
-        Self {
-            dtype: Dtype::F32,
-            grad_dtype: GradDtype::AsLogits,
-            gradient: Gradient::Separate,
-            merge: MergeOn::Host,
-            upstream_grad: false,
-            max_binding_bytes: None,
-        }
+impl ShardOptions {
+    /// Sets [`ShardOptions::staging`].
+    pub fn with_staging(mut self, staging: StagingOptions) -> Self {
+        self.staging = staging;
+        self
+    }
+
+    /// Sets [`ShardOptions::dtype`].
+    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
+        self.dtype = dtype;
+        self
     }
 }
 
@@ -76,8 +78,8 @@ impl Default for ShardOptions {
 ///
 /// | buffer | contents | usage |
 /// |---|---|---|
-/// | `logits` | `[rows, c1 - c0]` of the dtype | `STORAGE` |
-/// | `targets` | all `rows` i32 global labels, or the shard's `[rows, c1 - c0]` f32 probabilities | `STORAGE` |
+/// | `logits` | the shard's shape (`[rows, c1 - c0]`, `[N, c1 - c0, d..]`) of the dtype | `STORAGE` |
+/// | `targets` | all `rows` i32 global labels, or f32 probabilities in the shard's shape | `STORAGE` |
 /// | `weights` | the shard's `c1 - c0` f32 class weights, iff weighted | `STORAGE` |
 #[derive(Clone, Copy, Debug)]
 pub struct ShardBuffers<'a> {
@@ -124,14 +126,19 @@ impl ShardPlan {
         options: ShardOptions,
     ) -> Result<Self> {
         problem.validate()?;
-        problem.layout.check_shard(shard)?;
+        let shape = problem.shard_shape(shard)?;
+        if options.staging.accuracy && !problem.accuracy {
+            return Err(LsceError::Unsupported(
+                "shard accuracy is the ShardProblem's (every shard must agree): set it there",
+            ));
+        }
         let range = problem.layout.range(shard);
-        let shape = Shape::matrix(problem.rows, range.end - range.start)?;
-        let base = Problem::new(problem.spec, shape)
+        let base = options
+            .staging
+            .apply(Problem::new(problem.spec, shape))
             .with_targets(problem.targets)
             .with_weighted(problem.weighted)
-            .with_dtype(options.dtype)
-            .with_max_binding_bytes(options.max_binding_bytes);
+            .with_dtype(options.dtype);
         let role = |pass| ShardRole {
             class_begin: range.start,
             classes: problem.layout.classes(),
@@ -144,10 +151,9 @@ impl ShardPlan {
                 .with_accuracy(problem.accuracy),
             role(ShardPass::Stats),
         )?;
-        let pass2 = base
-            .with_gradient(options.gradient)
-            .with_grad_dtype(options.grad_dtype);
-        let grad = match (options.merge, options.gradient) {
+        // Pass 2 counts accuracy only where it merges (on the device).
+        let pass2 = base.with_accuracy(false);
+        let grad = match (options.merge, options.staging.gradient) {
             (MergeOn::Host, Gradient::None) => None,
             (MergeOn::Host, _) if options.upstream_grad => {
                 return Err(LsceError::Unsupported(
@@ -378,7 +384,7 @@ impl ShardPlan {
         Ok(out.remove(0))
     }
 
-    /// Pass 2 on host data: the shard's `[rows, c1 - c0]` gradient, widened to `f32`.
+    /// Pass 2 on host data: the shard's gradient in its shape, widened to `f32`.
     pub fn compute_gradient(
         &self,
         queue: &wgpu::Queue,
@@ -393,7 +399,7 @@ impl ShardPlan {
             &merged.grad_words(),
             wgpu::BufferUsages::COPY_SRC,
         )?;
-        let elements = u64::from(self.problem.rows) * u64::from(self.width());
+        let elements = self.shape().elements();
         let grad_dtype = self.grad_dtype();
         let bytes = (elements * grad_dtype.bytes()).next_multiple_of(WORD);
         let grad = device.create_buffer(&wgpu::BufferDescriptor {
@@ -402,7 +408,7 @@ impl ShardPlan {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let in_place = self.options.gradient == Gradient::InPlace;
+        let in_place = self.options.staging.gradient == Gradient::InPlace;
         let mut encoder = device.create_command_encoder(&Default::default());
         self.encode_gradient(
             &mut encoder,
@@ -415,8 +421,9 @@ impl ShardPlan {
         Ok(widen(&raw[0], grad_dtype, elements as usize))
     }
 
-    pub(crate) fn width(&self) -> u32 {
-        self.problem.layout.width(self.shard)
+    /// The shard's part of the logits, `[N, c1 - c0, d..]`.
+    pub(crate) fn shape(&self) -> Shape {
+        self.stats.problem().shape
     }
 
     /// The options.
@@ -426,20 +433,26 @@ impl ShardPlan {
 
     /// The gradient's element type.
     pub(crate) fn grad_dtype(&self) -> Dtype {
-        match (self.options.gradient, self.options.grad_dtype) {
+        match (
+            self.options.staging.gradient,
+            self.options.staging.grad_dtype,
+        ) {
             (Gradient::InPlace, _) | (_, GradDtype::AsLogits) => self.options.dtype,
             (_, GradDtype::F32) => Dtype::F32,
         }
     }
 
-    pub(crate) fn upload(&self, device: &wgpu::Device, batch: &ShardBatch<'_>) -> Result<Inputs> {
-        batch.validate(&self.problem)?;
-        if batch.shard != self.shard {
+    /// Checks a host batch, its label values included (so that a bad label is an `Err` on this
+    /// rank before anything runs or moves), and uploads it.
+    pub(crate) fn upload(&self, device: &wgpu::Device, part: &ShardBatch<'_>) -> Result<Inputs> {
+        part.validate_labels(&self.problem)?;
+        if part.shard != self.shard {
             return Err(LsceError::ForeignRecords {
-                shard: batch.shard,
+                shard: part.shard,
                 reason: "the batch is another shard's than the plan's",
             });
         }
+        let batch = &part.batch;
         if batch.logits.dtype() != self.options.dtype {
             return Err(LsceError::Unsupported(
                 "the shard's logits are not of the plan's dtype",

@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::error::{LsceError, Result};
-use crate::{LossSpec, Reduction, Smoothing, TargetKind, TargetValues};
+use crate::{LossSpec, Reduction, Shape, Smoothing, TargetKind, TargetValues};
 
 /// The split of `[0, classes)` into shards, in rank order: shard `p` holds the classes
 /// `ranges[p]`, and the ranges tile `[0, classes)` exactly, ascending. Widths may differ and
@@ -144,8 +144,13 @@ impl ShardLayout {
 pub struct ShardProblem {
     /// The loss over all `K` classes.
     pub spec: LossSpec,
-    /// Rows of every shard (`[rows, c1 - c0]` logits each).
+    /// Rows of every shard: `N * spatial` (`[rows, c1 - c0]` logits each for a matrix,
+    /// `[N, c1 - c0, d1, .., dk]` for PyTorch's class-dimension-1 layout).
     pub rows: u32,
+    /// `d1 * .. * dk` of `[N, K, d1, .., dk]` logits split along dimension 1, 1 for a
+    /// `[rows, K]` matrix: each shard's logits are `[N, c1 - c0, d1, .., dk]`, row `n * spatial
+    /// + s` being position `(n, s)`, as [`Shape`] lays them out.
+    pub spatial: u32,
     /// Which classes each shard holds.
     pub layout: ShardLayout,
     /// Class labels (every rank holds all `rows` global labels) or probabilities (each shard
@@ -159,16 +164,61 @@ pub struct ShardProblem {
 }
 
 impl ShardProblem {
-    /// Class labels, no weights.
+    /// `[rows, K]` logits split by class; class labels, no weights.
     pub fn new(spec: LossSpec, rows: u32, layout: ShardLayout) -> Self {
         Self {
             spec,
             rows,
+            spatial: 1,
             layout,
             targets: TargetKind::Classes,
             weighted: false,
             accuracy: false,
         }
+    }
+
+    /// Logits of the global `shape` (`[rows, K]`, or `[N, K, d1, .., dk]` from
+    /// [`Shape::class_dim1`]) split along the class dimension by `layout`; class labels, no
+    /// weights. `Err` when the layout's class count is not the shape's.
+    ///
+    /// ```
+    /// use lsce::shards::{ShardLayout, ShardProblem};
+    /// use lsce::{LossSpec, Shape};
+    /// let shape = Shape::class_dim1(&[2, 10, 3, 4])?;
+    /// let layout = ShardLayout::even(10, 2)?;
+    /// let problem = ShardProblem::for_shape(LossSpec::pytorch(0.1), shape, layout)?;
+    /// assert_eq!(problem.shard_shape(1)?, Shape::class_dim1(&[2, 5, 3, 4])?);
+    /// # Ok::<(), lsce::LsceError>(())
+    /// ```
+    pub fn for_shape(spec: LossSpec, shape: Shape, layout: ShardLayout) -> Result<Self> {
+        if shape.classes() != layout.classes() {
+            return Err(LsceError::LengthMismatch {
+                what: "layout classes",
+                expected: shape.classes() as usize,
+                actual: layout.classes() as usize,
+            });
+        }
+        Ok(Self {
+            spatial: shape.spatial(),
+            ..Self::new(spec, shape.rows(), layout)
+        })
+    }
+
+    /// Shard `shard`'s part of the logits: `[N, c1 - c0, spatial]`.
+    pub fn shard_shape(&self, shard: usize) -> Result<Shape> {
+        self.layout.check_shard(shard)?;
+        if self.spatial == 0 || !self.rows.is_multiple_of(self.spatial) {
+            return Err(LsceError::InvalidParameter {
+                name: "spatial",
+                value: self.spatial as f32,
+                expected: "a divisor of rows (rows = N * spatial)",
+            });
+        }
+        Shape::new(
+            self.rows / self.spatial,
+            self.layout.width(shard),
+            self.spatial,
+        )
     }
 
     /// Sets [`ShardProblem::targets`].
@@ -194,6 +244,7 @@ impl ShardProblem {
         if self.rows == 0 {
             return Err(LsceError::EmptyShape);
         }
+        self.shard_shape(0)?;
         if self.accuracy && self.targets == TargetKind::Probabilities {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
         }
@@ -225,6 +276,7 @@ impl ShardProblem {
         h.word(s.softcap.map_or(0, f32::to_bits));
         h.word(s.logit_scale.to_bits());
         h.word(self.rows);
+        h.word(self.spatial);
         h.word(match self.targets {
             TargetKind::Classes => 0,
             TargetKind::Probabilities => 1,

@@ -48,10 +48,8 @@ pub struct Merged {
     pub output: LossOutput<f64>,
     /// Per row, what pass 2 needs.
     pub rows: Vec<RowGrad>,
-    /// Per row, the global class of the first largest raw logit (`u32::MAX` for unusable rows).
+    /// Per row, the global class of the first largest raw logit (`u32::MAX` for ignored rows).
     pub argmax: Vec<u32>,
-    /// The first row whose label is outside `[0, K)` and not the ignore index, with its label.
-    pub bad_label: Option<(u64, i32)>,
 }
 
 impl Merged {
@@ -70,25 +68,14 @@ impl Merged {
             .collect();
         bytemuck::cast_slice(&rows).to_vec()
     }
-
-    /// `Err(LabelOutOfRange)` when a row had a bad label (its loss and gradient are NaN).
-    pub fn check(&self, classes: u32) -> Result<()> {
-        match self.bad_label {
-            Some((row, label)) => Err(LsceError::LabelOutOfRange {
-                row,
-                label,
-                classes,
-            }),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Decodes and merges the record blocks of all `P` shards, given in rank order.
 ///
 /// Errors: a block count other than `P` ([`LsceError::RankCount`]); a block of another problem,
-/// shard or row count, or shards that disagree about a row ([`LsceError::ForeignRecords`]); a bad
-/// upstream gradient.
+/// shard or row count, or shards that disagree about a row ([`LsceError::ForeignRecords`]); a
+/// label outside `[0, K)` that is not the ignore index ([`LsceError::LabelOutOfRange`], the
+/// first such row, as the unsharded loss reports it); a bad upstream gradient.
 pub fn merge_records(
     problem: &ShardProblem,
     blocks: &[&[u8]],
@@ -124,6 +111,9 @@ fn rescale(m_part: f64, m: f64) -> f64 {
 }
 
 /// Merges the partial rows of all `P` shards (`partials[p]` is shard `p`'s, one per row).
+///
+/// Errors as [`merge_records`]: a bad label is [`LsceError::LabelOutOfRange`] here, the same
+/// error the unsharded loss returns, so that no caller gets a loss with a NaN row unawares.
 pub fn merge(
     problem: &ShardProblem,
     shards: &[ShardPartials],
@@ -151,25 +141,33 @@ pub fn merge(
     let mut grads = Vec::with_capacity(rows);
     let mut coefs = Vec::with_capacity(rows);
     let mut correct = (classes && problem.accuracy).then_some(0u64);
-    let mut bad_label = None;
     for row in 0..rows {
         let first = &partials[0][row];
         if let Some(shard) = partials.iter().position(|p| p[row].kind != first.kind) {
+            // Name the shard whose label is out of range where the others' is not.
+            let odd = partials
+                .iter()
+                .position(|p| p[row].kind == RowKind::BadLabel)
+                .unwrap_or(shard);
             return Err(LsceError::ForeignRecords {
-                shard,
+                shard: odd,
                 reason: "shards disagree about a row's kind (different labels?)",
             });
         }
-        if first.kind != RowKind::Valid {
-            let fill = if first.kind == RowKind::Ignored {
-                0.0
-            } else {
-                bad_label.get_or_insert((row as u64, first.label));
-                f64::NAN
-            };
-            (loss[row], z_loss[row], lse[row]) = (fill, fill, fill);
-            coefs.push((first.kind, fill, fill));
-            continue;
+        match first.kind {
+            RowKind::Valid => {}
+            RowKind::BadLabel => {
+                return Err(LsceError::LabelOutOfRange {
+                    row: row as u64,
+                    label: first.label,
+                    classes: problem.layout.classes(),
+                })
+            }
+            RowKind::Ignored => {
+                (loss[row], z_loss[row], lse[row]) = (0.0, 0.0, 0.0);
+                coefs.push((RowKind::Ignored, 0.0, 0.0));
+                continue;
+            }
         }
         let holder = partials.iter().position(|p| p[row].holds_label);
         if classes && partials.iter().filter(|p| p[row].holds_label).count() != 1 {
@@ -250,6 +248,5 @@ pub fn merge(
         },
         rows: grads,
         argmax,
-        bad_label,
     })
 }

@@ -3,13 +3,17 @@
 //! When a row's classes do not live in one buffer (a 128k vocabulary past a binding limit,
 //! tensor-parallel training with `[rows, K/P]` per device, or a linear layer producing the
 //! logits chunk by chunk), each shard `p` holds the classes `[c0, c1)` of a [`ShardLayout`]
-//! and a step is:
+//! (of `[rows, K]` logits, or of PyTorch's `[N, K, d1..dk]` split along dimension 1:
+//! [`ShardProblem::for_shape`], each shard's part a [`Batch`](crate::Batch) of shape
+//! `[N, c1 - c0, d1..dk]`, read in place by the strided kernel) and a step is:
 //!
 //! 1. **pass 1**, per shard: one fixed-size record of partial statistics per row
 //!    ([`record`]: 32 bytes per row, plus a 32-byte header carrying the plan's fingerprint);
-//! 2. **one collective round**: every rank all-gathers every rank's records
-//!    ([`Collective::all_gather`], through [`exchange`]): `32 * rows` bytes sent per rank, `32 * P`
-//!    bytes per row received;
+//! 2. **one exchange** ([`exchange`]): every rank all-gathers every rank's status (did its pass
+//!    1 succeed, for which problem: [`STATUS_BYTES`] bytes), then, when all did, every rank's
+//!    records ([`Collective::all_gather`]): `32 * rows` bytes sent per rank, `32 * P` bytes per
+//!    row received. A rank that failed takes part in the status round with its error, so every
+//!    rank returns an `Err` naming it instead of waiting for its records;
 //! 3. **the merge**, on every rank, in rank order ([`merge`], [`merge_records`] on the host; on
 //!    the device inside pass 2 for shards on one device): the loss, lse, accuracy and the
 //!    per-row constants of the gradient, bitwise the same on every rank;
@@ -39,8 +43,9 @@
 //! ## The three uses
 //!
 //! - **Several devices or processes**: each rank runs its [`ShardPlan`] (pass 1:
-//!   [`ShardPlan::encode_records`]), sends the block through its [`Collective`] and merges
-//!   ([`exchange`]: one `all_gather`), then runs pass 2 from the merged rows
+//!   [`ShardPlan::encode_records`]), sends the block (or its error) through its [`Collective`]
+//!   and merges ([`exchange`]: a status `all_gather`, then the records'), then runs pass 2 from
+//!   the merged rows
 //!   ([`ShardPlan::encode_gradient`], [`Merged::grad_words`]). [`ThreadCollective`] connects
 //!   devices in threads of one process, `MpiCollective` (feature `mpi`) processes; the example
 //!   `vocab_parallel` runs under `mpirun`.
@@ -65,7 +70,7 @@
 //!
 //! | | Megatron `vocab_parallel_cross_entropy` | flash-attention `cross_entropy(process_group=..)` | lsce shards |
 //! |---|---|---|---|
-//! | collective calls per step | three all-reduces (max, predicted logit, sum of exp) | an all-gather of the lse and an all-reduce of the losses | **one** all-gather of 32 bytes per row and rank |
+//! | collective calls per step | three all-reduces (max, predicted logit, sum of exp) | an all-gather of the lse and an all-reduce of the losses | a 256-byte status all-gather (a failed rank fails every rank), then **one** all-gather of 32 bytes per row and rank |
 //! | shard widths | equal (`K / P`) | equal | any, each checked to tile `[0, K)` |
 //! | label smoothing | `eps / (K_local - 1)` off-value: the **local** shard's class count (Megatron-LM #737, NeMo #7464), so the loss changes with `P` | `eps / K` with the global `K` | the unsharded convention over the global `K`, any [`Smoothing`](crate::Smoothing) |
 //! | ignore_index, weights, probability targets, z-loss, soft-cap | no weights or probabilities | ignore_index, z-loss; no weights or probabilities | all |
@@ -83,9 +88,10 @@
 //! ## Transport
 //!
 //! [`Collective`] is one method, `all_gather` of equal-sized byte blocks. [`ThreadCollective`]
-//! connects threads of one process (several wgpu devices); `MpiCollective` (feature `mpi`)
-//! wraps an rsmpi communicator; anything else implements the trait. [`exchange`] checks the rank
-//! count, makes the one call and merges. On one device the GPU merges the shards itself.
+//! connects threads of one process (several wgpu devices; a rank whose collective is dropped
+//! fails the others' calls); `MpiCollective` (feature `mpi`) wraps an rsmpi communicator;
+//! anything else implements the trait. [`exchange`] agrees on success in the status round,
+//! makes the data call and merges. On one device the GPU merges the shards itself.
 //!
 //! The host side (layout, records, merge, transports and the `f64` [`reference`](mod@reference)) is
 //! independent of wgpu. The tests hold each use against the unsharded result: the reference
@@ -105,7 +111,7 @@ pub mod record;
 pub mod reference;
 
 pub use batch::ShardBatch;
-pub use collective::{block_bytes, exchange, Collective, ThreadCollective};
+pub use collective::{block_bytes, exchange, Collective, ThreadCollective, STATUS_BYTES};
 pub use device::compute_on_device;
 pub use gpu::{MergeOn, ShardBuffers, ShardOptions, ShardPlan, MERGED_ROW_BYTES};
 pub use layout::{ShardLayout, ShardProblem};

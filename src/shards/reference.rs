@@ -13,14 +13,17 @@
 //! let problem = ShardProblem::new(spec, 2, ShardLayout::from_widths(&[2, 3])?);
 //! let left: Vec<f32> = vec![0.5, -1.0, 3.0, 0.5];
 //! let right: Vec<f32> = vec![2.0, 0.0, 1.0, -2.0, 1.0, 0.0];
+//! let part = |p: usize, logits| -> lsce::Result<ShardBatch> {
+//!     Ok(ShardBatch::new(p, Batch::classes(problem.shard_shape(p)?, logits, &labels)))
+//! };
 //! let parts = [
-//!     reference::partials(&problem, &ShardBatch::classes(0, &left, &labels))?,
-//!     reference::partials(&problem, &ShardBatch::classes(1, &right, &labels))?,
+//!     reference::partials(&problem, &part(0, &left)?)?,
+//!     reference::partials(&problem, &part(1, &right)?)?,
 //! ];
 //! let merged = lsce::shards::merge(&problem, &parts, UpstreamGrad::One)?;
 //! let whole = cpu::compute(&spec, &Batch::classes(Shape::matrix(2, 5)?, &logits, &labels), lsce::Gradient::Separate)?;
 //! assert!((merged.output.loss[0] - whole.loss[0]).abs() < 1e-12);
-//! let g1 = reference::gradient(&problem, &ShardBatch::classes(1, &right, &labels), &merged)?;
+//! let g1 = reference::gradient(&problem, &part(1, &right)?, &merged)?;
 //! assert!((g1[0] - whole.grad.unwrap()[2]).abs() < 1e-12); // row 0, class 2
 //! # Ok::<(), lsce::LsceError>(())
 //! ```
@@ -38,7 +41,7 @@ use super::record::{PartialRow, RowKind, ShardPartials};
 
 /// The row's kind from its label, as every shard classifies it (`classify_label`).
 fn row_kind(problem: &ShardProblem, batch: &ShardBatch<'_>, row: usize) -> (RowKind, i32) {
-    match batch.targets {
+    match batch.batch.targets {
         Targets::Classes(labels) => {
             let y = labels[row];
             if Some(y) == problem.spec.ignore_index {
@@ -68,6 +71,9 @@ fn shard_row(problem: &ShardProblem, batch: &ShardBatch<'_>, row: usize, y: i32)
         .expect("validated by the caller");
     let c0 = problem.layout.range(batch.shard).start;
     let width = problem.layout.width(batch.shard) as usize;
+    let b = &batch.batch;
+    // `[N, width, d..]`: element (row, c) where the shard's shape puts it.
+    let at = |c: usize| b.shape.index(row as u32, c as u32) as usize;
     let mut r = ShardRow {
         x: Vec::with_capacity(width),
         z: Vec::with_capacity(width),
@@ -75,12 +81,12 @@ fn shard_row(problem: &ShardProblem, batch: &ShardBatch<'_>, row: usize, y: i32)
         a: Vec::with_capacity(width),
     };
     for c in 0..width {
-        let x = batch.logits.get(row * width + c);
+        let x = b.logits.get(at(c));
         let (z, dz) = transform(x, spec);
-        let w = batch.weights.map_or(1.0, |w| f64::from(w[c]));
-        let target = match batch.targets {
+        let w = b.weights.map_or(1.0, |w| f64::from(w[c]));
+        let target = match b.targets {
             Targets::Classes(_) => ClassTarget::Label(y),
-            Targets::Probabilities(t) => ClassTarget::Probability(f64::from(t[row * width + c])),
+            Targets::Probabilities(t) => ClassTarget::Probability(f64::from(t[at(c)])),
         };
         r.x.push(x);
         r.z.push(z);
@@ -95,8 +101,8 @@ fn shard_row(problem: &ShardProblem, batch: &ShardBatch<'_>, row: usize, y: i32)
 pub fn partials(problem: &ShardProblem, batch: &ShardBatch<'_>) -> Result<ShardPartials> {
     let values = batch.validate(problem)?;
     let range = problem.layout.range(batch.shard);
-    let soft = matches!(batch.targets, Targets::Probabilities(_));
-    let weight = |c: usize| batch.weights.map_or(1.0, |w| f64::from(w[c]));
+    let soft = matches!(batch.batch.targets, Targets::Probabilities(_));
+    let weight = |c: usize| batch.batch.weights.map_or(1.0, |w| f64::from(w[c]));
     let rows: Vec<PartialRow> = (0..problem.rows as usize)
         .map(|row| {
             let (kind, y) = row_kind(problem, batch, row);
@@ -138,8 +144,8 @@ pub fn partials(problem: &ShardProblem, batch: &ShardBatch<'_>) -> Result<ShardP
     Ok(ShardPartials { rows, denominator })
 }
 
-/// Pass 2 of one shard: its `[rows, c1 - c0]` gradient from the merged rows,
-/// `(exp(z_c - M) coef - a_c) scale dz_c/dx_c`.
+/// Pass 2 of one shard: its gradient in the shard's shape (`[N, c1 - c0, d..]`) from the merged
+/// rows, `(exp(z_c - M) coef - a_c) scale dz_c/dx_c`.
 pub fn gradient(
     problem: &ShardProblem,
     batch: &ShardBatch<'_>,
@@ -153,18 +159,20 @@ pub fn gradient(
             actual: merged.rows.len(),
         });
     }
-    let width = problem.layout.width(batch.shard) as usize;
-    let mut grad = vec![0.0; problem.rows as usize * width];
+    let shape = batch.batch.shape;
+    let width = shape.classes();
+    let mut grad = vec![0.0; shape.elements() as usize];
     for (row, m) in merged.rows.iter().enumerate() {
-        let out = &mut grad[row * width..(row + 1) * width];
+        let at = |c: u32| shape.index(row as u32, c) as usize;
         match m.kind {
             RowKind::Ignored => continue,
-            RowKind::BadLabel => out.fill(f64::NAN),
+            RowKind::BadLabel => (0..width).for_each(|c| grad[at(c)] = f64::NAN),
             RowKind::Valid => {
                 let (_, y) = row_kind(problem, batch, row);
                 let r = shard_row(problem, batch, row, y);
-                for (c, g) in out.iter_mut().enumerate() {
-                    *g = ((r.z[c] - m.max).exp() * m.coef - r.a[c]) * m.scale * r.dz[c];
+                for c in 0..width as usize {
+                    grad[at(c as u32)] =
+                        ((r.z[c] - m.max).exp() * m.coef - r.a[c]) * m.scale * r.dz[c];
                 }
             }
         }

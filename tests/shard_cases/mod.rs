@@ -1,5 +1,6 @@
-//! Sharded test cases: a global `[rows, K]` problem, cut into shard slices by a layout, with
-//! the unsharded CPU result to hold every sharded use against.
+//! Sharded test cases: a global `[rows, K]` (or `[N, K, spatial]`) problem, cut into shard
+//! slices by a layout along the class dimension, with the unsharded CPU result to hold every
+//! sharded use against.
 #![allow(dead_code)]
 
 use lsce::shards::{ShardBatch, ShardLayout, ShardProblem};
@@ -15,8 +16,11 @@ pub use common::Rng;
 pub struct Case {
     pub name: String,
     pub spec: LossSpec,
+    /// `N * spatial`.
     pub rows: u32,
     pub classes: u32,
+    /// Positions per sample of `[N, K, spatial]` logits; 1 for `[rows, K]`.
+    pub spatial: u32,
     pub logits: Vec<f32>,
     pub labels: Vec<i32>,
     pub probs: Option<Vec<f32>>,
@@ -25,9 +29,29 @@ pub struct Case {
 }
 
 impl Case {
+    /// The global shape.
+    pub fn shape(&self) -> Shape {
+        Shape::new(self.rows / self.spatial, self.classes, self.spatial).unwrap()
+    }
+
+    /// The same problem on `[N, K, spatial]` logits: every `[rows, K]` row's values move to
+    /// where the class-dimension-1 layout puts that row (labels, probabilities and upstream
+    /// stay by row), so the unsharded result is the same row by row.
+    pub fn with_spatial(mut self, spatial: u32) -> Self {
+        assert_eq!(self.spatial, 1);
+        assert_eq!(self.rows % spatial, 0);
+        let matrix = self.shape();
+        self.spatial = spatial;
+        let strided = self.shape();
+        self.logits = relayout(&self.logits, matrix, strided);
+        self.probs = self.probs.as_deref().map(|p| relayout(p, matrix, strided));
+        self.name = format!("{} [N, K, {spatial}]", self.name);
+        self
+    }
+
     /// The unsharded batch.
     pub fn batch(&self) -> Batch<'_> {
-        let shape = Shape::matrix(self.rows, self.classes).unwrap();
+        let shape = self.shape();
         let mut b = match &self.probs {
             Some(p) => Batch::probabilities(shape, &self.logits, p),
             None => Batch::classes(shape, &self.logits, &self.labels),
@@ -52,7 +76,8 @@ impl Case {
     }
 
     pub fn problem(&self, layout: &ShardLayout) -> ShardProblem {
-        ShardProblem::new(self.spec, self.rows, layout.clone())
+        ShardProblem::for_shape(self.spec, self.shape(), layout.clone())
+            .expect("the layout tiles the case's classes")
             .with_targets(if self.probs.is_some() {
                 TargetKind::Probabilities
             } else {
@@ -62,19 +87,23 @@ impl Case {
             .with_accuracy(self.probs.is_none())
     }
 
-    /// Shard `p`'s slices: logits, probabilities and weights.
+    /// Shard `p`'s slices: logits, probabilities and weights, in the shard's shape.
     pub fn slices(&self, layout: &ShardLayout, p: usize) -> ShardData {
         let r = layout.range(p);
+        let global = self.shape();
+        let shape = Shape::new(self.rows / self.spatial, r.end - r.start, self.spatial).unwrap();
         let cols = |v: &[f32]| -> Vec<f32> {
-            (0..self.rows as usize)
-                .flat_map(|row| {
-                    let base = row * self.classes as usize;
-                    v[base + r.start as usize..base + r.end as usize].to_vec()
-                })
-                .collect()
+            let mut out = vec![0.0; shape.elements() as usize];
+            for row in 0..self.rows {
+                for c in 0..shape.classes() {
+                    out[shape.index(row, c) as usize] = v[global.index(row, r.start + c) as usize];
+                }
+            }
+            out
         };
         ShardData {
             shard: p,
+            shape,
             logits: cols(&self.logits),
             probs: self.probs.as_deref().map(cols),
             weights: self
@@ -84,25 +113,39 @@ impl Case {
         }
     }
 
-    /// Gathers per-shard `[rows, width]` gradients into the global layout.
+    /// Gathers per-shard gradients (each in its shard's shape) into the global layout.
     pub fn gather<T: Copy + Default>(&self, layout: &ShardLayout, parts: &[Vec<T>]) -> Vec<T> {
-        let k = self.classes as usize;
-        let mut out = vec![T::default(); self.rows as usize * k];
+        let global = self.shape();
+        let mut out = vec![T::default(); global.elements() as usize];
         for (p, g) in parts.iter().enumerate() {
             let r = layout.range(p);
-            let w = (r.end - r.start) as usize;
-            for row in 0..self.rows as usize {
-                out[row * k + r.start as usize..row * k + r.end as usize]
-                    .copy_from_slice(&g[row * w..(row + 1) * w]);
+            let shape =
+                Shape::new(self.rows / self.spatial, r.end - r.start, self.spatial).unwrap();
+            for row in 0..self.rows {
+                for c in 0..shape.classes() {
+                    out[global.index(row, r.start + c) as usize] = g[shape.index(row, c) as usize];
+                }
             }
         }
         out
     }
 }
 
+/// `v`, laid out as `from`, laid out as `to` (the same rows and classes).
+fn relayout(v: &[f32], from: Shape, to: Shape) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for row in 0..from.rows() {
+        for c in 0..from.classes() {
+            out[to.index(row, c) as usize] = v[from.index(row, c) as usize];
+        }
+    }
+    out
+}
+
 /// One shard's owned slices.
 pub struct ShardData {
     pub shard: usize,
+    pub shape: Shape,
     pub logits: Vec<f32>,
     pub probs: Option<Vec<f32>>,
     pub weights: Option<Vec<f32>>,
@@ -111,13 +154,13 @@ pub struct ShardData {
 impl ShardData {
     pub fn batch<'a>(&'a self, case: &'a Case) -> ShardBatch<'a> {
         let mut b = match &self.probs {
-            Some(p) => ShardBatch::probabilities(self.shard, &self.logits, p),
-            None => ShardBatch::classes(self.shard, &self.logits, &case.labels),
+            Some(p) => Batch::probabilities(self.shape, &self.logits, p),
+            None => Batch::classes(self.shape, &self.logits, &case.labels),
         };
         if let Some(w) = &self.weights {
             b = b.with_weights(w);
         }
-        b.with_upstream(case.upstream())
+        ShardBatch::new(self.shard, b.with_upstream(case.upstream()))
     }
 }
 
@@ -141,6 +184,7 @@ pub fn case(name: &str, spec: LossSpec, rows: u32, classes: u32, seed: u64) -> C
         spec,
         rows,
         classes,
+        spatial: 1,
         logits,
         labels,
         probs: None,
