@@ -72,12 +72,10 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     load_linear();
     let r0 = LQ.row_begin + wid.x * MM_TILE;
     let block = LQ.block_begin + wid.y;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    // The epilogue: invocation lid sums row lid / 4 of the tile, columns 16 (lid % 4) + [0, 16).
-    let em = lid / 4u;
-    let part = lid % 4u;
-    let r = r0 + em;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    // The epilogue: invocation lid sums row lid of the tile, its 64 columns in 16 units.
+    let r = r0 + lid;
     let in_rows = r < LQ.row_begin + LQ.row_count;
     var kind = ROW_IGNORED;
     var label_i = 0;
@@ -101,47 +99,41 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let neg = vec4<f32>(neg_inf());
     for (var v0 = v_begin; v0 < v_end; v0 += MM_TILE) {
         let tile = mm_logits(lid, r0, v0);
-        let b = bias4(vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u));
-        for (var i = 0u; i < 4u; i++) {
-            let m = ty + 16u * i;
-            let x = block_row(tile, i) + b;
-            put_row_major(m, tx, x);
-            let row = r0 + m;
-            if (LQ.store_logits != 0u && row < LQ.row_begin + LQ.row_count) {
-                // The chunk's logits, row-major [row_count, vocab], in the loss's `logits`.
-                let at = (row - LQ.chunk_begin) * LQ.vocab;
-                for (var j = 0u; j < 4u; j++) {
-                    let v = v0 + tx + 16u * j;
-                    if (v < LQ.vocab) {
-                        logits[at + v] = x[j];
+        for (var h = 0u; h < 2u; h++) {
+            let cols = block_cols(v0, tx, h == 1u);
+            let b = bias4(cols);
+            for (var i = 0u; i < 8u; i++) {
+                let m = ty + 8u * i;
+                let x = block_row(tile, i, h == 1u) + b;
+                put_row_major(m, cols - vec4<u32>(v0), x);
+                let row = r0 + m;
+                if (LQ.store_logits != 0u && row < LQ.row_begin + LQ.row_count) {
+                    // The chunk's logits, row-major [row_count, vocab], in the loss's `logits`.
+                    let at = (row - LQ.chunk_begin) * LQ.vocab;
+                    for (var j = 0u; j < 4u; j++) {
+                        if (cols[j] < LQ.vocab) {
+                            logits[at + cols[j]] = x[j];
+                        }
                     }
                 }
             }
         }
         workgroupBarrier();
         if (in_rows && kind == ROW_VALID) {
-            for (var u = 0u; u < 4u; u++) {
-                let n = part * 16u + u * 4u;
-                let x = mm_tile[em * 16u + part * 4u + u];
-                let c = vec4<u32>(v0 + n) + LANES;
+            for (var u = 0u; u < 16u; u++) {
+                let x = mm_tile[lid * 16u + u];
+                let c = vec4<u32>(v0 + 4u * u) + LANES;
                 let valid = c < vec4<u32>(v_end);
                 let z = select(neg, transform_logit(x), valid);
                 push_unit(&m4, &s4, &shifted4, &mass4, c, vec4<u32>(r * LQ.vocab) + c, z, valid);
                 argmax_push(&best, x, c, valid);
-                if (label != NONE_U32 && label >= v0 + n && label < v0 + n + 4u) {
-                    z_label = z[label - v0 - n];
+                if (label != NONE_U32 && label >= v0 + 4u * u && label < v0 + 4u * u + 4u) {
+                    z_label = z[label - v0 - 4u * u];
                 }
             }
         }
     }
-    // The four parts of each row, merged in column order by the row's first invocation.
-    let st = merge_lanes(m4, s4, shifted4, mass4);
-    let arg = argmax_lanes(best);
-    workgroupBarrier();
-    mm_tile[lid * 2u] = vec4<f32>(st.m, st.v.x, st.v.y, st.v.z);
-    mm_tile[lid * 2u + 1u] = vec4<f32>(bitcast<f32>(arg.x), bitcast<f32>(arg.y), z_label, 0.0);
-    workgroupBarrier();
-    if (!in_rows || part != 0u) {
+    if (!in_rows) {
         return;
     }
     let at = shard_record(block, r);
@@ -149,24 +141,7 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         write_unusable_record(at, label_i, kind);
         return;
     }
-    var all = OnlineStats(NEG_BIG, vec4<f32>(0.0));
-    var best_arg = vec2<u32>(bitcast<u32>(neg_inf()), NONE_U32);
-    var zl = 0.0;
-    for (var q = 0u; q < 4u; q++) {
-        let p = (lid + q) * 2u;
-        let st_q = mm_tile[p];
-        let arg_q = mm_tile[p + 1u];
-        all = merge_stats(all, OnlineStats(st_q.x, vec4<f32>(st_q.yzw, 0.0)));
-        let value = bitcast<u32>(arg_q.x);
-        let cls = bitcast<u32>(arg_q.y);
-        // Parts are in column order: a later one replaces only when strictly larger.
-        if (cls != NONE_U32 && (best_arg.y == NONE_U32 || bitcast<f32>(value) > bitcast<f32>(best_arg.x))) {
-            best_arg = vec2<u32>(value, cls);
-        }
-        if (label != NONE_U32 && (label - v_begin) % MM_TILE / 16u == q) {
-            zl = arg_q.z;
-        }
-    }
+    let all = merge_lanes(m4, s4, shifted4, mass4);
     // The block's target mass and sum relative to its max: for a class label the off-value
     // times the receiving classes' (weighted) count and shifted logits swept above, plus the
     // label's own extra coefficient where the block holds it.
@@ -176,10 +151,10 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         if (label != NONE_U32) {
             extra = label_extra(label);
         }
-        sums = vec2<f32>(Q.off * all.v.z + extra, Q.off * all.v.y + extra * (all.m - zl));
+        sums = vec2<f32>(Q.off * all.v.z + extra, Q.off * all.v.y + extra * (all.m - z_label));
     }
     // Classes are global here (class_begin = 0); `label` is the label where the block holds it.
-    write_record(at, all, sums, best_arg, label_i, label);
+    write_record(at, all, sums, argmax_lanes(best), label_i, label);
 }
 
 @compute @workgroup_size(MM_INVOCATIONS)
@@ -210,20 +185,22 @@ fn linear_merge(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn linear_logits(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     load_params();
     load_linear();
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
     let r0 = LQ.row_begin + wid.x * MM_TILE;
     let v0 = LQ.window_begin + wid.y * MM_TILE;
     let tile = mm_logits(lid, r0, v0);
-    let c = vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
-    let b = bias4(c);
-    for (var i = 0u; i < 4u; i++) {
-        let row = r0 + ty + 16u * i;
-        if (row < LQ.row_begin + LQ.row_count) {
-            let x = block_row(tile, i) + b;
-            for (var j = 0u; j < 4u; j++) {
-                if (c[j] < LQ.window_end) {
-                    logits[(row - LQ.chunk_begin) * LQ.vocab + c[j]] = x[j];
+    for (var h = 0u; h < 2u; h++) {
+        let c = block_cols(v0, tx, h == 1u);
+        let b = bias4(c);
+        for (var i = 0u; i < 8u; i++) {
+            let row = r0 + ty + 8u * i;
+            if (row < LQ.row_begin + LQ.row_count) {
+                let x = block_row(tile, i, h == 1u) + b;
+                for (var j = 0u; j < 4u; j++) {
+                    if (c[j] < LQ.window_end) {
+                        logits[(row - LQ.chunk_begin) * LQ.vocab + c[j]] = x[j];
+                    }
                 }
             }
         }
@@ -253,18 +230,18 @@ fn linear_logit_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     }
 }
 
-// Puts four values of the register block into mm_tile, row-major: row m, columns
-// c, c + 16, c + 32, c + 48 (c < 16).
-fn put_row_major(m: u32, c: u32, x: vec4<f32>) {
+// Puts four values of row m of a tile into mm_tile, at tile columns n (row-major: element
+// (m, n) at mm_tile[m * 16 + n / 4][n % 4]).
+fn put_row_major(m: u32, n: vec4<u32>, x: vec4<f32>) {
     for (var j = 0u; j < 4u; j++) {
-        mm_tile[m * 16u + (c >> 2u) + 4u * j][c & 3u] = x[j];
+        mm_tile[m * 16u + (n[j] >> 2u)][n[j] & 3u] = x[j];
     }
 }
 
 // The same, transposed: element (m, n) at mm_tile[n * 16 + m / 4][m % 4].
-fn put_transposed(m: u32, c: u32, x: vec4<f32>) {
+fn put_transposed(m: u32, n: vec4<u32>, x: vec4<f32>) {
     for (var j = 0u; j < 4u; j++) {
-        mm_tile[(c + 16u * j) * 16u + (m >> 2u)][m & 3u] = x[j];
+        mm_tile[n[j] * 16u + (m >> 2u)][m & 3u] = x[j];
     }
 }
 
@@ -273,30 +250,32 @@ fn put_transposed(m: u32, c: u32, x: vec4<f32>) {
 // entry's rows): recomputed (the logits' tile, then the gradient in registers) or read from
 // the chunk. Rows and entries outside the dispatch are 0.
 fn g_tile(lid: u32, r0: u32, v0: u32, transposed: bool) {
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
     let row_end = LQ.row_begin + LQ.row_count;
     if (LQ.recompute != 0u) {
         let tile = mm_logits(lid, r0, v0);
-        let c = vec4<u32>(v0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
-        let b = bias4(c);
-        for (var i = 0u; i < 4u; i++) {
-            let m = ty + 16u * i;
-            var g = vec4<f32>(0.0);
+        for (var i = 0u; i < 8u; i++) {
+            let m = ty + 8u * i;
+            var k = RowConsts(0.0, 0.0, 0.0, ROW_IGNORED, 0u);
             if (r0 + m < row_end) {
-                g = logit_grad(row_consts(r0 + m), r0 + m, c, block_row(tile, i) + b);
+                k = row_consts(r0 + m);
             }
-            if (transposed) {
-                put_transposed(m, tx, g);
-            } else {
-                put_row_major(m, tx, g);
+            for (var h = 0u; h < 2u; h++) {
+                let c = block_cols(v0, tx, h == 1u);
+                let g = logit_grad(k, r0 + m, c, block_row(tile, i, h == 1u) + bias4(c));
+                if (transposed) {
+                    put_transposed(m, c - vec4<u32>(v0), g);
+                } else {
+                    put_row_major(m, c - vec4<u32>(v0), g);
+                }
             }
         }
     } else {
         workgroupBarrier();
         // Four consecutive entries of a row per vec4 (row-major), or four consecutive rows
         // of an entry (transposed).
-        for (var q = 0u; q < 4u; q++) {
+        for (var q = 0u; q < 1024u / MM_INVOCATIONS; q++) {
             let slot = lid + q * MM_INVOCATIONS;
             let major = slot / 16u;
             let minor = (slot % 16u) * 4u;
@@ -319,30 +298,32 @@ fn g_tile(lid: u32, r0: u32, v0: u32, transposed: bool) {
 }
 
 // The products below stage their second operand (32 rows of W or H at a time, columns
-// d0 + [0, 64)) in mm_ab, packed as the depth loop packs B: element (k, tx + 16 j) at
-// mm_ab[k * 16 + tx][j]. Every invocation calls it (barriers).
+// d0 + [0, 64)) in mm_ab, packed as the depth loop packs B: element (k, column
+// x + 8 (4 h + q)) at mm_ab[k * 16 + 2 x + h][q]. Every invocation calls it (barriers).
 fn stage_half(lid: u32, first: u32, rows_end: u32, d0: u32, is_head: bool) {
     workgroupBarrier();
-    for (var q = 0u; q < 8u; q++) {
-        let e = lid + q * MM_INVOCATIONS;   // 32 rows x 64 columns
-        let k = e / MM_TILE;
-        let col = e % MM_TILE;
+    for (var s8 = 0u; s8 < 512u / MM_INVOCATIONS; s8++) {
+        let s = lid + s8 * MM_INVOCATIONS;   // (k, x, h): 32 rows x 16 slots
+        let k = s / 16u;
+        let xh = s % 16u;
         let row = first + k;
-        let d = d0 + col;
-        var x = 0.0;
-        if (row < rows_end && d < LQ.dim) {
-            if (is_head) {
-                x = head_at((row - LQ.window_begin) * LQ.dim + d);
-            } else {
-                x = hidden_at(row * LQ.dim + d);
+        var v = vec4<f32>(0.0);
+        for (var q = 0u; q < 4u; q++) {
+            let d = d0 + (xh >> 1u) + 8u * (4u * (xh & 1u) + q);
+            if (row < rows_end && d < LQ.dim) {
+                if (is_head) {
+                    v[q] = head_at((row - LQ.window_begin) * LQ.dim + d);
+                } else {
+                    v[q] = hidden_at(row * LQ.dim + d);
+                }
             }
         }
-        mm_ab[k * 16u + (col & 15u)][col >> 4u] = x;
+        mm_ab[k * 16u + xh] = v;
     }
     workgroupBarrier();
 }
 
-// The product of one staged half: c[i] += sum_k G[ty + 16 i, 32 half + k] S[k, tx + 16 j] for
+// The product of one staged half: c[i] += sum_k G[ty + 8 i, 32 half + k] S[k, tx + 8 j] for
 // the 32 staged rows k, with G in mm_tile as g_tile left it (row-major for dH, where its
 // "rows" are the tile's rows; transposed for dW, where they are its vocabulary entries) and S
 // in mm_ab as stage_half left it; k ascending.
@@ -351,36 +332,39 @@ fn add_half_product(c: Block, half: u32, tx: u32, ty: u32) -> Block {
     for (var k4 = 0u; k4 < 8u; k4++) {
         let at = half * 8u + k4;
         let g0 = mm_tile[ty * 16u + at];
-        let g1 = mm_tile[(ty + 16u) * 16u + at];
-        let g2 = mm_tile[(ty + 32u) * 16u + at];
-        let g3 = mm_tile[(ty + 48u) * 16u + at];
+        let g1 = mm_tile[(ty + 8u) * 16u + at];
+        let g2 = mm_tile[(ty + 16u) * 16u + at];
+        let g3 = mm_tile[(ty + 24u) * 16u + at];
+        let g4 = mm_tile[(ty + 32u) * 16u + at];
+        let g5 = mm_tile[(ty + 40u) * 16u + at];
+        let g6 = mm_tile[(ty + 48u) * 16u + at];
+        let g7 = mm_tile[(ty + 56u) * 16u + at];
         for (var q = 0u; q < 4u; q++) {
-            let x = mm_ab[(k4 * 4u + q) * 16u + tx];
-            r.r0 += g0[q] * x;
-            r.r1 += g1[q] * x;
-            r.r2 += g2[q] * x;
-            r.r3 += g3[q] * x;
+            let x = (k4 * 4u + q) * 16u + 2u * tx;
+            r = block_add(r, vec4<f32>(g0[q], g1[q], g2[q], g3[q]), vec4<f32>(g4[q], g5[q], g6[q], g7[q]), mm_ab[x], mm_ab[x + 1u]);
         }
     }
     return r;
 }
 
-// Adds `s` to the f32 accumulator `out` of rows r (4 of them, one per i) and columns
-// d0 + tx + 16 j, or starts it.
+// Adds the block `s` to the f32 accumulator (dH, or dW of the window) at rows row0 + ty + 8 i
+// and columns d0 + tx + 8 j, or starts it.
 fn add_block(s: Block, row0: u32, row_end: u32, d0: u32, tx: u32, ty: u32, start: bool, into_head: bool) {
-    let d = vec4<u32>(d0 + tx) + vec4<u32>(0u, 16u, 32u, 48u);
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + ty + 16u * i;
+    for (var i = 0u; i < 8u; i++) {
+        let row = row0 + ty + 8u * i;
         if (row < row_end) {
-            let v = block_row(s, i);
-            for (var j = 0u; j < 4u; j++) {
-                if (d[j] < LQ.dim) {
-                    if (into_head) {
-                        let o = (row - LQ.window_begin) * LQ.dim + d[j];
-                        d_head[o] = select(d_head[o] + v[j], v[j], start);
-                    } else {
-                        let o = row * LQ.dim + d[j];
-                        d_hidden[o] = select(d_hidden[o] + v[j], v[j], start);
+            for (var h = 0u; h < 2u; h++) {
+                let d = block_cols(d0, tx, h == 1u);
+                let v = block_row(s, i, h == 1u);
+                for (var j = 0u; j < 4u; j++) {
+                    if (d[j] < LQ.dim) {
+                        if (into_head) {
+                            let o = (row - LQ.window_begin) * LQ.dim + d[j];
+                            d_head[o] = select(d_head[o] + v[j], v[j], start);
+                        } else {
+                            let o = row * LQ.dim + d[j];
+                            d_hidden[o] = select(d_hidden[o] + v[j], v[j], start);
+                        }
                     }
                 }
             }
@@ -397,8 +381,8 @@ fn add_block(s: Block, row0: u32, row_end: u32, d0: u32, tx: u32, ty: u32, start
 fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     load_params();
     load_linear();
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
     let r0 = LQ.row_begin + wid.x * MM_TILE;
     let row_end = LQ.row_begin + LQ.row_count;
     // This dispatch's segment of the vocabulary, in order after the previous ones.
@@ -406,8 +390,8 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
         g_tile(lid, r0, v0, false);
         let v_end = min(v0 + MM_TILE, LQ.window_end);
         for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
-            // dH[r0 + ty + 16 i, d0 + tx + 16 j] += sum_n G[ty + 16 i, n] W[v0 + n, d0 + tx + 16 j]
-            var c = Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+            // dH[r0 + ty + 8 i, d0 + tx + 8 j] += sum_n G[ty + 8 i, n] W[v0 + n, d0 + tx + 8 j]
+            var c = zero_block();
             for (var half = 0u; half < 2u; half++) {
                 stage_half(lid, v0 + half * 32u, v_end, d0, true);
                 c = add_half_product(c, half, tx, ty);
@@ -421,8 +405,8 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
 fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     load_params();
     load_linear();
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
     let v0 = LQ.window_begin + wid.x * MM_TILE;
     let v_end = min(v0 + MM_TILE, LQ.window_end);
     let row_end = LQ.row_begin + LQ.row_count;
@@ -431,19 +415,17 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     var bias_sum = 0.0;
     for (var r0 = LQ.row_begin; r0 < row_end; r0 += MM_TILE) {
         g_tile(lid, r0, v0, true);
-        if (lid < MM_TILE) {
-            // Column lid of G: rows in order, four at a time.
-            for (var m4 = 0u; m4 < 16u; m4++) {
-                let g = mm_tile[lid * 16u + m4];
-                bias_sum += g.x;
-                bias_sum += g.y;
-                bias_sum += g.z;
-                bias_sum += g.w;
-            }
+        // Column lid of G (one per invocation): rows in order, four at a time.
+        for (var m4 = 0u; m4 < 16u; m4++) {
+            let g = mm_tile[lid * 16u + m4];
+            bias_sum += g.x;
+            bias_sum += g.y;
+            bias_sum += g.z;
+            bias_sum += g.w;
         }
         for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
-            // dW[v0 + ty + 16 i, d0 + tx + 16 j] += sum_m G[m, ty + 16 i] H[r0 + m, d0 + tx + 16 j]
-            var c = Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+            // dW[v0 + ty + 8 i, d0 + tx + 8 j] += sum_m G[m, ty + 8 i] H[r0 + m, d0 + tx + 8 j]
+            var c = zero_block();
             for (var half = 0u; half < 2u; half++) {
                 stage_half(lid, r0 + half * 32u, row_end, d0, false);
                 c = add_half_product(c, half, tx, ty);
@@ -452,7 +434,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         }
         workgroupBarrier();
     }
-    if (LQ.bias_grad != 0u && lid < MM_TILE && v0 + lid < LQ.vocab) {
+    if (LQ.bias_grad != 0u && v0 + lid < LQ.vocab) {
         let o = v0 + lid - LQ.window_begin;
         d_bias[o] = select(d_bias[o] + bias_sum, bias_sum, first);
     }

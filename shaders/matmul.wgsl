@@ -1,14 +1,17 @@
 // The tiled matmul core of the fused linear head (src/linear): one MM_TILE x MM_TILE tile of
 // logits z = H W^T (H [rows, dim] hidden states, W [vocab, dim] the head, nn.Linear's layout)
-// per workgroup of MM_INVOCATIONS invocations. Each invocation keeps a 4 x 4 register block,
-// rows ty + 16 i and columns tx + 16 j of the tile (strided, so that neighbouring invocations
-// read neighbouring words of workgroup memory and write neighbouring words of memory), and the
-// reduction over `dim` runs in steps of MM_DEPTH through two workgroup-memory tiles, A and B,
-// each k-major (a[k * MM_TILE + m]), so that the inner loop reads two vec4-worth of operands
-// for sixteen multiply-adds. Accumulation is f32 in a fixed order (k ascending), so a tile's
-// values are the same bits on every run whatever the scheduling. The multiply-adds are
-// written `c += a * b`, not `fma`: lavapipe ran the matmul 20% slower with `fma` (measured at
-// 512 x 512 x 4096), and either rounding is within the tests' bound of two per step.
+// per workgroup of MM_INVOCATIONS = 64 invocations, (tx, ty) in 8 x 8. Each invocation keeps an
+// 8 x 8 register block: rows ty + 8 i and columns tx + 8 j of the tile (strided, so that
+// neighbouring invocations read neighbouring words of memory). The reduction over `dim` runs
+// in steps of MM_DEPTH through two workgroup-memory operand tiles, A and B, packed so that an
+// invocation's four rows (or columns) of one depth are one vec4: the inner loop takes four
+// vec4 loads per 64 multiply-adds. A CPU adapter loads workgroup memory lane by lane, so
+// loads, not arithmetic, bound it: packed 4 x 4 blocks ran the forward pass 3.8x faster on
+// lavapipe than scalar tiles, and 8 x 8 blocks halve the loads per multiply-add again.
+// Accumulation is f32 in a fixed order (k ascending), so a tile's values are the same bits on
+// every run whatever the scheduling. The multiply-adds are written `c += a * b`, not `fma`:
+// lavapipe ran the matmul 20% slower with `fma` (512 x 512 x 4096), and either rounding is
+// within the tests' bound of two per step.
 //
 // Workgroup memory (24 KiB: the plan checks the device's limit): `mm_ab` (8 KiB), A and B
 // during the k loop, and `mm_tile` (16 KiB), where the callers put a whole tile of logits or
@@ -21,87 +24,132 @@
 
 const MM_TILE: u32 = 64u;
 const MM_DEPTH: u32 = 16u;
-const MM_INVOCATIONS: u32 = 256u;
+const MM_INVOCATIONS: u32 = 64u;
 
 // A whole tile (of logits or their gradient), 64 rows of 16 vec4s: element (m, n) is
 // mm_tile[m * 16 + n / 4][n % 4] (or transposed, where a caller says so).
 var<workgroup> mm_tile: array<vec4<f32>, 1024>;
-// The operand tiles of the depth loop (A at 0, B at MM_B), packed so that the inner loop takes
-// two vec4 loads per sixteen multiply-adds: a CPU adapter loads workgroup memory lane by lane,
-// so loads, not arithmetic, bound it (4x fewer loads than scalar tiles: the forward pass ran
-// 3.8x faster on lavapipe at 512 x 512 x 4096). The products of the gradient passes stage
-// their second operand here too.
+// The operand tiles of the depth loop (A at 0, B at MM_B): A's element (row y + 8 (4 h + q),
+// depth k) at mm_ab[k * 16 + 2 y + h][q], B's likewise. The products of the gradient passes
+// stage their second operand here too.
 var<workgroup> mm_ab: array<vec4<f32>, 512>;
 const MM_B: u32 = 256u;
 
-// An invocation's register block: row i is row ty + 16 i of the tile, lane j its column
-// tx + 16 j. Four named values, not an array, so that a compiler keeps them in registers
-// (an indexed private array may live in memory, one gather per access on a CPU adapter).
+// An invocation's register block: lo_i holds row ty + 8 i at columns tx + 8 j (j < 4), hi_i
+// the same row at columns tx + 8 (4 + j). Named values, not an array, so that a compiler keeps
+// them in registers (an indexed private array may live in memory: one gather per access on a
+// CPU adapter).
 struct Block {
-    r0: vec4<f32>,
-    r1: vec4<f32>,
-    r2: vec4<f32>,
-    r3: vec4<f32>,
+    lo0: vec4<f32>, lo1: vec4<f32>, lo2: vec4<f32>, lo3: vec4<f32>,
+    lo4: vec4<f32>, lo5: vec4<f32>, lo6: vec4<f32>, lo7: vec4<f32>,
+    hi0: vec4<f32>, hi1: vec4<f32>, hi2: vec4<f32>, hi3: vec4<f32>,
+    hi4: vec4<f32>, hi5: vec4<f32>, hi6: vec4<f32>, hi7: vec4<f32>,
 }
 
-fn block_row(b: Block, i: u32) -> vec4<f32> {
+fn zero_block() -> Block {
+    let z = vec4<f32>(0.0);
+    return Block(z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z);
+}
+
+// Row i of the block: columns tx + 8 j, j < 4 (hi = false) or j >= 4 (hi = true).
+fn block_row(b: Block, i: u32, hi: bool) -> vec4<f32> {
+    if (hi) {
+        switch (i) {
+            case 0u: { return b.hi0; }
+            case 1u: { return b.hi1; }
+            case 2u: { return b.hi2; }
+            case 3u: { return b.hi3; }
+            case 4u: { return b.hi4; }
+            case 5u: { return b.hi5; }
+            case 6u: { return b.hi6; }
+            default: { return b.hi7; }
+        }
+    }
     switch (i) {
-        case 0u: { return b.r0; }
-        case 1u: { return b.r1; }
-        case 2u: { return b.r2; }
-        default: { return b.r3; }
+        case 0u: { return b.lo0; }
+        case 1u: { return b.lo1; }
+        case 2u: { return b.lo2; }
+        case 3u: { return b.lo3; }
+        case 4u: { return b.lo4; }
+        case 5u: { return b.lo5; }
+        case 6u: { return b.lo6; }
+        default: { return b.lo7; }
     }
 }
 
-// Returns rows [r0, r0 + MM_TILE) of H times rows [v0, v0 + MM_TILE) of W,
-// transposed. `head` holds the vocabulary window [window_begin, window_end) from its element
-// 0 (a head larger than one storage binding is bound window by window). Rows past the
-// dispatch's, entries past the window and depths past `dim` read as 0.
+// c += the outer product of rows a (rows 0..3 of the block) and a2 (rows 4..7) with columns
+// x (columns 0..3) and x2 (columns 4..7): 64 multiply-adds.
+fn block_add(c: Block, a: vec4<f32>, a2: vec4<f32>, x: vec4<f32>, x2: vec4<f32>) -> Block {
+    var r = c;
+    r.lo0 += a.x * x;
+    r.hi0 += a.x * x2;
+    r.lo1 += a.y * x;
+    r.hi1 += a.y * x2;
+    r.lo2 += a.z * x;
+    r.hi2 += a.z * x2;
+    r.lo3 += a.w * x;
+    r.hi3 += a.w * x2;
+    r.lo4 += a2.x * x;
+    r.hi4 += a2.x * x2;
+    r.lo5 += a2.y * x;
+    r.hi5 += a2.y * x2;
+    r.lo6 += a2.z * x;
+    r.hi6 += a2.z * x2;
+    r.lo7 += a2.w * x;
+    r.hi7 += a2.w * x2;
+    return r;
+}
+
+// Returns rows [r0, r0 + MM_TILE) of H times rows [v0, v0 + MM_TILE) of W, transposed, as
+// this invocation's block. `head` holds the vocabulary window [window_begin, window_end) from
+// its element 0 (a head larger than one storage binding is bound window by window). Rows past
+// the dispatch's, entries past the window and depths past `dim` read as 0.
 // Every invocation of the workgroup must call it (it holds barriers).
 fn mm_logits(lid: u32, r0: u32, v0: u32) -> Block {
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    var c = zero_block();
     let row_end = LQ.row_begin + LQ.row_count;
     for (var k0 = 0u; k0 < LQ.dim; k0 += MM_DEPTH) {
         workgroupBarrier();
-        // Invocation (k, y) (MM_INVOCATIONS = 16 MM_DEPTH of them) loads rows y, y + 16, y + 32,
-        // y + 48 of depth k0 + k into one vec4
-        // of A and one of B; consecutive invocations read consecutive depths of a row.
-        let k = lid % MM_DEPTH;
-        let y = lid / MM_DEPTH;
-        let kk = k0 + k;
-        var a = vec4<f32>(0.0);
-        var b = vec4<f32>(0.0);
-        if (kk < LQ.dim) {
-            for (var j = 0u; j < 4u; j++) {
-                let m = y + 16u * j;
-                if (r0 + m < row_end) {
-                    a[j] = hidden_at((r0 + m) * LQ.dim + kk);
-                }
-                if (v0 + m < LQ.window_end) {
-                    b[j] = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
+        // 256 vec4 slots of A and of B per depth step, four of each per invocation: slot
+        // s = (k, y, h) holds rows y + 8 (4 h + q) at depth k0 + k; consecutive invocations read
+        // consecutive depths of a row.
+        for (var s4 = 0u; s4 < 4u; s4++) {
+            let s = lid + s4 * MM_INVOCATIONS;
+            let k = s % MM_DEPTH;
+            let yh = s / MM_DEPTH;
+            let kk = k0 + k;
+            var a = vec4<f32>(0.0);
+            var b = vec4<f32>(0.0);
+            if (kk < LQ.dim) {
+                for (var q = 0u; q < 4u; q++) {
+                    let m = (yh >> 1u) + 8u * (4u * (yh & 1u) + q);
+                    if (r0 + m < row_end) {
+                        a[q] = hidden_at((r0 + m) * LQ.dim + kk);
+                    }
+                    if (v0 + m < LQ.window_end) {
+                        b[q] = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
+                    }
                 }
             }
+            mm_ab[k * 16u + yh] = a;
+            mm_ab[MM_B + k * 16u + yh] = b;
         }
-        mm_ab[k * 16u + y] = a;
-        mm_ab[MM_B + k * 16u + y] = b;
         workgroupBarrier();
         for (var k = 0u; k < MM_DEPTH; k++) {
-            let a = mm_ab[k * 16u + ty];
-            let b = mm_ab[MM_B + k * 16u + tx];
-            c0 += a.x * b;
-            c1 += a.y * b;
-            c2 += a.z * b;
-            c3 += a.w * b;
+            let at = k * 16u;
+            c = block_add(c, mm_ab[at + 2u * ty], mm_ab[at + 2u * ty + 1u], mm_ab[MM_B + at + 2u * tx], mm_ab[MM_B + at + 2u * tx + 1u]);
         }
     }
     // The callers stage their next operands in mm_ab.
     workgroupBarrier();
-    return Block(c0, c1, c2, c3);
+    return c;
+}
+
+// The columns of the invocation's block at tile column base v0: tx + 8 j, j < 4 or >= 4.
+fn block_cols(v0: u32, tx: u32, hi: bool) -> vec4<u32> {
+    return vec4<u32>(v0 + tx + select(0u, 32u, hi)) + vec4<u32>(0u, 8u, 16u, 24u);
 }
 
 // The bias of vocabulary entries v of the window (0 past it or without a bias).

@@ -361,9 +361,14 @@ fn check(
         &reference.loss.lse,
         &lse_tol,
     );
-    assert_eq!(
-        out.loss.denominator as f64, reference.loss.denominator as f32 as f64,
-        "{what}: denominator"
+    // The denominator: a count (exact) or a sum of the labels' f32 weights, summed by the
+    // setup pass in f32 in a fixed tree: within (rows + 16) E of the sum.
+    let denominator = reference.loss.denominator;
+    assert!(
+        (f64::from(out.loss.denominator) - denominator).abs()
+            <= (case.rows as f64 + 16.0) * E * denominator.abs(),
+        "{what}: denominator {} vs {denominator}",
+        out.loss.denominator
     );
     if options.accuracy {
         assert_eq!(out.loss.correct, reference.loss.correct, "{what}: accuracy");
@@ -412,12 +417,11 @@ fn options(memory: Memory) -> LinearOptions {
     }
 }
 
-#[test]
-fn every_option_against_the_reference() {
-    let g = vulkan();
+/// Every option of `LossSpec`, weights, probability targets and upstream gradients (a scalar
+/// of 65536, the initial loss scale of mixed precision, and per row), in both memory modes,
+/// on `g` at `rows x dim x vocab`; the worst errors.
+fn every_option(g: &Gpu, rows: usize, dim: usize, vocab: usize) -> Vec<[(f64, f64); 4]> {
     let mut worst = Vec::new();
-    // Odd sizes: D and V neither multiples of 4 nor of a tile; rows past one tile and chunk.
-    let (rows, dim, vocab) = (150, 37, 1031);
     let base = Case::new(1, rows, dim, vocab, true, true);
     let mut specs: Vec<(&str, LossSpec)> = vec![
         ("pytorch 0.1", LossSpec::pytorch(0.1)),
@@ -490,8 +494,7 @@ fn every_option_against_the_reference() {
             worst.push(check(&what, g, &g.kernel, &spec, case, opts));
         }
     }
-    // Weights, probability targets, upstream gradients (a scalar of 65536, the initial loss
-    // scale of mixed precision, and per row), no bias.
+    // Weights (no bias), probability targets, a per-row upstream.
     let mut rng = Rng::new(7);
     let mut weighted = Case::new(2, rows, dim, vocab, false, true);
     weighted.weights = Some(rng.weights(vocab));
@@ -530,35 +533,24 @@ fn every_option_against_the_reference() {
             options(memory),
         ));
     }
-    report("every option, Vulkan", &worst);
+    worst
 }
 
 #[test]
-fn gl_without_subgroups() {
-    let g = gl();
-    let mut worst = Vec::new();
-    let mut case = Case::new(5, 70, 19, 530, true, true);
-    case.upstream = vec![65536.0];
-    for memory in MODES {
-        for spec in [
-            LossSpec::pytorch(0.1),
-            LossSpec {
-                softcap: Some(5.0),
-                z_loss: 1e-4,
-                ..LossSpec::pytorch(0.0)
-            },
-        ] {
-            worst.push(check(
-                &format!("GL {memory:?}"),
-                g,
-                &g.kernel,
-                &spec,
-                &case,
-                options(memory),
-            ));
-        }
-    }
-    report("GL (llvmpipe)", &worst);
+fn every_option_against_the_reference() {
+    // Odd sizes: D and V neither multiples of 4 nor of a tile; rows past one tile and chunk.
+    report(
+        "every option, Vulkan",
+        &every_option(vulkan(), 150, 37, 1031),
+    );
+}
+
+#[test]
+fn every_option_on_gl_without_subgroups() {
+    report(
+        "every option, GL (llvmpipe)",
+        &every_option(gl(), 70, 19, 530),
+    );
 }
 
 #[test]

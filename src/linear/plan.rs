@@ -26,7 +26,7 @@ pub const TILE: u32 = 64;
 /// per row, 1/64 of its f32 logits.
 const BLOCK_TILES: u32 = 8;
 /// Invocations per workgroup of every linear pass (`MM_INVOCATIONS`).
-const INVOCATIONS: u32 = 256;
+const INVOCATIONS: u32 = 64;
 
 /// The back edges one invocation may take in a dispatch (see `segment_tiles`).
 const BACK_EDGE_BUDGET: u32 = 30_000;
@@ -59,13 +59,14 @@ pub(crate) struct WindowSteps {
 /// Tiles per segment of a gradient walk on a CPU adapter: lavapipe's loop limiter ends a
 /// loop of an invocation after 65535 back edges in all, so no dispatch may walk further than
 /// that. Counted as if no loop were unrolled, a tile of the walk costs the logits' depth loop
-/// (`D / 16` steps of 21 back edges), the product's in the gradient passes (`D / 64` column
-/// blocks of about 118), and the tile's own bookkeeping (64). GPUs have no such limit: their walks are one segment.
+/// (`D / 16` steps of about 40 back edges), the product's in the gradient passes (`D / 64`
+/// column blocks of about 230), and the tile's own epilogue and bookkeeping (200). GPUs have
+/// no such limit: their walks are one segment.
 fn segment_tiles(dim: u32, cpu: bool, products: bool) -> u32 {
     if !cpu {
         return u32::MAX / TILE;
     }
-    let per_tile = dim.div_ceil(16) * 21 + u32::from(products) * dim.div_ceil(TILE) * 118 + 64;
+    let per_tile = dim.div_ceil(16) * 40 + u32::from(products) * dim.div_ceil(TILE) * 230 + 200;
     (BACK_EDGE_BUDGET / per_tile).max(1)
 }
 
