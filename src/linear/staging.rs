@@ -19,7 +19,7 @@ impl LossKernel {
     /// uploads, encodes, submits, waits.
     ///
     /// Invalid labels are found by the kernel and returned as
-    /// [`LsceError::LabelOutOfRange`]; device errors as `Err`.
+    /// [`LsceError::LabelOutOfRange`](crate::LsceError::LabelOutOfRange); device errors as `Err`.
     ///
     /// ```
     /// use lsce::linear::{LinearBatch, LinearOptions};
