@@ -244,49 +244,31 @@ impl LinearPlan {
         let with_grad = problem.gradients != HeadGradients::None;
         let all = problem.gradients == HeadGradients::All;
         let soft = loss.targets == crate::TargetKind::Probabilities;
-        let upstream_len = match loss.spec.reduction {
-            Reduction::None => rows,
-            _ => 1,
-        };
-        // (slot, what, slice, elements, element bytes)
+        let per_row_loss = loss.spec.reduction == Reduction::None;
+        let upstream_len = if per_row_loss { rows } else { 1 };
+        if per_row_loss && buffers.loss.is_none() {
+            return Err(LsceError::MissingBuffer("loss"));
+        }
+        // The loss's f32 buffers bound in group 0: (what, slice, elements). A summed loss is
+        // copied out of the summary, not bound (checked below).
         let inputs = [
             (
-                Some(Slot::Targets),
                 "targets",
                 Some(buffers.targets),
                 if soft { rows * vocab } else { rows },
-                WORD,
             ),
             (
-                Some(Slot::Weights),
                 "weights",
                 presence("weights", buffers.weights, loss.weighted)?,
                 vocab,
-                WORD,
             ),
             (
-                Some(Slot::Upstream),
                 "upstream",
                 presence("upstream", buffers.upstream, loss.upstream_grad)?,
                 upstream_len,
-                WORD,
             ),
-            (
-                Some(Slot::RowLoss),
-                "loss",
-                presence(
-                    "loss",
-                    buffers.loss,
-                    buffers.loss.is_some() || loss.spec.reduction == Reduction::None,
-                )?,
-                if loss.spec.reduction == Reduction::None {
-                    rows
-                } else {
-                    1
-                },
-                WORD,
-            ),
-            (Some(Slot::Lse), "lse", buffers.lse, rows, WORD),
+            ("loss", buffers.loss.filter(|_| per_row_loss), rows),
+            ("lse", buffers.lse, rows),
         ];
         let head_inputs = [
             (HeadSlot::Hidden, "hidden", Some(buffers.hidden), rows * dim),
@@ -327,13 +309,10 @@ impl LinearPlan {
                 })
             }
         };
-        for (_, what, slice, elems, bytes) in &inputs {
+        for (what, slice, elems) in &inputs {
             if let Some(s) = slice {
                 aligned(*what, s)?;
-                // A summed loss is copied, not bound.
-                if *what != "loss" || loss.spec.reduction == Reduction::None {
-                    region(what, *s, *elems, *bytes, storage)?;
-                }
+                region(what, *s, *elems, WORD, storage)?;
             }
         }
         for (slot, what, slice, elems) in &head_inputs {
@@ -361,10 +340,7 @@ impl LinearPlan {
                 });
             }
         }
-        if let Some(l) = buffers
-            .loss
-            .filter(|_| loss.spec.reduction != Reduction::None)
-        {
+        if let Some(l) = buffers.loss.filter(|_| !per_row_loss) {
             region("loss", l, 1, WORD, wgpu::BufferUsages::COPY_DST)?;
         }
 
@@ -392,12 +368,7 @@ impl LinearPlan {
             // Per-row losses go to the caller for Reduction::None, else to scratch (reduced).
             (
                 Slot::RowLoss,
-                slice_or(
-                    buffers
-                        .loss
-                        .filter(|_| loss.spec.reduction == Reduction::None),
-                    &p.row_loss,
-                ),
+                slice_or(buffers.loss.filter(|_| per_row_loss), &p.row_loss),
             ),
             (Slot::Lse, slice_or(buffers.lse, &p.lse)),
             (Slot::Grad, whole(write)),
@@ -493,7 +464,7 @@ impl LinearPlan {
             summary: (buffers.summary.buffer().clone(), buffers.summary.offset()),
             loss_copy: buffers
                 .loss
-                .filter(|_| loss.spec.reduction != Reduction::None)
+                .filter(|_| !per_row_loss)
                 .map(|l| (l.buffer().clone(), l.offset())),
         })
     }

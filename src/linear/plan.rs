@@ -14,8 +14,6 @@ use crate::layout::{
     CONTROL_HEADER_WORDS, PARTIAL_WORDS,
 };
 use crate::plan::spec_params;
-#[allow(unused_imports)] // rustdoc link
-use crate::problem::Problem;
 use crate::spec::Reduction;
 
 use super::problem::{HeadGradients, LinearProblem, Memory};
@@ -156,7 +154,7 @@ impl LinearPlan {
             u64::from(problem.vocab()),
         );
         let element = loss.dtype.bytes();
-        // The caller may cap it lower ([`Problem::max_binding_bytes`]): the head is then bound
+        // The caller may cap it lower (`Problem::max_binding_bytes`): the head is then bound
         // in more windows.
         let binding = loss
             .max_binding_bytes
