@@ -1,14 +1,18 @@
 //! The fused linear head's modes against its forward pass, on one device.
 //!
 //! ```text
-//! cargo bench --bench linear -- [--shapes 1024x256x8192,..] [--repeats N] [--json FILE]
+//! cargo bench --all-features --bench linear -- --bench [--quick] [--shapes 4096x512x32000,..]
+//!     [--dtypes f32,bf16] [--repeats N] [--json FILE] [--svg FILE]
 //! ```
 //!
-//! For each `rows x dim x vocab` shape (f32, class labels, `LossSpec::pytorch(0.1)`, mean, a
-//! bias), each variant is one command buffer submitted alone and waited for (wall clock from
-//! submit to the end of the wait), the variants run in rotation `--repeats` times after a
-//! warm-up round so that a change of the machine's load hits all alike; the table gives
-//! medians, and ratios to the forward pass of the same round:
+//! Cases: the issue's shapes `N x D x V` = 4096 x 512 x 32000, 1024 x 1024 x 128256,
+//! 256 x 2048 x 262144 and 16384 x 256 x 50257 (a GPU's: the logits' matmul alone takes
+//! minutes on a CPU adapter), or with `--quick` three shapes a CPU adapter runs in seconds;
+//! each in f32 and bf16 inputs (`H`, `W`, `b`; f32 accumulation and gradients), class labels,
+//! `LossSpec::pytorch(0.1)`, mean, a bias. Each variant is one command buffer submitted alone
+//! and waited for (wall clock from submit to the end of the wait); the variants run in rotation
+//! `--repeats` times after a warm-up round so that a change of the machine's load hits all
+//! alike; the table gives medians, and ratios within the same round:
 //!
 //! * **matmul**: the logits' matmul alone (`LinearPlan::bind_logits`: `z = H W^T + b` into a
 //!   buffer);
@@ -19,27 +23,73 @@
 //! * **unfused**: the same with lsce's own kernels, unfused: the logits' matmul into a buffer,
 //!   lsce's fused loss over it with the gradient in place, the two gradient products
 //!   (`LinearPlan::bind_products`);
-//! * **burn mm** (feature `burn`): Burn's f32 matmul of the same shape (cubecl's autotuned
-//!   kernels) on Burn's own wgpu device;
-//! * **burn head** (feature `burn`): Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1),
-//!   forward and `backward()` on an autodiff device, and its peak device memory: wgpu's
-//!   allocator report of Burn's device (`total_reserved_bytes`, Burn's pool after the runs).
+//! * **burn mm** (feature `burn`, f32): Burn's f32 matmul of the same shape (cubecl's
+//!   autotuned kernels) on Burn's own wgpu device;
+//! * **burn head** (feature `burn`, f32): Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1),
+//!   forward and `backward()` on an autodiff device.
 //!
-//! The lsce rows' device memory is the sum of the buffers the run allocates (inputs, outputs,
-//! and the plan's scratch; the unfused path's logits too): `mem` columns, in MB.
-//!
+//! **Device memory** is measured the same way for every row: wgpu's allocator report
+//! (`Device::generate_allocator_report`, `total_allocated_bytes`: the bytes of the live
+//! allocations) of a device that ran only that variant, read after the run. For lsce's rows
+//! that is a fresh device holding the inputs, the outputs and the plan's scratch (the unfused
+//! path's logits and its loss plan's scratch too), nothing being freed during a run; for Burn's,
+//! its device after the timed runs (Burn's memory pool keeps the pages its peak needed).
 //! `scratch` is each plan's `scratch_bytes()`, `logits` the `4 N V` bytes a materialised
-//! logits buffer takes (which the unfused path holds, plus its loss plan's scratch). Without `--bench` (under `cargo test --all-targets`) a small
-//! shape runs once, as a smoke test.
+//! logits buffer takes.
+//!
+//! `--json` writes the records, `--svg` a chart of the time ratios and the memory. Without
+//! `--bench` (under `cargo test --all-targets`) a small shape runs once, as a smoke test.
 
 use std::time::{Duration, Instant};
 
 use lsce::linear::{HeadGradients, LinearBuffers, LinearPlan, LinearProblem, Memory};
-use lsce::{LossKernel, LossSpec, Summary};
+use lsce::{Dtype, LossKernel, LossSpec, Summary};
 use wgpu::util::DeviceExt;
 
 /// Records one variant's step into an encoder.
 type Encode = Box<dyn Fn(&mut wgpu::CommandEncoder)>;
+
+/// The issue's shapes, for a GPU.
+const SHAPES: [(u32, u32, u32); 4] = [
+    (4096, 512, 32000),
+    (1024, 1024, 128256),
+    (256, 2048, 262144),
+    (16384, 256, 50257),
+];
+
+/// Shapes a CPU adapter (lavapipe on two cores) runs in seconds.
+const QUICK_SHAPES: [(u32, u32, u32); 3] =
+    [(512, 256, 8192), (128, 512, 32000), (1024, 128, 16384)];
+
+/// What the bench times, in the table's order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Matmul,
+    Forward,
+    Recompute,
+    Chunked,
+    Unfused,
+}
+
+const VARIANTS: [Variant; 5] = [
+    Variant::Matmul,
+    Variant::Forward,
+    Variant::Recompute,
+    Variant::Chunked,
+    Variant::Unfused,
+];
+
+/// The variants whose device memory the table reports.
+const MEASURED: [Variant; 3] = [Variant::Recompute, Variant::Chunked, Variant::Unfused];
+
+struct Args {
+    smoke: bool,
+    shapes: Vec<(u32, u32, u32)>,
+    dtypes: Vec<Dtype>,
+    repeats: usize,
+    json: Option<String>,
+    svg: Option<String>,
+}
 
 fn main() {
     if let Err(e) = run() {
@@ -48,27 +98,52 @@ fn main() {
     }
 }
 
-fn run() -> Result<(), String> {
+fn parse_args() -> Result<Args, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = !args.iter().any(|a| a == "--bench");
-    let mut shapes: Vec<(u32, u32, u32)> = if smoke {
-        vec![(64, 32, 500)]
-    } else {
-        // The --quick set of a CPU adapter: the issue's shapes (4096x512x32000 and up) take
-        // minutes per matmul on lavapipe; pass them with --shapes on a GPU.
-        vec![(512, 256, 8192), (128, 512, 32000), (1024, 128, 16384)]
+    let mut parsed = Args {
+        smoke,
+        shapes: if smoke {
+            vec![(64, 32, 500)]
+        } else {
+            SHAPES.to_vec()
+        },
+        dtypes: if smoke {
+            vec![Dtype::F32]
+        } else {
+            vec![Dtype::F32, Dtype::Bf16]
+        },
+        repeats: if smoke { 1 } else { 5 },
+        json: None,
+        svg: None,
     };
-    let mut repeats = if smoke { 1 } else { 5 };
-    let mut json = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--bench" => {}
-            "--repeats" => repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?,
-            "--json" => json = Some(value()?),
+            "--quick" => parsed.shapes = QUICK_SHAPES.to_vec(),
+            "--repeats" => {
+                parsed.repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?;
+                if parsed.repeats == 0 {
+                    return Err("--repeats must be at least 1".into());
+                }
+            }
+            "--json" => parsed.json = Some(value()?),
+            "--svg" => parsed.svg = Some(value()?),
+            "--dtypes" => {
+                parsed.dtypes = value()?
+                    .split(',')
+                    .map(|s| match s {
+                        "f32" => Ok(Dtype::F32),
+                        "f16" => Ok(Dtype::F16),
+                        "bf16" => Ok(Dtype::Bf16),
+                        other => Err(format!("--dtypes: f32, f16 or bf16, not {other}")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             "--shapes" => {
-                shapes = value()?
+                parsed.shapes = value()?
                     .split(',')
                     .map(|s| {
                         let v: Vec<u32> = s
@@ -85,185 +160,512 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown flag {other}")),
         }
     }
+    Ok(parsed)
+}
+
+/// One case's measurements: medians in ms, bytes.
+struct Record {
+    n: u32,
+    d: u32,
+    v: u32,
+    dtype: Dtype,
+    ms: [f64; 5],
+    recompute_scratch: u64,
+    chunked_scratch: u64,
+    chunk_budget: u64,
+    /// Device memory of the recompute, chunked and unfused runs.
+    device_bytes: [u64; 3],
+    burn_mm: Result<f64, String>,
+    burn_head: Result<(f64, u64), String>,
+}
+
+impl Record {
+    fn logits_bytes(&self) -> u64 {
+        u64::from(self.n) * u64::from(self.v) * 4
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{}x{}x{} {}",
+            self.n,
+            self.d,
+            self.v,
+            dtype_name(self.dtype)
+        )
+    }
+}
+
+fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
     let (device, queue) =
         lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
     let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
     let info = device.adapter_info();
     println!(
-        "adapter: {} ({:?}); wall clock, medians of {repeats} rounds",
-        info.name, info.backend
+        "adapter: {} ({:?}); wall clock, medians of {} rounds",
+        info.name, info.backend, args.repeats
     );
     println!(
-        "{:>16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
-        "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec mem", "unf mem", "burn mem"
+        "{:>22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9}",
+        "NxDxV dtype", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec MB", "chk MB", "unf MB", "burn MB"
     );
-    let mut rows_json = Vec::new();
-    for &(n, d, v) in &shapes {
-        let spec = LossSpec::pytorch(0.1);
-        let base = LinearProblem::new(spec, n, d, v)
-            .map_err(|e| e.to_string())?
-            .with_bias(true);
-        let logits_bytes = u64::from(n) * u64::from(v) * 4;
-        let budget = (logits_bytes / 4).max(64 * u64::from(v) * 4);
-        let variants = [
-            base.with_gradients(HeadGradients::None),
-            base,
-            base.with_memory(Memory::Chunked {
-                budget_bytes: budget,
-            }),
-        ];
-        let init = |label, bytes: Vec<u8>| {
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &bytes,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            })
-        };
-        let floats = |count: u64, seed: u32| -> Vec<u8> {
-            let scale = 1.0 / (d as f32).sqrt().sqrt();
-            (0..count)
-                .flat_map(|i| {
-                    ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-                        .mul_add(scale, 0.0)
-                        .to_le_bytes()
-                })
-                .collect()
-        };
-        let hidden = init("hidden", floats(u64::from(n) * u64::from(d), 1));
-        let head = init("head", floats(u64::from(v) * u64::from(d), 2));
-        let bias = init("bias", floats(u64::from(v), 3));
-        let labels = init(
-            "labels",
-            (0..n)
-                .flat_map(|r| ((r * 7919) % v).to_le_bytes())
-                .collect(),
-        );
-        let zeros = |bytes: u64| init("out", vec![0u8; bytes as usize]);
-        let summary = zeros(Summary::SIZE);
-        let (dh, dw, db) = (
-            zeros(u64::from(n) * u64::from(d) * 4),
-            zeros(u64::from(v) * u64::from(d) * 4),
-            zeros(u64::from(v) * 4),
-        );
-        let base_buffers = || {
-            LinearBuffers::new(
-                hidden.slice(..),
-                head.slice(..),
-                labels.slice(..),
-                summary.slice(..),
-            )
-            .with_bias(bias.slice(..))
-        };
-        let with_grads =
-            || base_buffers().with_grads(dh.slice(..), Some(dw.slice(..)), Some(db.slice(..)));
-        // Encoders of each variant, in the table's order.
-        let mut variants_encode: Vec<Encode> = Vec::new();
-        let mut scratch = Vec::new();
-        let full =
-            LinearPlan::new(&kernel, &variants[1]).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
-        let logits = zeros(logits_bytes);
-        let matmul = full
-            .bind_logits(&with_grads(), logits.slice(..))
-            .map_err(|e| e.to_string())?;
-        variants_encode.push(Box::new(move |e| matmul.encode(e)));
-        for problem in &variants {
-            let plan =
-                LinearPlan::new(&kernel, problem).map_err(|e| format!("{n}x{d}x{v}: {e}"))?;
-            let buffers = if problem.gradients == HeadGradients::All {
-                with_grads()
-            } else {
-                base_buffers()
-            };
-            let binding = plan.bind(&buffers).map_err(|e| e.to_string())?;
-            scratch.push(plan.scratch_bytes());
-            variants_encode.push(Box::new(move |e| binding.encode(e)));
+    let mut records = Vec::new();
+    for &(n, d, v) in &args.shapes {
+        for &dtype in &args.dtypes {
+            let record = measure(&device, &queue, &kernel, (n, d, v), dtype, args.repeats)
+                .map_err(|e| format!("{n}x{d}x{v} {}: {e}", dtype_name(dtype)))?;
+            print_record(&record);
+            records.push(record);
         }
-        let loss_plan = kernel
-            .plan(
-                &lsce::Problem::new(spec, lsce::Shape::matrix(n, v).map_err(|e| e.to_string())?)
-                    .with_gradient(lsce::Gradient::InPlace),
-            )
+    }
+    if let Some(path) = &args.json {
+        let rows: Vec<String> = records.iter().map(json_record).collect();
+        let text = format!(
+            "{{\"adapter\":\"{}\",\"backend\":\"{:?}\",\"repeats\":{},\"rows\":[{}]}}\n",
+            info.name,
+            info.backend,
+            args.repeats,
+            rows.join(",")
+        );
+        std::fs::write(path, text).map_err(|e| format!("{path}: {e}"))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg(&records, &info.name)).map_err(|e| format!("{path}: {e}"))?;
+    }
+    if args.smoke {
+        println!("(smoke run: pass --bench for the measured cases)");
+    }
+    Ok(())
+}
+
+/// Times every variant of one case on `device`, then measures each one's device memory on a
+/// device of its own.
+fn measure(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernel: &LossKernel,
+    (n, d, v): (u32, u32, u32),
+    dtype: Dtype,
+    repeats: usize,
+) -> Result<Record, String> {
+    let inputs = Inputs::new(device, (n, d, v), dtype);
+    let case = Case::new((n, d, v), dtype)?;
+    let mut encoders = Vec::new();
+    let mut scratch = [0u64; 5];
+    for (i, &variant) in VARIANTS.iter().enumerate() {
+        let (encode, bytes) = case.variant(device, kernel, &inputs, variant)?;
+        encoders.push(encode);
+        scratch[i] = bytes;
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); encoders.len()];
+    for round in 0..=repeats {
+        for (i, encode) in encoders.iter().enumerate() {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            encode(&mut encoder);
+            let start = Instant::now();
+            queue.submit([encoder.finish()]);
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| e.to_string())?;
+            if round > 0 {
+                times[i].push(start.elapsed());
+            }
+        }
+    }
+    drop(encoders);
+    drop(inputs);
+    let mut ms = [0.0; 5];
+    for (m, t) in ms.iter_mut().zip(&mut times) {
+        t.sort();
+        *m = t[t.len() / 2].as_secs_f64() * 1e3;
+    }
+    let mut device_bytes = [0u64; 3];
+    for (bytes, &variant) in device_bytes.iter_mut().zip(&MEASURED) {
+        *bytes = case.device_bytes(variant)?;
+    }
+    let (burn_mm, burn_head) = if dtype == Dtype::F32 {
+        (
+            burn_matmul_ms(n, d, v, repeats),
+            burn_head_ms(n, d, v, repeats),
+        )
+    } else {
+        let f32_only = "Burn's rows: f32 only".to_string();
+        (Err(f32_only.clone()), Err(f32_only))
+    };
+    Ok(Record {
+        n,
+        d,
+        v,
+        dtype,
+        ms,
+        recompute_scratch: scratch[2],
+        chunked_scratch: scratch[3],
+        chunk_budget: case.chunk_budget(),
+        device_bytes,
+        burn_mm,
+        burn_head,
+    })
+}
+
+/// A case's problem: its shape, its dtype, and the problems of its variants.
+struct Case {
+    n: u32,
+    d: u32,
+    v: u32,
+    dtype: Dtype,
+    spec: LossSpec,
+    full: LinearProblem,
+}
+
+impl Case {
+    fn new((n, d, v): (u32, u32, u32), dtype: Dtype) -> Result<Self, String> {
+        let spec = LossSpec::pytorch(0.1);
+        let full = LinearProblem::new(spec, n, d, v)
+            .map_err(|e| e.to_string())?
+            .with_bias(true)
+            .with_dtype(dtype);
+        Ok(Self {
+            n,
+            d,
+            v,
+            dtype,
+            spec,
+            full,
+        })
+    }
+
+    fn logits_bytes(&self) -> u64 {
+        u64::from(self.n) * u64::from(self.v) * 4
+    }
+
+    /// Chunked mode's budget: a quarter of the logits, at least one 64-row tile's.
+    fn chunk_budget(&self) -> u64 {
+        (self.logits_bytes() / 4).max(64 * u64::from(self.v) * 4)
+    }
+
+    /// The encoder of one variant over `inputs`, and the scratch bytes of its plan.
+    fn variant(
+        &self,
+        device: &wgpu::Device,
+        kernel: &LossKernel,
+        inputs: &Inputs,
+        variant: Variant,
+    ) -> Result<(Encode, u64), String> {
+        let err = |e: lsce::LsceError| e.to_string();
+        let problem = match variant {
+            Variant::Forward => self.full.with_gradients(HeadGradients::None),
+            Variant::Chunked => self.full.with_memory(Memory::Chunked {
+                budget_bytes: self.chunk_budget(),
+            }),
+            _ => self.full,
+        };
+        let plan = LinearPlan::new(kernel, &problem).map_err(err)?;
+        let buffers = if problem.gradients == HeadGradients::None {
+            inputs.buffers()
+        } else {
+            inputs.with_grads()
+        };
+        Ok(match variant {
+            Variant::Matmul => {
+                let logits = zeros(device, self.logits_bytes());
+                let binding = plan.bind_logits(&buffers, logits.slice(..)).map_err(err)?;
+                (Box::new(move |e| binding.encode(e)), 0)
+            }
+            Variant::Forward | Variant::Recompute | Variant::Chunked => {
+                let binding = plan.bind(&buffers).map_err(err)?;
+                (Box::new(move |e| binding.encode(e)), plan.scratch_bytes())
+            }
+            Variant::Unfused => {
+                let logits = zeros(device, self.logits_bytes());
+                let loss_plan = kernel
+                    .plan(
+                        &lsce::Problem::new(
+                            self.spec,
+                            lsce::Shape::matrix(self.n, self.v).map_err(err)?,
+                        )
+                        .with_gradient(lsce::Gradient::InPlace),
+                    )
+                    .map_err(err)?;
+                let loss = loss_plan
+                    .bind(&lsce::LossBuffers::new(
+                        logits.slice(..),
+                        inputs.labels.slice(..),
+                        inputs.summary.slice(..),
+                    ))
+                    .map_err(err)?;
+                let to_logits = plan.bind_logits(&buffers, logits.slice(..)).map_err(err)?;
+                let products = plan
+                    .bind_products(&buffers, logits.slice(..))
+                    .map_err(err)?;
+                let bytes = loss_plan.scratch_bytes();
+                (
+                    Box::new(move |e| {
+                        to_logits.encode(e);
+                        loss.encode(e);
+                        products.encode(e);
+                    }),
+                    bytes,
+                )
+            }
+        })
+    }
+
+    /// The bytes a fresh device holds after running one variant of this case alone (wgpu's
+    /// allocator report, `total_allocated_bytes`).
+    fn device_bytes(&self, variant: Variant) -> Result<u64, String> {
+        let (device, queue) =
+            lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
+        let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
+        let inputs = Inputs::new(&device, (self.n, self.d, self.v), self.dtype);
+        let (encode, _) = self.variant(&device, &kernel, &inputs, variant)?;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encode(&mut encoder);
+        queue.submit([encoder.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| e.to_string())?;
-        let loss_scratch_bytes = loss_plan.scratch_bytes();
-        let loss_binding = loss_plan
-            .bind(&lsce::LossBuffers::new(
-                logits.slice(..),
-                labels.slice(..),
-                summary.slice(..),
-            ))
-            .map_err(|e| e.to_string())?;
-        let to_logits = full
-            .bind_logits(&with_grads(), logits.slice(..))
-            .map_err(|e| e.to_string())?;
-        let products = full
-            .bind_products(&with_grads(), logits.slice(..))
-            .map_err(|e| e.to_string())?;
-        variants_encode.push(Box::new(move |e| {
-            to_logits.encode(e);
-            loss_binding.encode(e);
-            products.encode(e);
-        }));
-        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); variants_encode.len()];
-        for round in 0..=repeats {
-            for (i, encode) in variants_encode.iter().enumerate() {
-                let mut encoder = device.create_command_encoder(&Default::default());
-                encode(&mut encoder);
-                let start = Instant::now();
-                queue.submit([encoder.finish()]);
-                device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| e.to_string())?;
-                if round > 0 {
-                    times[i].push(start.elapsed());
+        device
+            .generate_allocator_report()
+            .map(|r| r.total_allocated_bytes)
+            .ok_or_else(|| "the adapter gives no allocator report".to_string())
+    }
+}
+
+/// The buffers every variant of a case reads and writes: `H`, `W`, `b` in the case's dtype,
+/// labels, the summary, and f32 `dH`, `dW`, `db`.
+struct Inputs {
+    hidden: wgpu::Buffer,
+    head: wgpu::Buffer,
+    bias: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    summary: wgpu::Buffer,
+    d_hidden: wgpu::Buffer,
+    d_head: wgpu::Buffer,
+    d_bias: wgpu::Buffer,
+}
+
+impl Inputs {
+    fn new(device: &wgpu::Device, (n, d, v): (u32, u32, u32), dtype: Dtype) -> Self {
+        // Values in [-1, 1] over D^(1/4): logits of about unit size.
+        let scale = 1.0 / (d as f32).sqrt().sqrt();
+        let floats = |count: u64, seed: u32| -> Vec<u8> {
+            let value = |i: u64| {
+                ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                    * scale
+            };
+            match dtype {
+                Dtype::F32 => (0..count).flat_map(|i| value(i).to_le_bytes()).collect(),
+                Dtype::F16 => (0..count)
+                    .flat_map(|i| lsce::half::f32_to_f16(value(i)).to_le_bytes())
+                    .collect(),
+                Dtype::Bf16 => (0..count)
+                    .flat_map(|i| lsce::half::f32_to_bf16(value(i)).to_le_bytes())
+                    .collect(),
+            }
+        };
+        let (n64, d64, v64) = (u64::from(n), u64::from(d), u64::from(v));
+        let labels: Vec<u8> = (0..n)
+            .flat_map(|r| ((r * 7919) % v).to_le_bytes())
+            .collect();
+        Self {
+            hidden: init(device, "hidden", &floats(n64 * d64, 1)),
+            head: init(device, "head", &floats(v64 * d64, 2)),
+            bias: init(device, "bias", &floats(v64, 3)),
+            labels: init(device, "labels", &labels),
+            summary: zeros(device, Summary::SIZE),
+            d_hidden: zeros(device, n64 * d64 * 4),
+            d_head: zeros(device, v64 * d64 * 4),
+            d_bias: zeros(device, v64 * 4),
+        }
+    }
+
+    fn buffers(&self) -> LinearBuffers<'_> {
+        LinearBuffers::new(
+            self.hidden.slice(..),
+            self.head.slice(..),
+            self.labels.slice(..),
+            self.summary.slice(..),
+        )
+        .with_bias(self.bias.slice(..))
+    }
+
+    fn with_grads(&self) -> LinearBuffers<'_> {
+        self.buffers().with_grads(
+            self.d_hidden.slice(..),
+            Some(self.d_head.slice(..)),
+            Some(self.d_bias.slice(..)),
+        )
+    }
+}
+
+fn init(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+fn zeros(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("out"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1e6)
+}
+
+fn print_record(r: &Record) {
+    let [mm, fwd, rec, chk, unf] = r.ms;
+    let or_err = |x: &Result<String, String>| x.clone().unwrap_or_else(|e| e);
+    println!(
+        "{:>22} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9}",
+        r.label(), mm, fwd, rec, chk, unf, rec / mm, chk / mm, rec / unf, chk / unf,
+        r.recompute_scratch, r.chunked_scratch, r.logits_bytes(),
+        or_err(&r.burn_mm.as_ref().map(|t| format!("{t:.1}")).map_err(|_| "-".to_string())),
+        or_err(&r.burn_head.as_ref().map(|(t, _)| format!("{t:.1}")).map_err(|_| "-".to_string())),
+        mb(r.device_bytes[0]), mb(r.device_bytes[1]), mb(r.device_bytes[2]),
+        or_err(&r.burn_head.as_ref().map(|(_, m)| mb(*m)).map_err(|_| "-".to_string())),
+    );
+    for e in [r.burn_mm.as_ref().err(), r.burn_head.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
+        if !e.ends_with("f32 only") && e != "no burn" {
+            println!("{:>22} {e}", "");
+        }
+    }
+}
+
+fn json_record(r: &Record) -> String {
+    let [mm, fwd, rec, chk, unf] = r.ms;
+    let opt = |x: Option<String>| x.unwrap_or_else(|| "null".into());
+    format!(
+        "{{\"shape\":[{},{},{}],\"dtype\":\"{}\",\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"burn_head_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{},\"logits_bytes\":{},\"recompute_device_bytes\":{},\"chunked_device_bytes\":{},\"unfused_device_bytes\":{},\"burn_head_device_bytes\":{}}}",
+        r.n, r.d, r.v, dtype_name(r.dtype),
+        opt(r.burn_mm.as_ref().ok().map(|t| format!("{t:.4}"))),
+        opt(r.burn_head.as_ref().ok().map(|(t, _)| format!("{t:.4}"))),
+        r.recompute_scratch, r.chunked_scratch, r.chunk_budget, r.logits_bytes(),
+        r.device_bytes[0], r.device_bytes[1], r.device_bytes[2],
+        opt(r.burn_head.as_ref().ok().map(|(_, m)| m.to_string())),
+    )
+}
+
+/// Two panels, one group of bars per case: the step's time in logits-matmul equivalents
+/// (recompute, chunked, unfused, Burn's head; the targets 5.5 and 3.5 as lines), and the
+/// device memory in MB on a log scale (recompute, chunked, unfused, Burn's head).
+fn svg(records: &[Record], adapter: &str) -> String {
+    const COLORS: [&str; 4] = ["#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f"];
+    const NAMES: [&str; 4] = [
+        "fused, recompute",
+        "fused, chunked",
+        "unfused (lsce kernels)",
+        "Burn Linear + CrossEntropyLoss",
+    ];
+    let group = 120.0;
+    let (left, top, panel) = (60.0, 40.0, 220.0);
+    let width = (left + group * records.len().max(1) as f64 + 220.0).max(760.0);
+    let height = top + 2.0 * panel + 120.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"Helvetica, Arial, sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"18\" font-size=\"13\">lsce fused linear head, forward + backward, on {adapter}</text>\n<text x=\"{left}\" y=\"{}\">time per step / the logits' matmul alone (lsce's)</text>\n<text x=\"{left}\" y=\"{}\">device memory, MB (log scale; wgpu's allocator report)</text>\n",
+        top - 6.0,
+        top + panel + 34.0
+    );
+    let times: Vec<[Option<f64>; 4]> = records
+        .iter()
+        .map(|r| {
+            let mm = r.ms[0];
+            [
+                Some(r.ms[2] / mm),
+                Some(r.ms[3] / mm),
+                Some(r.ms[4] / mm),
+                r.burn_head.as_ref().ok().map(|(t, _)| t / mm),
+            ]
+        })
+        .collect();
+    let bytes: Vec<[Option<f64>; 4]> = records
+        .iter()
+        .map(|r| {
+            [
+                Some(r.device_bytes[0] as f64 / 1e6),
+                Some(r.device_bytes[1] as f64 / 1e6),
+                Some(r.device_bytes[2] as f64 / 1e6),
+                r.burn_head.as_ref().ok().map(|(_, m)| *m as f64 / 1e6),
+            ]
+        })
+        .collect();
+    let t_max = times
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(6.0f64, |a, &b| a.max(b))
+        * 1.1;
+    let m_max = bytes
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(1.0f64, |a, &b| a.max(b))
+        .log10()
+        .ceil();
+    // Each panel: its top, its bars' values, and their height as a fraction of the panel.
+    type Panel<'a> = (f64, &'a [[Option<f64>; 4]], Box<dyn Fn(f64) -> f64>);
+    let panels: [Panel; 2] = [
+        (top, &times, Box::new(move |x| x / t_max)),
+        (
+            top + panel + 40.0,
+            &bytes,
+            Box::new(move |x: f64| (x.max(0.1).log10() + 1.0) / (m_max + 1.0)),
+        ),
+    ];
+    for (y0, values, scale) in &panels {
+        let base = y0 + panel;
+        out += &format!(
+            "<line x1=\"{left}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"black\"/>\n",
+            width - 200.0
+        );
+        for (i, case) in values.iter().enumerate() {
+            for (k, value) in case.iter().enumerate() {
+                if let Some(x) = value {
+                    let h = scale(*x) * panel;
+                    let x0 = left + group * i as f64 + 10.0 + 24.0 * k as f64;
+                    out += &format!(
+                        "<rect x=\"{x0}\" y=\"{:.1}\" width=\"22\" height=\"{h:.1}\" fill=\"{}\"><title>{x:.2}</title></rect>\n<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"8\" text-anchor=\"middle\">{}</text>\n",
+                        base - h, COLORS[k], x0 + 11.0, base - h - 2.0,
+                        if *x >= 100.0 { format!("{x:.0}") } else { format!("{x:.1}") }
+                    );
                 }
             }
         }
-        let median = |t: &mut Vec<Duration>| {
-            t.sort();
-            t[t.len() / 2].as_secs_f64() * 1e3
-        };
-        let ms: Vec<f64> = times.iter_mut().map(median).collect();
-        let burn = burn_matmul_ms(n, d, v, repeats);
-        let burn_head = burn_head_ms(n, d, v, repeats);
-        let [mm, fwd, rec, chk, unf] = [ms[0], ms[1], ms[2], ms[3], ms[4]];
-        // Inputs (H, W, b, labels, summary) and outputs (dH, dW, db) every variant holds.
-        let io = (u64::from(n) * u64::from(d) + u64::from(v) * u64::from(d) + u64::from(v)) * 4 * 2
-            + u64::from(n) * 4
-            + Summary::SIZE;
-        let loss_scratch = loss_scratch_bytes;
-        let rec_mem = io + scratch[1];
-        let unf_mem = io + logits_bytes + loss_scratch + scratch[1];
-        let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
-        println!(
-            "{:>16} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
-            format!("{n}x{d}x{v}"), mm, fwd, rec, chk, unf, rec / mm, chk / mm, rec / unf, chk / unf, scratch[1], scratch[2], logits_bytes,
-            burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.1}")),
-            burn_head.as_ref().map_or_else(|e| e.clone(), |(t, _)| format!("{t:.1}")),
-            mb(rec_mem), mb(unf_mem),
-            burn_head.as_ref().map_or_else(|e| e.clone(), |(_, m)| mb(*m)),
-        );
-        rows_json.push(format!(
-            "{{\"shape\":[{n},{d},{v}],\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
-            burn.map_or("null".to_string(), |t| format!("{t:.4}")), scratch[1], scratch[2]
-        ));
-        let last = rows_json.pop().unwrap_or_default();
-        rows_json.push(format!(
-            "{},\"recompute_device_bytes\":{rec_mem},\"unfused_device_bytes\":{unf_mem},\"burn_head_ms\":{},\"burn_head_device_bytes\":{}}}",
-            &last[..last.len() - 1],
-            burn_head.as_ref().map_or("null".to_string(), |(t, _)| format!("{t:.4}")),
-            burn_head.as_ref().map_or("null".to_string(), |(_, m)| m.to_string()),
-        ));
     }
-    if let Some(path) = json {
-        let text = format!(
-            "{{\"adapter\":\"{}\",\"backend\":\"{:?}\",\"rows\":[{}]}}\n",
-            info.name,
-            info.backend,
-            rows_json.join(",")
-        );
-        std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))?;
+    for target in [3.5, 5.5] {
+        let y = top + panel - target / t_max * panel;
+        out += &format!("<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"red\" stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{:.1}\" fill=\"red\">target {target}x</text>\n", width - 200.0, width - 196.0, y + 4.0);
     }
-    Ok(())
+    for (i, r) in records.iter().enumerate() {
+        let x = left + group * i as f64 + 55.0;
+        let y = top + 2.0 * panel + 60.0;
+        out += &format!(
+            "<text x=\"{x}\" y=\"{y}\" text-anchor=\"middle\">{}</text>\n",
+            r.label()
+        );
+    }
+    for (k, name) in NAMES.iter().enumerate() {
+        let y = top + panel + 60.0 + 20.0 * k as f64;
+        out += &format!("<rect x=\"{}\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{name}</text>\n", width - 190.0, COLORS[k], width - 172.0, y + 10.0);
+    }
+    out + "</svg>\n"
 }
 
 /// Burn's f32 matmul of the logits' shape (`H [N, D]` times `W^T`, cubecl's autotuned
@@ -301,8 +703,10 @@ fn burn_matmul_ms(_: u32, _: u32, _: u32, _: usize) -> Result<f64, String> {
 }
 
 /// Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1), forward and backward on an autodiff
-/// device: the median of `repeats` after a warm-up, and the reserved bytes of Burn's device
-/// (wgpu's allocator report) after them; an `Err` when Burn fails (out of memory).
+/// device: the median of `repeats` after a warm-up, and the bytes Burn's device holds after
+/// them (wgpu's allocator report, `total_allocated_bytes`, after a `memory_cleanup` before
+/// the case, so that the pages of earlier cases are gone and those this case's peak needed
+/// are what Burn's pool kept); an `Err` when Burn fails (out of memory).
 #[cfg(feature = "burn")]
 fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), String> {
     use burn::nn::loss::CrossEntropyLossConfig;
@@ -310,6 +714,7 @@ fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), St
     use burn::tensor::{Int, Tensor, TensorData};
     use std::panic::{catch_unwind, AssertUnwindSafe};
     let (plain, setup) = burn_device()?;
+    plain.memory_cleanup();
     let device = plain.clone().autodiff();
     let (n, d, v) = (n as usize, d as usize, v as usize);
     let values = (0..n * d)
@@ -342,11 +747,12 @@ fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), St
     };
     let t = catch_unwind(AssertUnwindSafe(run))
         .map_err(|_| "Burn failed (out of memory?)".to_string())??;
-    let reserved = setup
+    let allocated = setup
         .device
         .generate_allocator_report()
-        .map_or(0, |r| r.total_reserved_bytes);
-    Ok((t, reserved))
+        .map(|r| r.total_allocated_bytes)
+        .ok_or("Burn's device gives no allocator report")?;
+    Ok((t, allocated))
 }
 
 /// Burn's wgpu device, made once, and its setup (for the allocator report).

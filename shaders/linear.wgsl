@@ -377,6 +377,18 @@ fn add_block(s: Block, row0: u32, row_end: u32, d0: u32, tx: u32, ty: u32, start
 // back edges of one invocation), which the plan keeps each dispatch under by cutting the walks
 // into segments (src/linear/plan.rs); fewer back edges per tile, fewer segments.
 
+// The columns [x, y) of dH or dW a product workgroup owns. Recomputing G costs a matmul over
+// all of D per tile, so then one workgroup owns every column of its tile; a G read from memory
+// (chunked mode, the unfused products) is cheap to read again, so the columns are split into
+// 64-wide tiles across the dispatch's z (more owners for a GPU; the plan dispatches
+// dim / 64 of them).
+fn owned_columns(z: u32) -> vec2<u32> {
+    if (LQ.recompute != 0u) {
+        return vec2<u32>(0u, LQ.dim);
+    }
+    return vec2<u32>(z * MM_TILE, min(z * MM_TILE + MM_TILE, LQ.dim));
+}
+
 @compute @workgroup_size(MM_INVOCATIONS)
 fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     load_params();
@@ -385,11 +397,12 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
     let ty = lid / 8u;
     let r0 = LQ.row_begin + wid.x * MM_TILE;
     let row_end = LQ.row_begin + LQ.row_count;
+    let d_range = owned_columns(wid.z);
     // This dispatch's segment of the vocabulary, in order after the previous ones.
     for (var v0 = LQ.vocab_begin; v0 < LQ.vocab_end; v0 += MM_TILE) {
         g_tile(lid, r0, v0, false);
         let v_end = min(v0 + MM_TILE, LQ.window_end);
-        for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
+        for (var d0 = d_range.x; d0 < d_range.y; d0 += MM_TILE) {
             // dH[r0 + ty + 8 i, d0 + tx + 8 j] += sum_n G[ty + 8 i, n] W[v0 + n, d0 + tx + 8 j]
             var c = zero_block();
             for (var half = 0u; half < 2u; half++) {
@@ -410,6 +423,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let v0 = LQ.window_begin + wid.x * MM_TILE;
     let v_end = min(v0 + MM_TILE, LQ.window_end);
     let row_end = LQ.row_begin + LQ.row_count;
+    let d_range = owned_columns(wid.z);
     // The first rows of the problem start dW and db; later segments and chunks add to them.
     let first = LQ.row_begin == 0u;
     var bias_sum = 0.0;
@@ -423,7 +437,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
             bias_sum += g.z;
             bias_sum += g.w;
         }
-        for (var d0 = 0u; d0 < LQ.dim; d0 += MM_TILE) {
+        for (var d0 = d_range.x; d0 < d_range.y; d0 += MM_TILE) {
             // dW[v0 + ty + 8 i, d0 + tx + 8 j] += sum_m G[m, ty + 8 i] H[r0 + m, d0 + tx + 8 j]
             var c = zero_block();
             for (var half = 0u; half < 2u; half++) {
@@ -434,7 +448,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         }
         workgroupBarrier();
     }
-    if (LQ.bias_grad != 0u && v0 + lid < LQ.vocab) {
+    if (LQ.bias_grad != 0u && wid.z == 0u && v0 + lid < LQ.vocab) {
         let o = v0 + lid - LQ.window_begin;
         d_bias[o] = select(d_bias[o] + bias_sum, bias_sum, first);
     }

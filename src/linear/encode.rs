@@ -506,12 +506,13 @@ impl LinearBinding {
         let p = &self.plan;
         let pipelines = &p.pipelines;
         let entry = |i: u32| [(p.stride * u64::from(i)) as u32];
+        let column_tiles = chunk.column_tiles;
         if let Some(grad_hidden) = &pipelines.grad_hidden {
             pass.set_pipeline(grad_hidden);
             for w in &chunk.windows {
                 for &step in &w.hidden {
                     pass.set_bind_group(1, &self.heads[w.window], &entry(step));
-                    dispatch(pass, PlanInner::row_tiles(chunk.rows));
+                    pass.dispatch_workgroups(PlanInner::row_tiles(chunk.rows), 1, column_tiles);
                 }
             }
         }
@@ -520,7 +521,7 @@ impl LinearBinding {
             for w in &chunk.windows {
                 for &step in &w.head {
                     pass.set_bind_group(1, &self.heads[w.window], &entry(step));
-                    dispatch(pass, w.tiles);
+                    pass.dispatch_workgroups(w.tiles, 1, column_tiles);
                 }
             }
         }

@@ -38,6 +38,10 @@ pub(crate) struct ChunkSteps {
     pub whole: u32,
     /// Per vocabulary window, in order.
     pub windows: Vec<WindowSteps>,
+    /// Column tiles of `dH` and `dW` per product workgroup row (dispatch z): 1 when the
+    /// products recompute G (a matmul over all of `D` per tile), `D / 64` when they read it
+    /// from memory (shaders/linear.wgsl, `owned_columns`).
+    pub column_tiles: u32,
 }
 
 /// The dispatches of one chunk over one vocabulary window (bind group `window`).
@@ -362,6 +366,11 @@ impl LinearPlan {
                 rows,
                 whole: entry,
                 windows,
+                column_tiles: if base.recompute != 0 {
+                    1
+                } else {
+                    problem.dim.div_ceil(TILE)
+                },
             }
         };
         let chunks: Vec<ChunkSteps> = ranges
