@@ -1,13 +1,15 @@
 //! The fused linear head's modes against its forward pass, on one device.
 //!
 //! ```text
-//! cargo bench --all-features --bench linear -- --bench [--quick] [--shapes 4096x512x32000,..]
+//! cargo bench --all-features --bench linear -- [--quick | --full | --shapes 4096x512x32000,..]
 //!     [--dtypes f32,bf16] [--repeats N] [--json FILE] [--svg FILE]
 //! ```
 //!
 //! Cases: the issue's shapes `N x D x V` = 4096 x 512 x 32000, 1024 x 1024 x 128256,
-//! 256 x 2048 x 262144 and 16384 x 256 x 50257 (a GPU's: the logits' matmul alone takes
-//! minutes on a CPU adapter), or with `--quick` three shapes a CPU adapter runs in seconds;
+//! 256 x 2048 x 262144 and 16384 x 256 x 50257 (`--full`, the default on a GPU: on a CPU
+//! adapter the logits' matmul alone takes minutes, and the unfused path's 524 MB of logits
+//! pass lavapipe's 128 MiB binding), or `--quick` (the default on a CPU adapter) four shapes
+//! it runs in seconds;
 //! each in f32 and bf16 inputs (`H`, `W`, `b`; f32 accumulation and gradients), class labels,
 //! `LossSpec::pytorch(0.1)`, mean, a bias. Each variant is one command buffer submitted alone
 //! and waited for (wall clock from submit to the end of the wait); the variants run in rotation
@@ -57,9 +59,14 @@ const SHAPES: [(u32, u32, u32); 4] = [
     (16384, 256, 50257),
 ];
 
-/// Shapes a CPU adapter (lavapipe on two cores) runs in seconds.
-const QUICK_SHAPES: [(u32, u32, u32); 3] =
-    [(512, 256, 8192), (128, 512, 32000), (1024, 128, 16384)];
+/// Shapes a CPU adapter (lavapipe on two cores) runs in seconds; the last has the largest
+/// vocabulary whose 1024 rows of logits Burn can hold in one binding there (128 MiB).
+const QUICK_SHAPES: [(u32, u32, u32); 4] = [
+    (512, 256, 8192),
+    (128, 512, 32000),
+    (1024, 128, 16384),
+    (1024, 128, 32000),
+];
 
 /// What the bench times, in the table's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +91,8 @@ const MEASURED: [Variant; 3] = [Variant::Recompute, Variant::Chunked, Variant::U
 
 struct Args {
     smoke: bool,
-    shapes: Vec<(u32, u32, u32)>,
+    /// `None`: the issue's shapes on a GPU, the quick set on a CPU adapter.
+    shapes: Option<Vec<(u32, u32, u32)>>,
     dtypes: Vec<Dtype>,
     repeats: usize,
     json: Option<String>,
@@ -103,11 +111,7 @@ fn parse_args() -> Result<Args, String> {
     let smoke = !args.iter().any(|a| a == "--bench");
     let mut parsed = Args {
         smoke,
-        shapes: if smoke {
-            vec![(64, 32, 500)]
-        } else {
-            SHAPES.to_vec()
-        },
+        shapes: smoke.then(|| vec![(64, 32, 500)]),
         dtypes: if smoke {
             vec![Dtype::F32]
         } else {
@@ -122,7 +126,8 @@ fn parse_args() -> Result<Args, String> {
         let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--bench" => {}
-            "--quick" => parsed.shapes = QUICK_SHAPES.to_vec(),
+            "--quick" => parsed.shapes = Some(QUICK_SHAPES.to_vec()),
+            "--full" => parsed.shapes = Some(SHAPES.to_vec()),
             "--repeats" => {
                 parsed.repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?;
                 if parsed.repeats == 0 {
@@ -143,19 +148,21 @@ fn parse_args() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--shapes" => {
-                parsed.shapes = value()?
-                    .split(',')
-                    .map(|s| {
-                        let v: Vec<u32> = s
-                            .split('x')
-                            .map(|x| x.parse().map_err(|e| format!("{s}: {e}")))
-                            .collect::<Result<_, _>>()?;
-                        match v[..] {
-                            [n, d, v] => Ok((n, d, v)),
-                            _ => Err(format!("a shape is NxDxV, not {s}")),
-                        }
-                    })
-                    .collect::<Result<_, String>>()?
+                parsed.shapes = Some(
+                    value()?
+                        .split(',')
+                        .map(|s| {
+                            let v: Vec<u32> = s
+                                .split('x')
+                                .map(|x| x.parse().map_err(|e| format!("{s}: {e}")))
+                                .collect::<Result<_, _>>()?;
+                            match v[..] {
+                                [n, d, v] => Ok((n, d, v)),
+                                _ => Err(format!("a shape is NxDxV, not {s}")),
+                            }
+                        })
+                        .collect::<Result<_, String>>()?,
+                )
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -218,7 +225,16 @@ fn run() -> Result<(), String> {
         "NxDxV dtype", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec MB", "chk MB", "unf MB", "burn MB"
     );
     let mut records = Vec::new();
-    for &(n, d, v) in &args.shapes {
+    let cpu = info.device_type == wgpu::DeviceType::Cpu;
+    let shapes = args.shapes.clone().unwrap_or_else(|| {
+        if cpu {
+            println!("a CPU adapter: the --quick shapes (pass --full for the issue's)");
+            QUICK_SHAPES.to_vec()
+        } else {
+            SHAPES.to_vec()
+        }
+    });
+    for &(n, d, v) in &shapes {
         for &dtype in &args.dtypes {
             let record = measure(&device, &queue, &kernel, (n, d, v), dtype, args.repeats)
                 .map_err(|e| format!("{n}x{d}x{v} {}: {e}", dtype_name(dtype)))?;
