@@ -78,9 +78,11 @@ pub mod cpu;
 mod encode;
 mod plan;
 mod problem;
+mod shard;
 mod staging;
 
 pub use batch::{LinearBatch, LinearOptions, LinearOutput};
 pub use encode::{LinearBinding, LinearBuffers};
 pub use plan::{LinearPlan, TILE};
 pub use problem::{HeadGradients, LinearProblem, Memory};
+pub use shard::{compute_linear_shard, sum_in_rank_order, LinearShardPlan};
