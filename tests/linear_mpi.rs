@@ -636,3 +636,148 @@ fn every_option_every_layout_matches_one_process_and_the_reference() {
         m[0].0, m[0].1, m[1].0, m[1].1, m[2].0, m[2].1, m[3].0, m[3].1
     );
 }
+
+/// What one rank of an error case changes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// Its `W` slice has one row too many: a `V` split that is not the layout's.
+    WideSlice,
+    /// Its `W` slice has `D - 1` columns for `H`'s `D`.
+    HeadDim,
+    /// Its `H` and `W` have another `D` (consistent with each other).
+    OtherDim,
+    /// Another z-loss: a rank with a different spec.
+    OtherSpec,
+    /// No gradients where the others ask for all (without the check: a rank missing the dH
+    /// round).
+    OtherGradients,
+    /// A label outside `[0, V)` on this rank alone.
+    BadLabel,
+}
+
+/// `ranks` threads run one step of the uneven 4-way layout over a group of `group` ranks with
+/// `fault` on rank `faulty`; every rank's result.
+fn faulty_step(
+    group: usize,
+    fault: Fault,
+    faulty: usize,
+) -> Vec<Result<LinearOutput<f32>, LsceError>> {
+    let g = vulkan();
+    let case = leak(Case::new(5, true));
+    let layout = leak(layouts().pop().unwrap());
+    on_threads(group, move |rank, c| {
+        let mine = rank == faulty;
+        let mut spec = LossSpec::pytorch(0.1);
+        let mut options = LinearOptions::default();
+        let range = layout.range(rank.min(layout.shards() - 1));
+        let (c0, mut c1) = (range.start as usize, range.end as usize);
+        let mut dim = DIM;
+        let mut head_dim = DIM;
+        let mut labels = case.labels.clone();
+        match fault {
+            Fault::WideSlice if mine => c1 += 1,
+            Fault::HeadDim if mine => head_dim = DIM - 1,
+            Fault::OtherDim if mine => (dim, head_dim) = (DIM - 8, DIM - 8),
+            Fault::OtherSpec if mine => spec.z_loss = 1e-4,
+            Fault::OtherGradients if mine => options.gradients = HeadGradients::None,
+            Fault::BadLabel if mine => labels[5] = VOCAB as i32,
+            _ => {}
+        }
+        let hidden: Vec<f32> = (0..ROWS)
+            .flat_map(|r| case.hidden[r * DIM..r * DIM + dim].to_vec())
+            .collect();
+        let head: Vec<f32> = (c0..c1)
+            .flat_map(|v| case.head[v * DIM..v * DIM + head_dim].to_vec())
+            .collect();
+        let bias = case.bias.as_ref().unwrap()[c0..c1].to_vec();
+        let problem = ShardProblem::new(spec, ROWS as u32, layout.clone());
+        let batch = LinearBatch::classes(dim as u32, &hidden[..], &head[..], &labels)
+            .unwrap()
+            .with_bias(&bias[..]);
+        compute_linear_shard(&g.kernel, &g.queue, &problem, &batch, &options, c)
+    })
+}
+
+/// Bad input gives a clear `Err` on every rank, never a hang (`on_threads`' deadline): the
+/// faulty rank its own error, the others one naming it.
+#[test]
+fn bad_input_is_an_err_on_every_rank() {
+    let named = |r: &Result<LinearOutput<f32>, LsceError>, rank: usize| matches!(r, Err(LsceError::RankFailed { rank: f, .. }) if *f == rank);
+    for (fault, faulty) in [(Fault::WideSlice, 1), (Fault::HeadDim, 0)] {
+        let results = faulty_step(4, fault, faulty);
+        for (rank, r) in results.iter().enumerate() {
+            if rank == faulty {
+                assert!(
+                    matches!(r, Err(LsceError::LengthMismatch { .. })),
+                    "{fault:?}: rank {rank}: {r:?}"
+                );
+            } else {
+                assert!(named(r, faulty), "{fault:?}: rank {rank}: {r:?}");
+            }
+        }
+    }
+    for (fault, faulty) in [
+        (Fault::OtherDim, 2),
+        (Fault::OtherSpec, 3),
+        (Fault::OtherGradients, 1),
+    ] {
+        for (rank, r) in faulty_step(4, fault, faulty).iter().enumerate() {
+            assert!(
+                matches!(r, Err(LsceError::ForeignRecords { shard, .. }) if *shard == faulty),
+                "{fault:?}: rank {rank}: {r:?}"
+            );
+        }
+    }
+    // A label outside [0, V) where the others have a good one: the ranks' records disagree
+    // about the row, and every rank's merge says so.
+    for (rank, r) in faulty_step(4, Fault::BadLabel, 2).iter().enumerate() {
+        assert!(
+            matches!(r, Err(LsceError::ForeignRecords { shard: 2, .. })),
+            "bad label: rank {rank}: {r:?}"
+        );
+    }
+    // Three ranks for a four-way layout: every rank says the count is wrong.
+    for (rank, r) in faulty_step(3, Fault::BadLabel, usize::MAX)
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            matches!(
+                r,
+                Err(LsceError::RankCount { .. }) | Err(LsceError::RankFailed { .. })
+            ),
+            "3 of 4 ranks: rank {rank}: {r:?}"
+        );
+    }
+}
+
+/// A label outside `[0, V)` on every rank is the unsharded loss's error on every rank.
+#[test]
+fn a_bad_label_is_label_out_of_range_on_every_rank() {
+    let g = vulkan();
+    let case = leak({
+        let mut c = Case::new(6, false);
+        c.labels[9] = VOCAB as i32 + 3;
+        c
+    });
+    let layout = leak(ShardLayout::from_widths(&[700, 400]).unwrap());
+    let results = on_threads(2, move |rank, c| {
+        let slice = case.slice(layout.range(rank));
+        let problem = case.problem(LossSpec::pytorch(0.1), layout, false);
+        let batch = slice.batch(case, UpstreamGrad::One);
+        compute_linear_shard(
+            &g.kernel,
+            &g.queue,
+            &problem,
+            &batch,
+            &LinearOptions::default(),
+            c,
+        )
+    });
+    for (rank, r) in results.iter().enumerate() {
+        assert!(
+            matches!(r, Err(LsceError::LabelOutOfRange { row: 9, .. })),
+            "rank {rank}: {r:?}"
+        );
+    }
+}
