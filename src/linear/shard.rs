@@ -1,6 +1,6 @@
 //! The vocabulary-parallel fused linear head: `W` split by vocabulary across `P` ranks (any
-//! widths), `H` replicated. Each rank's slice is shard `p` of a [`ShardLayout`] over the global
-//! `V`, and its plan is the fused head over the classes `[c0, c1)` with the loss's
+//! widths), `H` replicated. Each rank's slice is shard `p` of a
+//! [`ShardLayout`](crate::shards::ShardLayout) over the global `V`, and its plan is the fused head over the classes `[c0, c1)` with the loss's
 //! class-dependent terms indexed globally (labels, the excluded class) or sliced (weights,
 //! probability targets) and the smoothing of the global `K`, as [`ShardProblem`] defines it.
 //!
@@ -57,9 +57,6 @@ use crate::shards::{
 };
 use crate::spec::Reduction;
 use crate::TargetKind;
-
-#[allow(unused_imports)] // rustdoc links
-use crate::shards::ShardLayout;
 
 use super::batch::{LinearBatch, LinearOptions, LinearOutput};
 use super::encode::{LinearBinding, LinearBuffers};
@@ -512,7 +509,7 @@ impl LinearShardPlan {
     }
 
     /// One step of this rank: pass 1, [`exchange`](crate::shards::exchange), pass 2, the `dH`
-    /// sum (see the [module](self) docs). Every rank of the step must call it (or
+    /// sum (see [the module's section](crate::linear#vocabulary-parallel-over-ranks)). Every rank of the step must call it (or
     /// [`compute_linear_shard`]), the failing ones too.
     ///
     /// Returns the loss (the unsharded one, bitwise the same on every rank), the summed `dH`
