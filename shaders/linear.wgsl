@@ -49,7 +49,8 @@ fn row_consts(r: u32) -> RowConsts {
     let at = LQ.merged_base + r * SHARD_MERGED_WORDS;
     var label = 0u;
     if (!SOFT_TARGETS) {
-        label = u32(row_label(r));
+        // The local entry of the label (NONE_U32 when another vocabulary slice holds it).
+        label = local_label(row_label(r));
     }
     return RowConsts(record_word(at + SHARD_MERGED_MAX), record_word(at + SHARD_MERGED_COEF), record_word(at + SHARD_MERGED_SCALE), atomicLoad(&control[at + SHARD_MERGED_KIND]), label);
 }
@@ -87,8 +88,12 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let v_end = min(v_begin + LQ.block_tiles * MM_TILE, LQ.vocab);
     // The label's vocabulary entry when this block holds it.
     var label = NONE_U32;
-    if (!SOFT_TARGETS && kind == ROW_VALID && u32(label_i) >= v_begin && u32(label_i) < v_end) {
-        label = u32(label_i);
+    if (!SOFT_TARGETS && kind == ROW_VALID) {
+        // Local: Q.class_begin is the first class of a vocabulary slice (0 for the whole head).
+        let local = local_label(label_i);
+        if (local >= v_begin && local < v_end) {
+            label = local;
+        }
     }
     var m4 = vec4<f32>(NEG_BIG);
     var s4 = vec4<f32>(0.0);
@@ -153,7 +158,8 @@ fn linear_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         }
         sums = vec2<f32>(Q.off * all.v.z + extra, Q.off * all.v.y + extra * (all.m - z_label));
     }
-    // Classes are global here (class_begin = 0); `label` is the label where the block holds it.
+    // `label` is the local label where the block holds it (write_record adds class_begin to
+    // the argmax's class).
     write_record(at, all, sums, argmax_lanes(best), label_i, label);
 }
 

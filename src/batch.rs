@@ -242,7 +242,7 @@ impl<'a> Batch<'a> {
     }
 
     /// [`Batch::check_inputs`] but the logits.
-    fn check_targets(&self, reduction: Reduction) -> Result<()> {
+    pub(crate) fn check_targets(&self, reduction: Reduction) -> Result<()> {
         let rows = self.shape.rows() as usize;
         let elements = self.elements()?;
         match self.targets {

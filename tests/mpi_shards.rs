@@ -4,6 +4,12 @@
 //! with `--fail KIND RANK`, one rank fails its step (issue 14, item 2): every rank must print
 //! the `Err` its exchange returned, naming the failed rank, and mpirun must end well within
 //! `DEADLINE` instead of hanging.
+//!
+//! The same for the vocabulary-parallel linear head (`examples/linear_parallel.rs`, issue 16
+//! part 2): at `-np 2` and `-np 4` every rank's result must be bitwise the same slices computed
+//! in one process, rank 0's within its bounds of the unsharded f64 reference; with bad input on
+//! one rank (a `V` split that is not the layout's, `H`'s `D` not `W`'s, another spec) every
+//! rank prints an `Err` naming it, within the deadline.
 #![cfg(feature = "mpi")]
 
 use std::io::Read;
@@ -15,30 +21,25 @@ use std::time::{Duration, Instant};
 /// on a CPU adapter; a rank left waiting for a failed one would take forever.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Builds the example (a no-op when fresh) and returns its path.
+/// Builds the example `vocab_parallel` (a no-op when fresh) and returns its path.
 fn example() -> PathBuf {
+    example_named("vocab_parallel")
+}
+
+/// Builds the example `name` (a no-op when fresh) and returns its path.
+fn example_named(name: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--features",
-            "mpi",
-            "--example",
-            "vocab_parallel",
-        ])
+        .args(["build", "--release", "--features", "mpi", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("running cargo build for the example");
-    assert!(
-        status.success(),
-        "building examples/vocab_parallel.rs failed"
-    );
+    assert!(status.success(), "building examples/{name}.rs failed");
     // This test binary lives in <target>/release/deps; the example in <target>/release/examples.
     let exe = std::env::current_exe().expect("the test's path");
     exe.parent()
         .and_then(|deps| deps.parent())
-        .map(|release| release.join("examples").join("vocab_parallel"))
+        .map(|release| release.join("examples").join(name))
         .expect("the target directory")
 }
 
@@ -139,6 +140,50 @@ fn mpirun_a_failed_rank_fails_every_rank_within_seconds() {
                     ("bad-label", true) => line.contains("has label 1000"),
                     ("short-block", true) => line.contains(&format!("shard {failed}'s records")),
                     ("fingerprint", _) => line.contains(&format!("shard {failed}'s records")),
+                    _ => line.contains(&format!("rank {failed} failed")),
+                };
+                assert!(
+                    named,
+                    "{kind}: rank {rank} does not name rank {failed}: {line}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mpirun_linear_head_two_and_four_ranks_match_one_process_and_the_reference() {
+    let example = example_named("linear_parallel");
+    for ranks in [2, 4] {
+        let stdout = mpirun(&example, ranks, &[]);
+        assert_eq!(
+            stdout.matches("bitwise OK").count(),
+            ranks as usize,
+            "every rank matches the same slices in one process bitwise:\n{stdout}"
+        );
+        assert!(
+            stdout.contains("linear_parallel: OK"),
+            "rank 0 did not confirm the bounds against the f64 reference:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn mpirun_linear_head_bad_input_fails_every_rank_within_seconds() {
+    let example = example_named("linear_parallel");
+    for ranks in [2u32, 4] {
+        for kind in ["wide-slice", "head-dim", "spec"] {
+            let failed = ranks - 1;
+            let stdout = mpirun(&example, ranks, &["--fail", kind, &failed.to_string()]);
+            for rank in 0..ranks {
+                let prefix = format!("rank {rank}/{ranks}: Err after ");
+                let line = stdout
+                    .lines()
+                    .find(|l| l.starts_with(&prefix))
+                    .unwrap_or_else(|| panic!("{kind}: rank {rank} printed no Err:\n{stdout}"));
+                let named = match (kind, rank == failed) {
+                    ("spec", _) => line.contains(&format!("shard {failed}'s records")),
+                    (_, true) => line.contains("head slice"),
                     _ => line.contains(&format!("rank {failed} failed")),
                 };
                 assert!(

@@ -130,11 +130,11 @@ pub struct LinearBinding {
     op: Op,
     /// `linear_logits` for [`LinearPlan::bind_logits`].
     unfused: Option<wgpu::ComputePipeline>,
-    plan: Arc<PlanInner>,
+    pub(super) plan: Arc<PlanInner>,
     /// Group 0: the loss's buffers.
-    loss: wgpu::BindGroup,
+    pub(super) loss: wgpu::BindGroup,
     /// Group 1, per vocabulary window of the head.
-    heads: Vec<wgpu::BindGroup>,
+    pub(super) heads: Vec<wgpu::BindGroup>,
     summary: (wgpu::Buffer, u64),
     /// Where the reduced loss is copied for `Sum`/`Mean` when a loss buffer was given.
     loss_copy: Option<(wgpu::Buffer, u64)>,
@@ -502,7 +502,7 @@ impl LinearBinding {
     }
 
     /// `dH`, `dW` and `db` of one chunk's G: every window's segments in order.
-    fn encode_products(&self, pass: &mut wgpu::ComputePass<'_>, chunk: &ChunkSteps) {
+    pub(super) fn encode_products(&self, pass: &mut wgpu::ComputePass<'_>, chunk: &ChunkSteps) {
         let p = &self.plan;
         let pipelines = &p.pipelines;
         let entry = |i: u32| [(p.stride * u64::from(i)) as u32];

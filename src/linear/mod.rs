@@ -73,14 +73,46 @@
 //! an invalid label makes its loss and `G` row NaN, and so `dW` and `db` (reported in the
 //! summary; the staging call returns `LabelOutOfRange`). An ignored row contributes nothing.
 
+//!
+//! ## Vocabulary-parallel over ranks
+//!
+//! `W` split by vocabulary across `P` ranks (any widths: a [`ShardLayout`](crate::shards::ShardLayout)
+//! over `V`), `H` replicated: [`LinearShardPlan`] (or [`compute_linear_shard`]) runs a rank's
+//! slice as the fused head over its classes with the loss's global terms (labels, the excluded
+//! class, the smoothing of the global `K`, as [`ShardProblem`](crate::shards::ShardProblem)
+//! defines them), over any [`Collective`](crate::shards::Collective) (`ThreadCollective`,
+//! `MpiCollective`). A step: pass 1, its blocks' records merged per row into the rank's record
+//! block; [`exchange`](crate::shards::exchange) (a status round, one all-gather, the merge in
+//! rank order); pass 2 from the merged rows: the rank's `dW`, `db` slice and partial `dH`; a
+//! second status round and an all-gather of the partial `dH`s, summed in rank order on every
+//! rank ([`sum_in_rank_order`]). Not `MPI_Allreduce`: its order of additions is the library's
+//! (the standard only advises the same result on every rank), so its bits may change with `P`,
+//! the message size or the library's version; the all-gather makes the sum a function of the
+//! layout alone, bitwise the same on every rank and every run.
+//!
+//! | per rank and step | bytes sent |
+//! |---|---|
+//! | status | 256 |
+//! | records | `32 + 32 N` |
+//! | status (with gradients) | 256 |
+//! | partial `dH` (with gradients) | `4 N D` |
+//!
+//! A failed rank (bad input: a `W` slice whose width is not the layout's, `H`'s `D` not `W`'s;
+//! a failed pass) fails every rank with an `Err` naming it, and a rank with another spec, `D`,
+//! gradients, bias or element type is named by every rank; none waits for another. The example
+//! `linear_parallel` runs under `mpirun`; `tests/linear_mpi.rs` holds `P = 1..4` against the
+//! unsharded `f64` reference and bitwise against the slices computed in one process.
+
 mod batch;
 pub mod cpu;
 mod encode;
 mod plan;
 mod problem;
+mod shard;
 mod staging;
 
 pub use batch::{LinearBatch, LinearOptions, LinearOutput};
 pub use encode::{LinearBinding, LinearBuffers};
 pub use plan::{LinearPlan, TILE};
 pub use problem::{HeadGradients, LinearProblem, Memory};
+pub use shard::{compute_linear_shard, sum_in_rank_order, LinearShardPlan};

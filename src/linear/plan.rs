@@ -115,6 +115,9 @@ pub(crate) struct PlanInner {
     pub blocks: u32,
     /// Partial slots of the setup and reduction passes.
     pub setup_chunks: u32,
+    /// Control words where the blocks' records and the merged row constants begin.
+    pub record_base: u64,
+    pub merged_base: u64,
     pub control: wgpu::Buffer,
     pub row_loss: wgpu::Buffer,
     pub lse: wgpu::Buffer,
@@ -133,6 +136,18 @@ impl LinearPlan {
     /// Plans `problem` on `kernel`'s device: checks it against the device's limits, compiles
     /// (or reuses) the pipelines and allocates the scratch.
     pub fn new(kernel: &LossKernel, problem: &LinearProblem) -> Result<Self> {
+        Self::for_classes(kernel, problem, 0, problem.vocab())
+    }
+
+    /// A plan whose vocabulary is the classes `[class_begin, class_begin + vocab)` of a loss
+    /// over `label_classes` (a vocabulary slice of the parallel head: labels, the excluded
+    /// class and the smoothing values are global; weights and probabilities the slice's).
+    pub(crate) fn for_classes(
+        kernel: &LossKernel,
+        problem: &LinearProblem,
+        class_begin: u32,
+        label_classes: u32,
+    ) -> Result<Self> {
         problem.check()?;
         let inner = &kernel.inner;
         let limits = &inner.limits;
@@ -147,7 +162,7 @@ impl LinearPlan {
             });
         }
         let loss = &problem.loss;
-        let values = loss.spec.resolve(problem.vocab())?;
+        let values = loss.spec.resolve(label_classes)?;
         let soft = loss.targets == TargetKind::Probabilities;
         if soft && loss.accuracy {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
@@ -265,10 +280,11 @@ impl LinearPlan {
                 mapped_at_creation: false,
             })
         };
+        // COPY_DST: a vocabulary slice's pass 2 copies the merged rows in (src/linear/shard.rs).
         let control = scratch(
             "lsce linear control",
             control_bytes,
-            wgpu::BufferUsages::COPY_SRC,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         );
         let row_loss = scratch(
             "lsce linear row losses",
@@ -286,7 +302,7 @@ impl LinearPlan {
 
         // The uniforms: the loss's Params (one window of all rows, the blocks as shards), then
         // each chunk's LinearParams.
-        let mut params: Params = spec_params(&problem.loss, values, 0, problem.vocab());
+        let mut params: Params = spec_params(&problem.loss, values, class_begin, label_classes);
         params.chunk_count = setup_chunks;
         params.split_base = record_base as u32;
         params.split_parts = blocks;
@@ -464,6 +480,8 @@ impl LinearPlan {
                 windows,
                 blocks,
                 setup_chunks,
+                record_base,
+                merged_base,
                 control,
                 row_loss,
                 lse,

@@ -133,6 +133,20 @@ pub fn exchange(
     block: std::result::Result<&[u8], &LsceError>,
     upstream: UpstreamGrad<'_>,
 ) -> Result<Merged> {
+    exchange_as(problem, problem.fingerprint(), collective, block, upstream)
+}
+
+/// [`exchange`] with the status round agreeing on `fingerprint` rather than the problem's own
+/// (a caller whose ranks must agree on more than the records' problem, such as the
+/// vocabulary-parallel linear head's hidden size, folds that into it). The records' headers
+/// still carry, and the merge still checks, `problem.fingerprint()`.
+pub(crate) fn exchange_as(
+    problem: &ShardProblem,
+    fingerprint: u64,
+    collective: &mut dyn Collective,
+    block: std::result::Result<&[u8], &LsceError>,
+    upstream: UpstreamGrad<'_>,
+) -> Result<Merged> {
     let shards = problem.layout.shards();
     let len = block_bytes(problem);
     let rank = collective.rank();
@@ -152,10 +166,42 @@ pub fn exchange(
             Ok(b)
         }
     });
+    agree(
+        collective,
+        local.as_ref().map(|_| ()).map_err(Clone::clone),
+        fingerprint,
+        len,
+    )?;
+    let block = local?;
+    let all = collective.all_gather(block)?;
+    if all.len() != len * shards {
+        return Err(LsceError::Transport(format!(
+            "all-gather returned {} bytes, expected {}",
+            all.len(),
+            len * shards
+        )));
+    }
+    let blocks: Vec<&[u8]> = all.chunks(len).collect();
+    merge_records(problem, &blocks, upstream)
+}
+
+/// The status round ahead of a data all-gather: every rank sends its outcome (`local`), the
+/// `fingerprint` of what it computed and the length of the block it is about to send
+/// ([`STATUS_BYTES`] bytes in all). `Ok` on every rank only when every rank succeeded with the
+/// same fingerprint and length, so that the data all-gather that follows cannot wait for a
+/// failed rank or mix blocks of different lengths; otherwise the same decision on every rank:
+/// this rank's own error, [`LsceError::RankFailed`] naming the first failed rank, or
+/// [`LsceError::ForeignRecords`] naming the odd one out.
+pub(crate) fn agree(
+    collective: &mut dyn Collective,
+    local: Result<()>,
+    fingerprint: u64,
+    block_len: usize,
+) -> Result<()> {
     let mine = Status {
         ok: local.is_ok(),
-        block_len: len as u32,
-        fingerprint: problem.fingerprint(),
+        block_len: block_len as u32,
+        fingerprint,
         error: local
             .as_ref()
             .err()
@@ -172,29 +218,19 @@ pub fn exchange(
     if let Some(failed) = statuses.iter().position(|s| !s.ok) {
         return Err(match local {
             Err(own) => own,
-            Ok(_) => LsceError::RankFailed {
+            Ok(()) => LsceError::RankFailed {
                 rank: failed,
                 reason: statuses[failed].error.clone(),
             },
         });
     }
-    let block = local?;
     if let Some(odd) = odd_one_out(&statuses) {
         return Err(LsceError::ForeignRecords {
             shard: odd,
             reason: "its problem (fingerprint or block length) is not the other ranks' one",
         });
     }
-    let all = collective.all_gather(block)?;
-    if all.len() != len * shards {
-        return Err(LsceError::Transport(format!(
-            "all-gather returned {} bytes, expected {}",
-            all.len(),
-            len * shards
-        )));
-    }
-    let blocks: Vec<&[u8]> = all.chunks(len).collect();
-    merge_records(problem, &blocks, upstream)
+    Ok(())
 }
 
 /// The first rank whose (fingerprint, block length) is not the most common one (ties to the

@@ -254,6 +254,12 @@ impl ShardProblem {
     /// A 64-bit FNV-1a hash of everything that changes a record's meaning: the spec, the rows,
     /// the layout, the target kind, whether weights exist and whether accuracy is counted.
     pub fn fingerprint(&self) -> u64 {
+        self.fingerprint_with(&[])
+    }
+
+    /// [`fingerprint`](Self::fingerprint) with `extra` words hashed after it: what a caller's
+    /// ranks must agree on besides the records' problem (the linear head's hidden size).
+    pub(crate) fn fingerprint_with(&self, extra: &[u32]) -> u64 {
         let mut h = Fnv::default();
         let s = &self.spec;
         let (kind, a, b) = match s.smoothing {
@@ -284,7 +290,7 @@ impl ShardProblem {
         h.word(u32::from(self.weighted));
         h.word(u32::from(self.accuracy));
         h.word(self.layout.shards() as u32);
-        for &b in &self.layout.bounds {
+        for &b in self.layout.bounds.iter().chain(extra) {
             h.word(b);
         }
         h.0

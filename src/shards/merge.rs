@@ -23,7 +23,7 @@ use crate::output::LossOutput;
 use crate::{Reduction, TargetKind, UpstreamGrad};
 
 use super::layout::ShardProblem;
-use super::record::{decode, max_f32, RowKind, ShardPartials};
+use super::record::{decode, max_f32, PartialRow, RowKind, ShardPartials};
 use crate::layout::ShardMergedRow;
 
 /// What the gradient pass of every shard needs of a row: nothing else crosses shards.
@@ -110,6 +110,42 @@ fn rescale(m_part: f64, m: f64) -> f64 {
     }
 }
 
+/// One valid row's partial statistics over consecutive parts of its classes (shards in rank
+/// order, or the vocabulary blocks of one shard in block order) as the statistics of their
+/// union: `M = max m_p`, `S = sum s_p exp(m_p - M)`, `A = sum mass_p`, `shifted = sum shifted_p
+/// + mass_p (M - m_p)` and the first largest raw logit (a later part replaces only when
+/// strictly larger), added in the given order; whether a part holds the label, and the label
+/// and kind of the first. The one record merge of [`merge`] and of the linear head's slices.
+pub(crate) fn fold_rows<'a>(parts: impl Iterator<Item = &'a PartialRow> + Clone) -> PartialRow {
+    let max = parts.clone().map(|r| r.max).fold(f64::MIN, f64::max);
+    let mut all = PartialRow {
+        max,
+        sum_exp: 0.0,
+        shifted: 0.0,
+        mass: 0.0,
+        holds_label: false,
+        ..PartialRow::unusable(RowKind::Valid, 0)
+    };
+    let mut best: Option<(f64, u32)> = None;
+    for (i, r) in parts.enumerate() {
+        if i == 0 {
+            (all.kind, all.label) = (r.kind, r.label);
+        }
+        all.sum_exp += r.sum_exp * rescale(r.max, max);
+        all.mass += r.mass;
+        all.shifted += r.shifted;
+        if r.mass != 0.0 && r.max != max {
+            all.shifted += r.mass * (max - r.max);
+        }
+        if best.is_none_or(|(v, _)| r.argmax_value > v) {
+            best = Some((r.argmax_value, r.argmax_class));
+        }
+        all.holds_label |= r.holds_label;
+    }
+    (all.argmax_value, all.argmax_class) = best.expect("at least one part");
+    all
+}
+
 /// Merges the partial rows of all `P` shards (`partials[p]` is shard `p`'s, one per row).
 ///
 /// Errors as [`merge_records`]: a bad label is [`LsceError::LabelOutOfRange`] here, the same
@@ -176,26 +212,13 @@ pub fn merge(
                 reason: "a class-label row needs exactly one shard holding its label",
             });
         }
-        let max = partials.iter().map(|p| p[row].max).fold(f64::MIN, f64::max);
-        let (mut sum_exp, mut mass, mut shifted) = (0.0, 0.0, 0.0);
-        let mut best: Option<(f64, u32)> = None;
-        for p in &partials {
-            let r = &p[row];
-            sum_exp += r.sum_exp * rescale(r.max, max);
-            mass += r.mass;
-            shifted += r.shifted;
-            if r.mass != 0.0 && r.max != max {
-                shifted += r.mass * (max - r.max);
-            }
-            if best.is_none_or(|(v, _)| r.argmax_value > v) {
-                best = Some((r.argmax_value, r.argmax_class));
-            }
-        }
+        let all = fold_rows(partials.iter().map(|p| &p[row]));
+        let (max, sum_exp, mass, shifted) = (all.max, all.sum_exp, all.mass, all.shifted);
         let row_lse = max + sum_exp.ln();
         lse[row] = row_lse;
         z_loss[row] = z_coef * row_lse * row_lse;
         loss[row] = mass * sum_exp.ln() + shifted + z_loss[row];
-        let (_, class) = best.expect("at least one shard");
+        let class = all.argmax_class;
         argmax[row] = class;
         if let Some(n) = correct.as_mut() {
             *n += u64::from(!row_lse.is_nan() && class == first.label as u32);

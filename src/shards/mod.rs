@@ -111,10 +111,12 @@ pub mod record;
 pub mod reference;
 
 pub use batch::ShardBatch;
+pub(crate) use collective::{agree, exchange_as};
 pub use collective::{block_bytes, exchange, Collective, ThreadCollective, STATUS_BYTES};
 pub use device::compute_on_device;
 pub use gpu::{MergeOn, ShardBuffers, ShardOptions, ShardPlan, MERGED_ROW_BYTES};
 pub use layout::{ShardLayout, ShardProblem};
+pub(crate) use merge::fold_rows;
 pub use merge::{merge, merge_records, Merged, RowGrad};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiCollective;

@@ -182,7 +182,16 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Shar
     if let Some(reason) = reason {
         return Err(LsceError::ForeignRecords { shard, reason });
     }
-    let rows = bytes[HEADER_BYTES..]
+    Ok(ShardPartials {
+        rows: decode_rows(shard, &bytes[HEADER_BYTES..])?,
+        denominator: f64::from(got.denominator),
+    })
+}
+
+/// Reads the records of a block without its header (`bytes`: `rows * RECORD_BYTES`); `shard`
+/// names the block in errors.
+pub(crate) fn decode_rows(shard: usize, bytes: &[u8]) -> Result<Vec<PartialRow>> {
+    bytes
         .chunks_exact(RECORD_BYTES)
         .map(|chunk| {
             let r: ShardRecord = bytemuck::pod_read_unaligned(chunk);
@@ -203,9 +212,5 @@ pub fn decode(problem: &ShardProblem, shard: usize, bytes: &[u8]) -> Result<Shar
                 label: r.label,
             })
         })
-        .collect::<Result<_>>()?;
-    Ok(ShardPartials {
-        rows,
-        denominator: f64::from(got.denominator),
-    })
+        .collect()
 }
