@@ -97,6 +97,8 @@ struct Args {
     repeats: usize,
     json: Option<String>,
     svg: Option<String>,
+    /// Also the max errors of the staging call against the f64 reference.
+    check: bool,
 }
 
 fn main() {
@@ -120,6 +122,7 @@ fn parse_args() -> Result<Args, String> {
         repeats: if smoke { 1 } else { 5 },
         json: None,
         svg: None,
+        check: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -128,6 +131,7 @@ fn parse_args() -> Result<Args, String> {
             "--bench" => {}
             "--quick" => parsed.shapes = Some(QUICK_SHAPES.to_vec()),
             "--full" => parsed.shapes = Some(SHAPES.to_vec()),
+            "--check" => parsed.check = true,
             "--repeats" => {
                 parsed.repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?;
                 if parsed.repeats == 0 {
@@ -184,6 +188,8 @@ struct Record {
     device_bytes: [u64; 3],
     burn_mm: Result<f64, String>,
     burn_head: Result<(f64, u64), String>,
+    /// With `--check`: max |lsce - f64| of the loss, dH, dW and db.
+    errors: Option<[f64; 4]>,
 }
 
 impl Record {
@@ -236,8 +242,13 @@ fn run() -> Result<(), String> {
     });
     for &(n, d, v) in &shapes {
         for &dtype in &args.dtypes {
-            let record = measure(&device, &queue, &kernel, (n, d, v), dtype, args.repeats)
-                .map_err(|e| format!("{n}x{d}x{v} {}: {e}", dtype_name(dtype)))?;
+            let context = |e| format!("{n}x{d}x{v} {}: {e}", dtype_name(dtype));
+            let mut record = measure(&device, &queue, &kernel, (n, d, v), dtype, args.repeats)
+                .map_err(context)?;
+            if args.check {
+                let case = Case::new((n, d, v), dtype).map_err(context)?;
+                record.errors = Some(case.errors(&kernel, &queue).map_err(context)?);
+            }
             print_record(&record);
             records.push(record);
         }
@@ -328,6 +339,7 @@ fn measure(
         device_bytes,
         burn_mm,
         burn_head,
+        errors: None,
     })
 }
 
@@ -434,6 +446,40 @@ impl Case {
         })
     }
 
+    /// Max |lsce - f64| of the loss, dH, dW and db: the staging call (recompute mode) against
+    /// `linear::cpu::compute` on the same host values.
+    fn errors(&self, kernel: &LossKernel, queue: &wgpu::Queue) -> Result<[f64; 4], String> {
+        let err = |e: lsce::LsceError| e.to_string();
+        let host = HostValues::new((self.n, self.d, self.v), self.dtype);
+        let batch = lsce::linear::LinearBatch::classes(
+            self.d,
+            host.hidden.logits(),
+            host.head.logits(),
+            &host.labels,
+        )
+        .map_err(err)?
+        .with_bias(host.bias.logits());
+        let options = lsce::linear::LinearOptions::default();
+        let gpu = kernel
+            .compute_linear(queue, &self.spec, &batch, &options)
+            .map_err(err)?;
+        let exact =
+            lsce::linear::cpu::compute(&self.spec, &batch, HeadGradients::All).map_err(err)?;
+        let max = |a: &Option<Vec<f32>>, b: &Option<Vec<f64>>| -> f64 {
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(&x, &y)| (f64::from(x) - y).abs())
+                .fold(0.0, f64::max)
+        };
+        Ok([
+            (f64::from(gpu.loss.loss[0]) - exact.loss.loss[0]).abs(),
+            max(&gpu.d_hidden, &exact.d_hidden),
+            max(&gpu.d_head, &exact.d_head),
+            max(&gpu.d_bias, &exact.d_bias),
+        ])
+    }
+
     /// The bytes a fresh device holds after running one variant of this case alone (wgpu's
     /// allocator report, `total_allocated_bytes`).
     fn device_bytes(&self, variant: Variant) -> Result<u64, String> {
@@ -468,34 +514,74 @@ struct Inputs {
     d_bias: wgpu::Buffer,
 }
 
+/// A case's host values: `H`, `W`, `b` in the case's dtype (f32 or 16-bit words) and the
+/// labels `(7919 r) mod V`. Value `i` of seed `s` is
+/// `((u32(i) * 2654435761) ^ s) % 2001 / 1000 - 1` times `D^(-1/4)` (logits of about unit
+/// size), in f32, rounded once to the dtype; benches/peers/torch_linear_ce.py makes the same
+/// bits.
+struct HostValues {
+    hidden: Elements,
+    head: Elements,
+    bias: Elements,
+    labels: Vec<i32>,
+}
+
+enum Elements {
+    F32(Vec<f32>),
+    Bits(Dtype, Vec<u16>),
+}
+
+impl Elements {
+    fn new(count: u64, seed: u32, d: u32, dtype: Dtype) -> Self {
+        let scale = 1.0 / (d as f32).sqrt().sqrt();
+        let value = |i: u64| {
+            ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0) * scale
+        };
+        let round: fn(f32) -> u16 = match dtype {
+            Dtype::F32 => return Self::F32((0..count).map(value).collect()),
+            Dtype::F16 => lsce::half::f32_to_f16,
+            Dtype::Bf16 => lsce::half::f32_to_bf16,
+        };
+        Self::Bits(dtype, (0..count).map(|i| round(value(i))).collect())
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::F32(v) => bytemuck::cast_slice(v),
+            Self::Bits(_, v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    fn logits(&self) -> lsce::Logits<'_> {
+        match self {
+            Self::F32(v) => lsce::Logits::F32(v),
+            Self::Bits(Dtype::F16, v) => lsce::Logits::F16(v),
+            Self::Bits(_, v) => lsce::Logits::Bf16(v),
+        }
+    }
+}
+
+impl HostValues {
+    fn new((n, d, v): (u32, u32, u32), dtype: Dtype) -> Self {
+        let (n64, d64, v64) = (u64::from(n), u64::from(d), u64::from(v));
+        Self {
+            hidden: Elements::new(n64 * d64, 1, d, dtype),
+            head: Elements::new(v64 * d64, 2, d, dtype),
+            bias: Elements::new(v64, 3, d, dtype),
+            labels: (0..n).map(|r| ((r * 7919) % v) as i32).collect(),
+        }
+    }
+}
+
 impl Inputs {
     fn new(device: &wgpu::Device, (n, d, v): (u32, u32, u32), dtype: Dtype) -> Self {
-        // Values in [-1, 1] over D^(1/4): logits of about unit size.
-        let scale = 1.0 / (d as f32).sqrt().sqrt();
-        let floats = |count: u64, seed: u32| -> Vec<u8> {
-            let value = |i: u64| {
-                ((((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-                    * scale
-            };
-            match dtype {
-                Dtype::F32 => (0..count).flat_map(|i| value(i).to_le_bytes()).collect(),
-                Dtype::F16 => (0..count)
-                    .flat_map(|i| lsce::half::f32_to_f16(value(i)).to_le_bytes())
-                    .collect(),
-                Dtype::Bf16 => (0..count)
-                    .flat_map(|i| lsce::half::f32_to_bf16(value(i)).to_le_bytes())
-                    .collect(),
-            }
-        };
+        let host = HostValues::new((n, d, v), dtype);
         let (n64, d64, v64) = (u64::from(n), u64::from(d), u64::from(v));
-        let labels: Vec<u8> = (0..n)
-            .flat_map(|r| ((r * 7919) % v).to_le_bytes())
-            .collect();
         Self {
-            hidden: init(device, "hidden", &floats(n64 * d64, 1)),
-            head: init(device, "head", &floats(v64 * d64, 2)),
-            bias: init(device, "bias", &floats(v64, 3)),
-            labels: init(device, "labels", &labels),
+            hidden: init(device, "hidden", host.hidden.bytes()),
+            head: init(device, "head", host.head.bytes()),
+            bias: init(device, "bias", host.bias.bytes()),
+            labels: init(device, "labels", bytemuck::cast_slice(&host.labels)),
             summary: zeros(device, Summary::SIZE),
             d_hidden: zeros(device, n64 * d64 * 4),
             d_head: zeros(device, v64 * d64 * 4),
@@ -555,6 +641,12 @@ fn print_record(r: &Record) {
         mb(r.device_bytes[0]), mb(r.device_bytes[1]), mb(r.device_bytes[2]),
         or_err(&r.burn_head.as_ref().map(|(_, m)| mb(*m)).map_err(|_| "-".to_string())),
     );
+    if let Some([loss, dh, dw, db]) = r.errors {
+        println!(
+            "{:>22} max |lsce - f64|: loss {loss:.2e}, dH {dh:.2e}, dW {dw:.2e}, db {db:.2e}",
+            ""
+        );
+    }
     for e in [r.burn_mm.as_ref().err(), r.burn_head.as_ref().err()]
         .into_iter()
         .flatten()
@@ -569,14 +661,16 @@ fn json_record(r: &Record) -> String {
     let [mm, fwd, rec, chk, unf] = r.ms;
     let opt = |x: Option<String>| x.unwrap_or_else(|| "null".into());
     format!(
-        "{{\"shape\":[{},{},{}],\"dtype\":\"{}\",\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"burn_head_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{},\"logits_bytes\":{},\"recompute_device_bytes\":{},\"chunked_device_bytes\":{},\"unfused_device_bytes\":{},\"burn_head_device_bytes\":{}}}",
+        "{{\"shape\":[{},{},{}],\"dtype\":\"{}\",\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"burn_head_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{},\"logits_bytes\":{},\"recompute_device_bytes\":{},\"chunked_device_bytes\":{},\"unfused_device_bytes\":{},\"burn_head_device_bytes\":{}",
         r.n, r.d, r.v, dtype_name(r.dtype),
         opt(r.burn_mm.as_ref().ok().map(|t| format!("{t:.4}"))),
         opt(r.burn_head.as_ref().ok().map(|(t, _)| format!("{t:.4}"))),
         r.recompute_scratch, r.chunked_scratch, r.chunk_budget, r.logits_bytes(),
         r.device_bytes[0], r.device_bytes[1], r.device_bytes[2],
         opt(r.burn_head.as_ref().ok().map(|(_, m)| m.to_string())),
-    )
+    ) + &r.errors.map_or(String::new(), |[loss, dh, dw, db]| {
+        format!(",\"max_abs_error\":{{\"loss\":{loss:e},\"d_hidden\":{dh:e},\"d_head\":{dw:e},\"d_bias\":{db:e}}}")
+    }) + "}"
 }
 
 /// Two panels, one group of bars per case: the step's time in logits-matmul equivalents
