@@ -99,6 +99,8 @@ struct Args {
     svg: Option<String>,
     /// Also the max errors of the staging call against the f64 reference.
     check: bool,
+    /// Only the matmul target: lsce's logits matmul against Burn's.
+    matmul: bool,
 }
 
 fn main() {
@@ -123,6 +125,7 @@ fn parse_args() -> Result<Args, String> {
         json: None,
         svg: None,
         check: false,
+        matmul: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -132,6 +135,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => parsed.shapes = Some(QUICK_SHAPES.to_vec()),
             "--full" => parsed.shapes = Some(SHAPES.to_vec()),
             "--check" => parsed.check = true,
+            "--matmul" => parsed.matmul = true,
             "--repeats" => {
                 parsed.repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?;
                 if parsed.repeats == 0 {
@@ -240,6 +244,22 @@ fn run() -> Result<(), String> {
             SHAPES.to_vec()
         }
     });
+    if args.matmul {
+        println!(
+            "{:>22} {:>9} {:>9} {:>10}",
+            "NxDxV", "lsce mm", "burn mm", "burn/lsce"
+        );
+        for &(n, d, v) in &shapes {
+            let ms = matmul_ms(&device, &queue, &kernel, (n, d, v), args.repeats)?;
+            let burn = burn_matmul_ms(n, d, v, args.repeats)?;
+            println!(
+                "{:>22} {ms:>9.1} {burn:>9.1} {:>10.2}",
+                format!("{n}x{d}x{v}"),
+                burn / ms
+            );
+        }
+        return Ok(());
+    }
     for &(n, d, v) in &shapes {
         for &dtype in &args.dtypes {
             let context = |e| format!("{n}x{d}x{v} {}: {e}", dtype_name(dtype));
@@ -341,6 +361,34 @@ fn measure(
         burn_head,
         errors: None,
     })
+}
+
+/// The median time of lsce's f32 logits matmul alone (`--matmul`).
+fn matmul_ms(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernel: &LossKernel,
+    shape: (u32, u32, u32),
+    repeats: usize,
+) -> Result<f64, String> {
+    let inputs = Inputs::new(device, shape, Dtype::F32);
+    let (encode, _) =
+        Case::new(shape, Dtype::F32)?.variant(device, kernel, &inputs, Variant::Matmul)?;
+    let mut times = Vec::new();
+    for round in 0..=repeats {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encode(&mut encoder);
+        let start = Instant::now();
+        queue.submit([encoder.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| e.to_string())?;
+        if round > 0 {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// A case's problem: its shape, its dtype, and the problems of its variants.
