@@ -42,7 +42,7 @@
 //! [`STATUS_BYTES`]: crate::shards::STATUS_BYTES
 
 use crate::batch::{Targets, UpstreamGrad};
-use crate::device::{read_sections, upload};
+use crate::device::{buffer, read_sections, upload};
 use crate::encode::dispatch;
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
@@ -159,20 +159,7 @@ fn check_slice(problem: &ShardProblem, shard: usize, batch: &LinearBatch<'_>) ->
             actual,
         });
     }
-    let kind = match batch.loss.targets {
-        Targets::Classes(_) => TargetKind::Classes,
-        Targets::Probabilities(_) => TargetKind::Probabilities,
-    };
-    if kind != problem.targets {
-        return Err(LsceError::Unsupported(
-            "the batch's targets are not the kind the ShardProblem names",
-        ));
-    }
-    if batch.loss.weights.is_some() != problem.weighted {
-        return Err(LsceError::Unsupported(
-            "the batch's class weights disagree with ShardProblem::weighted",
-        ));
-    }
+    problem.check_kinds(&batch.loss.targets, batch.loss.weights.is_some())?;
     if batch.head.dtype() != batch.dtype() || batch.bias.is_some_and(|b| b.dtype() != batch.dtype())
     {
         return Err(LsceError::Unsupported(
@@ -290,14 +277,7 @@ impl LinearShardPlan {
         let storage = wgpu::BufferUsages::STORAGE;
         let out = storage | wgpu::BufferUsages::COPY_SRC;
         let up = |label, contents: &[u8]| upload(device, label, contents, storage);
-        let output = |label, bytes: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.max(4),
-                usage,
-                mapped_at_creation: false,
-            })
-        };
+        let output = |label, bytes: u64, usage| buffer(device, label, bytes, usage);
         let all = p.gradients == HeadGradients::All;
         Ok(Inputs {
             hidden: up("lsce hidden", batch.hidden.bytes())?,
