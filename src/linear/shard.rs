@@ -334,10 +334,10 @@ impl LinearShardPlan {
         let binding = self.bind(inputs)?;
         let p = &self.plan.inner;
         let device = &p.kernel.inner.device;
-        let scopes = vec![
-            device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-            device.push_error_scope(wgpu::ErrorFilter::Validation),
-        ];
+        // Two locals, not a Vec: an early return drops them last-first, the order wgpu
+        // requires of error scopes (a Vec drops first-first, and wgpu panics).
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("lsce linear slice, pass 1"),
         });
@@ -359,8 +359,14 @@ impl LinearShardPlan {
             }
         }
         let words = p.merged_base * 4;
-        let control =
-            read_sections(device, queue, encoder, &[(&p.control, words)], scopes)?.remove(0);
+        let control = read_sections(
+            device,
+            queue,
+            encoder,
+            &[(&p.control, words)],
+            vec![oom, validation],
+        )?
+        .remove(0);
         let summary = Summary::from_bytes(&control);
         let rows = self.problem.rows as usize;
         let block = (ShardHeader::WORDS * 4) as usize + rows * RECORD_BYTES;
@@ -427,10 +433,10 @@ impl LinearShardPlan {
         for r in &mut rows {
             r.scale *= self.problem.spec.logit_scale;
         }
-        let scopes = vec![
-            device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-            device.push_error_scope(wgpu::ErrorFilter::Validation),
-        ];
+        // Two locals, not a Vec: an early return drops them last-first, the order wgpu
+        // requires of error scopes (a Vec drops first-first, and wgpu panics).
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let constants = upload(
             device,
             "lsce merged rows",
@@ -477,7 +483,8 @@ impl LinearShardPlan {
             inputs.d_bias.as_ref().map(|b| (b, width * 4)),
         ];
         let sections: Vec<_> = outputs.iter().flatten().copied().collect();
-        let mut read = read_sections(device, queue, encoder, &sections, scopes)?.into_iter();
+        let mut read =
+            read_sections(device, queue, encoder, &sections, vec![oom, validation])?.into_iter();
         let [d_hidden, d_head, d_bias] =
             outputs.map(|o| o.and_then(|_| read.next().map(|b| floats(&b))));
         Ok(LinearOutput {
