@@ -42,6 +42,8 @@
 //! `--json` writes the records, `--svg` a chart of the time ratios and the memory. Without
 //! `--bench` (under `cargo test --all-targets`) a small shape runs once, as a smoke test.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use lsce::linear::{HeadGradients, LinearBuffers, LinearPlan, LinearProblem, Memory};
@@ -104,10 +106,7 @@ struct Args {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("linear bench: {e}");
-        std::process::exit(1);
-    }
+    common::main("linear", run);
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -155,23 +154,7 @@ fn parse_args() -> Result<Args, String> {
                     })
                     .collect::<Result<_, _>>()?
             }
-            "--shapes" => {
-                parsed.shapes = Some(
-                    value()?
-                        .split(',')
-                        .map(|s| {
-                            let v: Vec<u32> = s
-                                .split('x')
-                                .map(|x| x.parse().map_err(|e| format!("{s}: {e}")))
-                                .collect::<Result<_, _>>()?;
-                            match v[..] {
-                                [n, d, v] => Ok((n, d, v)),
-                                _ => Err(format!("a shape is NxDxV, not {s}")),
-                            }
-                        })
-                        .collect::<Result<_, String>>()?,
-                )
-            }
+            "--shapes" => parsed.shapes = Some(common::shapes(&value()?)?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -222,10 +205,7 @@ fn dtype_name(dtype: Dtype) -> &'static str {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let (device, queue) =
-        lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
-    let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
-    let info = device.adapter_info();
+    let (device, queue, kernel, info) = common::default_device()?;
     println!(
         "adapter: {} ({:?}); wall clock, medians of {} rounds",
         info.name, info.backend, args.repeats

@@ -20,6 +20,8 @@
 //! collective) for scale. Without `--bench` (as under `cargo test --all-targets`) a small case
 //! runs once, as a smoke test.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,21 +54,7 @@ fn parse() -> Result<Options, String> {
         let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--bench" => {}
-            "--shapes" => {
-                o.shapes = value()?
-                    .split(',')
-                    .map(|s| {
-                        let n: Vec<u32> = s
-                            .split('x')
-                            .map(|v| v.parse().map_err(|_| format!("bad shape {s}")))
-                            .collect::<Result<_, String>>()?;
-                        match n[..] {
-                            [r, d, v] => Ok((r, d, v)),
-                            _ => Err(format!("bad shape {s}: rows x dim x vocab")),
-                        }
-                    })
-                    .collect::<Result<_, String>>()?
-            }
+            "--shapes" => o.shapes = common::shapes(&value()?)?,
             "--ranks" => {
                 o.ranks = value()?
                     .split(',')
@@ -79,15 +67,6 @@ fn parse() -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-/// Uneven widths: rank p gets a share proportional to p + 1.
-fn layout(vocab: u32, ranks: usize) -> ShardLayout {
-    let total: u32 = (1..=ranks as u32).sum();
-    let mut widths: Vec<u32> = (1..=ranks as u32).map(|p| vocab * p / total).collect();
-    let used: u32 = widths[..ranks - 1].iter().sum();
-    widths[ranks - 1] = vocab - used;
-    ShardLayout::from_widths(&widths).expect("a layout")
 }
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -114,7 +93,8 @@ struct Ranks {
 }
 
 fn plan_ranks(kernel: &LossKernel, data: &Data, ranks: usize) -> Result<Ranks, String> {
-    let layout = layout(data.head.len() as u32 / data.dim, ranks);
+    let layout =
+        ShardLayout::ramp(data.head.len() as u32 / data.dim, ranks).map_err(|e| e.to_string())?;
     let problem = ShardProblem::new(LossSpec::pytorch(0.1), data.rows, layout.clone());
     let plans = (0..ranks)
         .map(|p| {
@@ -170,24 +150,13 @@ fn step(queue: &wgpu::Queue, data: &Data, ranks: &Ranks) -> Result<f64, String> 
     Ok(ms)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("linear_parallel bench: {e}");
-        std::process::exit(1);
-    }
+    common::main("linear_parallel", run);
 }
 
 fn run() -> Result<(), String> {
     let o = parse()?;
-    let (device, queue) =
-        lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
-    let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
-    let info = device.adapter_info();
+    let (_device, queue, kernel, info) = common::default_device()?;
     println!(
         "adapter: {} ({:?}); P ranks as threads on this one adapter; medians of {} rounds",
         info.name, info.backend, o.repeats
@@ -232,22 +201,22 @@ fn run() -> Result<(), String> {
                 staging.push(start.elapsed().as_secs_f64() * 1e3);
             }
         }
-        let one = median(times[0].clone());
-        let staging = median(staging);
+        let one = common::median(times[0].clone());
+        let staging = common::median(staging);
         let shape = format!("{rows}x{dim}x{vocab}");
         for (i, c) in configs.iter().enumerate() {
             let ratios: Vec<f64> = times[i].iter().zip(&times[0]).map(|(t, b)| t / b).collect();
-            let overhead = median(ratios) - 1.0;
+            let overhead = common::median(ratios) - 1.0;
             let p = c.plans.len();
             println!(
                 "{shape:>16} {p:>3} {:>10.1} {one:>10.1} {:>8.1}% {:>12} {staging:>11.1}",
-                median(times[i].clone()),
+                common::median(times[i].clone()),
                 overhead * 100.0,
                 c.bytes_sent,
             );
             rows_json.push(format!(
                 "{{\"shape\":[{rows},{dim},{vocab}],\"ranks\":{p},\"step_ms\":{:.4},\"one_rank_ms\":{one:.4},\"overhead\":{overhead:.4},\"bytes_sent_per_rank\":{},\"record_bytes\":{},\"d_hidden_bytes\":{},\"staging_ms\":{staging:.4}}}",
-                median(times[i].clone()),
+                common::median(times[i].clone()),
                 c.bytes_sent,
                 32 + 32 * u64::from(rows),
                 4 * u64::from(rows) * u64::from(dim),

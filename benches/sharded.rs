@@ -23,6 +23,8 @@
 //! every rank receives (`32 P`). Without `--bench` (as under `cargo test --all-targets`) only a
 //! small case runs, as a smoke test.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use lsce::shards::{MergeOn, ShardLayout, ShardOptions, ShardPlan, ShardProblem, RECORD_BYTES};
@@ -75,17 +77,6 @@ fn parse() -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-/// Uneven widths: shard p gets a share proportional to p + 1.
-fn layout(classes: u32, shards: usize) -> ShardLayout {
-    let total: u64 = (1..=shards as u64).sum();
-    let mut widths: Vec<u32> = (1..=shards as u64)
-        .map(|p| (u64::from(classes) * p / total) as u32)
-        .collect();
-    let used: u32 = widths[..shards - 1].iter().sum();
-    widths[shards - 1] = classes - used;
-    ShardLayout::from_widths(&widths).expect("widths tile the classes")
 }
 
 fn logits(n: usize, seed: u64) -> Vec<f32> {
@@ -154,30 +145,24 @@ impl Gpu {
         }
         let fastest = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         let min_ratio = fastest(&tb) / fastest(&ta);
-        Ok([median(ta), median(tb), median(ratio), min_ratio])
+        Ok([
+            common::median(ta),
+            common::median(tb),
+            common::median(ratio),
+            min_ratio,
+        ])
     }
 }
 
 type Encode<'a> = dyn Fn(&mut wgpu::CommandEncoder) -> lsce::Result<()> + 'a;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("shards bench: {e}");
-        std::process::exit(1);
-    }
+    common::main("shards", run);
 }
 
 fn run() -> Result<(), String> {
     let o = parse()?;
-    let (device, queue) =
-        lsce::request_device(&lsce::DeviceOptions::default()).map_err(|e| e.to_string())?;
-    let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
-    let info = device.adapter_info();
+    let (device, queue, kernel, info) = common::default_device()?;
     let gpu = Gpu {
         device,
         queue,
@@ -217,7 +202,7 @@ fn run() -> Result<(), String> {
             Ok(())
         };
         for &shards in &o.shards {
-            let layout = layout(classes, shards);
+            let layout = ShardLayout::ramp(classes, shards).map_err(|e| e.to_string())?;
             let problem = ShardProblem::new(spec, rows, layout.clone());
             let options = ShardOptions {
                 merge: MergeOn::Device,

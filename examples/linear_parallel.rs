@@ -30,20 +30,13 @@ use lsce::linear::{
 use lsce::shards::{merge_records, Collective, MpiCollective, ShardLayout, ShardProblem};
 use lsce::{LossKernel, LossSpec, UpstreamGrad};
 
-type Error = Box<dyn std::error::Error>;
+mod mpi_common;
+
+use mpi_common::{Error, SplitMix64};
 
 const ROWS: u32 = 64;
 const DIM: u32 = 32;
 const VOCAB: u32 = 1000;
-
-/// Uneven widths: rank r gets a share proportional to r + 1, the last takes the rest.
-fn layout(ranks: usize) -> Result<ShardLayout, Error> {
-    let total: u32 = (1..=ranks as u32).sum();
-    let mut widths: Vec<u32> = (1..=ranks as u32).map(|r| VOCAB * r / total).collect();
-    let used: u32 = widths[..ranks - 1].iter().sum();
-    widths[ranks - 1] = VOCAB - used;
-    Ok(ShardLayout::from_widths(&widths)?)
-}
 
 /// The same data on every rank: a fixed-seed generator (SplitMix64). `H`, `W`, `b`, labels.
 struct Data {
@@ -54,19 +47,8 @@ struct Data {
 }
 
 fn data() -> Data {
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let mut uniform = |n: u32, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
-            .collect()
-    };
+    let mut rng = SplitMix64::fixed_seed();
+    let mut uniform = |n, scale| rng.uniform(n, scale);
     let hidden = uniform(ROWS * DIM, 1.0);
     let head = uniform(VOCAB * DIM, 1.0);
     let bias = uniform(VOCAB, 0.5);
@@ -99,23 +81,13 @@ fn slice(data: &Data, layout: &ShardLayout, p: usize) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
-/// The failure `--fail KIND RANK` asks for, if any.
-fn fault() -> Result<Option<(String, usize)>, Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => Ok(None),
-        [flag, kind, rank] if flag == "--fail" => Ok(Some((kind.clone(), rank.parse()?))),
-        _ => Err("usage: linear_parallel [--fail wide-slice|head-dim|spec RANK]".into()),
-    }
-}
-
 fn main() -> Result<(), Error> {
-    let fault = fault()?;
+    let fault = mpi_common::fault("usage: linear_parallel [--fail wide-slice|head-dim|spec RANK]")?;
     let universe = mpi::initialize().ok_or("MPI is already initialised")?;
     let mut collective = MpiCollective::new(universe.world());
     let (rank, ranks) = (collective.rank(), collective.size());
     let mut spec = LossSpec::pytorch(0.1).with_z_loss(1e-4);
-    let layout = layout(ranks)?;
+    let layout = ShardLayout::ramp(VOCAB, ranks)?;
     let data = data();
     let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())?;
     let kernel = LossKernel::new(&device)?;
@@ -152,16 +124,10 @@ fn main() -> Result<(), Error> {
     // dH round. A rank whose input is bad takes part with its error.
     let start = Instant::now();
     let step = compute_linear_shard(&kernel, &queue, &problem, &batch, &options, &mut collective);
-    let ms = start.elapsed().as_secs_f64() * 1e3;
     if fault.is_some() {
-        return match step {
-            Err(err) => {
-                println!("rank {rank}/{ranks}: Err after {ms:.0} ms: {err}");
-                Ok(())
-            }
-            Ok(_) => Err(format!("rank {rank}: the step with bad input returned Ok").into()),
-        };
+        return mpi_common::report_failure(rank, ranks, start, step);
     }
+    let ms = start.elapsed().as_secs_f64() * 1e3;
     let out = step?;
     let plan = LinearShardPlan::new(&kernel, &problem, rank, &batch, &options)?;
     println!(

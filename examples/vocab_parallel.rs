@@ -30,39 +30,23 @@ use lsce::shards::{
 };
 use lsce::{Batch, LossKernel, LossSpec, Shape, StagingOptions, UpstreamGrad};
 
-type Error = Box<dyn std::error::Error>;
+mod mpi_common;
+
+use mpi_common::{Error, SplitMix64};
 
 const ROWS: u32 = 64;
 const CLASSES: u32 = 1000;
 
-/// Uneven widths: rank r gets a share proportional to r + 1, the last takes the rest.
-fn layout(ranks: usize) -> Result<ShardLayout, Error> {
-    let total: u32 = (1..=ranks as u32).sum();
-    let mut widths: Vec<u32> = (1..=ranks as u32).map(|r| CLASSES * r / total).collect();
-    let used: u32 = widths[..ranks - 1].iter().sum();
-    widths[ranks - 1] = CLASSES - used;
-    Ok(ShardLayout::from_widths(&widths)?)
-}
-
 /// The same data on every rank: a fixed-seed generator (SplitMix64).
 fn data() -> (Vec<f32>, Vec<i32>) {
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let logits = (0..ROWS * CLASSES)
-        .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
-        .collect();
+    let mut rng = SplitMix64::fixed_seed();
+    let logits = rng.uniform(ROWS * CLASSES, 8.0);
     let labels = (0..ROWS)
         .map(|r| {
             if r % 9 == 4 {
                 -100
             } else {
-                (next() % u64::from(CLASSES)) as i32
+                (rng.next_u64() % u64::from(CLASSES)) as i32
             }
         })
         .collect();
@@ -79,22 +63,10 @@ fn columns(logits: &[f32], range: std::ops::Range<u32>) -> Vec<f32> {
         .collect()
 }
 
-/// The failure `--fail KIND RANK` asks for, if any.
+/// The failure `--fail KIND RANK` asks for.
 struct Fault {
     kind: String,
     rank: usize,
-}
-
-fn fault() -> Result<Option<Fault>, Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => Ok(None),
-        [flag, kind, rank] if flag == "--fail" => Ok(Some(Fault {
-            kind: kind.clone(),
-            rank: rank.parse()?,
-        })),
-        _ => Err("usage: vocab_parallel [--fail bad-label|short-block|fingerprint RANK]".into()),
-    }
 }
 
 /// One step with `fault` injected on its rank: every rank must get an `Err` from its
@@ -133,24 +105,19 @@ fn failing_step(
         Ok(block)
     });
     let result = exchange(&problem, collective, outcome.as_deref(), UpstreamGrad::One);
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    match result {
-        Err(err) => {
-            println!("rank {rank}/{ranks}: Err after {ms:.0} ms: {err}");
-            Ok(())
-        }
-        Ok(_) => Err(format!("rank {rank}: the step with a failed rank returned Ok").into()),
-    }
+    mpi_common::report_failure(rank, ranks, start, result)
 }
 
 fn main() -> Result<(), Error> {
-    let fault = fault()?;
+    let fault =
+        mpi_common::fault("usage: vocab_parallel [--fail bad-label|short-block|fingerprint RANK]")?
+            .map(|(kind, rank)| Fault { kind, rank });
     let universe = mpi::initialize().ok_or("MPI is already initialised")?;
     let mut collective = MpiCollective::new(universe.world());
     let (rank, ranks) = (collective.rank(), collective.size());
 
     let spec = LossSpec::pytorch(0.1).with_z_loss(1e-4);
-    let layout = layout(ranks)?;
+    let layout = ShardLayout::ramp(CLASSES, ranks)?;
     let problem = ShardProblem::new(spec, ROWS, layout.clone());
     let (logits, labels) = data();
     let (device, queue) = lsce::request_device(&lsce::DeviceOptions::default())?;

@@ -86,6 +86,22 @@ pub fn device_for_adapter(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, wgpu
     .map_err(|e| LsceError::RequestDevice(e.to_string()))
 }
 
+/// An uninitialised (zeroed) buffer of `bytes` bytes, at least 4 (wgpu rejects a binding of
+/// an empty buffer): the outputs and scratch of the staging calls.
+pub(crate) fn buffer(
+    device: &wgpu::Device,
+    label: &str,
+    bytes: u64,
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(4),
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
 /// A buffer initialised with `contents` (padded to 4 bytes). Unlike wgpu's
 /// `create_buffer_init`, a lost device gives an `Err` instead of a panic.
 pub(crate) fn upload(
@@ -130,12 +146,12 @@ pub(crate) fn read_sections(
         at.push(total);
         total += bytes.next_multiple_of(wgpu::MAP_ALIGNMENT);
     }
-    let readback = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("lsce readback"),
-        size: total.max(4),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let readback = buffer(
+        device,
+        "lsce readback",
+        total,
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    );
     for (&(buffer, bytes), &to) in sections.iter().zip(&at) {
         encoder.copy_buffer_to_buffer(buffer, 0, &readback, to, bytes);
     }

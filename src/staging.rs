@@ -3,7 +3,7 @@
 
 use crate::batch::{Batch, Targets, UpstreamGrad};
 use crate::buffers::LossBuffers;
-use crate::device::{read_sections, upload};
+use crate::device::{buffer, read_sections, upload};
 use crate::dtype::{Dtype, GradDtype};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
@@ -98,14 +98,7 @@ impl LossKernel {
         let storage = wgpu::BufferUsages::STORAGE;
         let copy_src = wgpu::BufferUsages::COPY_SRC;
         let upload = |label, contents: &[u8], usage| upload(device, label, contents, usage);
-        let output = |label, bytes: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.max(4),
-                usage,
-                mapped_at_creation: false,
-            })
-        };
+        let output = |label, bytes: u64, usage| buffer(device, label, bytes, usage);
         let logits = upload("lsce logits", batch.logits.bytes(), storage | copy_src)?;
         let targets = match batch.targets {
             Targets::Classes(labels) => {

@@ -29,15 +29,16 @@ mod common;
 
 use std::ops::Range;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{vulkan, Gpu, Rng, E, SAFETY};
+use common::linear::{check_head, head_specs, linear_batch, report, Case, Split};
+use common::{bits, vulkan, Gpu, Rng};
 use lsce::linear::{
     compute_linear_shard, cpu, sum_in_rank_order, HeadGradients, LinearBatch, LinearOptions,
     LinearOutput, LinearShardPlan, Memory,
 };
 use lsce::shards::{merge_records, Collective, ShardLayout, ShardProblem, ThreadCollective};
-use lsce::{LossSpec, LsceError, Reduction, Smoothing, TargetKind, UpstreamGrad};
+use lsce::{Logits, LossSpec, LsceError, TargetKind, UpstreamGrad};
 
 /// Rows, hidden size, global vocabulary: two row tiles (one partial), three 512-blocks.
 const ROWS: usize = 70;
@@ -57,100 +58,26 @@ fn layouts() -> Vec<ShardLayout> {
     .collect()
 }
 
-/// One case's host data, global (`W [V, D]`, `b [V]`, probabilities `[N, V]`, weights `[V]`).
-struct Case {
-    hidden: Vec<f32>,
-    head: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    labels: Vec<i32>,
-    probabilities: Option<Vec<f32>>,
-    weights: Option<Vec<f32>>,
-    upstream: Vec<f32>,
+/// A case of the module's sizes: every 7th row ignored.
+fn case(seed: u64, bias: bool) -> Case {
+    Case::new(seed, ROWS, DIM, VOCAB, bias, true)
 }
 
-impl Case {
-    fn new(seed: u64, bias: bool) -> Self {
-        let mut rng = Rng::new(seed);
-        let std = 1.0 / (DIM as f64).powf(0.25);
-        let hidden = rng.logits(ROWS * DIM, std);
-        let head = rng.logits(VOCAB * DIM, std);
-        let bias = bias.then(|| rng.logits(VOCAB, 0.5));
-        let labels = (0..ROWS)
-            .map(|r| {
-                if r % 7 == 3 {
-                    -100
-                } else {
-                    rng.below(VOCAB as u32) as i32
-                }
-            })
-            .collect();
-        Self {
-            hidden,
-            head,
-            bias,
-            labels,
-            probabilities: None,
-            weights: None,
-            upstream: vec![1.0],
-        }
-    }
-
-    fn upstream(&self, reduction: Reduction) -> UpstreamGrad<'_> {
-        match reduction {
-            Reduction::None if self.upstream.len() == ROWS => UpstreamGrad::PerRow(&self.upstream),
-            Reduction::None => UpstreamGrad::One,
-            _ if self.upstream[0] == 1.0 => UpstreamGrad::One,
-            _ => UpstreamGrad::Scalar(self.upstream[0]),
-        }
-    }
-
-    /// The unsharded batch.
-    fn whole(&self, reduction: Reduction) -> LinearBatch<'_> {
-        let mut b = match &self.probabilities {
-            Some(p) => LinearBatch::probabilities(DIM as u32, &self.hidden[..], &self.head[..], p),
-            None => {
-                LinearBatch::classes(DIM as u32, &self.hidden[..], &self.head[..], &self.labels)
-            }
-        }
-        .unwrap();
-        if let Some(bias) = &self.bias {
-            b = b.with_bias(&bias[..]);
-        }
-        if let Some(w) = &self.weights {
-            b = b.with_weights(w);
-        }
-        b.with_upstream(self.upstream(reduction))
-    }
-
-    /// Rank data of the slice `range`: `W_p`, `b_p`, probabilities and weights of its classes.
-    fn slice(&self, range: Range<u32>) -> Slice {
-        let (c0, c1) = (range.start as usize, range.end as usize);
-        Slice {
-            head: self.head[c0 * DIM..c1 * DIM].to_vec(),
-            bias: self.bias.as_ref().map(|b| b[c0..c1].to_vec()),
-            probabilities: self.probabilities.as_ref().map(|p| {
-                (0..ROWS)
-                    .flat_map(|r| p[r * VOCAB + c0..r * VOCAB + c1].to_vec())
-                    .collect()
-            }),
-            weights: self.weights.as_ref().map(|w| w[c0..c1].to_vec()),
-        }
-    }
-
-    fn problem(&self, spec: LossSpec, layout: &ShardLayout, accuracy: bool) -> ShardProblem {
-        let mut p = ShardProblem::new(spec, ROWS as u32, layout.clone());
-        p.targets = if self.probabilities.is_some() {
-            TargetKind::Probabilities
-        } else {
-            TargetKind::Classes
-        };
-        p.weighted = self.weights.is_some();
-        p.accuracy = accuracy;
-        p
-    }
+/// The problem of `case` over `layout`: its target kind, weights, and `accuracy`.
+fn problem(case: &Case, spec: LossSpec, layout: &ShardLayout, accuracy: bool) -> ShardProblem {
+    let targets = if case.probabilities.is_some() {
+        TargetKind::Probabilities
+    } else {
+        TargetKind::Classes
+    };
+    ShardProblem::new(spec, ROWS as u32, layout.clone())
+        .with_targets(targets)
+        .with_weighted(case.weights.is_some())
+        .with_accuracy(accuracy)
 }
 
-/// One rank's slices of the head and of the class-dependent inputs.
+/// One rank's slices of the head and of the class-dependent inputs (`W_p`, `b_p`, the
+/// probabilities and weights of its classes).
 struct Slice {
     head: Vec<f32>,
     bias: Option<Vec<f32>>,
@@ -159,21 +86,32 @@ struct Slice {
 }
 
 impl Slice {
+    /// Rank data of `case`'s classes `range`.
+    fn new(case: &Case, range: Range<u32>) -> Self {
+        let (c0, c1) = (range.start as usize, range.end as usize);
+        Slice {
+            head: case.head[c0 * DIM..c1 * DIM].to_vec(),
+            bias: case.bias.as_ref().map(|b| b[c0..c1].to_vec()),
+            probabilities: case.probabilities.as_ref().map(|p| {
+                (0..ROWS)
+                    .flat_map(|r| p[r * VOCAB + c0..r * VOCAB + c1].to_vec())
+                    .collect()
+            }),
+            weights: case.weights.as_ref().map(|w| w[c0..c1].to_vec()),
+        }
+    }
+
     fn batch<'a>(&'a self, case: &'a Case, upstream: UpstreamGrad<'a>) -> LinearBatch<'a> {
-        let mut b = match &self.probabilities {
-            Some(p) => LinearBatch::probabilities(DIM as u32, &case.hidden[..], &self.head[..], p),
-            None => {
-                LinearBatch::classes(DIM as u32, &case.hidden[..], &self.head[..], &case.labels)
-            }
-        }
-        .unwrap();
-        if let Some(bias) = &self.bias {
-            b = b.with_bias(&bias[..]);
-        }
-        if let Some(w) = &self.weights {
-            b = b.with_weights(w);
-        }
-        b.with_upstream(upstream)
+        linear_batch(
+            DIM,
+            Logits::F32(&case.hidden),
+            Logits::F32(&self.head),
+            self.bias.as_deref().map(Logits::F32),
+            &case.labels,
+            self.probabilities.as_deref(),
+            self.weights.as_deref(),
+            upstream,
+        )
     }
 }
 
@@ -189,7 +127,8 @@ fn on_threads<T: Send + 'static>(
         let (send, f) = (send.clone(), f.clone());
         std::thread::spawn(move || {
             let rank = c.rank();
-            let out = f(rank, &mut c);
+            // A panicking rank is reported now, not as a hang at the deadline.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(rank, &mut c)));
             drop(c);
             let _ = send.send((rank, out));
         });
@@ -199,6 +138,7 @@ fn on_threads<T: Send + 'static>(
         let (rank, value) = recv
             .recv_timeout(Duration::from_secs(120))
             .expect("a rank did not finish within 120 s: a hang");
+        let value = value.unwrap_or_else(|_| panic!("rank {rank} panicked"));
         out[rank] = Some(value);
     }
     out.into_iter().map(Option::unwrap).collect()
@@ -213,9 +153,9 @@ fn run(
     layout: &ShardLayout,
     options: LinearOptions,
 ) -> (Vec<LinearOutput<f32>>, Vec<LinearOutput<f32>>) {
-    let problem = case.problem(spec, layout, options.accuracy);
+    let problem = problem(case, spec, layout, options.accuracy);
     let slices: Vec<Slice> = (0..layout.shards())
-        .map(|p| case.slice(layout.range(p)))
+        .map(|p| Slice::new(case, layout.range(p)))
         .collect();
     let upstream = case.upstream(spec.reduction);
     // Sequential: records of every slice, the merge, pass 2, the sum in rank order.
@@ -263,10 +203,6 @@ fn run(
     (threaded, sequential)
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 /// The same bits, rank by rank, in the threaded and the sequential run; the loss and dH the
 /// same on every rank.
 fn assert_bitwise(what: &str, threaded: &[LinearOutput<f32>], sequential: &[LinearOutput<f32>]) {
@@ -299,138 +235,6 @@ fn assert_bitwise(what: &str, threaded: &[LinearOutput<f32>], sequential: &[Line
     }
 }
 
-/// Bounds of the module docs for the unsharded reference `r` of `case` over `layout`.
-struct Bounds {
-    loss: Vec<f64>,
-    lse: Vec<f64>,
-    d_hidden: Vec<f64>,
-    d_head: Vec<f64>,
-    d_bias: Vec<f64>,
-}
-
-fn bounds(spec: &LossSpec, case: &Case, layout: &ShardLayout, r: &LinearOutput<f64>) -> Bounds {
-    let ranks = layout.shards();
-    let blocks: usize = (0..ranks)
-        .map(|p| layout.width(p).div_ceil(512) as usize)
-        .sum();
-    let values = spec.resolve(VOCAB as u32).unwrap();
-    let (scale, cap, zl) = (
-        f64::from(spec.logit_scale),
-        spec.softcap.map(f64::from),
-        f64::from(spec.z_loss),
-    );
-    let row_scale = |row: usize| {
-        let u = case.upstream[if case.upstream.len() == ROWS { row } else { 0 }];
-        let u = f64::from(u).abs();
-        match spec.reduction {
-            Reduction::Mean => u / r.loss.denominator.abs().max(1e-300),
-            _ => u,
-        }
-    };
-    let coef = |row: usize, v: usize| {
-        let w = case.weights.as_ref().map_or(1.0, |w| f64::from(w[v]));
-        let off = if spec.excluded_class == Some(v as u32) {
-            0.0
-        } else {
-            values.off
-        };
-        w * match &case.probabilities {
-            Some(t) => off + (values.on - off) * f64::from(t[row * VOCAB + v]),
-            None if case.labels[row] == v as i32 => values.on,
-            None => off,
-        }
-    };
-    let mut b = Bounds {
-        loss: vec![0.0; ROWS],
-        lse: vec![0.0; ROWS],
-        d_hidden: vec![0.0; ROWS * DIM],
-        d_head: vec![0.0; VOCAB * DIM],
-        d_bias: vec![0.0; VOCAB],
-    };
-    let hidden_depth = (130 + VOCAB / 32 + 2 * ranks) as f64 * E;
-    let row_depth = (132 + ROWS / 16) as f64 * E;
-    for row in 0..ROWS {
-        if case.probabilities.is_none() && Some(case.labels[row]) == spec.ignore_index {
-            continue;
-        }
-        // Logits, their transform and its error, per entry.
-        let (mut z, mut zerr, mut slope) = (vec![0.0; VOCAB], vec![0.0; VOCAB], vec![1.0; VOCAB]);
-        for v in 0..VOCAB {
-            let terms = (0..DIM)
-                .map(|d| f64::from(case.hidden[row * DIM + d]) * f64::from(case.head[v * DIM + d]));
-            let (x, abs) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-            let bias = case.bias.as_ref().map_or(0.0, |b| f64::from(b[v]));
-            let x = x + bias;
-            let xerr = (DIM as f64 + 2.0) * E * (abs + bias.abs()) + 2.0 * E * x.abs();
-            if let Some(c) = cap {
-                let t = (scale * x / c).tanh();
-                slope[v] = 1.0 - t * t;
-                z[v] = c * t;
-                zerr[v] = slope[v] * scale * xerr + 17.0 * E * z[v].abs();
-            } else {
-                z[v] = scale * x;
-                zerr[v] = scale * xerr + E * z[v].abs();
-            }
-        }
-        let m = z.iter().copied().fold(f64::MIN, f64::max);
-        let s: f64 = z.iter().map(|zv| (zv - m).exp()).sum();
-        let lse = m + s.ln();
-        let worst_z = zerr.iter().copied().fold(0.0, f64::max);
-        let share = |v: usize| (z[v] - m).exp() / s;
-        let exps: f64 = (0..VOCAB)
-            .map(|v| share(v) * (3.0 + 2.0 * (z[v] - m).abs()) * E)
-            .sum();
-        let ln_s = (80 + 2 * blocks + 2 * ranks) as f64 * E + exps + 2.0 * worst_z + 2f64.powi(-21);
-        let lse_err = ln_s + E * lse.abs();
-        let a: Vec<f64> = (0..VOCAB).map(|v| coef(row, v)).collect();
-        let mass: f64 = a.iter().sum();
-        let spread: f64 = (0..VOCAB).map(|v| (a[v] * (m - z[v])).abs()).sum();
-        let logit_terms: f64 = (0..VOCAB).map(|v| a[v].abs() * (zerr[v] + worst_z)).sum();
-        let depth = (140 + 3 * blocks + 2 * ranks) as f64 * E;
-        let value = (mass * s.ln()).abs() + spread + zl * lse * lse;
-        b.loss[row] = SAFETY
-            * (mass * ln_s
-                + 4.0 * E * mass * s.ln().abs()
-                + depth * spread
-                + logit_terms
-                + zl * (2.0 * lse.abs() * lse_err + 3.0 * E * lse * lse)
-                + 4.0 * E * value);
-        b.lse[row] = SAFETY * lse_err;
-        let big_p = mass + 2.0 * zl * lse;
-        let k = row_scale(row) * scale;
-        for v in 0..VOCAB {
-            let p = share(v);
-            let core = p * big_p - a[v];
-            let rel = zerr[v] + worst_z + ln_s + (4.0 + 3.0 * (z[v] - lse).abs()) * E;
-            let core_err = big_p.abs() * p * rel
-                + 2.0 * zl * p * lse_err
-                + 6.0 * E * a[v].abs()
-                + 3.0 * E * p * big_p.abs();
-            let slope_err = cap.map_or(0.0, |c| 2.0 * z[v].abs() * zerr[v] / (c * c) + 2.0 * E);
-            let g = (core * k * slope[v]).abs();
-            let g_err = k * (slope[v].abs() * core_err + core.abs() * slope_err) + 3.0 * E * g;
-            b.d_bias[v] += SAFETY * (row_depth * g + g_err);
-            for d in 0..DIM {
-                let (h, w) = (
-                    f64::from(case.hidden[row * DIM + d]).abs(),
-                    f64::from(case.head[v * DIM + d]).abs(),
-                );
-                b.d_hidden[row * DIM + d] += SAFETY * (hidden_depth * g + g_err) * w;
-                b.d_head[v * DIM + d] += SAFETY * (row_depth * g + g_err) * h;
-            }
-        }
-    }
-    if spec.reduction != Reduction::None {
-        let total = b.loss.iter().sum::<f64>() + 3.0 * E * ROWS as f64 * r.loss.loss[0].abs();
-        let per = match spec.reduction {
-            Reduction::Mean => 1.0 / r.loss.denominator.abs().max(1e-300),
-            _ => 1.0,
-        };
-        b.loss = vec![total * per];
-    }
-    b
-}
-
 /// Checks rank outputs (loss and dH from rank 0, dW and db concatenated in rank order)
 /// against the unsharded reference; returns the worst (error, ratio) of loss, dH, dW, db.
 fn against_reference(
@@ -441,58 +245,29 @@ fn against_reference(
     options: &LinearOptions,
     out: &[LinearOutput<f32>],
 ) -> [(f64, f64); 4] {
-    let reference = cpu::compute(spec, &case.whole(spec.reduction), options.gradients).unwrap();
-    let b = bounds(spec, case, layout, &reference);
-    let close = common::assert_close;
-    let loss = close(
-        &format!("{what}: loss"),
-        &out[0].loss.loss,
-        &reference.loss.loss,
-        &b.loss,
-    );
-    close(
-        &format!("{what}: lse"),
-        &out[0].loss.lse,
-        &reference.loss.lse,
-        &b.lse,
-    );
-    let denominator = reference.loss.denominator;
-    assert!(
-        (f64::from(out[0].loss.denominator) - denominator).abs()
-            <= (ROWS as f64 + 16.0 + 2.0 * layout.shards() as f64) * E * denominator.abs(),
-        "{what}: denominator {} vs {denominator}",
-        out[0].loss.denominator
-    );
-    if options.accuracy {
-        assert_eq!(
-            out[0].loss.correct, reference.loss.correct,
-            "{what}: accuracy"
-        );
-    }
+    let reference = cpu::compute(spec, &case.batch(spec.reduction), options.gradients).unwrap();
     let gather = |f: fn(&LinearOutput<f32>) -> &Option<Vec<f32>>| -> Option<Vec<f32>> {
         out.iter()
             .map(|o| f(o).clone())
             .collect::<Option<Vec<_>>>()
             .map(|v| v.concat())
     };
-    let mut worst = [loss, (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)];
-    let outputs = [
-        (
-            out[0].d_hidden.clone(),
-            &reference.d_hidden,
-            &b.d_hidden,
-            "dH",
-        ),
-        (gather(|o| &o.d_head), &reference.d_head, &b.d_head, "dW"),
-        (gather(|o| &o.d_bias), &reference.d_bias, &b.d_bias, "db"),
-    ];
-    for (i, (gpu, cpu, tol, name)) in outputs.into_iter().enumerate() {
-        assert_eq!(gpu.is_some(), cpu.is_some(), "{what}: {name} presence");
-        if let (Some(gv), Some(cv)) = (gpu, cpu) {
-            worst[i + 1] = close(&format!("{what}: {name}"), &gv, cv, tol);
-        }
-    }
-    worst
+    let ranks = LinearOutput {
+        loss: out[0].loss.clone(),
+        d_hidden: out[0].d_hidden.clone(),
+        d_head: gather(|o| &o.d_head),
+        d_bias: gather(|o| &o.d_bias),
+    };
+    let split = Split::layout(layout);
+    check_head(
+        what,
+        spec,
+        case,
+        split,
+        &reference,
+        &ranks,
+        options.accuracy,
+    )
 }
 
 fn leak<T>(v: T) -> &'static T {
@@ -504,33 +279,29 @@ fn leak<T>(v: T) -> &'static T {
 #[test]
 fn every_option_every_layout_matches_one_process_and_the_reference() {
     let g = vulkan();
-    let base = leak(Case::new(1, true));
+    let base = leak(case(1, true));
     let padded = leak({
-        let mut c = Case::new(1, true);
+        let mut c = case(1, true);
         c.labels = c.labels.iter().map(|&l| l.max(0)).collect();
         c
     });
     let weighted = leak({
-        let mut c = Case::new(2, false);
+        let mut c = case(2, false);
         c.weights = Some(Rng::new(7).weights(VOCAB));
         c.upstream = vec![65536.0];
         c
     });
     let soft = leak({
-        let mut c = Case::new(3, true);
+        let mut c = case(3, true);
         c.probabilities = Some(Rng::new(8).probabilities(ROWS, VOCAB, true));
         c
     });
     let per_row = leak({
-        let mut c = Case::new(4, true);
+        let mut c = case(4, true);
         c.upstream = (0..ROWS).map(|r| (r as f32 * 0.37).sin() * 4.0).collect();
         c
     });
     let pytorch = LossSpec::pytorch(0.1);
-    let none = LossSpec {
-        reduction: Reduction::None,
-        ..pytorch
-    };
     let all = LinearOptions {
         accuracy: true,
         ..Default::default()
@@ -540,82 +311,63 @@ fn every_option_every_layout_matches_one_process_and_the_reference() {
         let ranks = layout.shards();
         // The excluded class in a different slice for each layout (the last slice's first class).
         let excluded = layout.range(ranks - 1).start;
-        let cases: Vec<(&str, LossSpec, &'static Case, LinearOptions)> = vec![
-            ("pytorch 0.1", pytorch, base, all),
-            (
-                "eps 0, frozen head",
-                LossSpec::pytorch(0.0),
-                base,
-                LinearOptions {
-                    gradients: HeadGradients::Hidden,
-                    ..all
-                },
-            ),
-            (
-                "off-target, excluded",
-                LossSpec {
-                    smoothing: Smoothing::OffTarget(0.2),
-                    excluded_class: Some(excluded),
-                    ..LossSpec::pytorch(0.0)
-                },
-                base,
-                all,
-            ),
-            (
-                "explicit",
-                LossSpec {
-                    smoothing: Smoothing::Explicit {
-                        on: 0.85,
-                        off: 0.1 / VOCAB as f32,
-                    },
-                    ..LossSpec::pytorch(0.0)
-                },
-                base,
-                all,
-            ),
-            (
-                "excluded pad = ignore 0",
-                LossSpec {
-                    smoothing: Smoothing::OffTarget(0.1),
-                    excluded_class: Some(0),
-                    ignore_index: Some(0),
-                    ..LossSpec::pytorch(0.0)
-                },
-                padded,
-                all,
-            ),
-            (
-                "z-loss softcap scale, chunked",
-                LossSpec {
-                    z_loss: 1e-3,
-                    softcap: Some(3.0),
-                    logit_scale: 1.7,
-                    ..pytorch
-                },
-                base,
-                LinearOptions {
-                    memory: Memory::Chunked {
-                        budget_bytes: 64 * 1100 * 4,
-                    },
-                    ..all
-                },
-            ),
-            (
-                "sum, evaluation",
-                LossSpec {
-                    reduction: Reduction::Sum,
-                    ..pytorch
-                },
-                base,
-                LinearOptions {
-                    gradients: HeadGradients::None,
-                    ..all
-                },
-            ),
-            ("none, per-row upstream", none, per_row, all),
-            ("weights x65536, no bias", pytorch, weighted, all),
-            ("probabilities", pytorch, soft, LinearOptions::default()),
-        ];
+        // The head tests' specs, each with a case and options that also cover the gradient
+        // choices, chunked mode and the upstream gradients.
+        let mut cases: Vec<(String, LossSpec, &'static Case, LinearOptions)> = head_specs(VOCAB)
+            .into_iter()
+            .map(|(name, spec)| {
+                let with = |what: &str, spec, case, options| {
+                    (format!("{name}{what}"), spec, case, options)
+                };
+                match name {
+                    "eps 0" => with(
+                        ", frozen head",
+                        spec,
+                        base,
+                        LinearOptions {
+                            gradients: HeadGradients::Hidden,
+                            ..all
+                        },
+                    ),
+                    "off-target" => with(
+                        ", excluded",
+                        spec.with_excluded_class(Some(excluded)),
+                        base,
+                        all,
+                    ),
+                    "excluded pad" => with(" = ignore 0", spec, padded, all),
+                    "z-loss softcap scale" => with(
+                        ", chunked",
+                        spec,
+                        base,
+                        LinearOptions {
+                            memory: Memory::Chunked {
+                                budget_bytes: 64 * 1100 * 4,
+                            },
+                            ..all
+                        },
+                    ),
+                    "sum" => with(
+                        ", evaluation",
+                        spec,
+                        base,
+                        LinearOptions {
+                            gradients: HeadGradients::None,
+                            ..all
+                        },
+                    ),
+                    "none" => with(", per-row upstream", spec, per_row, all),
+                    _ => with("", spec, base, all),
+                }
+            })
+            .collect();
+        cases.push(("weights x65536, no bias".into(), pytorch, weighted, all));
+        cases.push((
+            "probabilities".into(),
+            pytorch,
+            soft,
+            LinearOptions::default(),
+        ));
         for (name, spec, case, options) in cases {
             let what = format!("P={ranks} {name}");
             let (threaded, sequential) = run(g, case, spec, &layout, options);
@@ -625,16 +377,7 @@ fn every_option_every_layout_matches_one_process_and_the_reference() {
             ));
         }
     }
-    let mut m = [(0.0f64, 0.0f64); 4];
-    for w in &worst {
-        for i in 0..4 {
-            m[i] = (m[i].0.max(w[i].0), m[i].1.max(w[i].1));
-        }
-    }
-    eprintln!(
-        "[vocabulary-parallel head, P = 1..4] max |GPU - f64|: loss {:.2e} (ratio {:.3}), dH {:.2e} ({:.3}), dW {:.2e} ({:.3}), db {:.2e} ({:.3})",
-        m[0].0, m[0].1, m[1].0, m[1].1, m[2].0, m[2].1, m[3].0, m[3].1
-    );
+    report("vocabulary-parallel head, P = 1..4", &worst);
 }
 
 /// What one rank of an error case changes.
@@ -663,7 +406,7 @@ fn faulty_step(
     faulty: usize,
 ) -> Vec<Result<LinearOutput<f32>, LsceError>> {
     let g = vulkan();
-    let case = leak(Case::new(5, true));
+    let case = leak(case(5, true));
     let layout = leak(layouts().pop().unwrap());
     on_threads(group, move |rank, c| {
         let mine = rank == faulty;
@@ -756,14 +499,14 @@ fn bad_input_is_an_err_on_every_rank() {
 fn a_bad_label_is_label_out_of_range_on_every_rank() {
     let g = vulkan();
     let case = leak({
-        let mut c = Case::new(6, false);
+        let mut c = case(6, false);
         c.labels[9] = VOCAB as i32 + 3;
         c
     });
     let layout = leak(ShardLayout::from_widths(&[700, 400]).unwrap());
     let results = on_threads(2, move |rank, c| {
-        let slice = case.slice(layout.range(rank));
-        let problem = case.problem(LossSpec::pytorch(0.1), layout, false);
+        let slice = Slice::new(case, layout.range(rank));
+        let problem = problem(case, LossSpec::pytorch(0.1), layout, false);
         let batch = slice.batch(case, UpstreamGrad::One);
         compute_linear_shard(
             &g.kernel,
@@ -779,5 +522,96 @@ fn a_bad_label_is_label_out_of_range_on_every_rank() {
             matches!(r, Err(LsceError::LabelOutOfRange { row: 9, .. })),
             "rank {rank}: {r:?}"
         );
+    }
+}
+
+/// Rank `faulty`'s collective: once the records' all-gather has returned (the step's second
+/// call), it destroys the rank's own device, so that its pass 2 fails on the device after pass
+/// 1 and the exchange succeeded, as a device lost mid-step would. Counts the calls.
+struct LoseDeviceAfterRecords<'a> {
+    inner: &'a mut ThreadCollective,
+    device: wgpu::Device,
+    calls: usize,
+}
+
+impl Collective for LoseDeviceAfterRecords<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+
+    fn all_gather(&mut self, send: &[u8]) -> lsce::Result<Vec<u8>> {
+        let out = self.inner.all_gather(send);
+        self.calls += 1;
+        if self.calls == 2 {
+            self.device.destroy();
+        }
+        out
+    }
+}
+
+/// A pass-2 failure on one rank (its device lost after the exchange): every rank returns an
+/// `Err` within the deadline, the failed rank its own device error, the others
+/// `RankFailed` naming it, from the `dH` round's status; no rank waits for the failed one's
+/// partial `dH`.
+#[test]
+fn a_pass_2_failure_on_one_rank_is_an_err_naming_it_on_every_rank() {
+    let g = vulkan();
+    let case = leak(case(5, true));
+    let layout = leak(layouts().pop().unwrap());
+    let ranks = layout.shards();
+    let adapter = lsce::adapters(wgpu::Backends::VULKAN)
+        .into_iter()
+        .next()
+        .expect("a Vulkan adapter (lavapipe)");
+    let (device, queue) = lsce::device_for_adapter(&adapter).unwrap();
+    let kernel = lsce::LossKernel::new(&device).unwrap();
+    let lost = leak((device, queue, kernel));
+    // A middle rank: ranks before and after it wait on it.
+    let faulty = 2;
+    {
+        let start = Instant::now();
+        let results = on_threads(ranks, move |rank, c| {
+            let slice = Slice::new(case, layout.range(rank));
+            let problem = problem(case, LossSpec::pytorch(0.1), layout, false);
+            let batch = slice.batch(case, UpstreamGrad::One);
+            let options = LinearOptions::default();
+            if rank != faulty {
+                let out = compute_linear_shard(&g.kernel, &g.queue, &problem, &batch, &options, c);
+                return (out, None);
+            }
+            // The faulty rank on a device of its own, lost after the records' round.
+            let (device, queue, kernel) = lost;
+            let mut c = LoseDeviceAfterRecords {
+                inner: c,
+                device: device.clone(),
+                calls: 0,
+            };
+            let out = compute_linear_shard(kernel, queue, &problem, &batch, &options, &mut c);
+            (out, Some(c.calls))
+        });
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(60),
+            "faulty rank {faulty}: the step took {elapsed:?}"
+        );
+        for (rank, (r, calls)) in results.iter().enumerate() {
+            if rank == faulty {
+                // Status, records, then the dH round's status with its error; no dH gather.
+                assert_eq!(*calls, Some(3), "rank {rank}: collective calls");
+                assert!(
+                    matches!(r, Err(LsceError::Device(_) | LsceError::Readback(_))),
+                    "faulty rank {rank}: {r:?}"
+                );
+            } else {
+                assert!(
+                    matches!(r, Err(LsceError::RankFailed { rank: f, .. }) if *f == faulty),
+                    "rank {rank} does not name rank {faulty}: {r:?}"
+                );
+            }
+        }
     }
 }

@@ -115,6 +115,35 @@ fn mpirun_two_and_four_ranks_match_one_device() {
     }
 }
 
+/// Each rank's `Err` line (`rank R/P: Err after MS ms: ...`) of an `mpirun` with `--fail
+/// KIND RANK`, checked to come within 5 s of the step's start and to name the failed rank
+/// (`named(line, rank)`).
+fn assert_every_rank_fails(
+    stdout: &str,
+    ranks: u32,
+    kind: &str,
+    failed: u32,
+    named: impl Fn(&str, u32) -> bool,
+) {
+    for rank in 0..ranks {
+        let prefix = format!("rank {rank}/{ranks}: Err after ");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{kind}: rank {rank} printed no Err:\n{stdout}"));
+        let ms: f64 = line[prefix.len()..]
+            .split(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no time in {line:?}"));
+        assert!(ms < 5000.0, "{kind}: rank {rank} took {ms} ms: {line}");
+        assert!(
+            named(line, rank),
+            "{kind}: rank {rank} does not name rank {failed}: {line}"
+        );
+    }
+}
+
 #[test]
 fn mpirun_a_failed_rank_fails_every_rank_within_seconds() {
     let example = example();
@@ -122,31 +151,16 @@ fn mpirun_a_failed_rank_fails_every_rank_within_seconds() {
         for kind in ["bad-label", "short-block", "fingerprint"] {
             let failed = ranks - 1;
             let stdout = mpirun(&example, ranks, &["--fail", kind, &failed.to_string()]);
-            for rank in 0..ranks {
-                let prefix = format!("rank {rank}/{ranks}: Err after ");
-                let line = stdout
-                    .lines()
-                    .find(|l| l.starts_with(&prefix))
-                    .unwrap_or_else(|| panic!("{kind}: rank {rank} printed no Err:\n{stdout}"));
-                let ms: f64 = line[prefix.len()..]
-                    .split(' ')
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("no time in {line:?}"));
-                assert!(ms < 5000.0, "{kind}: rank {rank} took {ms} ms: {line}");
-                // Every rank names the failed one: by its own error (bad label, short block),
-                // in RankFailed, or as the rank whose problem differs.
-                let named = match (kind, rank == failed) {
+            // Every rank names the failed one: by its own error (bad label, short block),
+            // in RankFailed, or as the rank whose problem differs.
+            assert_every_rank_fails(&stdout, ranks, kind, failed, |line, rank| {
+                match (kind, rank == failed) {
                     ("bad-label", true) => line.contains("has label 1000"),
                     ("short-block", true) => line.contains(&format!("shard {failed}'s records")),
                     ("fingerprint", _) => line.contains(&format!("shard {failed}'s records")),
                     _ => line.contains(&format!("rank {failed} failed")),
-                };
-                assert!(
-                    named,
-                    "{kind}: rank {rank} does not name rank {failed}: {line}"
-                );
-            }
+                }
+            });
         }
     }
 }
@@ -175,22 +189,15 @@ fn mpirun_linear_head_bad_input_fails_every_rank_within_seconds() {
         for kind in ["wide-slice", "head-dim", "spec"] {
             let failed = ranks - 1;
             let stdout = mpirun(&example, ranks, &["--fail", kind, &failed.to_string()]);
-            for rank in 0..ranks {
-                let prefix = format!("rank {rank}/{ranks}: Err after ");
-                let line = stdout
-                    .lines()
-                    .find(|l| l.starts_with(&prefix))
-                    .unwrap_or_else(|| panic!("{kind}: rank {rank} printed no Err:\n{stdout}"));
-                let named = match (kind, rank == failed) {
+            // The failed rank its own error (the head slice's length), the others RankFailed
+            // or, for another spec, the rank whose problem differs.
+            assert_every_rank_fails(&stdout, ranks, kind, failed, |line, rank| {
+                match (kind, rank == failed) {
                     ("spec", _) => line.contains(&format!("shard {failed}'s records")),
                     (_, true) => line.contains("head slice"),
                     _ => line.contains(&format!("rank {failed} failed")),
-                };
-                assert!(
-                    named,
-                    "{kind}: rank {rank} does not name rank {failed}: {line}"
-                );
-            }
+                }
+            });
         }
     }
 }

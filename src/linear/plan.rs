@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::batch::TargetKind;
 use crate::buffers::WORD;
 use crate::compose::{Family, ModuleKey};
-use crate::device::upload;
+use crate::device::{buffer, upload};
 use crate::dtype::Dtype;
 use crate::error::{LsceError, Result};
 use crate::kernel::{LossKernel, PipelineKey, Switches};
@@ -273,12 +273,7 @@ impl LinearPlan {
 
         let device = &inner.device;
         let scratch = |label, size: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.max(4),
-                usage: wgpu::BufferUsages::STORAGE | usage,
-                mapped_at_creation: false,
-            })
+            buffer(device, label, size, wgpu::BufferUsages::STORAGE | usage)
         };
         // COPY_DST: a vocabulary slice's pass 2 copies the merged rows in (src/linear/shard.rs).
         let control = scratch(

@@ -42,7 +42,7 @@
 //! [`STATUS_BYTES`]: crate::shards::STATUS_BYTES
 
 use crate::batch::{Targets, UpstreamGrad};
-use crate::device::{read_sections, upload};
+use crate::device::{buffer, read_sections, upload};
 use crate::encode::dispatch;
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
@@ -159,20 +159,7 @@ fn check_slice(problem: &ShardProblem, shard: usize, batch: &LinearBatch<'_>) ->
             actual,
         });
     }
-    let kind = match batch.loss.targets {
-        Targets::Classes(_) => TargetKind::Classes,
-        Targets::Probabilities(_) => TargetKind::Probabilities,
-    };
-    if kind != problem.targets {
-        return Err(LsceError::Unsupported(
-            "the batch's targets are not the kind the ShardProblem names",
-        ));
-    }
-    if batch.loss.weights.is_some() != problem.weighted {
-        return Err(LsceError::Unsupported(
-            "the batch's class weights disagree with ShardProblem::weighted",
-        ));
-    }
+    problem.check_kinds(&batch.loss.targets, batch.loss.weights.is_some())?;
     if batch.head.dtype() != batch.dtype() || batch.bias.is_some_and(|b| b.dtype() != batch.dtype())
     {
         return Err(LsceError::Unsupported(
@@ -290,14 +277,7 @@ impl LinearShardPlan {
         let storage = wgpu::BufferUsages::STORAGE;
         let out = storage | wgpu::BufferUsages::COPY_SRC;
         let up = |label, contents: &[u8]| upload(device, label, contents, storage);
-        let output = |label, bytes: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.max(4),
-                usage,
-                mapped_at_creation: false,
-            })
-        };
+        let output = |label, bytes: u64, usage| buffer(device, label, bytes, usage);
         let all = p.gradients == HeadGradients::All;
         Ok(Inputs {
             hidden: up("lsce hidden", batch.hidden.bytes())?,
@@ -354,10 +334,10 @@ impl LinearShardPlan {
         let binding = self.bind(inputs)?;
         let p = &self.plan.inner;
         let device = &p.kernel.inner.device;
-        let scopes = vec![
-            device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-            device.push_error_scope(wgpu::ErrorFilter::Validation),
-        ];
+        // Two locals, not a Vec: an early return drops them last-first, the order wgpu
+        // requires of error scopes (a Vec drops first-first, and wgpu panics).
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("lsce linear slice, pass 1"),
         });
@@ -379,8 +359,14 @@ impl LinearShardPlan {
             }
         }
         let words = p.merged_base * 4;
-        let control =
-            read_sections(device, queue, encoder, &[(&p.control, words)], scopes)?.remove(0);
+        let control = read_sections(
+            device,
+            queue,
+            encoder,
+            &[(&p.control, words)],
+            vec![oom, validation],
+        )?
+        .remove(0);
         let summary = Summary::from_bytes(&control);
         let rows = self.problem.rows as usize;
         let block = (ShardHeader::WORDS * 4) as usize + rows * RECORD_BYTES;
@@ -447,10 +433,10 @@ impl LinearShardPlan {
         for r in &mut rows {
             r.scale *= self.problem.spec.logit_scale;
         }
-        let scopes = vec![
-            device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-            device.push_error_scope(wgpu::ErrorFilter::Validation),
-        ];
+        // Two locals, not a Vec: an early return drops them last-first, the order wgpu
+        // requires of error scopes (a Vec drops first-first, and wgpu panics).
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let constants = upload(
             device,
             "lsce merged rows",
@@ -497,7 +483,8 @@ impl LinearShardPlan {
             inputs.d_bias.as_ref().map(|b| (b, width * 4)),
         ];
         let sections: Vec<_> = outputs.iter().flatten().copied().collect();
-        let mut read = read_sections(device, queue, encoder, &sections, scopes)?.into_iter();
+        let mut read =
+            read_sections(device, queue, encoder, &sections, vec![oom, validation])?.into_iter();
         let [d_hidden, d_head, d_bias] =
             outputs.map(|o| o.and_then(|_| read.next().map(|b| floats(&b))));
         Ok(LinearOutput {

@@ -1,7 +1,7 @@
 //! The fused linear head's staging call: host slices in, `Vec`s out.
 
 use crate::batch::{Targets, UpstreamGrad};
-use crate::device::{read_sections, upload};
+use crate::device::{buffer, read_sections, upload};
 use crate::error::Result;
 use crate::kernel::LossKernel;
 use crate::layout::Summary;
@@ -64,14 +64,7 @@ impl LossKernel {
         let storage = wgpu::BufferUsages::STORAGE;
         let copy_src = wgpu::BufferUsages::COPY_SRC;
         let upload = |label, contents: &[u8]| upload(device, label, contents, storage);
-        let output = |label, bytes: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.max(4),
-                usage,
-                mapped_at_creation: false,
-            })
-        };
+        let output = |label, bytes: u64, usage| buffer(device, label, bytes, usage);
         let hidden = upload("lsce hidden", batch.hidden.bytes())?;
         let head = upload("lsce head", batch.head.bytes())?;
         let bias = batch

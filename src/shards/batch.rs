@@ -2,7 +2,7 @@
 //! it is. The input of the shard CPU reference and of the staging-style GPU calls.
 
 use crate::error::{LsceError, Result};
-use crate::{Batch, Shape, TargetKind, TargetValues, Targets};
+use crate::{Batch, Shape, TargetValues};
 
 use super::layout::ShardProblem;
 
@@ -52,20 +52,7 @@ impl<'a> ShardBatch<'a> {
                 actual: dims(actual),
             });
         }
-        let kind = match self.batch.targets {
-            Targets::Classes(_) => TargetKind::Classes,
-            Targets::Probabilities(_) => TargetKind::Probabilities,
-        };
-        if kind != problem.targets {
-            return Err(LsceError::Unsupported(
-                "the shard's targets are not of the problem's target kind",
-            ));
-        }
-        if self.batch.weights.is_some() != problem.weighted {
-            return Err(LsceError::Unsupported(
-                "shard weights must be given exactly when the problem is weighted",
-            ));
-        }
+        problem.check_kinds(&self.batch.targets, self.batch.weights.is_some())?;
         let c0 = problem.layout.range(self.shard).start as usize;
         self.batch
             .check_inputs(problem.spec.reduction)

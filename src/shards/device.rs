@@ -1,7 +1,7 @@
 //! All shards of a step on one device, from host data: the staging form of the one-device use
 //! (P buffers, pass 1 of every shard into one record buffer, pass 2 merging on the device).
 
-use crate::device::upload;
+use crate::device::{buffer, upload};
 use crate::error::{LsceError, Result};
 use crate::kernel::LossKernel;
 use crate::output::LossOutput;
@@ -77,16 +77,9 @@ pub fn compute_on_device(
         problem.spatial,
     )?;
     let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-    let buffer = |label, size: u64, usage| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: size.max(4),
-            usage,
-            mapped_at_creation: false,
-        })
-    };
     let block = plans[0].block_bytes();
     let records = buffer(
+        device,
         "lsce shard records",
         block * shards as u64,
         wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
@@ -114,6 +107,7 @@ pub fn compute_on_device(
         .map(|plan| {
             let elements = plan.shape().elements();
             buffer(
+                device,
                 "lsce shard grad",
                 (elements * grad_dtype.bytes()).next_multiple_of(4),
                 storage,
@@ -123,9 +117,10 @@ pub fn compute_on_device(
     let outputs: Vec<_> = (0..shards)
         .map(|_| {
             (
-                per_row.then(|| buffer("lsce shard loss", rows_bytes, storage)),
-                buffer("lsce shard lse", rows_bytes, storage),
+                per_row.then(|| buffer(device, "lsce shard loss", rows_bytes, storage)),
+                buffer(device, "lsce shard lse", rows_bytes, storage),
                 buffer(
+                    device,
                     "lsce shard summary",
                     Summary::SIZE,
                     wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,

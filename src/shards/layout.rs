@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::error::{LsceError, Result};
-use crate::{LossSpec, Reduction, Shape, Smoothing, TargetKind, TargetValues};
+use crate::{LossSpec, Reduction, Shape, Smoothing, TargetKind, TargetValues, Targets};
 
 /// The split of `[0, classes)` into shards, in rank order: shard `p` holds the classes
 /// `ranges[p]`, and the ranges tile `[0, classes)` exactly, ascending. Widths may differ and
@@ -83,6 +83,30 @@ impl ShardLayout {
         let widths: Vec<u32> = (0..p)
             .map(|i| classes / p + u32::from(i < classes % p))
             .collect();
+        Self::from_widths(&widths)
+    }
+
+    /// `shards` uneven shards, shard `p`'s width proportional to `p + 1` (`K (p + 1) / sum`,
+    /// rounded down; the last takes the rest): a layout where every shard differs, as the
+    /// examples and benches use.
+    ///
+    /// ```
+    /// let layout = lsce::shards::ShardLayout::ramp(1000, 4)?;
+    /// assert_eq!((0..4).map(|p| layout.width(p)).collect::<Vec<_>>(), [100, 200, 300, 400]);
+    /// # Ok::<(), lsce::LsceError>(())
+    /// ```
+    ///
+    /// Errors: no shards, or a shard that would be empty (fewer classes than the ramp needs).
+    pub fn ramp(classes: u32, shards: usize) -> Result<Self> {
+        if shards == 0 {
+            return Err(LsceError::EmptyShape);
+        }
+        let total = (shards as u64) * (shards as u64 + 1) / 2;
+        let mut widths: Vec<u32> = (1..=shards as u64)
+            .map(|p| (u64::from(classes) * p / total) as u32)
+            .collect();
+        let used: u32 = widths[..shards - 1].iter().sum();
+        widths[shards - 1] = classes - used;
         Self::from_widths(&widths)
     }
 
@@ -249,6 +273,23 @@ impl ShardProblem {
             return Err(LsceError::Unsupported("accuracy needs class-label targets"));
         }
         self.spec.resolve(self.layout.classes())
+    }
+
+    /// Checks that a rank's inputs are of the problem's kind: its targets of
+    /// [`ShardProblem::targets`]' kind, its class weights given exactly when
+    /// [`ShardProblem::weighted`].
+    pub(crate) fn check_kinds(&self, targets: &Targets<'_>, weights: bool) -> Result<()> {
+        if targets.kind() != self.targets {
+            return Err(LsceError::Unsupported(
+                "the shard's targets are not of the problem's target kind",
+            ));
+        }
+        if weights != self.weighted {
+            return Err(LsceError::Unsupported(
+                "shard weights must be given exactly when the problem is weighted",
+            ));
+        }
+        Ok(())
     }
 
     /// A 64-bit FNV-1a hash of everything that changes a record's meaning: the spec, the rows,

@@ -74,6 +74,8 @@
 //! what makes a test pass.
 #![allow(dead_code)]
 
+pub mod linear;
+
 use std::sync::OnceLock;
 
 use lsce::{
