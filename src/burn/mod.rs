@@ -44,11 +44,18 @@ mod autodiff;
 mod cube;
 mod error;
 mod fusion;
+mod head;
+mod head_autodiff;
+mod head_cube;
+mod head_fusion;
+mod linear_loss;
 mod loss;
 mod ops;
 mod registry;
 
 pub use error::BurnError;
+pub use head::{HeadOptions, LsceHeadOps};
+pub use linear_loss::{LsceLinearLoss, LsceLinearLossConfig};
 pub use loss::{LsceLoss, LsceLossConfig};
 pub use ops::{GradientMode, LossOptions, LsceOps};
 pub use registry::{init_device, register_setup, share_setup};
