@@ -23,7 +23,12 @@
 //!   kernels) on Burn's own wgpu device;
 //! * **burn head** (feature `burn`): Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1),
 //!   forward and `backward()` on an autodiff device, and its peak device memory: wgpu's
-//!   allocator report of Burn's device (`total_reserved_bytes`, Burn's pool after the runs).
+//!   allocator report of Burn's device (`total_reserved_bytes`, Burn's pool after the runs);
+//! * **burn fused** (feature `burn`): `lsce::burn::LsceLinearLoss` (smoothing 0.1, a bias,
+//!   recompute mode, the gradients kept from the forward pass) in Burn, forward and
+//!   `backward()` on an autodiff device, timed and measured as **burn head**, on a second Burn
+//!   runtime of the same kind of adapter (Burn's default device does not run with the
+//!   exclusive pages lsce needs, and each row's pool is then its own).
 //!
 //! The lsce rows' device memory is the sum of the buffers the run allocates (inputs, outputs,
 //! and the plan's scratch; the unfused path's logits too): `mem` columns, in MB.
@@ -94,8 +99,8 @@ fn run() -> Result<(), String> {
         info.name, info.backend
     );
     println!(
-        "{:>16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
-        "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec mem", "unf mem", "burn mem"
+        "{:>16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "NxDxV", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec mem", "unf mem", "burn mem", "bfused", "bfus mem"
     );
     let mut rows_json = Vec::new();
     for &(n, d, v) in &shapes {
@@ -225,6 +230,7 @@ fn run() -> Result<(), String> {
         let ms: Vec<f64> = times.iter_mut().map(median).collect();
         let burn = burn_matmul_ms(n, d, v, repeats);
         let burn_head = burn_head_ms(n, d, v, repeats);
+        let burn_fused = burn_fused_ms(n, d, v, repeats, info.device_type);
         let [mm, fwd, rec, chk, unf] = [ms[0], ms[1], ms[2], ms[3], ms[4]];
         // Inputs (H, W, b, labels, summary) and outputs (dH, dW, db) every variant holds.
         let io = (u64::from(n) * u64::from(d) + u64::from(v) * u64::from(d) + u64::from(v)) * 4 * 2
@@ -235,12 +241,14 @@ fn run() -> Result<(), String> {
         let unf_mem = io + logits_bytes + loss_scratch + scratch[1];
         let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
         println!(
-            "{:>16} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9}",
+            "{:>16} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9}",
             format!("{n}x{d}x{v}"), mm, fwd, rec, chk, unf, rec / mm, chk / mm, rec / unf, chk / unf, scratch[1], scratch[2], logits_bytes,
             burn.as_ref().map_or_else(|e| e.clone(), |t| format!("{t:.1}")),
             burn_head.as_ref().map_or_else(|e| e.clone(), |(t, _)| format!("{t:.1}")),
             mb(rec_mem), mb(unf_mem),
             burn_head.as_ref().map_or_else(|e| e.clone(), |(_, m)| mb(*m)),
+            burn_fused.as_ref().map_or_else(|e| e.clone(), |(t, _)| format!("{t:.1}")),
+            burn_fused.as_ref().map_or_else(|e| e.clone(), |(_, m)| mb(*m)),
         );
         rows_json.push(format!(
             "{{\"shape\":[{n},{d},{v}],\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{budget},\"logits_bytes\":{logits_bytes}}}",
@@ -248,10 +256,12 @@ fn run() -> Result<(), String> {
         ));
         let last = rows_json.pop().unwrap_or_default();
         rows_json.push(format!(
-            "{},\"recompute_device_bytes\":{rec_mem},\"unfused_device_bytes\":{unf_mem},\"burn_head_ms\":{},\"burn_head_device_bytes\":{}}}",
+            "{},\"recompute_device_bytes\":{rec_mem},\"unfused_device_bytes\":{unf_mem},\"burn_head_ms\":{},\"burn_head_device_bytes\":{},\"burn_fused_ms\":{},\"burn_fused_device_bytes\":{}}}",
             &last[..last.len() - 1],
             burn_head.as_ref().map_or("null".to_string(), |(t, _)| format!("{t:.4}")),
             burn_head.as_ref().map_or("null".to_string(), |(_, m)| m.to_string()),
+            burn_fused.as_ref().map_or("null".to_string(), |(t, _)| format!("{t:.4}")),
+            burn_fused.as_ref().map_or("null".to_string(), |(_, m)| m.to_string()),
         ));
     }
     if let Some(path) = json {
@@ -366,5 +376,98 @@ fn burn_device() -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup)
 
 #[cfg(not(feature = "burn"))]
 fn burn_head_ms(_: u32, _: u32, _: u32, _: usize) -> Result<(f64, u64), String> {
+    Err("no burn".into())
+}
+
+/// lsce's `LsceLinearLoss` in Burn (smoothing 0.1, a bias, recompute mode, `Keep`), forward
+/// and backward on an autodiff device, measured as `burn_head_ms` on its own Burn runtime (of
+/// the adapter kind `kind`, with the exclusive pages lsce needs); an `Err` when it fails.
+#[cfg(feature = "burn")]
+fn burn_fused_ms(
+    n: u32,
+    d: u32,
+    v: u32,
+    repeats: usize,
+    kind: wgpu::DeviceType,
+) -> Result<(f64, u64), String> {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let (plain, setup) = burn_fused_device(kind)?;
+    let device = plain.clone().autodiff();
+    let (n, d, v) = (n as usize, d as usize, v as usize);
+    let values = (0..n * d)
+        .map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.3)
+        .collect::<Vec<f32>>();
+    let labels = (0..n)
+        .map(|r| ((r * 7919) % v) as i64)
+        .collect::<Vec<i64>>();
+    let run = || -> Result<f64, String> {
+        let head = lsce::burn::LsceLinearLossConfig::new()
+            .with_smoothing(Some(0.1))
+            .with_label_check(false)
+            .init(d, v, &device)
+            .map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        for round in 0..=repeats {
+            let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device)
+                .require_grad();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
+            let start = Instant::now();
+            let loss = head.try_forward(x, y).map_err(|e| e.to_string())?;
+            let grads = loss.backward();
+            drop(grads);
+            device.sync().map_err(|e| e.to_string())?;
+            if round > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let t =
+        catch_unwind(AssertUnwindSafe(run)).map_err(|_| "lsce in Burn failed".to_string())??;
+    let reserved = setup
+        .device
+        .generate_allocator_report()
+        .map_or(0, |r| r.total_reserved_bytes);
+    Ok((t, reserved))
+}
+
+/// A second Burn wgpu runtime on the kind of adapter lsce's device is, shared with lsce.
+#[cfg(feature = "burn")]
+fn burn_fused_device(
+    kind: wgpu::DeviceType,
+) -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String> {
+    use burn::tensor::DeviceKind;
+    use std::sync::OnceLock;
+    static DEVICE: OnceLock<Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String>> =
+        OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let kind = match kind {
+                wgpu::DeviceType::Cpu => DeviceKind::Cpu,
+                wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(0),
+                wgpu::DeviceType::VirtualGpu => DeviceKind::VirtualGpu(0),
+                _ => DeviceKind::DiscreteGpu(0),
+            };
+            let (device, setup) = burn::tensor::Device::wgpu_options()
+                .device_kind(kind)
+                .memory_config(burn::tensor::wgpu::MemoryConfiguration::ExclusivePages)
+                .init_with_setup()
+                .map_err(|e| format!("Burn's wgpu runtime: {e}"))?;
+            lsce::burn::register_setup(&device, &setup).map_err(|e| e.to_string())?;
+            Ok((device, setup))
+        })
+        .clone()
+}
+
+#[cfg(not(feature = "burn"))]
+fn burn_fused_ms(
+    _: u32,
+    _: u32,
+    _: u32,
+    _: usize,
+    _: wgpu::DeviceType,
+) -> Result<(f64, u64), String> {
     Err("no burn".into())
 }

@@ -23,7 +23,12 @@
 //! # Ok::<(), lsce::burn::BurnError>(())
 //! ```
 //!
-//! The examples of [`LsceLoss`] and [`init_device`] are this one's parts (marked `ignore`:
+//! [`LsceLinearLoss`] is the fused linear head (`lsce::linear`) as a Burn module: a drop-in for
+//! Burn's `Linear` + `CrossEntropyLoss` that owns the head's weight `[V, D]` and bias and never
+//! holds the `N x V` logits; autodiff gets the gradients of the hidden states, weight and bias
+//! (example `burn_lm`).
+//!
+//! The examples of [`LsceLoss`], [`LsceLinearLoss`] and [`init_device`] are this one's parts (marked `ignore`:
 //! each doctest links all of Burn).
 //!
 //! Where lsce differs from Burn's `CrossEntropyLoss`: the loss is always f32 (Burn's has the
