@@ -28,7 +28,11 @@
 //! * **burn mm** (feature `burn`, f32): Burn's f32 matmul of the same shape (cubecl's
 //!   autotuned kernels) on Burn's own wgpu device;
 //! * **burn head** (feature `burn`, f32): Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1),
-//!   forward and `backward()` on an autodiff device.
+//!   forward and `backward()` on an autodiff device;
+//! * **burn fused** (feature `burn`, f32): `lsce::burn::LsceLinearLoss` (smoothing 0.1, a bias,
+//!   recompute mode, the gradients kept from the forward pass), forward and `backward()` on an
+//!   autodiff device, timed and measured as **burn head**, on a second Burn runtime of the
+//!   same kind of adapter (with the exclusive pages lsce needs; each row's pool is its own).
 //!
 //! **Device memory** is measured the same way for every row: wgpu's allocator report
 //! (`Device::generate_allocator_report`, `total_allocated_bytes`: the bytes of the live
@@ -175,6 +179,7 @@ struct Record {
     device_bytes: [u64; 3],
     burn_mm: Result<f64, String>,
     burn_head: Result<(f64, u64), String>,
+    burn_fused: Result<(f64, u64), String>,
     /// With `--check`: max |lsce - f64| of the loss, dH, dW and db.
     errors: Option<[f64; 4]>,
 }
@@ -211,8 +216,8 @@ fn run() -> Result<(), String> {
         info.name, info.backend, args.repeats
     );
     println!(
-        "{:>22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9}",
-        "NxDxV dtype", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "rec MB", "chk MB", "unf MB", "burn MB"
+        "{:>22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "NxDxV dtype", "mm ms", "fwd ms", "recomp", "chunked", "unfused", "rec/mm", "chk/mm", "rec/unf", "chk/unf", "rec scr", "chk scr", "logits", "burn mm", "burn head", "bfused", "rec MB", "chk MB", "unf MB", "burn MB", "bfused MB"
     );
     let mut records = Vec::new();
     let cpu = info.device_type == wgpu::DeviceType::Cpu;
@@ -318,14 +323,15 @@ fn measure(
     for (bytes, &variant) in device_bytes.iter_mut().zip(&MEASURED) {
         *bytes = case.device_bytes(variant)?;
     }
-    let (burn_mm, burn_head) = if dtype == Dtype::F32 {
+    let (burn_mm, burn_head, burn_fused) = if dtype == Dtype::F32 {
         (
             burn_matmul_ms(n, d, v, repeats),
             burn_head_ms(n, d, v, repeats),
+            burn_fused_ms(n, d, v, repeats, device.adapter_info().device_type),
         )
     } else {
         let f32_only = "Burn's rows: f32 only".to_string();
-        (Err(f32_only.clone()), Err(f32_only))
+        (Err(f32_only.clone()), Err(f32_only.clone()), Err(f32_only))
     };
     Ok(Record {
         n,
@@ -339,6 +345,7 @@ fn measure(
         device_bytes,
         burn_mm,
         burn_head,
+        burn_fused,
         errors: None,
     })
 }
@@ -661,13 +668,15 @@ fn print_record(r: &Record) {
     let [mm, fwd, rec, chk, unf] = r.ms;
     let or_err = |x: &Result<String, String>| x.clone().unwrap_or_else(|e| e);
     println!(
-        "{:>22} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9}",
+        "{:>22} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
         r.label(), mm, fwd, rec, chk, unf, rec / mm, chk / mm, rec / unf, chk / unf,
         r.recompute_scratch, r.chunked_scratch, r.logits_bytes(),
         or_err(&r.burn_mm.as_ref().map(|t| format!("{t:.1}")).map_err(|_| "-".to_string())),
         or_err(&r.burn_head.as_ref().map(|(t, _)| format!("{t:.1}")).map_err(|_| "-".to_string())),
+        or_err(&r.burn_fused.as_ref().map(|(t, _)| format!("{t:.1}")).map_err(|_| "-".to_string())),
         mb(r.device_bytes[0]), mb(r.device_bytes[1]), mb(r.device_bytes[2]),
         or_err(&r.burn_head.as_ref().map(|(_, m)| mb(*m)).map_err(|_| "-".to_string())),
+        or_err(&r.burn_fused.as_ref().map(|(_, m)| mb(*m)).map_err(|_| "-".to_string())),
     );
     if let Some([loss, dh, dw, db]) = r.errors {
         println!(
@@ -675,9 +684,13 @@ fn print_record(r: &Record) {
             ""
         );
     }
-    for e in [r.burn_mm.as_ref().err(), r.burn_head.as_ref().err()]
-        .into_iter()
-        .flatten()
+    for e in [
+        r.burn_mm.as_ref().err(),
+        r.burn_head.as_ref().err(),
+        r.burn_fused.as_ref().err(),
+    ]
+    .into_iter()
+    .flatten()
     {
         if !e.ends_with("f32 only") && e != "no burn" {
             println!("{:>22} {e}", "");
@@ -689,30 +702,33 @@ fn json_record(r: &Record) -> String {
     let [mm, fwd, rec, chk, unf] = r.ms;
     let opt = |x: Option<String>| x.unwrap_or_else(|| "null".into());
     format!(
-        "{{\"shape\":[{},{},{}],\"dtype\":\"{}\",\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"burn_head_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{},\"logits_bytes\":{},\"recompute_device_bytes\":{},\"chunked_device_bytes\":{},\"unfused_device_bytes\":{},\"burn_head_device_bytes\":{}",
+        "{{\"shape\":[{},{},{}],\"dtype\":\"{}\",\"matmul_ms\":{mm:.4},\"forward_ms\":{fwd:.4},\"recompute_ms\":{rec:.4},\"chunked_ms\":{chk:.4},\"unfused_ms\":{unf:.4},\"burn_matmul_ms\":{},\"burn_head_ms\":{},\"recompute_scratch\":{},\"chunked_scratch\":{},\"chunk_budget\":{},\"logits_bytes\":{},\"recompute_device_bytes\":{},\"chunked_device_bytes\":{},\"unfused_device_bytes\":{},\"burn_head_device_bytes\":{},\"burn_fused_ms\":{},\"burn_fused_device_bytes\":{}",
         r.n, r.d, r.v, dtype_name(r.dtype),
         opt(r.burn_mm.as_ref().ok().map(|t| format!("{t:.4}"))),
         opt(r.burn_head.as_ref().ok().map(|(t, _)| format!("{t:.4}"))),
         r.recompute_scratch, r.chunked_scratch, r.chunk_budget, r.logits_bytes(),
         r.device_bytes[0], r.device_bytes[1], r.device_bytes[2],
         opt(r.burn_head.as_ref().ok().map(|(_, m)| m.to_string())),
+        opt(r.burn_fused.as_ref().ok().map(|(t, _)| format!("{t:.4}"))),
+        opt(r.burn_fused.as_ref().ok().map(|(_, m)| m.to_string())),
     ) + &r.errors.map_or(String::new(), |[loss, dh, dw, db]| {
         format!(",\"max_abs_error\":{{\"loss\":{loss:e},\"d_hidden\":{dh:e},\"d_head\":{dw:e},\"d_bias\":{db:e}}}")
     }) + "}"
 }
 
 /// Two panels, one group of bars per case: the step's time in logits-matmul equivalents
-/// (recompute, chunked, unfused, Burn's head; the targets 5.5 and 3.5 as lines), and the
-/// device memory in MB on a log scale (recompute, chunked, unfused, Burn's head).
+/// (recompute, chunked, unfused, Burn's head, lsce's head in Burn; the targets 5.5 and 3.5 as
+/// lines), and the device memory in MB on a log scale (the same five).
 fn svg(records: &[Record], adapter: &str) -> String {
-    const COLORS: [&str; 4] = ["#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f"];
-    const NAMES: [&str; 4] = [
+    const COLORS: [&str; 5] = ["#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f", "#9467bd"];
+    const NAMES: [&str; 5] = [
         "fused, recompute",
         "fused, chunked",
         "unfused (lsce kernels)",
         "Burn Linear + CrossEntropyLoss",
+        "LsceLinearLoss in Burn",
     ];
-    let group = 120.0;
+    let group = 140.0;
     let (left, top, panel) = (60.0, 40.0, 220.0);
     let width = (left + group * records.len().max(1) as f64 + 220.0).max(760.0);
     let height = top + 2.0 * panel + 120.0;
@@ -721,7 +737,7 @@ fn svg(records: &[Record], adapter: &str) -> String {
         top - 6.0,
         top + panel + 34.0
     );
-    let times: Vec<[Option<f64>; 4]> = records
+    let times: Vec<[Option<f64>; 5]> = records
         .iter()
         .map(|r| {
             let mm = r.ms[0];
@@ -730,10 +746,11 @@ fn svg(records: &[Record], adapter: &str) -> String {
                 Some(r.ms[3] / mm),
                 Some(r.ms[4] / mm),
                 r.burn_head.as_ref().ok().map(|(t, _)| t / mm),
+                r.burn_fused.as_ref().ok().map(|(t, _)| t / mm),
             ]
         })
         .collect();
-    let bytes: Vec<[Option<f64>; 4]> = records
+    let bytes: Vec<[Option<f64>; 5]> = records
         .iter()
         .map(|r| {
             [
@@ -741,6 +758,7 @@ fn svg(records: &[Record], adapter: &str) -> String {
                 Some(r.device_bytes[1] as f64 / 1e6),
                 Some(r.device_bytes[2] as f64 / 1e6),
                 r.burn_head.as_ref().ok().map(|(_, m)| *m as f64 / 1e6),
+                r.burn_fused.as_ref().ok().map(|(_, m)| *m as f64 / 1e6),
             ]
         })
         .collect();
@@ -758,7 +776,7 @@ fn svg(records: &[Record], adapter: &str) -> String {
         .log10()
         .ceil();
     // Each panel: its top, its bars' values, and their height as a fraction of the panel.
-    type Panel<'a> = (f64, &'a [[Option<f64>; 4]], Box<dyn Fn(f64) -> f64>);
+    type Panel<'a> = (f64, &'a [[Option<f64>; 5]], Box<dyn Fn(f64) -> f64>);
     let panels: [Panel; 2] = [
         (top, &times, Box::new(move |x| x / t_max)),
         (
@@ -910,5 +928,101 @@ fn burn_device() -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup)
 
 #[cfg(not(feature = "burn"))]
 fn burn_head_ms(_: u32, _: u32, _: u32, _: usize) -> Result<(f64, u64), String> {
+    Err("no burn".into())
+}
+
+/// lsce's `LsceLinearLoss` in Burn (smoothing 0.1, a bias, recompute mode, `Keep`), forward
+/// and backward on an autodiff device, timed and measured as `burn_head_ms` on its own Burn
+/// runtime (of the adapter kind `kind`, with the exclusive pages lsce needs); an `Err` when it
+/// fails.
+#[cfg(feature = "burn")]
+fn burn_fused_ms(
+    n: u32,
+    d: u32,
+    v: u32,
+    repeats: usize,
+    kind: wgpu::DeviceType,
+) -> Result<(f64, u64), String> {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let (plain, setup) = burn_fused_device(kind)?;
+    plain.memory_cleanup();
+    let device = plain.clone().autodiff();
+    let (n, d, v) = (n as usize, d as usize, v as usize);
+    let values = (0..n * d)
+        .map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.3)
+        .collect::<Vec<f32>>();
+    let labels = (0..n)
+        .map(|r| ((r * 7919) % v) as i64)
+        .collect::<Vec<i64>>();
+    let run = || -> Result<f64, String> {
+        let head = lsce::burn::LsceLinearLossConfig::new()
+            .with_smoothing(Some(0.1))
+            .with_label_check(false)
+            .init(d, v, &device)
+            .map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        for round in 0..=repeats {
+            let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device)
+                .require_grad();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
+            let start = Instant::now();
+            let loss = head.try_forward(x, y).map_err(|e| e.to_string())?;
+            let grads = loss.backward();
+            drop(grads);
+            device.sync().map_err(|e| e.to_string())?;
+            if round > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let t =
+        catch_unwind(AssertUnwindSafe(run)).map_err(|_| "lsce in Burn failed".to_string())??;
+    let allocated = setup
+        .device
+        .generate_allocator_report()
+        .map(|r| r.total_allocated_bytes)
+        .ok_or("Burn's device gives no allocator report")?;
+    Ok((t, allocated))
+}
+
+/// A second Burn wgpu runtime on the kind of adapter lsce's device is, shared with lsce.
+#[cfg(feature = "burn")]
+fn burn_fused_device(
+    kind: wgpu::DeviceType,
+) -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String> {
+    use burn::tensor::DeviceKind;
+    use std::sync::OnceLock;
+    static DEVICE: OnceLock<Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String>> =
+        OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let kind = match kind {
+                wgpu::DeviceType::Cpu => DeviceKind::Cpu,
+                wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(0),
+                wgpu::DeviceType::VirtualGpu => DeviceKind::VirtualGpu(0),
+                _ => DeviceKind::DiscreteGpu(0),
+            };
+            let (device, setup) = burn::tensor::Device::wgpu_options()
+                .device_kind(kind)
+                .memory_config(burn::tensor::wgpu::MemoryConfiguration::ExclusivePages)
+                .init_with_setup()
+                .map_err(|e| format!("Burn's wgpu runtime: {e}"))?;
+            lsce::burn::register_setup(&device, &setup).map_err(|e| e.to_string())?;
+            Ok((device, setup))
+        })
+        .clone()
+}
+
+#[cfg(not(feature = "burn"))]
+fn burn_fused_ms(
+    _: u32,
+    _: u32,
+    _: u32,
+    _: usize,
+    _: wgpu::DeviceType,
+) -> Result<(f64, u64), String> {
     Err("no burn".into())
 }

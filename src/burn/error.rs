@@ -37,11 +37,12 @@ pub enum BurnError {
         /// The argument's device.
         other: String,
     },
-    /// Shapes that do not fit together (targets against logits, weights against classes).
+    /// Shapes that do not fit together (targets against logits, weights against classes, hidden
+    /// states against the linear head).
     ShapeMismatch {
         /// Which argument.
         what: &'static str,
-        /// The shape the logits imply.
+        /// The shape the other inputs imply.
         expected: Vec<usize>,
         /// The shape given.
         actual: Vec<usize>,
@@ -52,6 +53,16 @@ pub enum BurnError {
         what: &'static str,
         /// Its dtype, as Burn prints it.
         dtype: String,
+    },
+    /// Two float inputs of the linear head with different element types (the hidden states,
+    /// the weight and the bias share one: f32, f16 or bf16).
+    DtypeMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// The hidden states' dtype, as Burn prints it.
+        expected: String,
+        /// The argument's dtype.
+        actual: String,
     },
     /// An element type lsce reads but Burn's device does not support (bf16 on most Vulkan and
     /// Metal adapters: see Burn's `Device::supports_dtype`). Checked before anything runs,
@@ -98,7 +109,16 @@ impl fmt::Display for BurnError {
                 actual,
             } => write!(
                 f,
-                "lsce: {what} has shape {actual:?} but the logits need {expected:?}"
+                "lsce: {what} has shape {actual:?} but the inputs need {expected:?}"
+            ),
+            Self::DtypeMismatch {
+                what,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "lsce: {what} has dtype {actual} but the hidden states have {expected}; the \
+                 linear head reads one dtype"
             ),
             Self::UnsupportedDtype { what, dtype } => write!(
                 f,

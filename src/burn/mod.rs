@@ -23,7 +23,12 @@
 //! # Ok::<(), lsce::burn::BurnError>(())
 //! ```
 //!
-//! The examples of [`LsceLoss`] and [`init_device`] are this one's parts (marked `ignore`:
+//! [`LsceLinearLoss`] is the fused linear head (`lsce::linear`) as a Burn module: a drop-in for
+//! Burn's `Linear` + `CrossEntropyLoss` that owns the head's weight `[V, D]` and bias and never
+//! holds the `N x V` logits; autodiff gets the gradients of the hidden states, weight and bias
+//! (example `burn_lm`).
+//!
+//! The examples of [`LsceLoss`], [`LsceLinearLoss`] and [`init_device`] are this one's parts (marked `ignore`:
 //! each doctest links all of Burn).
 //!
 //! Where lsce differs from Burn's `CrossEntropyLoss`: the loss is always f32 (Burn's has the
@@ -44,11 +49,18 @@ mod autodiff;
 mod cube;
 mod error;
 mod fusion;
+mod head;
+mod head_autodiff;
+mod head_cube;
+mod head_fusion;
+mod linear_loss;
 mod loss;
 mod ops;
 mod registry;
 
 pub use error::BurnError;
+pub use head::{HeadOptions, LsceHeadOps};
+pub use linear_loss::{LsceLinearLoss, LsceLinearLossConfig};
 pub use loss::{LsceLoss, LsceLossConfig};
 pub use ops::{GradientMode, LossOptions, LsceOps};
 pub use registry::{init_device, register_setup, share_setup};

@@ -15,6 +15,7 @@ use burn::tensor::Device;
 use burn_cubecl::CubeDevice;
 
 use super::error::BurnError;
+use crate::linear::{LinearPlan, LinearProblem};
 use crate::{LossKernel, LossPlan, Problem};
 
 /// Burn's allocation policy on a device lsce shares: one wgpu buffer per tensor.
@@ -28,15 +29,29 @@ const MEMORY: MemoryConfiguration = MemoryConfiguration::ExclusivePages;
 
 /// Plans kept per device; a training run uses a handful (forward, backward, evaluation).
 const PLAN_CACHE: usize = 64;
+/// Linear head plans kept per device: fewer, as each owns its scratch (in chunked mode a
+/// chunk of logits, up to the caller's budget). A training run uses up to four (forward,
+/// backward, evaluation, a last short batch).
+const LINEAR_PLAN_CACHE: usize = 8;
 
 /// One device shared by Burn and lsce.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     kernel: LossKernel,
     /// Most recently used last.
     plans: Mutex<Vec<(Problem, LossPlan)>>,
+    /// The same for the fused linear head.
+    linear_plans: Mutex<Vec<(LinearProblem, LinearPlan)>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("device", &self.device)
+            .field("kernel", &self.kernel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -51,6 +66,24 @@ impl Shared {
         }
         let plan = self.kernel.plan(problem)?;
         if plans.len() == PLAN_CACHE {
+            plans.remove(0);
+        }
+        plans.push((*problem, plan.clone()));
+        Ok(plan)
+    }
+
+    /// The fused linear head's plan for `problem`, made on first use. Launches of one plan
+    /// share its scratch: they are recorded and submitted one after another on one queue.
+    pub(crate) fn linear_plan(&self, problem: &LinearProblem) -> Result<LinearPlan, BurnError> {
+        let mut plans = self.linear_plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = plans.iter().position(|(p, _)| p == problem) {
+            let entry = plans.remove(at);
+            let plan = entry.1.clone();
+            plans.push(entry);
+            return Ok(plan);
+        }
+        let plan = LinearPlan::new(&self.kernel, problem)?;
+        if plans.len() == LINEAR_PLAN_CACHE {
             plans.remove(0);
         }
         plans.push((*problem, plan.clone()));
@@ -115,6 +148,7 @@ pub fn register_setup(device: &Device, setup: &WgpuSetup) -> Result<(), BurnErro
         queue: setup.queue.clone(),
         kernel,
         plans: Mutex::new(Vec::new()),
+        linear_plans: Mutex::new(Vec::new()),
     });
     registry()
         .lock()
