@@ -28,14 +28,21 @@
 //! | `linear_merge` | a row | `32 B` per row | loss, lse, the row's 16-byte constants | |
 //! | finalize (the loss's) | | `8N` | summary | |
 //! | `linear_logit_grad` (chunked) | 4 logits | `4 N V` | `4 N V` (in place) | |
-//! | `linear_grad_hidden` | a 64-row tile of `dH` | `H`, `W` (+ the chunk's `G`) | `dH`, once per vocabulary tile | `2 N V D` (+ `2 N V D` recomputing `z`) |
-//! | `linear_grad_head` | a 64-entry tile of `dW`, `db` | `H`, `W` (+ `G`) | `dW` once per row tile, `db` | `2 N V D` (+ `2 N V D`) |
+//! | `linear_grad_hidden` | a 64-row tile of `dH` (with `G` in memory: a 64 x 64 tile) | `H`, `W` (+ the chunk's `G`) | `dH`, once per vocabulary tile | `2 N V D` (+ `2 N V D` recomputing `z`) |
+//! | `linear_grad_head` | a 64-entry tile of `dW` (with `G` in memory: 64 x 64), `db` | `H`, `W` (+ `G`) | `dW` once per row tile, `db` | `2 N V D` (+ `2 N V D`) |
 //!
 //! [`Memory::Recompute`] keeps no logits: five matmul-equivalents with every gradient
 //! (three with a frozen head), scratch `32 N B + 24 N` bytes and a few hundred more, about
 //! 1/64 of the logits' `4 N V`. [`Memory::Chunked`] keeps a chunk of rows' logits within the
 //! caller's byte budget (a multiple of 64 rows) and turns them into their gradient in place:
-//! three matmul-equivalents.
+//! three matmul-equivalents. With `G` in memory the product owners are 64 x 64 tiles (the rows
+//! or entries times `D / 64` column tiles), since reading a `G` tile again costs little, so a
+//! chunk of 64 rows still gives every core (or SM) work; recomputing `G` costs a matmul over
+//! all of `D` per tile, so in recompute mode an owner takes all of `D` and `dH` has `N / 64`
+//! owners. More would need vocabulary-split partials of `dH` (`4 N D` bytes each, summed in a
+//! fixed order), which the 1/32 scratch allowance leaves little room for at the bench's shapes
+//! (at 1024 x 1024 x 128256 the records take 8.2 of its 16.4 MB, and two `dH` partials, 4.2 MB
+//! each, would pass it): for few rows on a GPU, chunked mode is the parallel one.
 //!
 //! ## Deterministic
 //!
@@ -69,7 +76,11 @@
 //!
 //! ## Gradients and precision
 //!
-//! The gradients are `f32` buffers, accumulated in `f32` whatever the inputs' type. A row with
+//! The gradients are `f32` buffers, accumulated in `f32` whatever the inputs' type: they are the
+//! accumulators (a `dW` tile's owner adds each row tile's product into it, and each chunk's),
+//! so a 16-bit gradient would be rounded once per row tile — how bf16 `dW` accumulation
+//! diverged in Liger (#512). A 16-bit copy is one rounding after the step (the Burn module
+//! makes it for f16 parameters). A row with
 //! an invalid label makes its loss and `G` row NaN, and so `dW` and `db` (reported in the
 //! summary; the staging call returns `LabelOutOfRange`). An ignored row contributes nothing.
 
