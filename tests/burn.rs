@@ -6,31 +6,14 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{DType, Device, DeviceKind, FloatDType, Int, IntDType, Tensor, TensorData};
-use common::{assert_close, Rng, E, SAFETY};
+use common::{assert_close, burn_device as device, Rng, E, SAFETY};
 use lsce::burn::{BurnError, GradientMode, LsceLossConfig};
 use lsce::{Batch, KernelConfig, LossSpec, Reduction, Shape, Smoothing, UpstreamGrad};
-
-/// Burn's wgpu device shared with lsce, once per test binary; a clear panic without adapter.
-fn device() -> Device {
-    static DEVICE: OnceLock<Device> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| {
-            lsce::burn::init_device().unwrap_or_else(|e| {
-                panic!(
-                    "{e}\n  no wgpu adapter for Burn: install a software Vulkan driver (Debian: \
-                     `apt-get install -y mesa-vulkan-drivers`) or run on a machine with a GPU"
-                )
-            })
-        })
-        .clone()
-}
 
 /// The most conservative reduction depth of the bounds (a 4-lane subgroup per row): the
 /// kernel Burn's device runs is no deeper.

@@ -7,9 +7,9 @@
 //!
 //! # The error bounds
 //!
-//! The kernels' bounds are those of `tests/linear.rs` (derived in its module docs; the
-//! function `bounds` below is a copy of its own, so that the two test files stay independent),
-//! computed for the upstream gradient the test applies. Burn adds at most two roundings:
+//! The kernels' bounds are those of `tests/linear.rs` (derived in its module docs), from
+//! `tests/common/linear.rs`, computed for the upstream gradient the test applies. Burn adds at
+//! most two roundings ([`After`]):
 //!
 //! * [`GradientMode::Keep`] multiplies the kept f32 gradients by the upstream gradient in
 //!   f32: one rounding of the result, `E |g|` (doubled, as every bound). The kept gradients
@@ -24,292 +24,21 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
-use common::{Rng, E, SAFETY};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use common::linear::{bounds, check_loss_and_grads, head_specs, After, Case, Split};
+use common::{burn_device as device, Rng, E, SAFETY};
 use lsce::burn::{BurnError, GradientMode, LsceLinearLoss, LsceLinearLossConfig};
-use lsce::linear::{cpu, HeadGradients, LinearBatch, LinearOutput, Memory};
-use lsce::{LossSpec, LsceError, Reduction, Smoothing, UpstreamGrad};
-
-/// Burn's wgpu device shared with lsce, once per test binary; a clear panic without adapter.
-fn device() -> Device {
-    static DEVICE: OnceLock<Device> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| {
-            lsce::burn::init_device().unwrap_or_else(|e| {
-                panic!(
-                    "{e}\n  no wgpu adapter for Burn: install a software Vulkan driver (Debian: \
-                     `apt-get install -y mesa-vulkan-drivers`) or run on a machine with a GPU"
-                )
-            })
-        })
-        .clone()
-}
-
-/// Host data of one case, as f32 (for f16 cases the values f16 holds exactly).
-struct Case {
-    rows: usize,
-    dim: usize,
-    vocab: usize,
-    hidden: Vec<f32>,
-    head: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    labels: Vec<i32>,
-    /// Never set: the Burn module takes class labels (kept for the shared `bounds`).
-    probabilities: Option<Vec<f32>>,
-    weights: Option<Vec<f32>>,
-    /// `[s]`, or one per row for `Reduction::None`.
-    upstream: Vec<f32>,
-}
-
-fn round_f16(v: &[f32]) -> Vec<f32> {
-    v.iter()
-        .map(|&x| lsce::half::f16_to_f32(lsce::half::f32_to_f16(x)))
-        .collect()
-}
-
-impl Case {
-    /// `H` and `W` of standard deviation `1 / D^(1/4)` (logits of about unit scale); every
-    /// 7th label ignored (-100) when `ignore`.
-    fn new(seed: u64, rows: usize, dim: usize, vocab: usize, bias: bool, ignore: bool) -> Self {
-        let mut rng = Rng::new(seed);
-        let std = 1.0 / (dim as f64).powf(0.25);
-        let hidden = rng.logits(rows * dim, std);
-        let head = rng.logits(vocab * dim, std);
-        let bias = bias.then(|| rng.logits(vocab, 0.5));
-        let labels = (0..rows)
-            .map(|r| {
-                if ignore && r % 7 == 3 {
-                    -100
-                } else {
-                    rng.below(vocab as u32) as i32
-                }
-            })
-            .collect();
-        Self {
-            rows,
-            dim,
-            vocab,
-            hidden,
-            head,
-            bias,
-            labels,
-            probabilities: None,
-            weights: None,
-            upstream: vec![1.0],
-        }
-    }
-
-    fn f16(mut self) -> Self {
-        self.hidden = round_f16(&self.hidden);
-        self.head = round_f16(&self.head);
-        self.bias = self.bias.as_deref().map(round_f16);
-        self
-    }
-
-    fn reference(&self, spec: &LossSpec, gradients: HeadGradients) -> LinearOutput<f64> {
-        let mut batch = LinearBatch::classes(
-            self.dim as u32,
-            &self.hidden[..],
-            &self.head[..],
-            &self.labels,
-        )
-        .unwrap();
-        if let Some(b) = &self.bias {
-            batch = batch.with_bias(&b[..]);
-        }
-        if let Some(w) = &self.weights {
-            batch = batch.with_weights(w);
-        }
-        batch = batch.with_upstream(match spec.reduction {
-            Reduction::None => UpstreamGrad::PerRow(&self.upstream),
-            _ => UpstreamGrad::Scalar(self.upstream[0]),
-        });
-        cpu::compute(spec, &batch, gradients).expect("reference")
-    }
-}
-
-/// The bounds of `tests/linear.rs` (a copy of its `bounds`), from the reference's logits in f64.
-struct Bounds {
-    loss: Vec<f64>,
-    #[allow(dead_code)] // the Burn module returns no lse
-    lse: Vec<f64>,
-    d_hidden: Vec<f64>,
-    d_head: Vec<f64>,
-    d_bias: Vec<f64>,
-}
-
-fn bounds(spec: &LossSpec, case: &Case, reference: &LinearOutput<f64>) -> Bounds {
-    let (rows, dim, vocab) = (case.rows, case.dim, case.vocab);
-    let blocks = vocab.div_ceil(512) as f64;
-    let scale = f64::from(spec.logit_scale);
-    let cap = spec.softcap.map(f64::from);
-    let values = spec.resolve(vocab as u32).unwrap();
-    let mut loss = vec![0.0; rows];
-    let mut lse = vec![0.0; rows];
-    // |G| and its error per (row, entry), row-major.
-    let mut g_abs = vec![0.0; rows * vocab];
-    let mut g_err = vec![0.0; rows * vocab];
-    let upstream_scale = |r: usize| match spec.reduction {
-        Reduction::None if case.upstream.len() == rows => f64::from(case.upstream[r]).abs(),
-        Reduction::None => 1.0,
-        Reduction::Sum => f64::from(case.upstream[0]).abs(),
-        Reduction::Mean => {
-            f64::from(case.upstream[0]).abs() / reference.loss.denominator.abs().max(1e-300)
-        }
-    };
-    for r in 0..rows {
-        let label = case.labels[r];
-        if case.probabilities.is_none() && Some(label) == spec.ignore_index {
-            continue;
-        }
-        let mut x = vec![0.0; vocab];
-        let mut zerr = vec![0.0; vocab];
-        let mut z = vec![0.0; vocab];
-        let mut slope = vec![1.0; vocab];
-        for v in 0..vocab {
-            let mut dot = 0.0;
-            let mut abs = 0.0;
-            for d in 0..dim {
-                let p = f64::from(case.hidden[r * dim + d]) * f64::from(case.head[v * dim + d]);
-                dot += p;
-                abs += p.abs();
-            }
-            let b = case.bias.as_ref().map_or(0.0, |b| f64::from(b[v]));
-            x[v] = dot + b;
-            let xerr = (dim as f64 + 2.0) * E * (abs + b.abs()) + 2.0 * E * x[v].abs();
-            let u = scale * x[v];
-            (z[v], zerr[v]) = match cap {
-                Some(c) => {
-                    let t = (u / c).tanh();
-                    slope[v] = 1.0 - t * t;
-                    (c * t, slope[v] * scale * xerr + 17.0 * E * (c * t).abs())
-                }
-                None => (u, scale * xerr + E * u.abs()),
-            };
-        }
-        let m = z.iter().cloned().fold(f64::MIN, f64::max);
-        let s: f64 = z.iter().map(|&zv| (zv - m).exp()).sum();
-        let lse_r = m + s.ln();
-        let zmax = zerr.iter().cloned().fold(0.0, f64::max);
-        let p: Vec<f64> = z.iter().map(|&zv| (zv - m).exp() / s).collect();
-        let exp_err: f64 = p
-            .iter()
-            .zip(&z)
-            .map(|(pv, zv)| pv * (3.0 + 2.0 * (zv - m).abs()) * E)
-            .sum();
-        let s_rel = (80.0 + 2.0 * blocks) * E + exp_err + zmax;
-        let ls_err = s_rel + 2f64.powi(-21) + zmax;
-        let lse_err = ls_err + E * lse_r.abs();
-        // The target coefficients a_v.
-        let mut a = vec![0.0; vocab];
-        let weight = |v: usize| case.weights.as_ref().map_or(1.0, |w| f64::from(w[v]));
-        for (v, av) in a.iter_mut().enumerate() {
-            let off = if Some(v as u32) == spec.excluded_class {
-                0.0
-            } else {
-                values.off
-            };
-            *av = weight(v)
-                * match &case.probabilities {
-                    Some(t) => off + (values.on - off) * f64::from(t[r * vocab + v]),
-                    None if v as i32 == label => values.on,
-                    None => off,
-                };
-        }
-        let mass: f64 = a.iter().sum();
-        let s_t: f64 = a.iter().zip(&z).map(|(av, zv)| (av * (m - zv)).abs()).sum();
-        let a_z: f64 = a
-            .iter()
-            .zip(&zerr)
-            .map(|(av, ze)| av.abs() * (ze + zmax))
-            .sum();
-        let zl = f64::from(spec.z_loss);
-        let depth = 2.0 * 40.0 + 3.0 * blocks + 60.0;
-        loss[r] = SAFETY
-            * (mass * ls_err
-                + s.ln().abs() * 4.0 * E * mass
-                + depth * E * s_t
-                + a_z
-                + zl * (2.0 * lse_r.abs() * lse_err + 3.0 * E * lse_r * lse_r)
-                + 3.0 * E * ((mass * s.ln()).abs() + s_t + zl * lse_r * lse_r));
-        lse[r] = SAFETY * lse_err;
-        let big_p = mass + 2.0 * zl * lse_r;
-        let k = upstream_scale(r) * scale;
-        for v in 0..vocab {
-            let core = p[v] * big_p - a[v];
-            let rho = zerr[v] + zmax + ls_err + (4.0 + 3.0 * (z[v] - lse_r).abs()) * E;
-            let core_err = big_p.abs() * p[v] * rho
-                + p[v] * 2.0 * zl * lse_err
-                + 6.0 * E * a[v].abs()
-                + 3.0 * E * p[v] * big_p.abs();
-            let slope_err = match cap {
-                Some(c) => 2.0 * z[v].abs() * zerr[v] / (c * c) + 2.0 * E,
-                None => 0.0,
-            };
-            let g = core * k * slope[v];
-            g_abs[r * vocab + v] = g.abs();
-            g_err[r * vocab + v] =
-                k * (slope[v].abs() * core_err + core.abs() * slope_err) + g.abs() * 3.0 * E;
-        }
-    }
-    let mut d_hidden = vec![0.0; rows * dim];
-    let hidden_depth = (130 + vocab / 32) as f64 * E;
-    for r in 0..rows {
-        for v in 0..vocab {
-            let (ga, ge) = (g_abs[r * vocab + v], g_err[r * vocab + v]);
-            if ga == 0.0 && ge == 0.0 {
-                continue;
-            }
-            for d in 0..dim {
-                let w = f64::from(case.head[v * dim + d]).abs();
-                d_hidden[r * dim + d] += hidden_depth * ga * w + ge * w;
-            }
-        }
-    }
-    let row_depth = (132 + rows / 16) as f64 * E;
-    let mut d_head = vec![0.0; vocab * dim];
-    let mut d_bias = vec![0.0; vocab];
-    for r in 0..rows {
-        for v in 0..vocab {
-            let (ga, ge) = (g_abs[r * vocab + v], g_err[r * vocab + v]);
-            d_bias[v] += row_depth * ga + ge;
-            for d in 0..dim {
-                let h = f64::from(case.hidden[r * dim + d]).abs();
-                d_head[v * dim + d] += row_depth * ga * h + ge * h;
-            }
-        }
-    }
-    let safety = |v: Vec<f64>| v.into_iter().map(|x| SAFETY * x).collect();
-    Bounds {
-        loss: if spec.reduction == Reduction::None {
-            loss
-        } else {
-            let total: f64 =
-                loss.iter().sum::<f64>() + 3.0 * E * rows as f64 * reference.loss.loss[0].abs();
-            let scale = match spec.reduction {
-                Reduction::Mean => 1.0 / reference.loss.denominator.abs().max(1e-300),
-                _ => 1.0,
-            };
-            vec![total * scale]
-        },
-        lse,
-        d_hidden: safety(d_hidden),
-        d_head: safety(d_head),
-        d_bias: safety(d_bias),
-    }
-}
+use lsce::linear::{HeadGradients, Memory};
+use lsce::{Dtype, LossSpec, LsceError, Reduction};
 
 /// How one Burn run is driven.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     mode: GradientMode,
     memory: Memory,
-    half: bool,
     /// `Some(seq)`: hidden states `[rows / seq, seq, D]` and labels `[rows / seq, seq]`.
     seq: Option<usize>,
     /// Whether the weight and bias require a gradient (false: a frozen head).
@@ -323,7 +52,6 @@ impl Run {
         Self {
             mode,
             memory,
-            half: false,
             seq: None,
             train_head: true,
             train_hidden: true,
@@ -346,18 +74,29 @@ fn f32s<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .expect("f32 data")
 }
 
-fn param<const D: usize>(
+/// `values` on `device` in the case's dtype (whose values they are exactly).
+fn tensor<const D: usize>(
+    case: &Case,
     values: &[f32],
     dims: [usize; D],
-    half: bool,
+    device: &Device,
+) -> Tensor<D> {
+    let t = Tensor::<D>::from_data(TensorData::new(values.to_vec(), dims), device);
+    match case.dtype {
+        Dtype::F32 => t,
+        Dtype::F16 => t.cast(FloatDType::F16),
+        Dtype::Bf16 => t.cast(FloatDType::BF16),
+    }
+}
+
+fn param<const D: usize>(
+    case: &Case,
+    values: &[f32],
+    dims: [usize; D],
     train: bool,
     device: &Device,
 ) -> burn::module::Param<Tensor<D>> {
-    let mut t = Tensor::<D>::from_data(TensorData::new(values.to_vec(), dims), device);
-    if half {
-        t = t.cast(FloatDType::F16);
-    }
-    burn::module::Param::from_tensor(t).set_require_grad(train)
+    burn::module::Param::from_tensor(tensor(case, values, dims, device)).set_require_grad(train)
 }
 
 /// The case's head as an `LsceLinearLoss` on the autodiff device.
@@ -371,16 +110,16 @@ fn module(case: &Case, spec: &LossSpec, run: Run) -> LsceLinearLoss {
         .with_bias(case.bias.is_some());
     let mut head = config.init(case.dim, case.vocab, &device).expect("init");
     head.weight = param(
+        case,
         &case.head,
         [case.vocab, case.dim],
-        run.half,
         run.train_head,
         &device,
     );
     head.bias = case
         .bias
         .as_ref()
-        .map(|b| param(b, [case.vocab], run.half, run.train_head, &device));
+        .map(|b| param(case, b, [case.vocab], run.train_head, &device));
     head
 }
 
@@ -388,13 +127,7 @@ fn module(case: &Case, spec: &LossSpec, run: Run) -> LsceLinearLoss {
 /// gradient.
 fn run_burn(case: &Case, head: &LsceLinearLoss, spec: &LossSpec, run: Run) -> Output {
     let device = device().autodiff();
-    let mut x = Tensor::<2>::from_data(
-        TensorData::new(case.hidden.clone(), [case.rows, case.dim]),
-        &device,
-    );
-    if run.half {
-        x = x.cast(FloatDType::F16);
-    }
+    let mut x = tensor(case, &case.hidden, [case.rows, case.dim], &device);
     if run.train_hidden {
         x = x.require_grad();
     }
@@ -428,10 +161,9 @@ fn run_burn(case: &Case, head: &LsceLinearLoss, spec: &LossSpec, run: Run) -> Ou
     };
     let grads = total.backward();
     let d_hidden = x.grad(&grads).map(f32s);
-    if run.half {
-        if let Some(g) = head.weight.grad(&grads) {
-            assert_eq!(g.dtype(), DType::F16, "dW comes back in the weight's dtype");
-        }
+    if let Some(g) = head.weight.grad(&grads) {
+        let dtype = head.weight.val().dtype();
+        assert_eq!(g.dtype(), dtype, "dW comes back in the weight's dtype");
     }
     Output {
         loss: f32s(value),
@@ -441,66 +173,24 @@ fn run_burn(case: &Case, head: &LsceLinearLoss, spec: &LossSpec, run: Run) -> Ou
     }
 }
 
-/// Checks a run against the reference and the bounds (plus Burn's roundings: see the module
-/// docs); the largest error/bound ratio of loss, dH, dW, db.
+/// Checks a run against the reference and the bounds of `tests/common/linear.rs`, plus Burn's
+/// roundings (see the module docs); the largest error/bound ratio of loss, dH, dW, db.
 fn check(what: &str, case: &Case, spec: &LossSpec, run: Run, out: &Output) -> [f64; 4] {
     let reference = case.reference(spec, HeadGradients::All);
-    let b = bounds(spec, case, &reference);
+    let b = bounds(spec, case, Split::whole(case.vocab), &reference);
     let keep = run.mode == GradientMode::Keep && spec.reduction != Reduction::None;
-    let widen = |tol: &[f64], want: &[f64]| -> Vec<f64> {
-        tol.iter()
-            .zip(want)
-            .map(|(t, w)| {
-                let mut t = *t;
-                if keep {
-                    t += SAFETY * E * w.abs();
-                }
-                if run.half {
-                    t += 2f64.powi(-11) * w.abs() + 2f64.powi(-25);
-                }
-                t
-            })
-            .collect()
+    let after = After {
+        products: u32::from(keep),
+        rounded_to: (case.dtype != Dtype::F32).then_some(case.dtype),
     };
-    let mut worst = [0.0; 4];
-    worst[0] = common::assert_close(
-        &format!("{what}: loss"),
-        &out.loss,
-        &reference.loss.loss,
-        &b.loss,
-    )
-    .1;
-    let outputs = [
-        (
-            &out.d_hidden,
-            &reference.d_hidden,
-            &b.d_hidden,
-            run.train_hidden,
-            "dH",
-        ),
-        (
-            &out.d_head,
-            &reference.d_head,
-            &b.d_head,
-            run.train_head,
-            "dW",
-        ),
-        (
-            &out.d_bias,
-            &reference.d_bias,
-            &b.d_bias,
-            run.train_head && case.bias.is_some(),
-            "db",
-        ),
+    let present = [
+        run.train_hidden,
+        run.train_head,
+        run.train_head && case.bias.is_some(),
     ];
-    for (i, (got, want, tol, expected, name)) in outputs.into_iter().enumerate() {
-        assert_eq!(got.is_some(), expected, "{what}: {name} presence");
-        if let Some(got) = got {
-            let want = want.as_ref().expect("reference gradient");
-            let tol = widen(tol, want);
-            worst[i + 1] = common::assert_close(&format!("{what}: {name}"), got, want, &tol).1;
-        }
-    }
+    let grads = [&out.d_hidden, &out.d_head, &out.d_bias];
+    let worst = check_loss_and_grads(what, &b, &reference, &out.loss, grads, present, after)
+        .map(|(_, ratio)| ratio);
     eprintln!(
         "[burn linear vs f64] {what:<52} err/bound: loss {:.3} dH {:.3} dW {:.3} db {:.3}",
         worst[0], worst[1], worst[2], worst[3]
@@ -565,7 +255,8 @@ fn f16_gradients_round_once_under_a_loss_scale_of_65536() {
             } else {
                 CHUNKED
             };
-            let mut case = Case::new(20 + i as u64, ROWS, DIM, VOCAB, true, true).f16();
+            let mut case =
+                Case::new(20 + i as u64, ROWS, DIM, VOCAB, true, true).in_dtype(Dtype::F16);
             case.upstream = match reduction {
                 // Per-row factors of a scaled loss.
                 Reduction::None => (0..ROWS)
@@ -574,10 +265,7 @@ fn f16_gradients_round_once_under_a_loss_scale_of_65536() {
                 _ => vec![65536.0],
             };
             let spec = LossSpec::pytorch(0.1).with_reduction(reduction);
-            let run = Run {
-                half: true,
-                ..Run::new(mode, memory)
-            };
+            let run = Run::new(mode, memory);
             run_and_check(
                 &format!("f16 {reduction:?} {mode:?} {memory:?}"),
                 &case,
@@ -591,44 +279,11 @@ fn f16_gradients_round_once_under_a_loss_scale_of_65536() {
 #[test]
 fn every_loss_option_and_class_weights() {
     let vocab = VOCAB;
-    let specs = [
-        (
-            "off-target",
-            LossSpec {
-                smoothing: Smoothing::OffTarget(0.2),
-                ..LossSpec::pytorch(0.0)
-            },
-        ),
-        (
-            "explicit",
-            LossSpec {
-                smoothing: Smoothing::Explicit {
-                    on: 0.85,
-                    off: 0.1 / vocab as f32,
-                },
-                ..LossSpec::pytorch(0.0)
-            },
-        ),
-        (
-            "excluded pad",
-            LossSpec {
-                smoothing: Smoothing::OffTarget(0.1),
-                excluded_class: Some(0),
-                ignore_index: Some(0),
-                ..LossSpec::pytorch(0.0)
-            },
-        ),
-        (
-            "z-loss softcap scale",
-            LossSpec {
-                z_loss: 1e-3,
-                softcap: Some(3.0),
-                logit_scale: 1.7,
-                ..LossSpec::pytorch(0.1)
-            },
-        ),
-    ];
-    for (i, (name, spec)) in specs.into_iter().enumerate() {
+    // The options beyond PyTorch's smoothing and the reductions (tested above).
+    let specs = head_specs(vocab)
+        .into_iter()
+        .filter(|(name, _)| !matches!(*name, "pytorch 0.1" | "eps 0" | "sum" | "none"));
+    for (i, (name, spec)) in specs.enumerate() {
         let mut case = Case::new(30 + i as u64, ROWS, DIM, vocab, true, true);
         if spec.ignore_index == Some(0) {
             case.labels = case.labels.iter().map(|&l| l.max(0)).collect();
@@ -683,7 +338,12 @@ fn batch_seq_inputs_a_frozen_head_and_untracked_hidden_states() {
     let head = head.valid();
     let loss = f32s(head.try_forward(x, y).expect("evaluation"));
     let reference = case.reference(&spec, HeadGradients::None);
-    let b = bounds(&spec, &case, &case.reference(&spec, HeadGradients::All));
+    let b = bounds(
+        &spec,
+        &case,
+        Split::whole(VOCAB),
+        &case.reference(&spec, HeadGradients::All),
+    );
     common::assert_close("evaluation: loss", &loss, &reference.loss.loss, &b.loss);
 }
 

@@ -85,15 +85,30 @@ fn scale<B: Backend>(
         broadcast[0] = dims[0];
         broadcast[2..].copy_from_slice(&dims[2..]);
     }
+    scale_to::<B>(grad, upstream, broadcast, dtype)
+}
+
+/// `grad * upstream` in the gradient's type (f32), the upstream gradient reshaped to the
+/// broadcast dims `broadcast`, rounded once to `dtype`.
+pub(super) fn scale_to<B: Backend>(
+    grad: FloatTensor<B>,
+    upstream: FloatTensor<B>,
+    broadcast: Vec<usize>,
+    dtype: DType,
+) -> FloatTensor<B> {
     let mut upstream = B::float_reshape(upstream, BurnShape::from(broadcast));
     if upstream.dtype() != grad.dtype() {
         upstream = B::float_cast(upstream, grad.dtype().into());
     }
-    let product = B::float_mul(grad, upstream);
-    if product.dtype() == dtype {
-        product
+    round_to::<B>(B::float_mul(grad, upstream), dtype)
+}
+
+/// `grad` rounded once to `dtype` (as it is where it has that type).
+pub(super) fn round_to<B: Backend>(grad: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    if grad.dtype() == dtype {
+        grad
     } else {
-        B::float_cast(product, dtype.into())
+        B::float_cast(grad, dtype.into())
     }
 }
 

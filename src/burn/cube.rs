@@ -10,6 +10,8 @@
 //! Bytes moved per launch are those of lsce's passes (see the crate docs); the glue adds a
 //! bind (one small parameter upload, a few bind groups) and one submission.
 
+use std::sync::Arc;
+
 use burn::tensor::{DType, Shape as BurnShape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
@@ -18,11 +20,11 @@ use cubecl::server::Handle;
 use cubecl::wgpu::{AutoCompiler, WgpuResource, WgpuServer};
 
 use super::ops::{self, LossOptions, LsceOps};
-use super::registry;
+use super::registry::{self, Shared};
 use crate::{LossBuffers, Summary, TargetKind};
 
 /// The server type Burn's wgpu runtime runs, which `get_resource` downcasts to.
-type Server = WgpuServer<AutoCompiler>;
+pub(super) type Server = WgpuServer<AutoCompiler>;
 
 impl LsceOps for CubeBackend {
     fn lsce_loss(
@@ -89,9 +91,7 @@ struct Launched {
 /// (possibly deferred by fusion, where an error can no longer be returned), so a failure here
 /// is an internal one, or a device lost mid-run.
 fn launch(logits: CubeTensor, inputs: Inputs, options: LossOptions, gradient: bool) -> Launched {
-    let shared = registry::shared_for_cube(&logits.device)
-        .unwrap_or_else(|| panic!("lsce: device {:?} is not shared with lsce", logits.device));
-    let fail = |what: &str, err: &dyn std::fmt::Display| -> ! { panic!("lsce: {what}: {err}") };
+    let shared = shared_with(&logits);
 
     // The kernel reads row-major data; views Burn made without copying (a transpose, a slice)
     // are made contiguous by Burn's own kernel, a copy only for those.
@@ -157,30 +157,15 @@ fn launch(logits: CubeTensor, inputs: Inputs, options: LossOptions, gradient: bo
     if let Some(g) = &grad_res {
         buffers = buffers.with_grad(slice(g.resource(), grad_bytes));
     }
-    let binding = plan
-        .bind(&buffers)
-        .unwrap_or_else(|e| fail("binding Burn's buffers (a device shared through lsce::burn::register_setup needs MemoryConfiguration::ExclusivePages)", &e));
-    let mut encoder = shared
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("lsce in Burn"),
-        });
-    binding.encode(&mut encoder);
-    shared.queue.submit([encoder.finish()]);
+    let binding = plan.bind(&buffers).unwrap_or_else(|e| fail(BIND, &e));
+    submit(&shared, "lsce in Burn", |encoder| binding.encode(encoder));
     // The resources may be released now: cubecl records any later use of their memory after
     // this submission, on the same queue.
     drop((logits_res, targets_res, weights_res, upstream_res));
     drop((loss_res, grad_res, summary_res));
 
-    let tensor = |handle: Handle, dims: &[usize], dtype: DType| {
-        CubeTensor::new_contiguous(
-            client.clone(),
-            logits.device.clone(),
-            BurnShape::from(dims.to_vec()),
-            handle,
-            dtype,
-        )
-    };
+    let tensor =
+        |handle: Handle, dims: &[usize], dtype: DType| output(&logits, handle, dims, dtype);
     Launched {
         loss: tensor(loss, &loss_dims, DType::F32),
         grad: grad.map(|g| tensor(g, &dims, ops::grad_burn_dtype(&options, logits.dtype))),
@@ -188,10 +173,51 @@ fn launch(logits: CubeTensor, inputs: Inputs, options: LossOptions, gradient: bo
     }
 }
 
+/// The lsce device `tensor`'s device is shared with.
+pub(super) fn shared_with(tensor: &CubeTensor) -> Arc<Shared> {
+    registry::shared_for_cube(&tensor.device)
+        .unwrap_or_else(|| panic!("lsce: device {:?} is not shared with lsce", tensor.device))
+}
+
+/// A launch's failure, as a panic naming lsce, `what` failed and the cause.
+pub(super) fn fail(what: &str, err: &dyn std::fmt::Display) -> ! {
+    panic!("lsce: {what}: {err}")
+}
+
+/// What a failed bind says.
+pub(super) const BIND: &str = "binding Burn's buffers (a device shared through \
+    lsce::burn::register_setup needs MemoryConfiguration::ExclusivePages)";
+
+/// Records what `encode` records into a new encoder and submits it on lsce's queue (Burn's).
+pub(super) fn submit(shared: &Shared, label: &str, encode: impl FnOnce(&mut wgpu::CommandEncoder)) {
+    let mut encoder = shared
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+    encode(&mut encoder);
+    shared.queue.submit([encoder.finish()]);
+}
+
+/// The contiguous output tensor of `dims` and `dtype` on `handle`, on `like`'s client and
+/// device.
+pub(super) fn output(
+    like: &CubeTensor,
+    handle: Handle,
+    dims: &[usize],
+    dtype: DType,
+) -> CubeTensor {
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        BurnShape::from(dims.to_vec()),
+        handle,
+        dtype,
+    )
+}
+
 /// `bytes` from the resource's offset, rounded up to whole 32-bit words (16-bit logits of odd
 /// count): cubecl aligns every allocation to the storage offset alignment, so the padding is
 /// inside the buffer and owned by the same allocation.
-fn slice(r: &WgpuResource, bytes: u64) -> wgpu::BufferSlice<'_> {
+pub(super) fn slice(r: &WgpuResource, bytes: u64) -> wgpu::BufferSlice<'_> {
     let end = (r.offset + round4(bytes)).min(r.buffer.size());
     r.buffer.slice(r.offset..end)
 }

@@ -23,58 +23,116 @@ const LOSS: &str = "lsce::loss";
 /// The same with the gradient written.
 const LOSS_GRAD: &str = "lsce::loss_grad";
 
-struct LossOp<B> {
+/// One of lsce's operations in fusion's stream: what it launches on the cube backend once
+/// fusion resolved its inputs (the loss's [`LossOptions`], the head's `HeadOptions`).
+pub(super) trait Launch<B: FusionBackend>:
+    Copy + std::fmt::Debug + Send + Sync + 'static
+{
+    /// Launches the operation `desc` (its inputs in the order `register` got them) and
+    /// registers its outputs in `handles`.
+    fn launch(
+        &self,
+        desc: &CustomOpIr,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    );
+}
+
+struct CustomOp<B, O> {
     desc: CustomOpIr,
-    options: LossOptions,
+    options: O,
     _backend: PhantomData<B>,
 }
 
-impl<B> std::fmt::Debug for LossOp<B> {
+impl<B, O: std::fmt::Debug> std::fmt::Debug for CustomOp<B, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LossOp")
+        f.debug_struct("CustomOp")
             .field("desc", &self.desc)
             .field("options", &self.options)
             .finish()
     }
 }
 
-impl<B: FusionBackend + LsceOps> Operation<B::FusionRuntime> for LossOp<B> {
+impl<B: FusionBackend, O: Launch<B>> Operation<B::FusionRuntime> for CustomOp<B, O> {
     fn execute(
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) -> Result<(), ExecutionError> {
-        // Inputs in the order `register` listed them: logits, labels, probabilities, weights
-        // (, upstream).
-        let inputs = &self.desc.inputs;
-        let logits = handles.get_float_tensor::<B>(&inputs[0]);
-        let labels = handles.get_int_tensor::<B>(&inputs[1]);
-        let probabilities = handles.get_float_tensor::<B>(&inputs[2]);
-        let weights = handles.get_float_tensor::<B>(&inputs[3]);
-        let outputs = &self.desc.outputs;
-        if self.desc.id == LOSS {
-            let (loss, summary) =
-                B::lsce_loss(logits, labels, probabilities, weights, self.options);
-            handles.register_float_tensor::<B>(&outputs[0].id, loss);
-            handles.register_int_tensor::<B>(&outputs[1].id, summary);
-        } else {
-            let upstream = handles.get_float_tensor::<B>(&inputs[4]);
-            let (loss, grad, summary) = B::lsce_loss_grad(
-                logits,
-                labels,
-                probabilities,
-                weights,
-                upstream,
-                self.options,
-            );
-            handles.register_float_tensor::<B>(&outputs[0].id, loss);
-            handles.register_float_tensor::<B>(&outputs[1].id, grad);
-            handles.register_int_tensor::<B>(&outputs[2].id, summary);
-        }
+        self.options.launch(&self.desc, handles);
         Ok(())
     }
 }
 
-type Tensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+pub(super) type Tensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+
+/// Records the operation `id` on `inputs`; returns its lazy outputs, of the dims and dtypes
+/// `outputs` lists.
+pub(super) fn register<B: FusionBackend, O: Launch<B>>(
+    id: &'static str,
+    inputs: Vec<Tensor<B>>,
+    outputs: &[(Vec<usize>, DType)],
+    options: O,
+) -> Vec<Tensor<B>> {
+    let client = inputs[0].client.clone();
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
+    let outputs: Vec<TensorIr> = outputs
+        .iter()
+        .map(|(dims, dtype)| {
+            TensorIr::uninit(
+                client.create_empty_handle(),
+                BurnShape::from(dims.clone()),
+                *dtype,
+            )
+        })
+        .collect();
+    // Fusion may cache and replay graphs keyed by their IR: the options go in as a scalar so
+    // that two operations that differ only in their options never share an entry.
+    let desc = CustomOpIr::with_scalars(id, &inputs, &outputs, vec![options_key(&options)]);
+    client.register(
+        StreamId::current(),
+        OperationIr::Custom(desc.clone()),
+        CustomOp::<B, O> {
+            desc,
+            options,
+            _backend: PhantomData,
+        },
+    )
+}
+
+/// A hash of everything in the options, as an IR scalar.
+fn options_key(options: &impl std::fmt::Debug) -> ScalarIr {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    format!("{options:?}").hash(&mut hasher);
+    ScalarIr::UInt(hasher.finish())
+}
+
+impl<B: FusionBackend + LsceOps> Launch<B> for LossOptions {
+    fn launch(
+        &self,
+        desc: &CustomOpIr,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        // Inputs in the order `register` got them: logits, labels, probabilities, weights
+        // (, upstream).
+        let inputs = &desc.inputs;
+        let logits = handles.get_float_tensor::<B>(&inputs[0]);
+        let labels = handles.get_int_tensor::<B>(&inputs[1]);
+        let probabilities = handles.get_float_tensor::<B>(&inputs[2]);
+        let weights = handles.get_float_tensor::<B>(&inputs[3]);
+        let outputs = &desc.outputs;
+        if desc.id == LOSS {
+            let (loss, summary) = B::lsce_loss(logits, labels, probabilities, weights, *self);
+            handles.register_float_tensor::<B>(&outputs[0].id, loss);
+            handles.register_int_tensor::<B>(&outputs[1].id, summary);
+        } else {
+            let upstream = handles.get_float_tensor::<B>(&inputs[4]);
+            let (loss, grad, summary) =
+                B::lsce_loss_grad(logits, labels, probabilities, weights, upstream, *self);
+            handles.register_float_tensor::<B>(&outputs[0].id, loss);
+            handles.register_float_tensor::<B>(&outputs[1].id, grad);
+            handles.register_int_tensor::<B>(&outputs[2].id, summary);
+        }
+    }
+}
 
 impl<B: FusionBackend + LsceOps> LsceOps for Fusion<B> {
     fn lsce_loss(
@@ -84,10 +142,11 @@ impl<B: FusionBackend + LsceOps> LsceOps for Fusion<B> {
         weights: Tensor<B>,
         options: LossOptions,
     ) -> (Tensor<B>, Tensor<B>) {
-        let [loss, summary]: [Tensor<B>; 2] =
-            register::<B>(LOSS, vec![logits, labels, probabilities, weights], options)
-                .try_into()
-                .expect("two outputs");
+        let outputs = loss_outputs::<B>(&logits, &options, false);
+        let inputs = vec![logits, labels, probabilities, weights];
+        let [loss, summary]: [Tensor<B>; 2] = register::<B, _>(LOSS, inputs, &outputs, options)
+            .try_into()
+            .expect("two outputs");
         (loss, summary)
     }
 
@@ -99,57 +158,28 @@ impl<B: FusionBackend + LsceOps> LsceOps for Fusion<B> {
         upstream: Tensor<B>,
         options: LossOptions,
     ) -> (Tensor<B>, Tensor<B>, Tensor<B>) {
+        let outputs = loss_outputs::<B>(&logits, &options, true);
         let inputs = vec![logits, labels, probabilities, weights, upstream];
-        let [loss, grad, summary]: [Tensor<B>; 3] = register::<B>(LOSS_GRAD, inputs, options)
-            .try_into()
-            .expect("three outputs");
+        let [loss, grad, summary]: [Tensor<B>; 3] =
+            register::<B, _>(LOSS_GRAD, inputs, &outputs, options)
+                .try_into()
+                .expect("three outputs");
         (loss, grad, summary)
     }
 }
 
-/// Records the operation on `inputs` (logits first); returns its lazy outputs: loss,
-/// (gradient,) summary.
-fn register<B: FusionBackend + LsceOps>(
-    id: &'static str,
-    inputs: Vec<Tensor<B>>,
-    options: LossOptions,
-) -> Vec<Tensor<B>> {
-    let client = inputs[0].client.clone();
-    let dims = inputs[0].shape.to_vec();
-    let logits_dtype = inputs[0].dtype;
+/// The loss's outputs for `logits`: loss, (gradient,) summary.
+fn loss_outputs<B: FusionBackend>(
+    logits: &Tensor<B>,
+    options: &LossOptions,
+    gradient: bool,
+) -> Vec<(Vec<usize>, DType)> {
+    let dims = logits.shape.to_vec();
     let shape = Shape::class_dim1(&dims).expect("validated before registration");
-    let inputs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
-
-    let output = |dims: &[usize], dtype: DType| {
-        TensorIr::uninit(
-            client.create_empty_handle(),
-            BurnShape::from(dims.to_vec()),
-            dtype,
-        )
-    };
-    let mut outputs = vec![output(&ops::loss_dims(&options.spec, &shape), DType::F32)];
-    if id == LOSS_GRAD {
-        outputs.push(output(&dims, ops::grad_burn_dtype(&options, logits_dtype)));
+    let mut outputs = vec![(ops::loss_dims(&options.spec, &shape).to_vec(), DType::F32)];
+    if gradient {
+        outputs.push((dims, ops::grad_burn_dtype(options, logits.dtype)));
     }
-    outputs.push(output(&ops::SUMMARY_DIMS, DType::I32));
-
-    // Fusion may cache and replay graphs keyed by their IR: the options go in as a scalar so
-    // that two losses that differ only in their options never share an entry.
-    let desc = CustomOpIr::with_scalars(id, &inputs, &outputs, vec![options_key(&options)]);
-    client.register(
-        StreamId::current(),
-        OperationIr::Custom(desc.clone()),
-        LossOp::<B> {
-            desc,
-            options,
-            _backend: PhantomData,
-        },
-    )
-}
-
-/// A hash of everything in the options, as an IR scalar.
-fn options_key(options: &LossOptions) -> ScalarIr {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    format!("{options:?}").hash(&mut hasher);
-    ScalarIr::UInt(hasher.finish())
+    outputs.push((ops::SUMMARY_DIMS.to_vec(), DType::I32));
+    outputs
 }

@@ -72,6 +72,17 @@ pub trait LsceHeadOps: Backend {
     );
 }
 
+/// What [`LsceHeadOps::lsce_head_grad`] returns: the loss, `dH`, `dW`, `db` and the summary.
+/// The trait spells the tuple out, since `backend_extension` reads it there and cannot
+/// resolve an alias; the implementations name it.
+pub(crate) type HeadGradOutput<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    IntTensor<B>,
+);
+
 /// The plan key of one launch (`gradients`: what it writes). The validation in
 /// [`LsceLinearLoss`](super::LsceLinearLoss) and the launch both derive it here, so the plan
 /// validated first is the plan the launch finds.

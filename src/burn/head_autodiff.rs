@@ -9,9 +9,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata};
-use burn::tensor::{DType, Shape as BurnShape};
+use burn::tensor::DType;
 
-use super::head::{HeadOptions, LsceHeadOps};
+use super::autodiff::{round_to, scale_to};
+use super::head::{HeadGradOutput, HeadOptions, LsceHeadOps};
 use super::ops::GradientMode;
 use crate::linear::HeadGradients;
 use crate::Reduction;
@@ -47,14 +48,18 @@ impl<B: Backend + LsceHeadOps> Backward<B, 3> for HeadBackward {
         if parents.iter().all(Option::is_none) {
             return;
         }
-        let (computed, dtypes) = match ops.state {
+        let computed = match ops.state {
+            // The upstream gradient `[1]` broadcast: one rounding of the f32 product.
             State::Keep {
                 grads: kept,
                 dtypes,
             } => {
-                let [dh, dw, db] = kept;
-                let scaled = [dh, dw, db].map(|g| scale::<B>(g, upstream.clone()));
-                (scaled, dtypes)
+                let mut dtypes = dtypes.into_iter();
+                kept.map(|g| {
+                    let broadcast = vec![1; g.shape().num_dims()];
+                    let dtype = dtypes.next().expect("three dtypes");
+                    scale_to::<B>(g, upstream.clone(), broadcast, dtype)
+                })
             }
             State::Recompute {
                 hidden,
@@ -71,33 +76,15 @@ impl<B: Backend + LsceHeadOps> Backward<B, 3> for HeadBackward {
                 };
                 let (_, dh, dw, db, _) =
                     B::lsce_head_grad(hidden, weight, bias, labels, weights, upstream, options);
-                ([dh, dw, db], dtypes)
+                let mut dtypes = dtypes.into_iter();
+                [dh, dw, db].map(|g| round_to::<B>(g, dtypes.next().expect("three dtypes")))
             }
         };
-        for ((parent, grad), dtype) in parents.into_iter().zip(computed).zip(dtypes) {
+        for (parent, grad) in parents.into_iter().zip(computed) {
             if let Some(node) = parent {
-                grads.register::<B>(node.id, cast::<B>(grad, dtype));
+                grads.register::<B>(node.id, grad);
             }
         }
-    }
-}
-
-/// `grad * upstream` in f32 (the upstream gradient `[1]` broadcast): one rounding.
-fn scale<B: Backend>(grad: FloatTensor<B>, upstream: FloatTensor<B>) -> FloatTensor<B> {
-    let rank = grad.shape().num_dims();
-    let mut upstream = B::float_reshape(upstream, BurnShape::from(vec![1; rank]));
-    if upstream.dtype() != DType::F32 {
-        upstream = B::float_cast(upstream, DType::F32.into());
-    }
-    B::float_mul(grad, upstream)
-}
-
-/// The f32 gradient rounded once to its parent's dtype.
-fn cast<B: Backend>(grad: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    if grad.dtype() == dtype {
-        grad
-    } else {
-        B::float_cast(grad, dtype.into())
     }
 }
 
@@ -187,13 +174,7 @@ impl<B: Backend + LsceHeadOps, C: CheckpointStrategy> LsceHeadOps for Autodiff<B
         weights: FloatTensor<Self>,
         upstream: FloatTensor<Self>,
         options: HeadOptions,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-    ) {
+    ) -> HeadGradOutput<Self> {
         let (loss, dh, dw, db, summary) = B::lsce_head_grad(
             hidden.into_primitive(),
             weight.into_primitive(),

@@ -1,19 +1,17 @@
 //! The fused linear head's launch on Burn's cube backend: lsce's linear encode API on the
 //! tensors' own wgpu buffers (see `cube.rs` for how buffers are handed out and ordered).
 
-use burn::tensor::{DType, Shape as BurnShape};
+use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::server::Handle;
-use cubecl::wgpu::{AutoCompiler, WgpuResource, WgpuServer};
 
+use super::cube::{fail, output, shared_with, slice, submit, Server, BIND};
 use super::head::{self, HeadOptions, LsceHeadOps};
-use super::{ops, registry};
+use super::ops;
 use crate::linear::{HeadGradients, LinearBuffers};
 use crate::Summary;
-
-type Server = WgpuServer<AutoCompiler>;
 
 impl LsceHeadOps for CubeBackend {
     fn lsce_head(
@@ -41,7 +39,7 @@ impl LsceHeadOps for CubeBackend {
         weights: CubeTensor,
         upstream: CubeTensor,
         options: HeadOptions,
-    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+    ) -> head::HeadGradOutput<Self> {
         // A gradient launch writes at least dH.
         let options = HeadOptions {
             gradients: match options.gradients {
@@ -81,9 +79,7 @@ fn launch(
     upstream: Option<CubeTensor>,
     options: HeadOptions,
 ) -> Launched {
-    let shared = registry::shared_for_cube(&hidden.device)
-        .unwrap_or_else(|| panic!("lsce: device {:?} is not shared with lsce", hidden.device));
-    let fail = |what: &str, err: &dyn std::fmt::Display| -> ! { panic!("lsce: {what}: {err}") };
+    let shared = shared_with(&hidden);
 
     // Row-major operands; a view Burn made without copying (the transpose of a Burn
     // `Linear`'s weight, a slice) is made contiguous by Burn's own kernel.
@@ -177,28 +173,15 @@ fn launch(
             (all && options.bias).then(|| slice(db.resource(), 4 * v)),
         );
     }
-    let binding = plan
-        .bind(&buffers)
-        .unwrap_or_else(|e| fail("binding Burn's buffers (a device shared through lsce::burn::register_setup needs MemoryConfiguration::ExclusivePages)", &e));
-    let mut encoder = shared
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("lsce linear head in Burn"),
-        });
-    binding.encode(&mut encoder);
-    shared.queue.submit([encoder.finish()]);
+    let binding = plan.bind(&buffers).unwrap_or_else(|e| fail(BIND, &e));
+    submit(&shared, "lsce linear head in Burn", |encoder| {
+        binding.encode(encoder)
+    });
     drop((hidden_res, weight_res, bias_res, labels_res, weights_res));
     drop((upstream_res, loss_res, summary_res, grad_res));
 
-    let tensor = |handle: Handle, dims: &[usize], dtype: DType| {
-        CubeTensor::new_contiguous(
-            client.clone(),
-            hidden.device.clone(),
-            BurnShape::from(dims.to_vec()),
-            handle,
-            dtype,
-        )
-    };
+    let tensor =
+        |handle: Handle, dims: &[usize], dtype: DType| output(&hidden, handle, dims, dtype);
     Launched {
         loss: tensor(loss, &loss_dims, DType::F32),
         grads: grads.map(|[dh, dw, db]| {
@@ -210,10 +193,4 @@ fn launch(
         }),
         summary: tensor(summary, &ops::SUMMARY_DIMS, DType::I32),
     }
-}
-
-/// `bytes` from the resource's offset, rounded up to whole 32-bit words (see `cube.rs`).
-fn slice(r: &WgpuResource, bytes: u64) -> wgpu::BufferSlice<'_> {
-    let end = (r.offset + bytes.div_ceil(4) * 4).min(r.buffer.size());
-    r.buffer.slice(r.offset..end)
 }

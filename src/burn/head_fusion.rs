@@ -1,15 +1,10 @@
 //! The fused linear head as a custom operation in Burn's fusion stream (see `fusion.rs`).
 
-use std::hash::{Hash, Hasher};
-use std::marker::PhantomData;
+use burn::tensor::DType;
+use burn_fusion::custom::{CustomOpIr, HandleContainer};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 
-use burn::backend::ExecutionError;
-use burn::tensor::{DType, Shape as BurnShape};
-use burn_fusion::custom::{
-    CustomOpIr, HandleContainer, Operation, OperationIr, ScalarIr, StreamId, TensorIr,
-};
-use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
-
+use super::fusion::{register, Launch, Tensor};
 use super::head::{self, HeadOptions, LsceHeadOps};
 use super::ops;
 
@@ -18,61 +13,37 @@ const HEAD: &str = "lsce::linear_head";
 /// The same with the gradients written.
 const HEAD_GRAD: &str = "lsce::linear_head_grad";
 
-struct HeadOp<B> {
-    desc: CustomOpIr,
-    options: HeadOptions,
-    _backend: PhantomData<B>,
-}
-
-impl<B> std::fmt::Debug for HeadOp<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeadOp")
-            .field("desc", &self.desc)
-            .field("options", &self.options)
-            .finish()
-    }
-}
-
-impl<B: FusionBackend + LsceHeadOps> Operation<B::FusionRuntime> for HeadOp<B> {
-    fn execute(
+impl<B: FusionBackend + LsceHeadOps> Launch<B> for HeadOptions {
+    fn launch(
         &self,
+        desc: &CustomOpIr,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-    ) -> Result<(), ExecutionError> {
-        // Inputs in the order `register` listed them: hidden, weight, bias, labels, weights
+    ) {
+        // Inputs in the order `register` got them: hidden, weight, bias, labels, weights
         // (, upstream).
-        let inputs = &self.desc.inputs;
+        let inputs = &desc.inputs;
         let hidden = handles.get_float_tensor::<B>(&inputs[0]);
         let weight = handles.get_float_tensor::<B>(&inputs[1]);
         let bias = handles.get_float_tensor::<B>(&inputs[2]);
         let labels = handles.get_int_tensor::<B>(&inputs[3]);
         let weights = handles.get_float_tensor::<B>(&inputs[4]);
-        let outputs = &self.desc.outputs;
-        if self.desc.id == HEAD {
-            let (loss, summary) = B::lsce_head(hidden, weight, bias, labels, weights, self.options);
+        let outputs = &desc.outputs;
+        if desc.id == HEAD {
+            let (loss, summary) = B::lsce_head(hidden, weight, bias, labels, weights, *self);
             handles.register_float_tensor::<B>(&outputs[0].id, loss);
             handles.register_int_tensor::<B>(&outputs[1].id, summary);
         } else {
             let upstream = handles.get_float_tensor::<B>(&inputs[5]);
-            let (loss, dh, dw, db, summary) = B::lsce_head_grad(
-                hidden,
-                weight,
-                bias,
-                labels,
-                weights,
-                upstream,
-                self.options,
-            );
+            let (loss, dh, dw, db, summary) =
+                B::lsce_head_grad(hidden, weight, bias, labels, weights, upstream, *self);
             handles.register_float_tensor::<B>(&outputs[0].id, loss);
             handles.register_float_tensor::<B>(&outputs[1].id, dh);
             handles.register_float_tensor::<B>(&outputs[2].id, dw);
             handles.register_float_tensor::<B>(&outputs[3].id, db);
             handles.register_int_tensor::<B>(&outputs[4].id, summary);
         }
-        Ok(())
     }
 }
-
-type Tensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
 
 impl<B: FusionBackend + LsceHeadOps> LsceHeadOps for Fusion<B> {
     fn lsce_head(
@@ -83,8 +54,9 @@ impl<B: FusionBackend + LsceHeadOps> LsceHeadOps for Fusion<B> {
         weights: Tensor<B>,
         options: HeadOptions,
     ) -> (Tensor<B>, Tensor<B>) {
+        let outputs = head_outputs::<B>(&hidden, &weight, &options, false);
         let inputs = vec![hidden, weight, bias, labels, weights];
-        let [loss, summary]: [Tensor<B>; 2] = register::<B>(HEAD, inputs, options)
+        let [loss, summary]: [Tensor<B>; 2] = register::<B, _>(HEAD, inputs, &outputs, options)
             .try_into()
             .expect("two outputs");
         (loss, summary)
@@ -98,60 +70,32 @@ impl<B: FusionBackend + LsceHeadOps> LsceHeadOps for Fusion<B> {
         weights: Tensor<B>,
         upstream: Tensor<B>,
         options: HeadOptions,
-    ) -> (Tensor<B>, Tensor<B>, Tensor<B>, Tensor<B>, Tensor<B>) {
+    ) -> head::HeadGradOutput<Self> {
+        let outputs = head_outputs::<B>(&hidden, &weight, &options, true);
         let inputs = vec![hidden, weight, bias, labels, weights, upstream];
-        let [loss, dh, dw, db, summary]: [Tensor<B>; 5] = register::<B>(HEAD_GRAD, inputs, options)
-            .try_into()
-            .expect("five outputs");
+        let [loss, dh, dw, db, summary]: [Tensor<B>; 5] =
+            register::<B, _>(HEAD_GRAD, inputs, &outputs, options)
+                .try_into()
+                .expect("five outputs");
         (loss, dh, dw, db, summary)
     }
 }
 
-/// Records the operation on `inputs` (hidden states first, then the weight); returns its lazy
-/// outputs: loss, (dH, dW, db,) summary.
-fn register<B: FusionBackend + LsceHeadOps>(
-    id: &'static str,
-    inputs: Vec<Tensor<B>>,
-    options: HeadOptions,
-) -> Vec<Tensor<B>> {
-    let client = inputs[0].client.clone();
-    let sizes = [inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[0]];
-    let inputs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
-
-    let output = |dims: &[usize], dtype: DType| {
-        TensorIr::uninit(
-            client.create_empty_handle(),
-            BurnShape::from(dims.to_vec()),
-            dtype,
-        )
-    };
-    let mut outputs = vec![output(
-        &head::loss_dims(&options.spec, sizes[0]),
+/// The head's outputs for `hidden` and `weight`: loss, (dH, dW, db,) summary.
+fn head_outputs<B: FusionBackend>(
+    hidden: &Tensor<B>,
+    weight: &Tensor<B>,
+    options: &HeadOptions,
+    gradients: bool,
+) -> Vec<(Vec<usize>, DType)> {
+    let sizes = [hidden.shape[0], hidden.shape[1], weight.shape[0]];
+    let mut outputs = vec![(
+        head::loss_dims(&options.spec, sizes[0]).to_vec(),
         DType::F32,
     )];
-    if id == HEAD_GRAD {
-        for dims in head::grad_dims(&options, sizes) {
-            outputs.push(output(&dims, DType::F32));
-        }
+    if gradients {
+        outputs.extend(head::grad_dims(options, sizes).map(|dims| (dims, DType::F32)));
     }
-    outputs.push(output(&ops::SUMMARY_DIMS, DType::I32));
-
-    // Keyed by every option, so that two calls that differ only in them never share a
-    // cached graph.
-    let desc = CustomOpIr::with_scalars(id, &inputs, &outputs, vec![options_key(&options)]);
-    client.register(
-        StreamId::current(),
-        OperationIr::Custom(desc.clone()),
-        HeadOp::<B> {
-            desc,
-            options,
-            _backend: PhantomData,
-        },
-    )
-}
-
-fn options_key(options: &HeadOptions) -> ScalarIr {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    format!("{options:?}").hash(&mut hasher);
-    ScalarIr::UInt(hasher.finish())
+    outputs.push((ops::SUMMARY_DIMS.to_vec(), DType::I32));
+    outputs
 }

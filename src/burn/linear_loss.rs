@@ -4,36 +4,42 @@
 use burn::backend::Dispatch;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
-use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::error::BurnError;
 use super::head::{self, HeadOptions, LsceHeadOps};
-use super::ops::{self, GradientMode};
+use super::loss::{
+    check_shape, check_summary, device_dtype, labels_i32, loss_config_builders, same_device,
+    LsceLossConfig,
+};
+use super::ops::GradientMode;
 use super::registry::{self, Shared};
 use crate::linear::{HeadGradients, Memory};
-use crate::{LossSpec, Reduction, Smoothing, Summary};
+use crate::Reduction;
 
-/// Configuration of an [`LsceLinearLoss`]: the loss (as [`LsceLossConfig`](super::LsceLossConfig)),
-/// the head's bias and initializer (as Burn's `LinearConfig`), and the fused head's memory mode.
+/// Configuration of an [`LsceLinearLoss`]: the loss (an [`LsceLossConfig`], whose builder
+/// methods this config has too), the head's bias and initializer (as Burn's `LinearConfig`),
+/// and the fused head's memory mode.
 ///
-/// Defaults: PyTorch's `cross_entropy` (mean, ignore index -100, no smoothing), class weights
-/// off, [`GradientMode::Keep`], [`Memory::Recompute`], labels checked, a bias, and Burn's
-/// `Linear` initializer (Kaiming uniform with gain `1/sqrt(3)`: `U(-k, k)`, `k = 1/sqrt(D)`).
+/// Defaults: [`LsceLossConfig`]'s (PyTorch's `cross_entropy`: mean, ignore index -100, no
+/// smoothing; no class weights, [`GradientMode::Keep`], labels checked), [`Memory::Recompute`],
+/// a bias, and Burn's `Linear` initializer (Kaiming uniform with gain `1/sqrt(3)`: `U(-k, k)`,
+/// `k = 1/sqrt(D)`).
+///
+/// ```ignore
+/// let config = LsceLinearLossConfig::new()
+///     .with_smoothing(Some(0.1)) // the loss's options, as on an LsceLossConfig
+///     .with_memory(Memory::Recompute)
+///     .with_bias(false);
+/// ```
 #[derive(Clone, Debug)]
 pub struct LsceLinearLossConfig {
-    /// The loss of the logits: smoothing convention, reduction, ignore index, z-loss,
-    /// soft-cap, scale.
-    pub spec: LossSpec,
-    /// Per-class weights (`vocab` values, finite, `>= 0`), PyTorch's `weight=`.
-    pub weights: Option<Vec<f32>>,
-    /// Where the backward pass gets the gradients from (see [`LsceLinearLoss`]).
-    pub gradient: GradientMode,
+    /// The loss of the logits: its [`LossSpec`](crate::LossSpec), class weights (`vocab`
+    /// values), [`GradientMode`] (see [`LsceLinearLoss`]) and label check (without it a row
+    /// with an invalid label gets a NaN loss and NaN gradients).
+    pub loss: LsceLossConfig,
     /// Recompute the logits' tiles in the gradient passes, or keep a chunk of rows' logits.
     pub memory: Memory,
-    /// Whether [`LsceLinearLoss::try_forward`] reads back the kernel's 32-byte summary to report
-    /// an invalid label as an error (one wait for the device per call); without it a row with
-    /// an invalid label gets a NaN loss and NaN gradients instead.
-    pub check_labels: bool,
     /// Whether the head has a bias `[vocab]`.
     pub bias: bool,
     /// How [`LsceLinearLossConfig::init`] fills the weight and bias.
@@ -43,11 +49,8 @@ pub struct LsceLinearLossConfig {
 impl Default for LsceLinearLossConfig {
     fn default() -> Self {
         Self {
-            spec: LossSpec::default(),
-            weights: None,
-            gradient: GradientMode::default(),
+            loss: LsceLossConfig::default(),
             memory: Memory::default(),
-            check_labels: true,
             bias: true,
             // Burn's `LinearConfig` default.
             initializer: Initializer::KaimingUniform {
@@ -58,45 +61,28 @@ impl Default for LsceLinearLossConfig {
     }
 }
 
+loss_config_builders!(LsceLinearLossConfig, loss_mut);
+
 impl LsceLinearLossConfig {
     /// The defaults (see [`LsceLinearLossConfig`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Burn's `with_smoothing`: `Some(eps)` is PyTorch's `label_smoothing = eps`.
-    pub fn with_smoothing(mut self, smoothing: Option<f32>) -> Self {
-        self.spec.smoothing = Smoothing::Uniform(smoothing.unwrap_or(0.0));
-        self
+    /// The loss's config, for [`loss_config_builders`].
+    fn loss_mut(&mut self) -> &mut LsceLossConfig {
+        &mut self.loss
     }
 
-    /// Sets the whole [`LossSpec`].
-    pub fn with_spec(mut self, spec: LossSpec) -> Self {
-        self.spec = spec;
-        self
-    }
-
-    /// Sets [`LsceLinearLossConfig::weights`].
-    pub fn with_weights(mut self, weights: Option<Vec<f32>>) -> Self {
-        self.weights = weights;
-        self
-    }
-
-    /// Sets [`LsceLinearLossConfig::gradient`].
-    pub fn with_gradient(mut self, gradient: GradientMode) -> Self {
-        self.gradient = gradient;
+    /// Sets [`LsceLinearLossConfig::loss`] as a whole.
+    pub fn with_loss(mut self, loss: LsceLossConfig) -> Self {
+        self.loss = loss;
         self
     }
 
     /// Sets [`LsceLinearLossConfig::memory`].
     pub fn with_memory(mut self, memory: Memory) -> Self {
         self.memory = memory;
-        self
-    }
-
-    /// Sets [`LsceLinearLossConfig::check_labels`].
-    pub fn with_label_check(mut self, check: bool) -> Self {
-        self.check_labels = check;
         self
     }
 
@@ -173,43 +159,23 @@ impl LsceLinearLossConfig {
         bias: Option<Param<Tensor<1>>>,
         device: &Device,
     ) -> Result<LsceLinearLoss, BurnError> {
-        self.spec.validate()?;
-        registry::shared("the device", device)?;
-        let class_weights = match &self.weights {
-            Some(weights) => {
-                if let Some((class, &value)) = weights
-                    .iter()
-                    .enumerate()
-                    .find(|(_, w)| !w.is_finite() || **w < 0.0)
-                {
-                    return Err(crate::LsceError::InvalidWeight { class, value }.into());
-                }
-                Some(weights.clone())
-            }
-            None => None,
-        };
+        self.loss.validate(device)?;
         Ok(LsceLinearLoss {
             weight,
             bias,
             settings: Settings {
-                spec: self.spec,
-                gradient: self.gradient,
+                loss: self.loss.clone(),
                 memory: self.memory,
-                check_labels: self.check_labels,
-                class_weights,
             },
         })
     }
 }
 
-/// The head's non-parameter settings.
+/// The head's non-parameter settings: the validated loss config and the memory mode.
 #[derive(Clone, Debug)]
 struct Settings {
-    spec: LossSpec,
-    gradient: GradientMode,
+    loss: LsceLossConfig,
     memory: Memory,
-    check_labels: bool,
-    class_weights: Option<Vec<f32>>,
 }
 
 /// A linear head and its label-smoothed cross-entropy fused: the loss of the logits `z = H W^T
@@ -318,14 +284,7 @@ impl LsceLinearLoss {
 
         let device = hidden.device();
         let shared = registry::shared("the hidden states", &device)?;
-        let dtype = ops::lsce_dtype("the hidden states", hidden.dtype())?;
-        if !device.supports_dtype(hidden.dtype()) {
-            return Err(BurnError::DtypeNotOnDevice {
-                what: "the hidden states",
-                dtype: format!("{:?}", hidden.dtype()),
-                device: format!("{device:?}"),
-            });
-        }
+        let dtype = device_dtype("the hidden states", &device, hidden.dtype())?;
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(Param::val);
         same_device("the weight", &device, &weight.device())?;
@@ -336,7 +295,7 @@ impl LsceLinearLoss {
             check_shape("the bias", &[vocab], &b.dims())?;
         }
         same_device("the targets", &device, &targets.device())?;
-        if let Some(w) = &self.settings.class_weights {
+        if let Some(w) = &self.settings.loss.weights {
             check_shape("the class weights", &[vocab], &[w.len()])?;
         }
         let tracked = hidden.is_tracked()
@@ -348,9 +307,9 @@ impl LsceLinearLoss {
             HeadGradients::Hidden
         };
         let options = HeadOptions {
-            spec: self.settings.spec,
-            mode: self.settings.gradient,
-            weighted: self.settings.class_weights.is_some(),
+            spec: self.settings.loss.spec,
+            mode: self.settings.loss.gradient,
+            weighted: self.settings.loss.weights.is_some(),
             bias: bias.is_some(),
             upstream_grad: false,
             gradients: HeadGradients::None,
@@ -359,17 +318,9 @@ impl LsceLinearLoss {
         let sizes = [rows, d_model, vocab];
         plan_all(&shared, sizes, dtype, options, tracked.then_some(gradients))?;
 
-        let targets = targets.reshape([rows]);
-        let labels = match targets.dtype() {
-            DType::I32 => targets,
-            // Clamped first, so that a label outside i32 stays invalid instead of wrapping
-            // onto a class.
-            _ => targets
-                .clamp(i64::from(i32::MIN), i64::from(i32::MAX))
-                .cast(IntDType::I32),
-        };
+        let labels = labels_i32(targets.reshape([rows]));
         let placeholder = || Tensor::<1>::zeros([1], &device).cast(FloatDType::F32);
-        let weights = match &self.settings.class_weights {
+        let weights = match &self.settings.loss.weights {
             Some(w) => Tensor::<1>::from_data(TensorData::new(w.clone(), [vocab]), &device)
                 .cast(FloatDType::F32),
             None => placeholder(),
@@ -384,14 +335,8 @@ impl LsceLinearLoss {
             options,
         );
         let loss = Tensor::<1>::from_dispatch(loss);
-        if self.settings.check_labels {
-            let summary = Tensor::<1, Int>::from_dispatch(summary)
-                .try_into_data()
-                .map_err(|e| BurnError::Execution(e.to_string()))?;
-            let words = summary
-                .try_into_vec::<i32>()
-                .map_err(|e| BurnError::Execution(format!("{e:?}")))?;
-            Summary::from_bytes(bytemuck::cast_slice(&words)).check(vocab as u32)?;
+        if self.settings.loss.check_labels {
+            check_summary(summary, vocab)?;
         }
         Ok(loss)
     }
@@ -415,28 +360,6 @@ fn plan_all(
             ..options
         };
         shared.linear_plan(&head::problem(&backward, sizes, dtype, gradients)?)?;
-    }
-    Ok(())
-}
-
-fn check_shape(what: &'static str, expected: &[usize], actual: &[usize]) -> Result<(), BurnError> {
-    if expected != actual {
-        return Err(BurnError::ShapeMismatch {
-            what,
-            expected: expected.to_vec(),
-            actual: actual.to_vec(),
-        });
-    }
-    Ok(())
-}
-
-fn same_device(what: &'static str, hidden: &Device, other: &Device) -> Result<(), BurnError> {
-    if hidden != other {
-        return Err(BurnError::DeviceMismatch {
-            what,
-            logits: format!("{hidden:?}"),
-            other: format!("{other:?}"),
-        });
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData}
 use super::error::BurnError;
 use super::ops::{self, GradientMode, LossOptions, LsceOps};
 use super::registry::{self, Shared};
-use crate::{GradDtype, LossSpec, Smoothing, Summary, TargetKind};
+use crate::{GradDtype, LossSpec, Summary, TargetKind};
 
 /// Configuration of an [`LsceLoss`], in the style of Burn's `CrossEntropyLossConfig`.
 ///
@@ -37,61 +37,86 @@ impl Default for LsceLossConfig {
     }
 }
 
+/// The loss options' builder methods, on [`LsceLossConfig`] and on each config that holds one
+/// (`$loss`: its method giving the [`LsceLossConfig`] mutably), so that every config sets the
+/// loss the same way: `with_smoothing`, `with_spec`, `with_weights`, `with_gradient`,
+/// `with_label_check`.
+macro_rules! loss_config_builders {
+    ($config:ty, $loss:ident) => {
+        impl $config {
+            /// Burn's `with_smoothing`: `Some(eps)` is PyTorch's `label_smoothing = eps`
+            /// ([`Smoothing::Uniform`](crate::Smoothing::Uniform)), which is what Burn's
+            /// `CrossEntropyLoss` computes.
+            pub fn with_smoothing(mut self, smoothing: Option<f32>) -> Self {
+                self.$loss().spec.smoothing = crate::Smoothing::Uniform(smoothing.unwrap_or(0.0));
+                self
+            }
+
+            /// Sets the whole [`LossSpec`](crate::LossSpec) (any convention, reduction or
+            /// option).
+            pub fn with_spec(mut self, spec: crate::LossSpec) -> Self {
+                self.$loss().spec = spec;
+                self
+            }
+
+            /// Sets [`LsceLossConfig::weights`](super::LsceLossConfig::weights).
+            pub fn with_weights(mut self, weights: Option<Vec<f32>>) -> Self {
+                self.$loss().weights = weights;
+                self
+            }
+
+            /// Sets [`LsceLossConfig::gradient`](super::LsceLossConfig::gradient).
+            pub fn with_gradient(mut self, gradient: super::GradientMode) -> Self {
+                self.$loss().gradient = gradient;
+                self
+            }
+
+            /// Sets [`LsceLossConfig::check_labels`](super::LsceLossConfig::check_labels).
+            pub fn with_label_check(mut self, check: bool) -> Self {
+                self.$loss().check_labels = check;
+                self
+            }
+        }
+    };
+}
+pub(super) use loss_config_builders;
+
+loss_config_builders!(LsceLossConfig, loss_mut);
+
 impl LsceLossConfig {
     /// PyTorch's defaults (see [`LsceLossConfig`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Burn's `with_smoothing`: `Some(eps)` is PyTorch's `label_smoothing = eps`
-    /// ([`Smoothing::Uniform`]), which is what Burn's `CrossEntropyLoss` computes.
-    pub fn with_smoothing(mut self, smoothing: Option<f32>) -> Self {
-        self.spec.smoothing = Smoothing::Uniform(smoothing.unwrap_or(0.0));
+    /// Itself, for [`loss_config_builders`].
+    fn loss_mut(&mut self) -> &mut Self {
         self
     }
 
-    /// Sets the whole [`LossSpec`] (any convention, reduction or option).
-    pub fn with_spec(mut self, spec: LossSpec) -> Self {
-        self.spec = spec;
-        self
-    }
-
-    /// Sets [`LsceLossConfig::weights`].
-    pub fn with_weights(mut self, weights: Option<Vec<f32>>) -> Self {
-        self.weights = weights;
-        self
-    }
-
-    /// Sets [`LsceLossConfig::gradient`].
-    pub fn with_gradient(mut self, gradient: GradientMode) -> Self {
-        self.gradient = gradient;
-        self
-    }
-
-    /// Sets [`LsceLossConfig::check_labels`].
-    pub fn with_label_check(mut self, check: bool) -> Self {
-        self.check_labels = check;
-        self
+    /// Checks the loss, the class weights' values and the device.
+    pub(super) fn validate(&self, device: &Device) -> Result<(), BurnError> {
+        self.spec.validate()?;
+        registry::shared("the device", device)?;
+        if let Some((class, &value)) = self
+            .weights
+            .iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, w)| !w.is_finite() || **w < 0.0)
+        {
+            return Err(crate::LsceError::InvalidWeight { class, value }.into());
+        }
+        Ok(())
     }
 
     /// Checks the configuration and the device, and puts the weights on it.
     pub fn init(&self, device: &Device) -> Result<LsceLoss, BurnError> {
-        self.spec.validate()?;
-        registry::shared("the device", device)?;
-        let weights = match &self.weights {
-            Some(weights) => {
-                if let Some((class, &value)) = weights
-                    .iter()
-                    .enumerate()
-                    .find(|(_, w)| !w.is_finite() || **w < 0.0)
-                {
-                    return Err(crate::LsceError::InvalidWeight { class, value }.into());
-                }
-                let data = TensorData::new(weights.clone(), [weights.len()]);
-                Some(Tensor::<1>::from_data(data, device).cast(FloatDType::F32))
-            }
-            None => None,
-        };
+        self.validate(device)?;
+        let weights = self.weights.as_ref().map(|weights| {
+            let data = TensorData::new(weights.clone(), [weights.len()]);
+            Tensor::<1>::from_data(data, device).cast(FloatDType::F32)
+        });
         Ok(LsceLoss {
             spec: self.spec,
             weights,
@@ -162,14 +187,7 @@ impl LsceLoss {
             .map(|(_, &d)| d)
             .collect();
         check_shape("the targets", &expected, &targets.dims())?;
-        let targets = match targets.dtype() {
-            DType::I32 => targets,
-            // Clamped first, so that a label outside i32 stays invalid instead of wrapping
-            // onto a class.
-            _ => targets
-                .clamp(i64::from(i32::MIN), i64::from(i32::MAX))
-                .cast(IntDType::I32),
-        };
+        let targets = labels_i32(targets);
         let device = targets.device();
         self.run(logits, Target::Labels(targets.into_dispatch()), device)
     }
@@ -209,16 +227,7 @@ impl LsceLoss {
             )
             .into());
         }
-        let dtype = ops::lsce_dtype("the logits", logits.dtype())?;
-        // A dtype the device lacks (bf16 on most wgpu adapters) fails on cubecl's device
-        // thread, where no caller can catch it: refuse it here.
-        if !device.supports_dtype(logits.dtype()) {
-            return Err(BurnError::DtypeNotOnDevice {
-                what: "the logits",
-                dtype: format!("{:?}", logits.dtype()),
-                device: format!("{device:?}"),
-            });
-        }
+        let dtype = device_dtype("the logits", &device, logits.dtype())?;
         same_device("the targets", &device, &target_device)?;
         let weights = match &self.weights {
             Some(weights) => {
@@ -256,13 +265,7 @@ impl LsceLoss {
         );
         let loss = Tensor::<1>::from_dispatch(loss);
         if self.check_labels && options.targets == TargetKind::Classes {
-            let summary = Tensor::<1, Int>::from_dispatch(summary)
-                .try_into_data()
-                .map_err(|e| BurnError::Execution(e.to_string()))?;
-            let words = summary
-                .try_into_vec::<i32>()
-                .map_err(|e| BurnError::Execution(format!("{e:?}")))?;
-            Summary::from_bytes(bytemuck::cast_slice(&words)).check(dims[1] as u32)?;
+            check_summary(summary, dims[1])?;
         }
         Ok(loss)
     }
@@ -304,7 +307,57 @@ enum Target {
     Probabilities(burn::backend::DispatchTensor),
 }
 
-fn check_shape(what: &'static str, expected: &[usize], actual: &[usize]) -> Result<(), BurnError> {
+/// Class labels as i32, clamped first, so that a label outside i32 stays invalid instead of
+/// wrapping onto a class.
+pub(super) fn labels_i32<const T: usize>(labels: Tensor<T, Int>) -> Tensor<T, Int> {
+    match labels.dtype() {
+        DType::I32 => labels,
+        _ => labels
+            .clamp(i64::from(i32::MIN), i64::from(i32::MAX))
+            .cast(IntDType::I32),
+    }
+}
+
+/// The lsce element type of `what`'s `dtype`, which `device` must support: a dtype the device
+/// lacks (bf16 on most wgpu adapters) fails on cubecl's device thread, where no caller can
+/// catch it, so it is refused here.
+pub(super) fn device_dtype(
+    what: &'static str,
+    device: &Device,
+    dtype: DType,
+) -> Result<crate::Dtype, BurnError> {
+    let lsce = ops::lsce_dtype(what, dtype)?;
+    if !device.supports_dtype(dtype) {
+        return Err(BurnError::DtypeNotOnDevice {
+            what,
+            dtype: format!("{dtype:?}"),
+            device: format!("{device:?}"),
+        });
+    }
+    Ok(lsce)
+}
+
+/// Reads back the kernel's summary (one wait for the device) and reports an invalid label
+/// among `classes` as an error.
+pub(super) fn check_summary(
+    summary: burn::backend::DispatchTensor,
+    classes: usize,
+) -> Result<(), BurnError> {
+    let summary = Tensor::<1, Int>::from_dispatch(summary)
+        .try_into_data()
+        .map_err(|e| BurnError::Execution(e.to_string()))?;
+    let words = summary
+        .try_into_vec::<i32>()
+        .map_err(|e| BurnError::Execution(format!("{e:?}")))?;
+    Summary::from_bytes(bytemuck::cast_slice(&words)).check(classes as u32)?;
+    Ok(())
+}
+
+pub(super) fn check_shape(
+    what: &'static str,
+    expected: &[usize],
+    actual: &[usize],
+) -> Result<(), BurnError> {
     if expected != actual {
         return Err(BurnError::ShapeMismatch {
             what,
@@ -315,7 +368,11 @@ fn check_shape(what: &'static str, expected: &[usize], actual: &[usize]) -> Resu
     Ok(())
 }
 
-fn same_device(what: &'static str, logits: &Device, other: &Device) -> Result<(), BurnError> {
+pub(super) fn same_device(
+    what: &'static str,
+    logits: &Device,
+    other: &Device,
+) -> Result<(), BurnError> {
     if logits != other {
         return Err(BurnError::DeviceMismatch {
             what,

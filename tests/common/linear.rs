@@ -1,9 +1,10 @@
 //! The fused linear head's test case, its derived error bounds and the comparison against the
-//! f64 reference, shared by tests/linear.rs (one device) and tests/linear_mpi.rs (the
-//! vocabulary split over ranks). tests/linear.rs's module docs derive the bounds;
-//! tests/linear_mpi.rs's say what a split adds ([`Split`]).
+//! f64 reference, shared by tests/linear.rs (one device), tests/linear_mpi.rs (the vocabulary
+//! split over ranks) and tests/burn_linear.rs (the head in Burn). tests/linear.rs's module docs
+//! derive the bounds; tests/linear_mpi.rs's say what a split adds ([`Split`]),
+//! tests/burn_linear.rs's what Burn's autodiff adds ([`After`]).
 
-use lsce::linear::{LinearBatch, LinearOutput};
+use lsce::linear::{cpu, HeadGradients, LinearBatch, LinearOutput};
 use lsce::shards::ShardLayout;
 use lsce::{Dtype, Logits, LossSpec, Reduction, Smoothing, UpstreamGrad};
 
@@ -138,6 +139,11 @@ impl Case {
             _ if self.upstream[0] == 1.0 => UpstreamGrad::One,
             _ => UpstreamGrad::Scalar(self.upstream[0]),
         }
+    }
+
+    /// The f64 reference of the whole head's batch, with `gradients`.
+    pub fn reference(&self, spec: &LossSpec, gradients: HeadGradients) -> LinearOutput<f64> {
+        cpu::compute(spec, &self.batch(spec.reduction), gradients).expect("reference")
     }
 
     /// The whole head's batch.
@@ -421,6 +427,79 @@ pub fn bounds(spec: &LossSpec, case: &Case, split: Split, reference: &LinearOutp
     }
 }
 
+/// What happens to the gradients after the kernels, before they are compared (Burn's autodiff
+/// node): each adds its roundings to the gradients' bounds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct After {
+    /// f32 products of the gradient (`GradientMode::Keep`'s multiply by the upstream gradient):
+    /// one rounding each, `E |g|`, doubled as every bound. The kernels' bounds scale linearly
+    /// with the upstream gradient, so the bound for upstream `s` covers `s` times that for 1.
+    pub products: u32,
+    /// The gradient's one rounding from f32 to a 16-bit type: half an ulp relative (`2^-11
+    /// |g|` for f16, `2^-8 |g|` for bf16), and half the smallest subnormal below the normal
+    /// range (`2^-25` for f16, `2^-134` for bf16).
+    pub rounded_to: Option<Dtype>,
+}
+
+impl After {
+    /// `tol` (the kernels' bounds of the gradient `want`) with these roundings added.
+    pub fn widen(&self, tol: &[f64], want: &[f64]) -> Vec<f64> {
+        let (unit, floor) = match self.rounded_to {
+            Some(Dtype::F16) => (2f64.powi(-11), 2f64.powi(-25)),
+            Some(Dtype::Bf16) => (2f64.powi(-8), 2f64.powi(-134)),
+            Some(Dtype::F32) | None => (0.0, 0.0),
+        };
+        tol.iter()
+            .zip(want)
+            .map(|(t, w)| {
+                let mut t = *t;
+                if self.products > 0 {
+                    t += f64::from(self.products) * SAFETY * E * w.abs();
+                }
+                if unit > 0.0 {
+                    t += unit * w.abs() + floor;
+                }
+                t
+            })
+            .collect()
+    }
+}
+
+/// Checks a loss and the gradients `grads` (`dH`, `dW`, `db`) against `reference` within the
+/// bounds `b`, the gradients' widened by `after`; `present` says which gradients must be there
+/// (the reference has them all). Returns the worst (error, ratio) of loss, dH, dW, db.
+pub fn check_loss_and_grads(
+    what: &str,
+    b: &Bounds,
+    reference: &LinearOutput<f64>,
+    loss: &[f32],
+    grads: [&Option<Vec<f32>>; 3],
+    present: [bool; 3],
+    after: After,
+) -> [(f64, f64); 4] {
+    let loss = assert_close(
+        &format!("{what}: loss"),
+        loss,
+        &reference.loss.loss,
+        &b.loss,
+    );
+    let mut worst = [loss, (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)];
+    let wanted = [
+        (&reference.d_hidden, &b.d_hidden, "dH"),
+        (&reference.d_head, &b.d_head, "dW"),
+        (&reference.d_bias, &b.d_bias, "db"),
+    ];
+    for (i, (got, (want, tol, name))) in grads.into_iter().zip(wanted).enumerate() {
+        assert_eq!(got.is_some(), present[i], "{what}: {name} presence");
+        if let Some(got) = got {
+            let want = want.as_ref().expect("reference gradient");
+            let tol = after.widen(tol, want);
+            worst[i + 1] = assert_close(&format!("{what}: {name}"), got, want, &tol);
+        }
+    }
+    worst
+}
+
 /// Checks `out` (one device's head, or the ranks' loss and summed `dH` with their `dW` and
 /// `db` slices concatenated in rank order) against `reference` within the bounds of `split`;
 /// returns the worst (error, ratio) of loss, dH, dW, db.
@@ -434,11 +513,19 @@ pub fn check_head(
     accuracy: bool,
 ) -> [(f64, f64); 4] {
     let b = bounds(spec, case, split, reference);
-    let loss = assert_close(
-        &format!("{what}: loss"),
+    let present = [
+        reference.d_hidden.is_some(),
+        reference.d_head.is_some(),
+        reference.d_bias.is_some(),
+    ];
+    let worst = check_loss_and_grads(
+        what,
+        &b,
+        reference,
         &out.loss.loss,
-        &reference.loss.loss,
-        &b.loss,
+        [&out.d_hidden, &out.d_head, &out.d_bias],
+        present,
+        After::default(),
     );
     assert_close(
         &format!("{what}: lse"),
@@ -458,18 +545,6 @@ pub fn check_head(
     );
     if accuracy {
         assert_eq!(out.loss.correct, reference.loss.correct, "{what}: accuracy");
-    }
-    let mut worst = [loss, (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)];
-    let outputs = [
-        (&out.d_hidden, &reference.d_hidden, &b.d_hidden, "dH"),
-        (&out.d_head, &reference.d_head, &b.d_head, "dW"),
-        (&out.d_bias, &reference.d_bias, &b.d_bias, "db"),
-    ];
-    for (i, (gpu, cpu, tol, name)) in outputs.into_iter().enumerate() {
-        assert_eq!(gpu.is_some(), cpu.is_some(), "{what}: {name} presence");
-        if let (Some(gv), Some(cv)) = (gpu, cpu) {
-            worst[i + 1] = assert_close(&format!("{what}: {name}"), gv, cv, tol);
-        }
     }
     worst
 }

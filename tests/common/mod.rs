@@ -187,6 +187,23 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// Burn's wgpu device shared with lsce (`lsce::burn::init_device`), once per test binary; a
+/// clear panic without adapter.
+#[cfg(feature = "burn")]
+pub fn burn_device() -> burn::tensor::Device {
+    static DEVICE: OnceLock<burn::tensor::Device> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            lsce::burn::init_device().unwrap_or_else(|e| {
+                panic!(
+                    "{e}\n  no wgpu adapter for Burn: install a software Vulkan driver (Debian: \
+                     `apt-get install -y mesa-vulkan-drivers`) or run on a machine with a GPU"
+                )
+            })
+        })
+        .clone()
+}
+
 /// Vulkan's first adapter (lavapipe in CI, with `Features::SUBGROUP`), once per test binary.
 #[allow(dead_code)] // not every test binary picks a backend
 pub fn vulkan() -> &'static Gpu {
