@@ -300,15 +300,9 @@ fn measure(
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); encoders.len()];
     for round in 0..=repeats {
         for (i, encode) in encoders.iter().enumerate() {
-            let mut encoder = device.create_command_encoder(&Default::default());
-            encode(&mut encoder);
-            let start = Instant::now();
-            queue.submit([encoder.finish()]);
-            device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| e.to_string())?;
+            let elapsed = run_step(device, queue, encode)?;
             if round > 0 {
-                times[i].push(start.elapsed());
+                times[i].push(elapsed);
             }
         }
     }
@@ -350,6 +344,23 @@ fn measure(
     })
 }
 
+/// Encodes one step, submits it alone and waits for it: the wall clock from submit to the end
+/// of the wait.
+fn run_step(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    encode: &Encode,
+) -> Result<Duration, String> {
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encode(&mut encoder);
+    let start = Instant::now();
+    queue.submit([encoder.finish()]);
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| e.to_string())?;
+    Ok(start.elapsed())
+}
+
 /// The median time of lsce's f32 logits matmul alone (`--matmul`).
 fn matmul_ms(
     device: &wgpu::Device,
@@ -363,15 +374,9 @@ fn matmul_ms(
         Case::new(shape, Dtype::F32)?.variant(device, kernel, &inputs, Variant::Matmul)?;
     let mut times = Vec::new();
     for round in 0..=repeats {
-        let mut encoder = device.create_command_encoder(&Default::default());
-        encode(&mut encoder);
-        let start = Instant::now();
-        queue.submit([encoder.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string())?;
+        let elapsed = run_step(device, queue, &encode)?;
         if round > 0 {
-            times.push(start.elapsed().as_secs_f64() * 1e3);
+            times.push(elapsed.as_secs_f64() * 1e3);
         }
     }
     times.sort_by(f64::total_cmp);
@@ -523,12 +528,7 @@ impl Case {
         let kernel = LossKernel::new(&device).map_err(|e| e.to_string())?;
         let inputs = Inputs::new(&device, (self.n, self.d, self.v), self.dtype);
         let (encode, _) = self.variant(&device, &kernel, &inputs, variant)?;
-        let mut encoder = device.create_command_encoder(&Default::default());
-        encode(&mut encoder);
-        queue.submit([encoder.finish()]);
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string())?;
+        run_step(&device, &queue, &encode)?;
         device
             .generate_allocator_report()
             .map(|r| r.total_allocated_bytes)
@@ -858,59 +858,6 @@ fn burn_matmul_ms(_: u32, _: u32, _: u32, _: usize) -> Result<f64, String> {
     Err("no burn".into())
 }
 
-/// Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1), forward and backward on an autodiff
-/// device: the median of `repeats` after a warm-up, and the bytes Burn's device holds after
-/// them (wgpu's allocator report, `total_allocated_bytes`, after a `memory_cleanup` before
-/// the case, so that the pages of earlier cases are gone and those this case's peak needed
-/// are what Burn's pool kept); an `Err` when Burn fails (out of memory).
-#[cfg(feature = "burn")]
-fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), String> {
-    use burn::nn::loss::CrossEntropyLossConfig;
-    use burn::nn::LinearConfig;
-    use burn::tensor::{Int, Tensor, TensorData};
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-    let (plain, setup) = burn_device()?;
-    plain.memory_cleanup();
-    let device = plain.clone().autodiff();
-    let (n, d, v) = (n as usize, d as usize, v as usize);
-    let values = (0..n * d)
-        .map(|i| ((i % 2001) as f32 / 1000.0 - 1.0) * 0.3)
-        .collect::<Vec<f32>>();
-    let labels = (0..n)
-        .map(|r| ((r * 7919) % v) as i64)
-        .collect::<Vec<i64>>();
-    let run = || -> Result<f64, String> {
-        let linear = LinearConfig::new(d, v).init(&device);
-        let loss_fn = CrossEntropyLossConfig::new()
-            .with_smoothing(Some(0.1))
-            .init(&device);
-        let mut times = Vec::new();
-        for round in 0..=repeats {
-            let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device)
-                .require_grad();
-            let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
-            let start = Instant::now();
-            let loss = loss_fn.forward(linear.forward(x), y);
-            let grads = loss.backward();
-            drop(grads);
-            device.sync().map_err(|e| e.to_string())?;
-            if round > 0 {
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
-    };
-    let t = catch_unwind(AssertUnwindSafe(run))
-        .map_err(|_| "Burn failed (out of memory?)".to_string())??;
-    let allocated = setup
-        .device
-        .generate_allocator_report()
-        .map(|r| r.total_allocated_bytes)
-        .ok_or("Burn's device gives no allocator report")?;
-    Ok((t, allocated))
-}
-
 /// Burn's wgpu device, made once, and its setup (for the allocator report).
 #[cfg(feature = "burn")]
 fn burn_device() -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup), String> {
@@ -931,21 +878,29 @@ fn burn_head_ms(_: u32, _: u32, _: u32, _: usize) -> Result<(f64, u64), String> 
     Err("no burn".into())
 }
 
-/// lsce's `LsceLinearLoss` in Burn (smoothing 0.1, a bias, recompute mode, `Keep`), forward
-/// and backward on an autodiff device, timed and measured as `burn_head_ms` on its own Burn
-/// runtime (of the adapter kind `kind`, with the exclusive pages lsce needs); an `Err` when it
-/// fails.
+/// A loss of hidden states and labels in Burn (the head is the closure's).
 #[cfg(feature = "burn")]
-fn burn_fused_ms(
-    n: u32,
-    d: u32,
-    v: u32,
+type BurnHead = Box<
+    dyn Fn(
+        burn::tensor::Tensor<2>,
+        burn::tensor::Tensor<1, burn::tensor::Int>,
+    ) -> Result<burn::tensor::Tensor<1>, String>,
+>;
+
+/// One head in Burn, forward and `backward()` on an autodiff device over `plain`: the median
+/// of `repeats` after a warm-up, and the bytes `plain`'s wgpu device holds after them (wgpu's
+/// allocator report, `total_allocated_bytes`, after a `memory_cleanup` before the case, so
+/// that the pages of earlier cases are gone and those this case's peak needed are what Burn's
+/// pool kept); an `Err` when the head fails (Burn out of memory, lsce's error).
+#[cfg(feature = "burn")]
+fn burn_step_ms(
+    (plain, setup): (burn::tensor::Device, burn::tensor::wgpu::WgpuSetup),
+    (n, d, v): (u32, u32, u32),
     repeats: usize,
-    kind: wgpu::DeviceType,
+    head: impl FnOnce(&burn::tensor::Device) -> Result<BurnHead, String>,
 ) -> Result<(f64, u64), String> {
     use burn::tensor::{Int, Tensor, TensorData};
     use std::panic::{catch_unwind, AssertUnwindSafe};
-    let (plain, setup) = burn_fused_device(kind)?;
     plain.memory_cleanup();
     let device = plain.clone().autodiff();
     let (n, d, v) = (n as usize, d as usize, v as usize);
@@ -956,19 +911,14 @@ fn burn_fused_ms(
         .map(|r| ((r * 7919) % v) as i64)
         .collect::<Vec<i64>>();
     let run = || -> Result<f64, String> {
-        let head = lsce::burn::LsceLinearLossConfig::new()
-            .with_smoothing(Some(0.1))
-            .with_label_check(false)
-            .init(d, v, &device)
-            .map_err(|e| e.to_string())?;
+        let loss_of = head(&device)?;
         let mut times = Vec::new();
         for round in 0..=repeats {
             let x = Tensor::<2>::from_data(TensorData::new(values.clone(), [n, d]), &device)
                 .require_grad();
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
             let start = Instant::now();
-            let loss = head.try_forward(x, y).map_err(|e| e.to_string())?;
-            let grads = loss.backward();
+            let grads = loss_of(x, y)?.backward();
             drop(grads);
             device.sync().map_err(|e| e.to_string())?;
             if round > 0 {
@@ -978,14 +928,52 @@ fn burn_fused_ms(
         times.sort_by(f64::total_cmp);
         Ok(times[times.len() / 2])
     };
-    let t =
-        catch_unwind(AssertUnwindSafe(run)).map_err(|_| "lsce in Burn failed".to_string())??;
+    let t = catch_unwind(AssertUnwindSafe(run))
+        .map_err(|_| "Burn failed (out of memory?)".to_string())??;
     let allocated = setup
         .device
         .generate_allocator_report()
         .map(|r| r.total_allocated_bytes)
         .ok_or("Burn's device gives no allocator report")?;
     Ok((t, allocated))
+}
+
+/// Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1), timed and measured by `burn_step_ms`
+/// on Burn's default device.
+#[cfg(feature = "burn")]
+fn burn_head_ms(n: u32, d: u32, v: u32, repeats: usize) -> Result<(f64, u64), String> {
+    use burn::nn::loss::CrossEntropyLossConfig;
+    use burn::nn::LinearConfig;
+    burn_step_ms(burn_device()?, (n, d, v), repeats, |device| {
+        let linear = LinearConfig::new(d as usize, v as usize).init(device);
+        let loss = CrossEntropyLossConfig::new()
+            .with_smoothing(Some(0.1))
+            .init(device);
+        Ok(Box::new(move |x, y| Ok(loss.forward(linear.forward(x), y))))
+    })
+}
+
+/// lsce's `LsceLinearLoss` in Burn (smoothing 0.1, a bias, recompute mode, `Keep`), timed and
+/// measured by `burn_step_ms` on its own Burn runtime (of the adapter kind `kind`, with the
+/// exclusive pages lsce needs).
+#[cfg(feature = "burn")]
+fn burn_fused_ms(
+    n: u32,
+    d: u32,
+    v: u32,
+    repeats: usize,
+    kind: wgpu::DeviceType,
+) -> Result<(f64, u64), String> {
+    burn_step_ms(burn_fused_device(kind)?, (n, d, v), repeats, |device| {
+        let head = lsce::burn::LsceLinearLossConfig::new()
+            .with_smoothing(Some(0.1))
+            .with_label_check(false)
+            .init(d as usize, v as usize, device)
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(move |x, y| {
+            head.try_forward(x, y).map_err(|e| e.to_string())
+        }))
+    })
 }
 
 /// A second Burn wgpu runtime on the kind of adapter lsce's device is, shared with lsce.
