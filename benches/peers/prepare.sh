@@ -2,6 +2,7 @@
 # Prepares, on this machine, everything benches/peers/h200.sh needs on the H200, which reaches
 # no package registry, into folders .gitignore keeps out of git:
 #   .bin/lsce-bench   the bench binary (release, x86-64, stripped)
+#   .bin/lsce-linear-bench.gz  the linear bench (release, all features, gzipped), for linear_gpu.sh
 #   .gl/*.deb         the Vulkan loader and its GL/EGL neighbours (Debian amd64 packages)
 #   .whl/*.whl        Liger's wheel for the machine's Python 3.12
 # then prints the device tool's `run` call that carries them. Run it from the repository that
@@ -24,6 +25,19 @@ mkdir -p .bin .gl .whl
 cp "$executable" .bin/lsce-bench
 strip .bin/lsce-bench
 
+echo "building the linear bench (release, all features: Burn's rows too)"
+linear=$(cargo bench --all-features --bench linear --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "linear" \
+            and "bench" in m["target"]["kind"] and m.get("executable"):
+        print(m["executable"])')
+[ -n "$linear" ] || { echo "cargo built no linear bench executable" >&2; exit 1; }
+# Burn's kernels make it 83 MB stripped, past the device tool's 64 MiB carry: gzip (24 MB).
+strip -o /tmp/lsce-linear-bench "$linear"
+gzip -9 -c /tmp/lsce-linear-bench >.bin/lsce-linear-bench.gz
+
 echo "downloading the Vulkan loader packages"
 mkdir -p /tmp/amd64/partial
 apt_amd64=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
@@ -43,4 +57,8 @@ cat <<'EOF'
 The device call (one H200; the script keeps to 330 s, so a rerun still fits the 15 minutes of device time):
   run(command: "bash benches/peers/h200.sh", carry: [".bin", ".gl", ".whl"], timeout_s: 400)
 Its files come back as lsce.json, sweeps.json, peers.json, log.txt and runs.tar.gz.
+
+The fused linear head, a second call (keeps to 270 s):
+  run(command: "bash benches/peers/linear_gpu.sh", carry: [".bin", ".gl", ".whl"], timeout_s: 330)
+Its files come back as linear.json, linear.svg, linear-peers.json and linear-log.txt.
 EOF
