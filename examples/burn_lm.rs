@@ -3,7 +3,7 @@
 //! `CrossEntropyLoss` side by side: tokens per second and peak device memory.
 //!
 //! ```text
-//! cargo run --release --features burn --example burn_lm            # about 4 minutes on lavapipe, 2 cores
+//! cargo run --release --features burn --example burn_lm            # about 2 minutes on lavapipe, 2 cores
 //! cargo run --release --features burn --example burn_lm -- --quick # a short run
 //! cargo run --release --features burn --example burn_lm -- --steps 300 --compare 20
 //! ```
