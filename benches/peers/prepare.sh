@@ -11,29 +11,31 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 liger=${LIGER_VERSION:-0.8.5}
 
-echo "building the bench (release)"
-executable=$(cargo bench --bench lsce --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json, sys
+# The executable cargo builds for bench NAME (further arguments go to cargo).
+bench_executable() {
+    local name=$1
+    shift
+    local executable
+    executable=$(cargo bench --bench "$name" "$@" --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "lsce" \
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == sys.argv[1] \
             and "bench" in m["target"]["kind"] and m.get("executable"):
-        print(m["executable"])')
-[ -n "$executable" ] || { echo "cargo built no bench executable" >&2; exit 1; }
+        print(m["executable"])' "$name")
+    [ -n "$executable" ] || { echo "cargo built no $name bench executable" >&2; exit 1; }
+    echo "$executable"
+}
+
 [ "$(uname -m)" = x86_64 ] || { echo "the H200 machine is x86-64; this one is $(uname -m)" >&2; exit 1; }
+echo "building the bench (release)"
+executable=$(bench_executable lsce)
 mkdir -p .bin .gl .whl
 cp "$executable" .bin/lsce-bench
 strip .bin/lsce-bench
 
 echo "building the linear bench (release, all features: Burn's rows too)"
-linear=$(cargo bench --all-features --bench linear --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "linear" \
-            and "bench" in m["target"]["kind"] and m.get("executable"):
-        print(m["executable"])')
-[ -n "$linear" ] || { echo "cargo built no linear bench executable" >&2; exit 1; }
+linear=$(bench_executable linear --all-features)
 # Burn's kernels make it 83 MB stripped, past the device tool's 64 MiB carry: gzip (24 MB).
 strip -o /tmp/lsce-linear-bench "$linear"
 gzip -9 -c /tmp/lsce-linear-bench >.bin/lsce-linear-bench.gz
