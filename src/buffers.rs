@@ -43,6 +43,42 @@ pub struct LossBuffers<'a> {
     pub summary: wgpu::BufferSlice<'a>,
 }
 
+/// The setters of the loss's optional buffers (`weights`, `upstream`, `loss`, `lse`), on
+/// [`LossBuffers`] and on each descriptor of buffers that has those fields (the fused linear
+/// head's `LinearBuffers`), so that every loss takes them the same way.
+macro_rules! loss_buffer_setters {
+    ($buffers:ident) => {
+        impl<'a> $buffers<'a> {
+            #[doc = concat!("Sets [`", stringify!($buffers), "::weights`].")]
+            pub fn with_weights(mut self, weights: wgpu::BufferSlice<'a>) -> Self {
+                self.weights = Some(weights);
+                self
+            }
+
+            #[doc = concat!("Sets [`", stringify!($buffers), "::upstream`].")]
+            pub fn with_upstream(mut self, upstream: wgpu::BufferSlice<'a>) -> Self {
+                self.upstream = Some(upstream);
+                self
+            }
+
+            #[doc = concat!("Sets [`", stringify!($buffers), "::loss`].")]
+            pub fn with_loss(mut self, loss: wgpu::BufferSlice<'a>) -> Self {
+                self.loss = Some(loss);
+                self
+            }
+
+            #[doc = concat!("Sets [`", stringify!($buffers), "::lse`].")]
+            pub fn with_lse(mut self, lse: wgpu::BufferSlice<'a>) -> Self {
+                self.lse = Some(lse);
+                self
+            }
+        }
+    };
+}
+pub(crate) use loss_buffer_setters;
+
+loss_buffer_setters!(LossBuffers);
+
 impl<'a> LossBuffers<'a> {
     /// The required buffers; the optional ones are added with the `with_*` methods.
     pub fn new(
@@ -60,30 +96,6 @@ impl<'a> LossBuffers<'a> {
             grad: None,
             summary,
         }
-    }
-
-    /// Sets [`LossBuffers::weights`].
-    pub fn with_weights(mut self, weights: wgpu::BufferSlice<'a>) -> Self {
-        self.weights = Some(weights);
-        self
-    }
-
-    /// Sets [`LossBuffers::upstream`].
-    pub fn with_upstream(mut self, upstream: wgpu::BufferSlice<'a>) -> Self {
-        self.upstream = Some(upstream);
-        self
-    }
-
-    /// Sets [`LossBuffers::loss`].
-    pub fn with_loss(mut self, loss: wgpu::BufferSlice<'a>) -> Self {
-        self.loss = Some(loss);
-        self
-    }
-
-    /// Sets [`LossBuffers::lse`].
-    pub fn with_lse(mut self, lse: wgpu::BufferSlice<'a>) -> Self {
-        self.lse = Some(lse);
-        self
     }
 
     /// Sets [`LossBuffers::grad`].

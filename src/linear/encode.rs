@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::buffers::{region, WORD};
+use crate::buffers::{loss_buffer_setters, region, WORD};
 use crate::encode::dispatch;
 use crate::error::{LsceError, Result};
 use crate::layout::{HeadSlot, LinearParams, Params, Slot, Summary};
@@ -86,30 +86,6 @@ impl<'a> LinearBuffers<'a> {
         self
     }
 
-    /// Sets [`LinearBuffers::weights`].
-    pub fn with_weights(mut self, weights: wgpu::BufferSlice<'a>) -> Self {
-        self.weights = Some(weights);
-        self
-    }
-
-    /// Sets [`LinearBuffers::upstream`].
-    pub fn with_upstream(mut self, upstream: wgpu::BufferSlice<'a>) -> Self {
-        self.upstream = Some(upstream);
-        self
-    }
-
-    /// Sets [`LinearBuffers::loss`].
-    pub fn with_loss(mut self, loss: wgpu::BufferSlice<'a>) -> Self {
-        self.loss = Some(loss);
-        self
-    }
-
-    /// Sets [`LinearBuffers::lse`].
-    pub fn with_lse(mut self, lse: wgpu::BufferSlice<'a>) -> Self {
-        self.lse = Some(lse);
-        self
-    }
-
     /// Sets the gradient outputs: `dH`, and `dW` and `db` where the problem has them.
     pub fn with_grads(
         mut self,
@@ -123,6 +99,8 @@ impl<'a> LinearBuffers<'a> {
         self
     }
 }
+
+loss_buffer_setters!(LinearBuffers);
 
 /// A plan bound to buffers: [`LinearBinding::encode`] records the step into the caller's
 /// encoder, with no allocation, submit or wait.
