@@ -107,45 +107,60 @@ fn block_add(c: Block, a: vec4<f32>, a2: vec4<f32>, x: vec4<f32>, x2: vec4<f32>)
 // the dispatch's, entries past the window and depths past `dim` read as 0.
 // Every invocation of the workgroup must call it (it holds barriers).
 fn mm_logits(lid: u32, r0: u32, v0: u32) -> Block {
+    // src/compose.rs supplies the depth loop: mm_staged_loop below on every backend, or
+    // shaders/matmul_subgroups.wgsl's where the kernel uses subgroups. Both add the same
+    // products in the same order: the same bits.
+    let c = mm_depth_loop(lid, r0, v0);
+    // The callers stage their next operands in mm_ab.
+    workgroupBarrier();
+    return c;
+}
+
+// The portable depth loop: both operand tiles through workgroup memory, then MM_DEPTH outer
+// products per step of the invocation's rows of A (ty + 8 i) and columns of B (tx + 8 j).
+fn mm_staged_loop(lid: u32, r0: u32, v0: u32) -> Block {
     let tx = lid % 8u;
     let ty = lid / 8u;
     var c = zero_block();
-    let row_end = LQ.row_begin + LQ.row_count;
     for (var k0 = 0u; k0 < LQ.dim; k0 += MM_DEPTH) {
         workgroupBarrier();
-        // 256 vec4 slots of A and of B per depth step, four of each per invocation: slot
-        // s = (k, y, h) holds rows y + 8 (4 h + q) at depth k0 + k; consecutive invocations read
-        // consecutive depths of a row.
-        for (var s4 = 0u; s4 < 4u; s4++) {
-            let s = lid + s4 * MM_INVOCATIONS;
-            let k = s % MM_DEPTH;
-            let yh = s / MM_DEPTH;
-            let kk = k0 + k;
-            var a = vec4<f32>(0.0);
-            var b = vec4<f32>(0.0);
-            if (kk < LQ.dim) {
-                for (var q = 0u; q < 4u; q++) {
-                    let m = (yh >> 1u) + 8u * (4u * (yh & 1u) + q);
-                    if (r0 + m < row_end) {
-                        a[q] = hidden_at((r0 + m) * LQ.dim + kk);
-                    }
-                    if (v0 + m < LQ.window_end) {
-                        b[q] = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
-                    }
-                }
-            }
-            mm_ab[k * 16u + yh] = a;
-            mm_ab[MM_B + k * 16u + yh] = b;
-        }
+        mm_stage(lid, r0, v0, k0);
         workgroupBarrier();
         for (var k = 0u; k < MM_DEPTH; k++) {
             let at = k * 16u;
             c = block_add(c, mm_ab[at + 2u * ty], mm_ab[at + 2u * ty + 1u], mm_ab[MM_B + at + 2u * tx], mm_ab[MM_B + at + 2u * tx + 1u]);
         }
     }
-    // The callers stage their next operands in mm_ab.
-    workgroupBarrier();
     return c;
+}
+
+// Loads the depth step's operand tiles, rows r0 + [0, 64) of H (A) and v0 + [0, 64) of W (B)
+// at depths k0 + [0, MM_DEPTH), into mm_ab: 256 vec4 slots of each, four of each per
+// invocation. Slot s = (k, y, h) holds rows y + 8 (4 h + q) at depth k0 + k; consecutive
+// invocations read consecutive depths of a row.
+fn mm_stage(lid: u32, r0: u32, v0: u32, k0: u32) {
+    let row_end = LQ.row_begin + LQ.row_count;
+    for (var s4 = 0u; s4 < 4u; s4++) {
+        let s = lid + s4 * MM_INVOCATIONS;
+        let k = s % MM_DEPTH;
+        let yh = s / MM_DEPTH;
+        let kk = k0 + k;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        if (kk < LQ.dim) {
+            for (var q = 0u; q < 4u; q++) {
+                let m = (yh >> 1u) + 8u * (4u * (yh & 1u) + q);
+                if (r0 + m < row_end) {
+                    a[q] = hidden_at((r0 + m) * LQ.dim + kk);
+                }
+                if (v0 + m < LQ.window_end) {
+                    b[q] = head_at((v0 + m - LQ.window_begin) * LQ.dim + kk);
+                }
+            }
+        }
+        mm_ab[k * 16u + yh] = a;
+        mm_ab[MM_B + k * 16u + yh] = b;
+    }
 }
 
 // The columns of the invocation's block at tile column base v0: tx + 8 j, j < 4 or >= 4.

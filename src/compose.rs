@@ -59,6 +59,7 @@ mod fragment {
     pub const SETUP: &str = include_str!("../shaders/setup.wgsl");
     pub const FINALIZE: &str = include_str!("../shaders/finalize.wgsl");
     pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
+    pub const MATMUL_SUBGROUPS: &str = include_str!("../shaders/matmul_subgroups.wgsl");
     pub const LINEAR: &str = include_str!("../shaders/linear.wgsl");
 }
 
@@ -113,13 +114,16 @@ pub(crate) struct ModuleKey {
 
 impl ModuleKey {
     /// The fused linear head's module for inputs of `head_dtype`: group 0 is the in-place loss
-    /// layout (its f32 `logits` are the head's chunk of logits), group 1 the head's.
-    pub fn linear(head_dtype: Dtype) -> Self {
+    /// layout (its f32 `logits` are the head's chunk of logits), group 1 the head's. With
+    /// [`Team::WorkgroupSubgroups`] the logits matmul shares its A operand through subgroup
+    /// shuffles (shaders/matmul_subgroups.wgsl), with [`Team::Workgroup`] through workgroup
+    /// memory only.
+    pub fn linear(head_dtype: Dtype, team: Team) -> Self {
         Self {
             family: Family::Linear,
             wg_size: AUX_WG_SIZE,
             cache_n: 1,
-            team: Team::Workgroup,
+            team,
             in_place: true,
             dtype: Dtype::F32,
             grad_dtype: Dtype::F32,
@@ -226,7 +230,16 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
     src.push_str(fragment::COMMON);
     if key.family == Family::Linear {
         src.push_str(&linear_prelude(key));
-        src.extend([fragment::SHARD_RECORDS, fragment::MATMUL, fragment::LINEAR]);
+        src.extend([fragment::SHARD_RECORDS, fragment::MATMUL]);
+        src.push_str(match key.team {
+            // The logits matmul's depth loop: the portable one, or the subgroup one.
+            Team::Workgroup => {
+                "fn mm_depth_loop(lid: u32, r0: u32, v0: u32) -> Block \
+                 { return mm_staged_loop(lid, r0, v0); }\n"
+            }
+            _ => fragment::MATMUL_SUBGROUPS,
+        });
+        src.push_str(fragment::LINEAR);
         return src;
     }
     match key.team {
@@ -396,7 +409,9 @@ mod tests {
         }
         // The linear head: group 0 is the loss's with its f32 chunk (in place), group 1 the
         // head's inputs in each dtype.
-        keys.extend(dtypes.map(ModuleKey::linear));
+        for team in [Team::Workgroup, Team::WorkgroupSubgroups(8)] {
+            keys.extend(dtypes.map(|dtype| ModuleKey::linear(dtype, team)));
+        }
         keys
     }
 

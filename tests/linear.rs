@@ -386,6 +386,118 @@ fn twenty_runs_are_bitwise_identical_in_both_modes() {
     }
 }
 
+/// The logits matmul's subgroup loop (shaders/matmul_subgroups.wgsl: A's rows by
+/// subgroupBroadcast) adds the same products in the same order as the portable loop: the same
+/// bits for every row's lse and for dH, dW and db, in both modes and every input type, on the
+/// same device. (The reduced loss is not compared bit for bit: each kernel sums the rows with
+/// its own team reduction, subgroup or workgroup memory, in another order.)
+#[test]
+fn the_subgroup_matmul_gives_the_portable_matmuls_bits() {
+    let g = vulkan();
+    assert!(g.kernel.uses_subgroups() && !g.fallback.uses_subgroups());
+    let spec = LossSpec {
+        z_loss: 1e-4,
+        ..LossSpec::pytorch(0.1)
+    };
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+        // Rows past one tile, D and V off the tile and the depth step.
+        let case = Case::new(13, 150, 37, 1031, true, true).in_dtype(dtype);
+        let batch = case.batch(spec.reduction);
+        for memory in MODES {
+            let run = |kernel: &LossKernel| {
+                kernel
+                    .compute_linear(&g.queue, &spec, &batch, &options(memory))
+                    .unwrap()
+            };
+            let (sub, portable) = (run(&g.kernel), run(&g.fallback));
+            let what = format!("{dtype:?} {memory:?}");
+            assert_eq!(
+                common::bits(&sub.loss.lse),
+                common::bits(&portable.loss.lse),
+                "{what}"
+            );
+            assert_eq!(sub.loss.correct, portable.loss.correct, "{what}");
+            for (a, b) in [
+                (&sub.d_hidden, &portable.d_hidden),
+                (&sub.d_head, &portable.d_head),
+                (&sub.d_bias, &portable.d_bias),
+            ] {
+                assert_eq!(
+                    common::bits(a.as_ref().unwrap()),
+                    common::bits(b.as_ref().unwrap()),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// The subgroup loop runs only where each workgroup finds its 64 invocations in 8-lane
+/// subgroups with lane = local_invocation_index mod 8 (WGSL promises neither; the shader
+/// checks and otherwise takes the portable loop, which gives the same bits, so the test above
+/// alone could not tell). This probe makes the same two scans in a 64-invocation workgroup on
+/// lavapipe: it must find the layout, or CI would not be running the subgroup loop at all.
+#[test]
+fn lavapipe_lays_out_subgroups_as_the_subgroup_matmul_needs() {
+    let g = vulkan();
+    let source = "
+        @group(0) @binding(0) var<storage, read_write> out: array<u32>;
+        @compute @workgroup_size(64)
+        fn probe(@builtin(local_invocation_index) lid: u32) {
+            out[2u * lid] = subgroupExclusiveAdd(1u);
+            out[2u * lid + 1u] = subgroupAdd(1u);
+        }";
+    let module = g.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("subgroup layout probe"),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline = g
+        .device
+        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("subgroup layout probe"),
+            layout: None,
+            module: &module,
+            entry_point: Some("probe"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+    let bytes = 2 * 64 * 4;
+    let out = g.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let group = g.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[wgpu::BindGroupEntry {
+            binding: 0,
+            resource: out.as_entire_binding(),
+        }],
+    });
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    g.queue.submit([encoder.finish()]);
+    let words: Vec<u32> = read_f32(g, &out, bytes)
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    for lid in 0..64 {
+        assert_eq!(
+            (words[2 * lid], words[2 * lid + 1]),
+            ((lid % 8) as u32, 8),
+            "{}: invocation {lid}'s (lane, subgroup size)",
+            g.name
+        );
+    }
+}
+
 #[test]
 fn bad_input_is_a_clear_err() {
     let g = vulkan();

@@ -428,7 +428,7 @@ impl LinearPlan {
                 module: ModuleKey {
                     family,
                     team,
-                    ..ModuleKey::linear(Dtype::F32)
+                    ..ModuleKey::linear(Dtype::F32, team)
                 },
                 entry,
                 switches,
@@ -436,7 +436,7 @@ impl LinearPlan {
         };
         let linear = |entry| {
             inner.pipeline(PipelineKey {
-                module: ModuleKey::linear(loss.dtype),
+                module: ModuleKey::linear(loss.dtype, team),
                 entry,
                 switches,
             })
@@ -484,7 +484,7 @@ impl LinearPlan {
                 uniforms,
                 stride,
                 pipelines,
-                head_module: ModuleKey::linear(loss.dtype),
+                head_module: ModuleKey::linear(loss.dtype, team),
                 switches,
             }),
         })

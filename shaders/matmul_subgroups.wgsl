@@ -1,0 +1,74 @@
+// The logits matmul's depth loop where the kernel uses subgroups (src/compose.rs adds this
+// file to the linear module then; otherwise the loop is shaders/matmul.wgsl's portable
+// `mm_staged_loop`).
+//
+// The eight invocations that share a row of blocks (the same ty, tx = 0..7) need the same
+// eight rows of A (ty + 8 i) at every depth. The portable loop has each of them load both
+// vec4s of those rows from workgroup memory: on a CPU adapter, which loads workgroup memory
+// lane by lane, that is eight lanes' gathers for what is one value per row. Here each
+// invocation loads one scalar, row ty + 8 tx, and the group's eight rows come from
+// subgroupBroadcast of lanes 0..7, a register move. B is still read per lane: its columns
+// differ per invocation. The products and their order are the portable loop's: the same bits.
+//
+// This needs the group to be one whole subgroup, lane = tx: a subgroup size of 8 with
+// subgroups that are consecutive runs of local_invocation_index. WGSL promises neither, so
+// each workgroup checks both once and runs the portable loop when any invocation finds them
+// false: correct on every device. Measured on lavapipe (8-lane subgroups): the logits matmul
+// 1.14-1.19x faster than the portable loop. Wider subgroups (a GPU's 32) take the portable
+// loop: a group inside a wider subgroup would need subgroupShuffle from a computed lane,
+// which ran 1.1x slower than the portable loop on lavapipe, and a GPU already serves a
+// workgroup-memory read that all lanes make at one address as one broadcast.
+//
+// The check branches once, outside the depth loop: inside it (per step) it ran lavapipe's
+// matmul 1.35x slower. Back edges per step (src/linear/plan.rs `segment_tiles` counts about
+// 40): the staging loop's 20 and the depth loop's 16, as the portable loop.
+
+// 0: not yet checked, 1: broadcasts, 2: the portable loop. Private: each invocation keeps what
+// its workgroup decided, so the check costs two barriers once per invocation.
+var<private> mm_a_path: u32 = 0u;
+var<workgroup> mm_a_agree: u32;
+
+// Whether every invocation of the workgroup is lane lid % 8 of an 8-lane subgroup. Every
+// invocation must call it (barriers): the callers run in the workgroup's uniform control flow,
+// so every lane of each subgroup is active and the scans below count them all.
+fn mm_a_broadcasts(lid: u32) -> bool {
+    if (mm_a_path == 0u) {
+        let lane = subgroupExclusiveAdd(1u);
+        let size = subgroupAdd(1u);
+        if (lid == 0u) {
+            mm_a_agree = 1u;
+        }
+        workgroupBarrier();
+        if (size != 8u || lane != lid % 8u) {
+            mm_a_agree = 0u;
+        }
+        mm_a_path = select(2u, 1u, workgroupUniformLoad(&mm_a_agree) == 1u);
+    }
+    return mm_a_path == 1u;
+}
+
+fn mm_depth_loop(lid: u32, r0: u32, v0: u32) -> Block {
+    if (!mm_a_broadcasts(lid)) {
+        return mm_staged_loop(lid, r0, v0);
+    }
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    // This lane's row of A, ty + 8 tx: A's element (row y + 8 (4 h + q), depth k) is at
+    // mm_ab[k * 16 + 2 y + h][q].
+    let own = 2u * ty + tx / 4u;
+    let q = tx % 4u;
+    var c = zero_block();
+    for (var k0 = 0u; k0 < LQ.dim; k0 += MM_DEPTH) {
+        workgroupBarrier();
+        mm_stage(lid, r0, v0, k0);
+        workgroupBarrier();
+        for (var k = 0u; k < MM_DEPTH; k++) {
+            let at = k * 16u;
+            let a = mm_ab[at + own][q];
+            let rows = vec4<f32>(subgroupBroadcast(a, 0u), subgroupBroadcast(a, 1u), subgroupBroadcast(a, 2u), subgroupBroadcast(a, 3u));
+            let rows2 = vec4<f32>(subgroupBroadcast(a, 4u), subgroupBroadcast(a, 5u), subgroupBroadcast(a, 6u), subgroupBroadcast(a, 7u));
+            c = block_add(c, rows, rows2, mm_ab[MM_B + at + 2u * tx], mm_ab[MM_B + at + 2u * tx + 1u]);
+        }
+    }
+    return c;
+}
