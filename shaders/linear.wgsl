@@ -353,6 +353,18 @@ fn add_half_product(c: Block, half: u32, tx: u32, ty: u32) -> Block {
     return r;
 }
 
+// A tile's product over its 64 staged rows (W's from `first`, or H's), columns d0 + [0, 64):
+// the two halves in order. The passes call it through `tile_product`: this one
+// (shaders/matmul_portable.wgsl), or shaders/matmul_subgroups.wgsl's broadcast of G's rows.
+fn staged_tile_product(lid: u32, first: u32, rows_end: u32, d0: u32, is_head: bool) -> Block {
+    var c = zero_block();
+    for (var half = 0u; half < 2u; half++) {
+        stage_half(lid, first + half * 32u, rows_end, d0, is_head);
+        c = add_half_product(c, half, lid % 8u, lid / 8u);
+    }
+    return c;
+}
+
 // Adds the block `s` to the f32 accumulator (dH, or dW of the window) at rows row0 + ty + 8 i
 // and columns d0 + tx + 8 j, or starts it.
 fn add_block(s: Block, row0: u32, row_end: u32, d0: u32, tx: u32, ty: u32, start: bool, into_head: bool) {
@@ -410,11 +422,7 @@ fn linear_grad_hidden(@builtin(local_invocation_index) lid: u32, @builtin(workgr
         let v_end = min(v0 + MM_TILE, LQ.window_end);
         for (var d0 = d_range.x; d0 < d_range.y; d0 += MM_TILE) {
             // dH[r0 + ty + 8 i, d0 + tx + 8 j] += sum_n G[ty + 8 i, n] W[v0 + n, d0 + tx + 8 j]
-            var c = zero_block();
-            for (var half = 0u; half < 2u; half++) {
-                stage_half(lid, v0 + half * 32u, v_end, d0, true);
-                c = add_half_product(c, half, tx, ty);
-            }
+            let c = tile_product(lid, v0, v_end, d0, true);
             add_block(c, r0, row_end, d0, tx, ty, v0 == 0u, false);
         }
     }
@@ -445,11 +453,7 @@ fn linear_grad_head(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         }
         for (var d0 = d_range.x; d0 < d_range.y; d0 += MM_TILE) {
             // dW[v0 + ty + 8 i, d0 + tx + 8 j] += sum_m G[m, ty + 8 i] H[r0 + m, d0 + tx + 8 j]
-            var c = zero_block();
-            for (var half = 0u; half < 2u; half++) {
-                stage_half(lid, r0 + half * 32u, row_end, d0, false);
-                c = add_half_product(c, half, tx, ty);
-            }
+            let c = tile_product(lid, r0, row_end, d0, false);
             add_block(c, v0, v_end, d0, tx, ty, first && r0 == LQ.row_begin, true);
         }
         workgroupBarrier();

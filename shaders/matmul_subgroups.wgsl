@@ -64,11 +64,40 @@ fn mm_depth_loop(lid: u32, r0: u32, v0: u32) -> Block {
         workgroupBarrier();
         for (var k = 0u; k < MM_DEPTH; k++) {
             let at = k * 16u;
-            let a = mm_ab[at + own][q];
-            let rows = vec4<f32>(subgroupBroadcast(a, 0u), subgroupBroadcast(a, 1u), subgroupBroadcast(a, 2u), subgroupBroadcast(a, 3u));
-            let rows2 = vec4<f32>(subgroupBroadcast(a, 4u), subgroupBroadcast(a, 5u), subgroupBroadcast(a, 6u), subgroupBroadcast(a, 7u));
-            c = block_add(c, rows, rows2, mm_ab[MM_B + at + 2u * tx], mm_ab[MM_B + at + 2u * tx + 1u]);
+            c = add_broadcast(c, mm_ab[at + own][q], mm_ab[MM_B + at + 2u * tx], mm_ab[MM_B + at + 2u * tx + 1u]);
         }
     }
     return c;
+}
+
+// The gradient products' tile (shaders/linear.wgsl `staged_tile_product`) with G's rows
+// ty + 8 i broadcast the same way: lane tx reads row ty + 8 tx of the G tile, one vec4 of four
+// depths, instead of each lane reading all eight rows' vec4s. Same products, same order.
+fn tile_product(lid: u32, first: u32, rows_end: u32, d0: u32, is_head: bool) -> Block {
+    if (!mm_a_broadcasts(lid)) {
+        return staged_tile_product(lid, first, rows_end, d0, is_head);
+    }
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    var c = zero_block();
+    for (var half = 0u; half < 2u; half++) {
+        stage_half(lid, first + half * 32u, rows_end, d0, is_head);
+        for (var k4 = 0u; k4 < 8u; k4++) {
+            let g = mm_tile[(ty + 8u * tx) * 16u + half * 8u + k4];
+            let x = k4 * 64u + 2u * tx;
+            c = add_broadcast(c, g.x, mm_ab[x], mm_ab[x + 1u]);
+            c = add_broadcast(c, g.y, mm_ab[x + 16u], mm_ab[x + 17u]);
+            c = add_broadcast(c, g.z, mm_ab[x + 32u], mm_ab[x + 33u]);
+            c = add_broadcast(c, g.w, mm_ab[x + 48u], mm_ab[x + 49u]);
+        }
+    }
+    return c;
+}
+
+// c += the outer product of the subgroup's eight values of `a` (lane i's: row ty + 8 i) with
+// columns x and x2: block_add with its rows from lanes 0..7.
+fn add_broadcast(c: Block, a: f32, x: vec4<f32>, x2: vec4<f32>) -> Block {
+    let rows = vec4<f32>(subgroupBroadcast(a, 0u), subgroupBroadcast(a, 1u), subgroupBroadcast(a, 2u), subgroupBroadcast(a, 3u));
+    let rows2 = vec4<f32>(subgroupBroadcast(a, 4u), subgroupBroadcast(a, 5u), subgroupBroadcast(a, 6u), subgroupBroadcast(a, 7u));
+    return block_add(c, rows, rows2, x, x2);
 }

@@ -59,6 +59,7 @@ mod fragment {
     pub const SETUP: &str = include_str!("../shaders/setup.wgsl");
     pub const FINALIZE: &str = include_str!("../shaders/finalize.wgsl");
     pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
+    pub const MATMUL_PORTABLE: &str = include_str!("../shaders/matmul_portable.wgsl");
     pub const MATMUL_SUBGROUPS: &str = include_str!("../shaders/matmul_subgroups.wgsl");
     pub const LINEAR: &str = include_str!("../shaders/linear.wgsl");
 }
@@ -232,11 +233,7 @@ pub(crate) fn compose(key: &ModuleKey) -> String {
         src.push_str(&linear_prelude(key));
         src.extend([fragment::SHARD_RECORDS, fragment::MATMUL]);
         src.push_str(match key.team {
-            // The logits matmul's depth loop: the portable one, or the subgroup one.
-            Team::Workgroup => {
-                "fn mm_depth_loop(lid: u32, r0: u32, v0: u32) -> Block \
-                 { return mm_staged_loop(lid, r0, v0); }\n"
-            }
+            Team::Workgroup => fragment::MATMUL_PORTABLE,
             _ => fragment::MATMUL_SUBGROUPS,
         });
         src.push_str(fragment::LINEAR);
