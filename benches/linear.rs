@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! cargo bench --all-features --bench linear -- [--quick | --full | --shapes 4096x512x32000,..]
-//!     [--dtypes f32,bf16] [--repeats N] [--json FILE] [--svg FILE]
+//!     [--dtypes f32,bf16] [--repeats N] [--json FILE] [--svg FILE] [--check] [--matmul]
 //! ```
+//!
+//! `--matmul` times only f32 matmuls: lsce's logits matmul and unfused head on the kernel's
+//! default path (with subgroups where the device has them) and on the portable path
+//! (`KernelConfig::use_subgroups = false`), and Burn's matmul of the same shape.
 //!
 //! Cases: the issue's shapes `N x D x V` = 4096 x 512 x 32000, 1024 x 1024 x 128256,
 //! 256 x 2048 x 262144 and 16384 x 256 x 50257 (`--full`, the default on a GPU: on a CPU
@@ -26,7 +30,8 @@
 //!   lsce's fused loss over it with the gradient in place, the two gradient products
 //!   (`LinearPlan::bind_products`);
 //! * **burn mm** (feature `burn`, f32): Burn's f32 matmul of the same shape (cubecl's
-//!   autotuned kernels) on Burn's own wgpu device;
+//!   kernels, autotuned at its full level in this run with no cache from an earlier run) on
+//!   Burn's own wgpu device;
 //! * **burn head** (feature `burn`, f32): Burn's `Linear` + `CrossEntropyLoss` (smoothing 0.1),
 //!   forward and `backward()` on an autodiff device;
 //! * **burn fused** (feature `burn`, f32): `lsce::burn::LsceLinearLoss` (smoothing 0.1, a bias,
@@ -105,7 +110,8 @@ struct Args {
     svg: Option<String>,
     /// Also the max errors of the staging call against the f64 reference.
     check: bool,
-    /// Only the matmul target: lsce's logits matmul against Burn's.
+    /// Only the matmul target: lsce's logits matmul (and its unfused head) on the default
+    /// and the portable path, against Burn's matmul.
     matmul: bool,
 }
 
@@ -230,15 +236,63 @@ fn run() -> Result<(), String> {
         }
     });
     if args.matmul {
+        // The kernel's paths side by side: its default (the subgroup path where the device has
+        // subgroups) and the portable one (workgroup memory only), the logits matmul alone
+        // and the unfused head (the matmul, the loss, the two gradient products).
+        let portable = LossKernel::with_config(
+            &device,
+            lsce::KernelConfig {
+                use_subgroups: false,
+                ..lsce::KernelConfig::for_device(&device)
+            },
+        )
+        .map_err(|e| e.to_string())?;
         println!(
-            "{:>22} {:>9} {:>9} {:>10}",
-            "NxDxV", "lsce mm", "burn mm", "burn/lsce"
+            "{:>22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "NxDxV",
+            "lsce mm",
+            "port. mm",
+            "port/lsce",
+            "lsce unf",
+            "port. unf",
+            "port/lsce",
+            "burn mm",
+            "burn/lsce"
         );
         for &(n, d, v) in &shapes {
-            let ms = matmul_ms(&device, &queue, &kernel, (n, d, v), args.repeats)?;
+            // The four steps in rotation, round after round, so that a change of the host's
+            // speed hits all alike: medians of the times and of each round's ratios.
+            let case = Case::new((n, d, v), Dtype::F32)?;
+            let inputs = Inputs::new(&device, (n, d, v), Dtype::F32);
+            let steps = [
+                (&kernel, Variant::Matmul),
+                (&portable, Variant::Matmul),
+                (&kernel, Variant::Unfused),
+                (&portable, Variant::Unfused),
+            ]
+            .map(|(k, variant)| case.variant(&device, k, &inputs, variant).map(|(e, _)| e));
+            let steps = steps.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let mut times = vec![Vec::new(); steps.len()];
+            let mut ratios = [Vec::new(), Vec::new()];
+            for round in 0..=args.repeats {
+                let t = steps
+                    .iter()
+                    .map(|e| run_step(&device, &queue, e).map(|d| d.as_secs_f64() * 1e3))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if round > 0 {
+                    ratios[0].push(t[1] / t[0]);
+                    ratios[1].push(t[3] / t[2]);
+                    for (all, x) in times.iter_mut().zip(t) {
+                        all.push(x);
+                    }
+                }
+            }
+            let [ms, portable_ms, unfused, portable_unfused] =
+                [0, 1, 2, 3].map(|i| common::median(times[i].clone()));
+            let [matmul_gain, unfused_gain] = ratios.map(common::median);
             let burn = burn_matmul_ms(n, d, v, args.repeats)?;
             println!(
-                "{:>22} {ms:>9.1} {burn:>9.1} {:>10.2}",
+                "{:>22} {ms:>9.1} {portable_ms:>9.1} {matmul_gain:>9.2} {unfused:>9.1} {portable_unfused:>9.1} {unfused_gain:>9.2} {burn:>9.1} {:>10.2}",
                 format!("{n}x{d}x{v}"),
                 burn / ms
             );
@@ -359,28 +413,6 @@ fn run_step(
         .poll(wgpu::PollType::wait_indefinitely())
         .map_err(|e| e.to_string())?;
     Ok(start.elapsed())
-}
-
-/// The median time of lsce's f32 logits matmul alone (`--matmul`).
-fn matmul_ms(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    kernel: &LossKernel,
-    shape: (u32, u32, u32),
-    repeats: usize,
-) -> Result<f64, String> {
-    let inputs = Inputs::new(device, shape, Dtype::F32);
-    let (encode, _) =
-        Case::new(shape, Dtype::F32)?.variant(device, kernel, &inputs, Variant::Matmul)?;
-    let mut times = Vec::new();
-    for round in 0..=repeats {
-        let elapsed = run_step(device, queue, &encode)?;
-        if round > 0 {
-            times.push(elapsed.as_secs_f64() * 1e3);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// A case's problem: its shape, its dtype, and the problems of its variants.
@@ -866,6 +898,15 @@ fn burn_device() -> Result<(burn::tensor::Device, burn::tensor::wgpu::WgpuSetup)
         OnceLock::new();
     DEVICE
         .get_or_init(|| {
+            // Burn's kernels autotuned fully in this run, with no cache from an earlier one:
+            // on lavapipe the matmul that the default level had cached (in target/environment)
+            // ran 1.5x slower than the best one a full tune finds, and which one a run got
+            // changed between runs. CUBECL_* variables still override this.
+            use cubecl::config::{autotune::AutotuneLevel, CubeClRuntimeConfig, RuntimeConfig};
+            let mut config = CubeClRuntimeConfig::default();
+            config.autotune.level = AutotuneLevel::Full;
+            config.autotune.disable_cache = true;
+            CubeClRuntimeConfig::try_set(config.override_from_env());
             burn::tensor::Device::wgpu_options()
                 .init_with_setup()
                 .map_err(|e| format!("Burn's wgpu runtime: {e}"))
@@ -889,9 +930,10 @@ type BurnHead = Box<
 
 /// One head in Burn, forward and `backward()` on an autodiff device over `plain`: the median
 /// of `repeats` after a warm-up, and the bytes `plain`'s wgpu device holds after them (wgpu's
-/// allocator report, `total_allocated_bytes`, after a `memory_cleanup` before the case, so
-/// that the pages of earlier cases are gone and those this case's peak needed are what Burn's
-/// pool kept); an `Err` when the head fails (Burn out of memory, lsce's error).
+/// allocator report, `total_allocated_bytes`, after a `memory_cleanup` before the case and
+/// another after the warm-up, so that the pages of earlier cases and of the autotune's trials
+/// are gone and those this case's peak needed are what Burn's pool kept); an `Err` when the
+/// head fails (Burn out of memory, lsce's error).
 #[cfg(feature = "burn")]
 fn burn_step_ms(
     (plain, setup): (burn::tensor::Device, burn::tensor::wgpu::WgpuSetup),
@@ -923,6 +965,10 @@ fn burn_step_ms(
             device.sync().map_err(|e| e.to_string())?;
             if round > 0 {
                 times.push(start.elapsed().as_secs_f64() * 1e3);
+            } else {
+                // The warm-up round autotuned Burn's kernels, whose trial buffers the pool
+                // keeps: freed here, so that the report holds what the step itself needs.
+                plain.memory_cleanup();
             }
         }
         times.sort_by(f64::total_cmp);

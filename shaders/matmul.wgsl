@@ -8,7 +8,8 @@
 // vec4 loads per 64 multiply-adds. A CPU adapter loads workgroup memory lane by lane, so
 // loads, not arithmetic, bound it: packed 4 x 4 blocks ran the forward pass 3.8x faster on
 // lavapipe than scalar tiles, and 8 x 8 blocks (half the loads per multiply-add) about 2.5x
-// faster again.
+// faster again. Where the kernel uses subgroups, shaders/matmul_subgroups.wgsl takes A's
+// loads down to one scalar per invocation and depth (subgroupBroadcast for the rest).
 // Accumulation is f32 in a fixed order (k ascending), so a tile's values are the same bits on
 // every run whatever the scheduling. The multiply-adds are written `c += a * b`, not `fma`:
 // lavapipe ran the matmul 20% slower with `fma` (512 x 512 x 4096), and either rounding is

@@ -13,8 +13,9 @@
 // This needs the group to be one whole subgroup, lane = tx: a subgroup size of 8 with
 // subgroups that are consecutive runs of local_invocation_index. WGSL promises neither, so
 // each workgroup checks both once and runs the portable loop when any invocation finds them
-// false: correct on every device. Measured on lavapipe (8-lane subgroups): the logits matmul
-// 1.14-1.19x faster than the portable loop. Wider subgroups (a GPU's 32) take the portable
+// false: correct on every device. Measured on lavapipe (8-lane subgroups; `--matmul` in
+// benches/linear.rs): the logits matmul 1.10-1.16x and the unfused head 1.12-1.27x faster than
+// on the portable path. Wider subgroups (a GPU's 32) take the portable
 // loop: a group inside a wider subgroup would need subgroupShuffle from a computed lane,
 // which ran 1.1x slower than the portable loop on lavapipe, and a GPU already serves a
 // workgroup-memory read that all lanes make at one address as one broadcast.

@@ -18,7 +18,9 @@
 //! group 0 is the loss's, with f32 `logits`: the head's chunk of logits) without a team,
 //! then its own bind group 1 (layout::HeadSlot, `LinearParams`, the `hidden_at`/`head_at`/
 //! `bias_at` accessors of its inputs' dtype), shard_records.wgsl (its vocabulary blocks are
-//! shards of one device), matmul.wgsl and linear.wgsl.
+//! shards of one device), matmul.wgsl, how its operands are shared (matmul_portable.wgsl, or
+//! matmul_subgroups.wgsl where the kernel uses subgroups: the module's [`Team`]) and
+//! linear.wgsl.
 //!
 //! Adding a kernel family touches: its `shaders/<family>.wgsl` (entry points that start with
 //! `load_params()` and `team_begin(..)`, the team interface of team_workgroup.wgsl, the word
