@@ -1,28 +1,31 @@
-// The logits matmul's depth loop where the kernel uses subgroups (src/compose.rs adds this
-// file to the linear module then; otherwise the loop is shaders/matmul.wgsl's portable
-// `mm_staged_loop`).
+// The linear module's operand sharing where the kernel uses subgroups (src/compose.rs adds
+// this file, or shaders/matmul_portable.wgsl without): the logits matmul's depth loop and the
+// gradient products' tile.
 //
 // The eight invocations that share a row of blocks (the same ty, tx = 0..7) need the same
-// eight rows of A (ty + 8 i) at every depth. The portable loop has each of them load both
-// vec4s of those rows from workgroup memory: on a CPU adapter, which loads workgroup memory
-// lane by lane, that is eight lanes' gathers for what is one value per row. Here each
-// invocation loads one scalar, row ty + 8 tx, and the group's eight rows come from
-// subgroupBroadcast of lanes 0..7, a register move. B is still read per lane: its columns
-// differ per invocation. The products and their order are the portable loop's: the same bits.
+// eight rows of A (ty + 8 i) at every depth: of H in the logits matmul, of G in the products.
+// The portable loops have each of them load all eight from workgroup memory: on a CPU
+// adapter, which loads workgroup memory lane by lane, that is eight lanes' gathers for what is
+// one value per row. Here each invocation loads row ty + 8 tx only, and the group's eight rows
+// come from subgroupBroadcast of lanes 0..7, a register move. B is still read per lane: its
+// columns differ per invocation. The products and their order are the portable loops': the
+// same bits.
 //
 // This needs the group to be one whole subgroup, lane = tx: a subgroup size of 8 with
 // subgroups that are consecutive runs of local_invocation_index. WGSL promises neither, so
-// each workgroup checks both once and runs the portable loop when any invocation finds them
+// each workgroup checks both once and runs the portable loops when any invocation finds them
 // false: correct on every device. Measured on lavapipe (8-lane subgroups; `--matmul` in
 // benches/linear.rs): the logits matmul 1.10-1.16x and the unfused head 1.12-1.27x faster than
-// on the portable path. Wider subgroups (a GPU's 32) take the portable
-// loop: a group inside a wider subgroup would need subgroupShuffle from a computed lane,
-// which ran 1.1x slower than the portable loop on lavapipe, and a GPU already serves a
-// workgroup-memory read that all lanes make at one address as one broadcast.
+// on the portable path. Wider subgroups (a GPU's 32) take the portable loops: a group inside a
+// wider subgroup would need subgroupShuffle from a computed lane, which ran 1.1x slower than
+// the portable loop on lavapipe, and a GPU already serves a workgroup-memory read that all
+// lanes make at one address as one broadcast.
 //
-// The check branches once, outside the depth loop: inside it (per step) it ran lavapipe's
-// matmul 1.35x slower. Back edges per step (src/linear/plan.rs `segment_tiles` counts about
-// 40): the staging loop's 20 and the depth loop's 16, as the portable loop.
+// Each function branches once, outside its depth loops: branching per depth step ran
+// lavapipe's matmul 1.35x slower (both paths' code and their merged block in one loop), so the
+// two loops are written out beside their portable twins. Back edges per matmul step
+// (src/linear/plan.rs `segment_tiles` counts about 40): the staging loop's 20 and the depth
+// loop's 16, as the portable loop's; per product half fewer than the portable one's.
 
 // 0: not yet checked, 1: broadcasts, 2: the portable loop. Private: each invocation keeps what
 // its workgroup decided, so the check costs two barriers once per invocation.

@@ -118,9 +118,10 @@ pub(crate) struct ModuleKey {
 impl ModuleKey {
     /// The fused linear head's module for inputs of `head_dtype`: group 0 is the in-place loss
     /// layout (its f32 `logits` are the head's chunk of logits), group 1 the head's. With
-    /// [`Team::WorkgroupSubgroups`] the logits matmul shares its A operand through subgroup
-    /// shuffles (shaders/matmul_subgroups.wgsl), with [`Team::Workgroup`] through workgroup
-    /// memory only.
+    /// [`Team::WorkgroupSubgroups`] the matmul and the gradient products hand the rows that
+    /// eight invocations share around by subgroup broadcasts (shaders/matmul_subgroups.wgsl),
+    /// with [`Team::Workgroup`] they read them from workgroup memory only
+    /// (shaders/matmul_portable.wgsl).
     pub fn linear(head_dtype: Dtype, team: Team) -> Self {
         Self {
             family: Family::Linear,

@@ -74,15 +74,14 @@
 //! subgroups laid out in `local_invocation_index` order, which WGSL does not promise, so each
 //! workgroup checks once and otherwise runs the portable loop. On lavapipe (8 lanes) the logits
 //! matmul runs 1.10-1.16x faster and lsce's unfused head (one matmul, two products) 1.12-1.27x
-//! (`--matmul` in `benches/linear.rs`); `tests/linear.rs` holds the two paths bitwise equal and
-//! probes the layout. Wider
-//! subgroups (32 on NVIDIA) take the portable loop: a group inside them would need
-//! `subgroupShuffle` from a computed lane, which ran 1.1x slower than workgroup memory on
-//! lavapipe, and a GPU serves a workgroup-memory read of one address by all lanes as one
-//! broadcast. Native f16 loads (`enable f16`, `array<f16>` bindings, with `Features::SHADER_F16`)
-//! ran the f16 logits matmul 1.02-1.11x slower than reading u32 words of two halves, so 16-bit
-//! inputs are read as words on every device. The naga test checks both modules for SPIR-V,
-//! MSL, HLSL and GLSL.
+//! (`--matmul` in `benches/linear.rs`); `tests/linear.rs` holds the two paths bitwise equal
+//! and probes the layout. Wider subgroups (32 on NVIDIA) take the portable loop: a group
+//! inside them would need `subgroupShuffle` from a computed lane, which ran 1.1x slower than
+//! workgroup memory on lavapipe, and a GPU serves a workgroup-memory read of one address by
+//! all lanes as one broadcast. Native f16 loads (`enable f16`, `array<f16>` bindings, with
+//! `Features::SHADER_F16`) ran the f16 logits matmul 1.02-1.11x slower than reading u32 words
+//! of two halves, so 16-bit inputs are read as words on every device. The naga test checks
+//! both modules for SPIR-V, MSL, HLSL and GLSL.
 //!
 //! A head larger than one storage binding (`W` of 1024 x 128256 f32 is 525 MB; lavapipe
 //! binds 128 MiB) is bound in **vocabulary windows** of whole blocks, one bind group each. On a

@@ -427,7 +427,6 @@ impl LinearPlan {
             inner.pipeline(PipelineKey {
                 module: ModuleKey {
                     family,
-                    team,
                     ..ModuleKey::linear(Dtype::F32, team)
                 },
                 entry,
