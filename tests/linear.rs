@@ -37,7 +37,7 @@ mod common;
 use common::linear::{bounds, check_head, head_specs, report, Case, Split};
 use common::{gl, vulkan, Gpu, Rng, E, SAFETY};
 use lsce::linear::{
-    cpu, HeadGradients, LinearBatch, LinearOptions, LinearPlan, LinearProblem, Memory,
+    cpu, HeadGradients, LinearBatch, LinearOptions, LinearOutput, LinearPlan, LinearProblem, Memory,
 };
 use lsce::{Dtype, Logits, LossKernel, LossSpec, LsceError, Reduction};
 
@@ -367,29 +367,42 @@ fn twenty_runs_are_bitwise_identical_in_both_modes() {
                 .kernel
                 .compute_linear(&g.queue, &spec, &batch, &options(memory))
                 .unwrap();
+            let what = format!("{memory:?}");
             assert_eq!(
                 common::bits(&again.loss.loss),
-                common::bits(&first.loss.loss)
+                common::bits(&first.loss.loss),
+                "{what}"
             );
-            for (a, b) in [
-                (&again.d_hidden, &first.d_hidden),
-                (&again.d_head, &first.d_head),
-                (&again.d_bias, &first.d_bias),
-            ] {
-                assert_eq!(
-                    common::bits(a.as_ref().unwrap()),
-                    common::bits(b.as_ref().unwrap()),
-                    "{memory:?}"
-                );
-            }
+            assert_same_rows_and_gradients(&again, &first, &what);
         }
     }
 }
 
-/// The logits matmul's subgroup loop (shaders/matmul_subgroups.wgsl: A's rows by
-/// subgroupBroadcast) adds the same products in the same order as the portable loop: the same
-/// bits for every row's lse and for dH, dW and db, in both modes and every input type, on the
-/// same device. (The reduced loss is not compared bit for bit: each kernel sums the rows with
+/// Every row's lse, the accuracy count, dH, dW and db of `a` and `b` are the same bits.
+fn assert_same_rows_and_gradients(a: &LinearOutput<f32>, b: &LinearOutput<f32>, what: &str) {
+    assert_eq!(
+        common::bits(&a.loss.lse),
+        common::bits(&b.loss.lse),
+        "lse {what}"
+    );
+    assert_eq!(a.loss.correct, b.loss.correct, "correct {what}");
+    for (name, x, y) in [
+        ("dH", &a.d_hidden, &b.d_hidden),
+        ("dW", &a.d_head, &b.d_head),
+        ("db", &a.d_bias, &b.d_bias),
+    ] {
+        assert_eq!(
+            common::bits(x.as_ref().unwrap()),
+            common::bits(y.as_ref().unwrap()),
+            "{name} {what}"
+        );
+    }
+}
+
+/// The subgroup path (shaders/matmul_subgroups.wgsl: the rows of H in the logits matmul and of
+/// G in the gradient products by subgroupBroadcast) adds the same products in the same order as
+/// the portable path: the same bits for every row's lse and for dH, dW and db, in both modes
+/// and every input type, on the same device. (The reduced loss is not compared bit for bit: each kernel sums the rows with
 /// its own team reduction, subgroup or workgroup memory, in another order.)
 #[test]
 fn the_subgroup_matmul_gives_the_portable_matmuls_bits() {
@@ -410,24 +423,7 @@ fn the_subgroup_matmul_gives_the_portable_matmuls_bits() {
                     .unwrap()
             };
             let (sub, portable) = (run(&g.kernel), run(&g.fallback));
-            let what = format!("{dtype:?} {memory:?}");
-            assert_eq!(
-                common::bits(&sub.loss.lse),
-                common::bits(&portable.loss.lse),
-                "{what}"
-            );
-            assert_eq!(sub.loss.correct, portable.loss.correct, "{what}");
-            for (a, b) in [
-                (&sub.d_hidden, &portable.d_hidden),
-                (&sub.d_head, &portable.d_head),
-                (&sub.d_bias, &portable.d_bias),
-            ] {
-                assert_eq!(
-                    common::bits(a.as_ref().unwrap()),
-                    common::bits(b.as_ref().unwrap()),
-                    "{what}"
-                );
-            }
+            assert_same_rows_and_gradients(&sub, &portable, &format!("{dtype:?} {memory:?}"));
         }
     }
 }
